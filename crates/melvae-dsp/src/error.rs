@@ -1,0 +1,110 @@
+//! The error type of melvae-dsp.
+
+use std::path::{Path, PathBuf};
+
+/// What went wrong with an audio file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioErrorKind {
+    /// The file has no bytes, or decodes to zero samples.
+    Empty,
+    /// The file ends before the stream it declares is complete.
+    Truncated,
+    /// The bytes are not a container or codec melvae-dsp recognises.
+    NotAudio,
+    /// A recognised container whose codec or layout is not supported.
+    Unsupported,
+    /// A supported stream that fails to decode part-way.
+    Corrupt,
+}
+
+impl std::fmt::Display for AudioErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Empty => "empty",
+            Self::Truncated => "truncated",
+            Self::NotAudio => "not an audio file",
+            Self::Unsupported => "unsupported",
+            Self::Corrupt => "corrupt",
+        })
+    }
+}
+
+/// Errors of melvae-dsp. Every variant names its culprit: a path, a config
+/// field or a tensor shape.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing `path` failed at the OS level.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `path` could not be decoded as audio.
+    #[error("{}: {kind}: {detail}", path.display())]
+    Audio {
+        path: PathBuf,
+        kind: AudioErrorKind,
+        detail: String,
+    },
+    /// A configuration value or argument is invalid; `what` names it.
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: String, reason: String },
+    /// A tensor or buffer has the wrong shape; `what` names it.
+    #[error("bad shape for {what}: expected {expected}, got {got}")]
+    Shape {
+        what: String,
+        expected: String,
+        got: String,
+    },
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn audio(path: &Path, kind: AudioErrorKind, detail: impl Into<String>) -> Self {
+        Self::Audio {
+            path: path.to_path_buf(),
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
+    }
+
+    /// The kind of an audio error, if this is one.
+    pub fn audio_kind(&self) -> Option<AudioErrorKind> {
+        match self {
+            Self::Audio { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}

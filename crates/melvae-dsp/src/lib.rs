@@ -1,0 +1,52 @@
+//! melvae-dsp: the signal processing under every melvae model.
+//!
+//! - [`load_audio`] / [`save_wav`]: decode WAV, FLAC, MP3, OGG/Vorbis and
+//!   AAC/M4A into planar f32 ([`Audio`]), write 16-bit or float WAV.
+//! - [`resample`]: rubato sinc or FFT resampling, delay-compensated.
+//! - [`Stft`]: host STFT/ISTFT (realfft) with librosa/torch conventions.
+//! - [`MelExtractor`] and [`MelConfig`] (presets `vocos-24k`, `hifigan-22k`):
+//!   log-mel spectrograms matching librosa/torchaudio.
+//! - [`griffin_lim`], [`mel_to_audio`]: phase reconstruction.
+//! - [`TensorStft`], [`TensorMel`]: differentiable STFT and mel on candle
+//!   tensors, for spectral losses.
+//! - [`to_mid_side`] and friends; [`write_npy`] / [`read_npy`];
+//!   [`SpectrogramImage`] for PNG pictures; [`atomic_write`].
+//!
+//! Layouts: audio is planar `[channels][samples]` on the host and
+//! `[batch, samples]` (or `[batch, channels, samples]`) as tensors;
+//! spectrograms are `[bins or n_mels, frames]` on the host and
+//! `[batch, bins or n_mels, frames]` as tensors.
+
+mod audio;
+mod error;
+mod fsutil;
+mod griffin_lim;
+mod image;
+mod mel;
+mod midside;
+mod npy;
+mod resample;
+mod stft;
+mod tensor;
+mod window;
+
+pub use audio::{
+    load_audio, load_audio_with, save_wav, Audio, ChannelMode, LoadOptions, WavFormat,
+    AUDIO_EXTENSIONS,
+};
+pub use error::{AudioErrorKind, Error, Result};
+pub use fsutil::atomic_write;
+pub use griffin_lim::{
+    griffin_lim, mel_to_audio, mel_to_linear, GriffinLimConfig, MelInversion, PhaseInit,
+};
+pub use image::SpectrogramImage;
+pub use mel::{
+    hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,
+};
+pub use midside::{from_mid_side, from_mid_side_tensor, to_mid_side, to_mid_side_tensor};
+pub use npy::{read_npy, write_npy};
+pub use realfft::num_complex::Complex32;
+pub use resample::{resample, ResampleQuality};
+pub use stft::{PadMode, Padding, Stft, StftConfig};
+pub use tensor::{TensorMel, TensorStft};
+pub use window::{window, WindowKind};

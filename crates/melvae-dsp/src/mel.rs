@@ -1,0 +1,497 @@
+//! Mel filterbanks and log-mel spectrograms on the host.
+
+use ndarray::Array2;
+use rayon::prelude::*;
+
+use crate::stft::{apply_power, PadMode, Padding, Stft, StftConfig};
+use crate::window::WindowKind;
+use crate::{Error, Result};
+
+/// Hz <-> mel mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MelScale {
+    /// `2595 log10(1 + f / 700)` (HTK; torchaudio's default, Vocos).
+    Htk,
+    /// Linear below 1 kHz, logarithmic above (Slaney's Auditory Toolbox;
+    /// librosa's default, HiFi-GAN).
+    Slaney,
+}
+
+/// Filter normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MelNorm {
+    /// Triangles peak at 1.
+    None,
+    /// Each triangle scaled by `2 / (f_hi - f_lo)` so it has constant area
+    /// (librosa `norm="slaney"`).
+    Slaney,
+}
+
+/// Compression applied after the mel projection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogScale {
+    /// No compression.
+    None,
+    /// `ln(max(x, clamp))`.
+    Ln { clamp: f32 },
+    /// `log10(max(x, clamp))`.
+    Log10 { clamp: f32 },
+}
+
+impl LogScale {
+    #[inline]
+    pub(crate) fn apply(&self, x: f32) -> f32 {
+        match *self {
+            LogScale::None => x,
+            LogScale::Ln { clamp } => x.max(clamp).ln(),
+            LogScale::Log10 { clamp } => x.max(clamp).log10(),
+        }
+    }
+
+    /// Inverse of [`LogScale::apply`] above the clamp.
+    pub fn invert(&self, y: f32) -> f32 {
+        match *self {
+            LogScale::None => y,
+            LogScale::Ln { .. } => y.exp(),
+            LogScale::Log10 { .. } => 10f32.powf(y),
+        }
+    }
+}
+
+/// Hz to mel on the given scale (f64, as librosa).
+pub fn hz_to_mel(f: f64, scale: MelScale) -> f64 {
+    match scale {
+        MelScale::Htk => 2595.0 * (1.0 + f / 700.0).log10(),
+        MelScale::Slaney => {
+            let f_sp = 200.0 / 3.0;
+            let min_log_hz = 1000.0;
+            let min_log_mel = min_log_hz / f_sp;
+            let logstep = 6.4f64.ln() / 27.0;
+            if f >= min_log_hz {
+                min_log_mel + (f / min_log_hz).ln() / logstep
+            } else {
+                f / f_sp
+            }
+        }
+    }
+}
+
+/// Mel to Hz on the given scale (f64, as librosa).
+pub fn mel_to_hz(m: f64, scale: MelScale) -> f64 {
+    match scale {
+        MelScale::Htk => 700.0 * (10f64.powf(m / 2595.0) - 1.0),
+        MelScale::Slaney => {
+            let f_sp = 200.0 / 3.0;
+            let min_log_hz = 1000.0;
+            let min_log_mel = min_log_hz / f_sp;
+            let logstep = 6.4f64.ln() / 27.0;
+            if m >= min_log_mel {
+                min_log_hz * (logstep * (m - min_log_mel)).exp()
+            } else {
+                f_sp * m
+            }
+        }
+    }
+}
+
+/// Triangular mel filterbank `[n_mels, n_fft / 2 + 1]`, computed in f64 and
+/// rounded to f32 exactly as `librosa.filters.mel` (which torchaudio's
+/// `melscale_fbanks` matches to float precision).
+pub fn mel_filterbank(
+    sample_rate: u32,
+    n_fft: usize,
+    n_mels: usize,
+    fmin: f32,
+    fmax: Option<f32>,
+    scale: MelScale,
+    norm: MelNorm,
+) -> Result<Array2<f32>> {
+    let nyquist = sample_rate as f64 / 2.0;
+    let fmax = fmax.map(f64::from).unwrap_or(nyquist);
+    if sample_rate == 0 {
+        return Err(Error::invalid("mel.sample_rate", "must be > 0"));
+    }
+    if n_mels == 0 {
+        return Err(Error::invalid("mel.n_mels", "must be > 0"));
+    }
+    if !(fmin >= 0.0 && (fmin as f64) < fmax) {
+        return Err(Error::invalid(
+            "mel.fmin",
+            format!("must be in [0, fmax={fmax}), got {fmin}"),
+        ));
+    }
+    if fmax > nyquist + 1e-9 {
+        return Err(Error::invalid(
+            "mel.fmax",
+            format!("must be <= sample_rate / 2 = {nyquist}, got {fmax}"),
+        ));
+    }
+    let n_bins = n_fft / 2 + 1;
+    let fft_freqs: Vec<f64> = (0..n_bins)
+        .map(|i| i as f64 * nyquist / (n_bins - 1) as f64)
+        .collect();
+    let (mlo, mhi) = (hz_to_mel(fmin as f64, scale), hz_to_mel(fmax, scale));
+    let mel_f: Vec<f64> = (0..n_mels + 2)
+        .map(|i| mel_to_hz(mlo + (mhi - mlo) * i as f64 / (n_mels + 1) as f64, scale))
+        .collect();
+    let mut fb = Array2::<f32>::zeros((n_mels, n_bins));
+    for m in 0..n_mels {
+        let (lo, c, hi) = (mel_f[m], mel_f[m + 1], mel_f[m + 2]);
+        let enorm = match norm {
+            MelNorm::None => 1.0,
+            MelNorm::Slaney => 2.0 / (hi - lo),
+        };
+        for (b, &f) in fft_freqs.iter().enumerate() {
+            let lower = (f - lo) / (c - lo);
+            let upper = (hi - f) / (hi - c);
+            fb[[m, b]] = (lower.min(upper).max(0.0) * enorm) as f32;
+        }
+    }
+    Ok(fb)
+}
+
+/// A filterbank stored as, per mel band, its first non-zero bin and weights.
+/// Mel filters are narrow, so this is ~50x fewer multiply-adds than a dense
+/// product.
+#[derive(Debug, Clone)]
+pub(crate) struct SparseFilterbank {
+    bands: Vec<(usize, Vec<f32>)>,
+}
+
+impl SparseFilterbank {
+    pub(crate) fn new(fb: &Array2<f32>) -> Self {
+        let bands = fb
+            .rows()
+            .into_iter()
+            .map(|row| {
+                let first = row.iter().position(|&v| v != 0.0).unwrap_or(0);
+                let last = row.iter().rposition(|&v| v != 0.0).map_or(first, |l| l + 1);
+                (
+                    first,
+                    row.iter().skip(first).take(last - first).copied().collect(),
+                )
+            })
+            .collect();
+        Self { bands }
+    }
+
+    #[inline]
+    pub(crate) fn apply(&self, spectrum: &[f32], mut out: impl FnMut(usize, f32)) {
+        for (m, (first, w)) in self.bands.iter().enumerate() {
+            let s = &spectrum[*first..*first + w.len()];
+            out(m, s.iter().zip(w).map(|(a, b)| a * b).sum());
+        }
+    }
+
+    /// `out += F^T r` for a residual `r` over the mel bands.
+    #[inline]
+    pub(crate) fn apply_transpose(&self, r: &[f32], out: &mut [f32]) {
+        for ((first, w), &rm) in self.bands.iter().zip(r) {
+            for (o, wi) in out[*first..*first + w.len()].iter_mut().zip(w) {
+                *o += wi * rm;
+            }
+        }
+    }
+}
+
+/// Full description of a (log-)mel spectrogram. See the presets for the
+/// reference configurations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MelConfig {
+    /// Sample rate the audio must have, in Hz.
+    pub sample_rate: u32,
+    /// The underlying STFT.
+    pub stft: StftConfig,
+    /// Number of mel bands.
+    pub n_mels: usize,
+    /// Lowest filter edge, Hz.
+    pub fmin: f32,
+    /// Highest filter edge, Hz (`None`: Nyquist).
+    pub fmax: Option<f32>,
+    /// Mel scale.
+    pub scale: MelScale,
+    /// Filter normalisation.
+    pub norm: MelNorm,
+    /// Exponent of the magnitude: 1 (magnitude) or 2 (power).
+    pub power: f32,
+    /// Added to `|X|^2` before the power is applied (HiFi-GAN: 1e-9).
+    pub power_eps: f32,
+    /// Log compression.
+    pub log: LogScale,
+}
+
+impl MelConfig {
+    /// Vocos' feature extractor (`torchaudio.transforms.MelSpectrogram` then
+    /// `log(clip(x, 1e-7))`): 24 kHz, n_fft 1024, hop 256, periodic Hann of
+    /// 1024, centred reflect padding, 100 HTK mels without normalisation,
+    /// magnitude.
+    pub fn vocos_24k() -> Self {
+        Self {
+            sample_rate: 24000,
+            stft: StftConfig {
+                n_fft: 1024,
+                hop_length: 256,
+                win_length: 1024,
+                window: WindowKind::Hann,
+                periodic: true,
+                padding: Padding::Center(PadMode::Reflect),
+            },
+            n_mels: 100,
+            fmin: 0.0,
+            fmax: None,
+            scale: MelScale::Htk,
+            norm: MelNorm::None,
+            power: 1.0,
+            power_eps: 0.0,
+            log: LogScale::Ln { clamp: 1e-7 },
+        }
+    }
+
+    /// HiFi-GAN's `mel_spectrogram` (config v1): 22.05 kHz, n_fft 1024, hop
+    /// 256, periodic Hann of 1024, reflect padding of `(n_fft - hop) / 2` per
+    /// side without centring, 80 Slaney mels with Slaney normalisation from 0
+    /// to 8 kHz, magnitude `sqrt(|X|^2 + 1e-9)`, `ln(max(x, 1e-5))`.
+    pub fn hifigan_22k() -> Self {
+        Self {
+            sample_rate: 22050,
+            stft: StftConfig {
+                n_fft: 1024,
+                hop_length: 256,
+                win_length: 1024,
+                window: WindowKind::Hann,
+                periodic: true,
+                padding: Padding::Both((1024 - 256) / 2, PadMode::Reflect),
+            },
+            n_mels: 80,
+            fmin: 0.0,
+            fmax: Some(8000.0),
+            scale: MelScale::Slaney,
+            norm: MelNorm::Slaney,
+            power: 1.0,
+            power_eps: 1e-9,
+            log: LogScale::Ln { clamp: 1e-5 },
+        }
+    }
+
+    /// The names [`MelConfig::preset`] accepts.
+    pub const PRESETS: [&'static str; 2] = ["vocos-24k", "hifigan-22k"];
+
+    /// A preset by name: `vocos-24k` or `hifigan-22k`.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "vocos-24k" => Ok(Self::vocos_24k()),
+            "hifigan-22k" => Ok(Self::hifigan_22k()),
+            other => Err(Error::invalid(
+                "mel preset",
+                format!(
+                    "unknown preset {other:?}; expected one of {:?}",
+                    Self::PRESETS
+                ),
+            )),
+        }
+    }
+
+    /// Checks every field; the error names the bad one.
+    pub fn validate(&self) -> Result<()> {
+        self.stft.validate()?;
+        if !(self.power > 0.0 && self.power.is_finite()) {
+            return Err(Error::invalid(
+                "mel.power",
+                format!("must be > 0, got {}", self.power),
+            ));
+        }
+        if !(self.power_eps >= 0.0) {
+            return Err(Error::invalid("mel.power_eps", "must be >= 0"));
+        }
+        if let LogScale::Ln { clamp } | LogScale::Log10 { clamp } = self.log {
+            if !(clamp > 0.0) {
+                return Err(Error::invalid(
+                    "mel.log.clamp",
+                    format!("must be > 0, got {clamp}"),
+                ));
+            }
+        }
+        self.filterbank().map(|_| ())
+    }
+
+    /// The filterbank `[n_mels, n_fft / 2 + 1]`.
+    pub fn filterbank(&self) -> Result<Array2<f32>> {
+        mel_filterbank(
+            self.sample_rate,
+            self.stft.n_fft,
+            self.n_mels,
+            self.fmin,
+            self.fmax,
+            self.scale,
+            self.norm,
+        )
+    }
+}
+
+/// A planned (log-)mel extractor; cheap to share across threads.
+#[derive(Debug, Clone)]
+pub struct MelExtractor {
+    cfg: MelConfig,
+    stft: Stft,
+    filterbank: Array2<f32>,
+    sparse: SparseFilterbank,
+}
+
+impl MelExtractor {
+    /// Plans the STFT and builds the filterbank; fails on an invalid config.
+    pub fn new(cfg: MelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let filterbank = cfg.filterbank()?;
+        Ok(Self {
+            stft: Stft::new(cfg.stft)?,
+            sparse: SparseFilterbank::new(&filterbank),
+            filterbank,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MelConfig {
+        &self.cfg
+    }
+
+    /// The dense filterbank `[n_mels, n_bins]`.
+    pub fn filterbank(&self) -> &Array2<f32> {
+        &self.filterbank
+    }
+
+    /// The STFT this extractor frames with.
+    pub fn stft(&self) -> &Stft {
+        &self.stft
+    }
+
+    /// Number of frames for `len` samples.
+    pub fn n_frames(&self, len: usize) -> Result<usize> {
+        self.cfg.stft.n_frames(len)
+    }
+
+    /// The (log-)mel spectrogram of mono `audio` at `cfg.sample_rate`:
+    /// `[n_mels, frames]`.
+    pub fn extract(&self, audio: &[f32]) -> Result<Array2<f32>> {
+        let n_frames = self.n_frames(audio.len())?;
+        let mut out = Array2::<f32>::zeros((self.cfg.n_mels, n_frames));
+        let mut scratch = self.stft.scratch();
+        let mut mag = vec![0.0f32; self.cfg.stft.n_bins()];
+        let (power, eps, log) = (self.cfg.power, self.cfg.power_eps, self.cfg.log);
+        let out_slice = out
+            .as_slice_mut()
+            .ok_or_else(|| Error::invalid("mel output", "not contiguous"))?;
+        self.stft.for_each_frame(audio, &mut scratch, |t, spec| {
+            for (m, v) in mag.iter_mut().zip(spec) {
+                *m = apply_power(v.norm_sqr() + eps, power);
+            }
+            self.sparse
+                .apply(&mag, |m, v| out_slice[m * n_frames + t] = log.apply(v));
+        })?;
+        Ok(out)
+    }
+
+    /// [`MelExtractor::extract`] on many clips in parallel (rayon's pool).
+    pub fn extract_batch<A: AsRef<[f32]> + Sync>(&self, batch: &[A]) -> Result<Vec<Array2<f32>>> {
+        batch.par_iter().map(|a| self.extract(a.as_ref())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_round_trip() {
+        for scale in [MelScale::Htk, MelScale::Slaney] {
+            for f in [0.0, 100.0, 999.0, 1000.0, 4000.0, 11025.0] {
+                let back = mel_to_hz(hz_to_mel(f, scale), scale);
+                assert!((back - f).abs() < 1e-9, "{scale:?} {f} {back}");
+            }
+        }
+        assert!((hz_to_mel(1000.0, MelScale::Slaney) - 15.0).abs() < 1e-12);
+        assert!((hz_to_mel(700.0, MelScale::Htk) - 2595.0 * 2f64.log10()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sparse_equals_dense() {
+        let cfg = MelConfig::hifigan_22k();
+        let fb = cfg.filterbank().unwrap();
+        let sparse = SparseFilterbank::new(&fb);
+        let spec: Vec<f32> = (0..fb.ncols())
+            .map(|i| (i as f32 * 0.37).sin().abs())
+            .collect();
+        let dense = fb.dot(&ndarray::Array1::from(spec.clone()));
+        sparse.apply(&spec, |m, v| assert!((v - dense[m]).abs() < 1e-5));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: Vec<(MelConfig, &str)> = vec![
+            (
+                MelConfig {
+                    n_mels: 0,
+                    ..MelConfig::vocos_24k()
+                },
+                "n_mels",
+            ),
+            (
+                MelConfig {
+                    fmax: Some(20000.0),
+                    ..MelConfig::vocos_24k()
+                },
+                "fmax",
+            ),
+            (
+                MelConfig {
+                    fmin: 13000.0,
+                    ..MelConfig::vocos_24k()
+                },
+                "fmin",
+            ),
+            (
+                MelConfig {
+                    power: 0.0,
+                    ..MelConfig::vocos_24k()
+                },
+                "power",
+            ),
+            (
+                MelConfig {
+                    log: LogScale::Ln { clamp: 0.0 },
+                    ..MelConfig::vocos_24k()
+                },
+                "clamp",
+            ),
+        ];
+        for (cfg, field) in cases {
+            let e = MelExtractor::new(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let e = MelConfig::preset("vocos-22k").unwrap_err().to_string();
+        assert!(e.contains("vocos-22k") && e.contains("vocos-24k"), "{e}");
+    }
+
+    #[test]
+    fn silence_is_finite_and_clamped() {
+        let ex = MelExtractor::new(MelConfig::vocos_24k()).unwrap();
+        let mel = ex.extract(&vec![0.0; 4000]).unwrap();
+        assert!(mel.iter().all(|&v| v == (1e-7f32).ln()));
+    }
+
+    #[test]
+    fn batch_equals_single() {
+        let ex = MelExtractor::new(MelConfig::vocos_24k()).unwrap();
+        let clips: Vec<Vec<f32>> = (1..5)
+            .map(|k| {
+                (0..3000 * k)
+                    .map(|i| ((i * k) as f32 * 0.01).sin())
+                    .collect()
+            })
+            .collect();
+        let batch = ex.extract_batch(&clips).unwrap();
+        for (c, b) in clips.iter().zip(&batch) {
+            assert_eq!(&ex.extract(c).unwrap(), b);
+        }
+    }
+}

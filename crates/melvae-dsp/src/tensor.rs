@@ -1,0 +1,434 @@
+//! Differentiable STFT and mel spectrogram on candle tensors.
+//!
+//! candle has no FFT op, so the transform is a gather (padding and framing in
+//! one `index_select`) followed by a matmul against a windowed DFT basis. Every
+//! op has a backward pass, so spectral losses train through it on any device
+//! and dtype. It agrees with the host [`Stft`](crate::Stft) to float precision.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::mel::MelConfig;
+use crate::stft::{source_index, PadMode, StftConfig};
+use crate::{Error, LogScale, Result};
+
+/// A differentiable STFT for a fixed [`StftConfig`] on one device.
+#[derive(Debug, Clone)]
+pub struct TensorStft {
+    cfg: StftConfig,
+    /// `[n_fft, 2 * n_bins]`: windowed cosines, then windowed negative sines.
+    basis: Tensor,
+}
+
+/// Smallest squared magnitude passed to `sqrt` for a dtype: below it the
+/// magnitude is clamped, so the gradient stays finite at exact zeros.
+fn power_floor(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1e-7,
+        _ => 1e-20,
+    }
+}
+
+impl TensorStft {
+    /// Builds the DFT basis on `device` (f32; cast to the input's dtype on use).
+    pub fn new(cfg: StftConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let n = cfg.n_fft;
+        let bins = cfg.n_bins();
+        let window = cfg.padded_window();
+        let mut basis = vec![0.0f32; n * 2 * bins];
+        for (t, &w) in window.iter().enumerate() {
+            for k in 0..bins {
+                // Reduce k * t mod n in integers so the angle stays exact.
+                let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
+                basis[t * 2 * bins + k] = (w as f64 * phase.cos()) as f32;
+                basis[t * 2 * bins + bins + k] = (-(w as f64) * phase.sin()) as f32;
+            }
+        }
+        Ok(Self {
+            cfg,
+            basis: Tensor::from_vec(basis, (n, 2 * bins), device)?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StftConfig {
+        &self.cfg
+    }
+
+    /// Frames `x` (`[batch, samples]`) into `[batch, frames, n_fft]`,
+    /// applying the configured padding.
+    fn frames(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, len) = x.dims2().map_err(|_| {
+            Error::shape(
+                "tensor stft input",
+                "[batch, samples]",
+                format!("{:?}", x.dims()),
+            )
+        })?;
+        let n_frames = self.cfg.n_frames(len)?;
+        let n_fft = self.cfg.n_fft;
+        let pad = self.cfg.padding.amount(n_fft) as isize;
+        let mode = self.cfg.padding.mode();
+        // Constant padding reads a zero appended after the signal.
+        let source = if mode == PadMode::Constant && pad > 0 {
+            x.pad_with_zeros(1, 0, 1)?
+        } else {
+            x.clone()
+        };
+        let mut idx = Vec::with_capacity(n_frames * n_fft);
+        for t in 0..n_frames {
+            let start = (t * self.cfg.hop_length) as isize - pad;
+            for k in 0..n_fft {
+                idx.push(source_index(start + k as isize, len, mode).unwrap_or(len) as u32);
+            }
+        }
+        let idx = Tensor::from_vec(idx, n_frames * n_fft, x.device())?;
+        Ok(source
+            .index_select(&idx, 1)?
+            .reshape((batch, n_frames, n_fft))?)
+    }
+
+    /// Real and imaginary parts of the STFT of `x` (`[batch, samples]`), each
+    /// `[batch, n_bins, frames]`.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let frames = self.frames(x)?;
+        let basis = self.basis.to_dtype(x.dtype())?;
+        let spec = frames.broadcast_matmul(&basis)?; // [B, F, 2K]
+        let bins = self.cfg.n_bins();
+        let re = spec
+            .narrow(D::Minus1, 0, bins)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let im = spec
+            .narrow(D::Minus1, bins, bins)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((re, im))
+    }
+
+    /// Squared magnitude `re^2 + im^2`: `[batch, n_bins, frames]`.
+    pub fn power(&self, x: &Tensor) -> Result<Tensor> {
+        let (re, im) = self.forward(x)?;
+        Ok((re.sqr()? + im.sqr()?)?)
+    }
+
+    /// Magnitude `sqrt(max(re^2 + im^2, floor))`: `[batch, n_bins, frames]`.
+    ///
+    /// The floor (1e-20, or 1e-7 in f16) keeps the gradient finite at exact
+    /// zeros without changing any audible value.
+    pub fn magnitude(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.power(x)?;
+        Ok(p.maximum(power_floor(p.dtype()))?.sqrt()?)
+    }
+}
+
+/// A differentiable (log-)mel spectrogram for a [`MelConfig`] on one device.
+#[derive(Debug, Clone)]
+pub struct TensorMel {
+    cfg: MelConfig,
+    stft: TensorStft,
+    /// `[n_mels, n_bins]`.
+    filterbank: Tensor,
+}
+
+impl TensorMel {
+    /// Builds the STFT basis and filterbank on `device`.
+    pub fn new(cfg: MelConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let fb = cfg.filterbank()?;
+        let (m, b) = fb.dim();
+        let fb: Vec<f32> = fb.iter().copied().collect();
+        Ok(Self {
+            stft: TensorStft::new(cfg.stft, device)?,
+            filterbank: Tensor::from_vec(fb, (m, b), device)?,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MelConfig {
+        &self.cfg
+    }
+
+    /// The STFT it is built on.
+    pub fn stft(&self) -> &TensorStft {
+        &self.stft
+    }
+
+    /// Mel spectrogram of `x` (`[batch, samples]`) before the log:
+    /// `[batch, n_mels, frames]`.
+    pub fn mel(&self, x: &Tensor) -> Result<Tensor> {
+        let mut p = self.stft.power(x)?;
+        if self.cfg.power_eps > 0.0 {
+            p = (p + self.cfg.power_eps as f64)?;
+        }
+        let mag = if self.cfg.power == 2.0 {
+            p
+        } else {
+            let p = p.maximum(power_floor(p.dtype()))?;
+            if self.cfg.power == 1.0 {
+                p.sqrt()?
+            } else {
+                p.powf(self.cfg.power as f64 / 2.0)?
+            }
+        };
+        let fb = self.filterbank.to_dtype(x.dtype())?;
+        Ok(fb.broadcast_matmul(&mag)?)
+    }
+
+    /// The configured (log-)mel of `x` (`[batch, samples]`):
+    /// `[batch, n_mels, frames]`, equal to [`MelExtractor::extract`]
+    /// (crate::MelExtractor::extract) per item.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mel = self.mel(x)?;
+        Ok(match self.cfg.log {
+            LogScale::None => mel,
+            LogScale::Ln { clamp } => mel.maximum(clamp as f64)?.log()?,
+            LogScale::Log10 { clamp } => {
+                (mel.maximum(clamp as f64)?.log()? / std::f64::consts::LN_10)?
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stft::Padding;
+    use crate::{MelExtractor, Stft};
+    use candle_core::Var;
+
+    fn signal(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let t = i as f32;
+                (0.031 * t * (1.0 + seed as f32 * 0.1)).sin() * 0.6
+                    + (((i * 2654435761 + seed * 97) % 1000) as f32 / 1000.0 - 0.5) * 0.3
+            })
+            .collect()
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt();
+        let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+        num / den
+    }
+
+    #[test]
+    fn agrees_with_host_stft() {
+        let configs = [
+            StftConfig::new(512),
+            StftConfig {
+                hop_length: 100,
+                win_length: 300,
+                padding: Padding::Center(PadMode::Constant),
+                ..StftConfig::new(512)
+            },
+            StftConfig {
+                padding: Padding::None,
+                hop_length: 64,
+                ..StftConfig::new(256)
+            },
+            StftConfig {
+                padding: Padding::Both(96, PadMode::Reflect),
+                hop_length: 64,
+                ..StftConfig::new(256)
+            },
+        ];
+        let dev = Device::Cpu;
+        for cfg in configs {
+            let host = Stft::new(cfg).unwrap();
+            let ts = TensorStft::new(cfg, &dev).unwrap();
+            let xs: Vec<Vec<f32>> = (0..2).map(|s| signal(3000, s)).collect();
+            let x = Tensor::from_vec(xs.concat(), (2, 3000), &dev).unwrap();
+            let (re, im) = ts.forward(&x).unwrap();
+            let mag = ts.magnitude(&x).unwrap();
+            for (b, xb) in xs.iter().enumerate() {
+                let h = host.stft(xb).unwrap();
+                let hr: Vec<f32> = h.iter().map(|c| c.re).collect();
+                let hi: Vec<f32> = h.iter().map(|c| c.im).collect();
+                let hm: Vec<f32> = h.iter().map(|c| c.norm()).collect();
+                let tr: Vec<f32> = re.get(b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let ti: Vec<f32> = im.get(b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let tm: Vec<f32> = mag
+                    .get(b)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (name, t, h) in [("re", &tr, &hr), ("im", &ti, &hi), ("mag", &tm, &hm)] {
+                    let e = rel_err(t, h);
+                    assert!(e < 1e-4, "{cfg:?} {name}: relative error {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mel_agrees_with_host_extractor() {
+        let dev = Device::Cpu;
+        for cfg in [MelConfig::vocos_24k(), MelConfig::hifigan_22k()] {
+            let ex = MelExtractor::new(cfg).unwrap();
+            let tm = TensorMel::new(cfg, &dev).unwrap();
+            let mut x = signal(6000, 3);
+            x[..1500].iter_mut().for_each(|v| *v = 0.0); // silence hits the clamp
+            let host = ex.extract(&x).unwrap();
+            let t = tm
+                .forward(&Tensor::from_vec(x, (1, 6000), &dev).unwrap())
+                .unwrap();
+            let t: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let max_abs = t
+                .iter()
+                .zip(host.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(max_abs < 1e-3, "max abs log-mel difference {max_abs}");
+            assert!(rel_err(&t, host.as_slice().unwrap()) < 1e-4);
+        }
+    }
+
+    /// Richardson-extrapolated central differences in f64 against candle's
+    /// backward pass. The input is uniform noise from the first seed whose
+    /// STFT magnitudes all exceed 0.02, so no bin sits near the
+    /// non-differentiable |X| = 0 where finite differences are meaningless.
+    fn check_grad(cfg: StftConfig, f: impl Fn(&Tensor) -> Tensor) {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let n = 48;
+        let ts = TensorStft::new(cfg, &dev).unwrap();
+        let x0 = (0..1000u64)
+            .map(|seed| {
+                let mut rng = StdRng::seed_from_u64(seed);
+                (0..2 * n)
+                    .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+                    .collect::<Vec<f64>>()
+            })
+            .find(|x| {
+                let t = Tensor::from_vec(x.clone(), (2, n), &dev).unwrap();
+                let m = ts.magnitude(&t).unwrap().flatten_all().unwrap();
+                m.min(0).unwrap().to_scalar::<f64>().unwrap() > 0.02
+            })
+            .expect("no seed below 1000 gives an input away from |X| = 0");
+        let x = Var::from_vec(x0.clone(), (2, n), &dev).unwrap();
+        let loss = f(x.as_tensor());
+        let grads = loss.backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let h = 1e-4;
+        for i in 0..x0.len() {
+            let eval = |d: f64| {
+                let mut xp = x0.clone();
+                xp[i] += d;
+                let t = Tensor::from_vec(xp, (2, n), &dev).unwrap();
+                f(&t).to_scalar::<f64>().unwrap()
+            };
+            // Richardson-extrapolated central differences: O(h^4) truncation,
+            // needed where |X| is small and the magnitude curves sharply.
+            let central = |h: f64| (eval(h) - eval(-h)) / (2.0 * h);
+            let fd = (4.0 * central(h / 2.0) - central(h)) / 3.0;
+            assert!(
+                (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{cfg:?} x[{i}]: autograd {} vs fd {fd}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let cfgs = [
+            StftConfig {
+                hop_length: 4,
+                ..StftConfig::new(16)
+            },
+            StftConfig {
+                hop_length: 5,
+                win_length: 12,
+                padding: Padding::Center(PadMode::Constant),
+                ..StftConfig::new(16)
+            },
+        ];
+        for cfg in cfgs {
+            let ts = TensorStft::new(cfg, &Device::Cpu).unwrap();
+            let frames = cfg.n_frames(48).unwrap();
+            let w: Vec<f64> = (0..2 * cfg.n_bins() * frames)
+                .map(|i| ((i * 37 % 11) as f64 - 5.0) / 5.0)
+                .collect();
+            let w = Tensor::from_vec(w, (2, cfg.n_bins(), frames), &Device::Cpu).unwrap();
+            check_grad(cfg, |x| {
+                ts.magnitude(x).unwrap().mul(&w).unwrap().sum_all().unwrap()
+            });
+            check_grad(cfg, |x| {
+                let (re, im) = ts.forward(x).unwrap();
+                (re.mul(&w).unwrap() - im.sqr().unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn log_mel_gradient_matches_finite_differences() {
+        let cfg = MelConfig {
+            sample_rate: 8000,
+            stft: StftConfig {
+                hop_length: 8,
+                ..StftConfig::new(32)
+            },
+            n_mels: 6,
+            ..MelConfig::vocos_24k()
+        };
+        let tm = TensorMel::new(cfg, &Device::Cpu).unwrap();
+        check_grad(cfg.stft, |x| tm.forward(x).unwrap().sum_all().unwrap());
+    }
+
+    #[test]
+    fn silence_has_finite_gradient() {
+        let ts = TensorStft::new(StftConfig::new(32), &Device::Cpu).unwrap();
+        let x = Var::zeros((1, 64), DType::F32, &Device::Cpu).unwrap();
+        let g = ts
+            .magnitude(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(g.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let ts = TensorStft::new(
+            StftConfig {
+                padding: Padding::None,
+                ..StftConfig::new(64)
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = ts
+            .forward(&Tensor::zeros((2, 1, 100), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("[batch, samples]") && e.to_string().contains("[2, 1, 100]"),
+            "{e}"
+        );
+        let e = ts
+            .forward(&Tensor::zeros((2, 10), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("10 samples"), "{e}");
+    }
+}
