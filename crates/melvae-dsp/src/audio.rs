@@ -148,6 +148,16 @@ pub struct LoadOptions {
 /// ([`AudioErrorKind::NotAudio`]), a codec melvae-dsp cannot decode
 /// ([`AudioErrorKind::Unsupported`]) or a packet that fails to decode
 /// ([`AudioErrorKind::Corrupt`]). No packet is ever skipped silently.
+///
+/// Lengths: decoding is gapless where the container says how (MP3 with a
+/// LAME/Xing header), and output never runs past the length the stream
+/// declares. AAC's encoder priming (typically 1024 or 2112 samples at the
+/// start) is not removed: symphonia 0.5 does not read MP4 edit lists.
+///
+/// Lengths: decoding is gapless where the container says how (MP3 with a
+/// LAME/Xing header), and output never runs past the length the stream
+/// declares. AAC's encoder priming (typically 1024 or 2112 samples at the
+/// start) is not removed: symphonia 0.5 does not read MP4 edit lists.
 pub fn load_audio(path: impl AsRef<Path>) -> Result<Audio> {
     load_audio_with(path, &LoadOptions::default())
 }
@@ -170,10 +180,12 @@ fn sym_error(path: &Path, stage: &str, e: SymError) -> Error {
             format!("unexpected end of file while {stage}"),
         ),
         SymError::IoError(io) => Error::io(path, io),
-        SymError::Unsupported(what) if stage == "probing the format" => Error::audio(
+        // Only "no reader recognised the bytes" means not audio; a reader
+        // that recognised its container but not the codec is "unsupported".
+        SymError::Unsupported(what) if what.contains("no suitable format reader") => Error::audio(
             path,
             AudioErrorKind::NotAudio,
-            format!("no supported container or codec recognised ({what})"),
+            "no supported container or codec recognised",
         ),
         SymError::Unsupported(what) => Error::audio(
             path,
@@ -208,13 +220,14 @@ fn decode(path: &Path) -> Result<Audio> {
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
         hint.with_extension(ext);
     }
+    // Gapless: the MP3 reader then trims the encoder delay and padding that
+    // the LAME/Xing header declares, so the samples line up with the source.
+    let fmt_opts = FormatOptions {
+        enable_gapless: true,
+        ..Default::default()
+    };
     let probed = symphonia::default::get_probe()
-        .format(
-            &hint,
-            mss,
-            &FormatOptions::default(),
-            &MetadataOptions::default(),
-        )
+        .format(&hint, mss, &fmt_opts, &MetadataOptions::default())
         .map_err(|e| sym_error(path, "probing the format", e))?;
     let mut format = probed.format;
     let track = format
@@ -287,13 +300,6 @@ fn decode(path: &Path) -> Result<Audio> {
         }
     }
     let n = channels.first().map_or(0, Vec::len);
-    if n == 0 {
-        return Err(Error::audio(
-            path,
-            AudioErrorKind::Empty,
-            "no audio samples in the stream",
-        ));
-    }
     if let Some(declared) = declared_frames {
         if (n as u64) < declared {
             return Err(Error::audio(
@@ -302,6 +308,18 @@ fn decode(path: &Path) -> Result<Audio> {
                 format!("header declares {declared} frames, the file holds {n}"),
             ));
         }
+        // Decoders of block codecs (Vorbis, AAC) emit the final block whole;
+        // the stream's declared length marks where the audio ends.
+        for ch in &mut channels {
+            ch.truncate(declared as usize);
+        }
+    }
+    if n == 0 || declared_frames == Some(0) {
+        return Err(Error::audio(
+            path,
+            AudioErrorKind::Empty,
+            "no audio samples in the stream",
+        ));
     }
     let rate = sample_rate.filter(|&r| r > 0).ok_or_else(|| {
         Error::audio(
