@@ -90,7 +90,7 @@ fn main() -> melvae::dsp::Result<()> {
         ("fft", ResampleQuality::Fft),
     ] {
         let t = time(args.reps.div_ceil(4), || {
-            drop(resample(&[x44.clone()], 44100, 24000, q).unwrap())
+            drop(resample(std::slice::from_ref(&x44), 44100, 24000, q).unwrap())
         });
         rows.push((
             format!("resample 44.1k->24k ({name}), 1 thread"),

@@ -319,11 +319,11 @@ impl MelConfig {
                 format!("must be > 0, got {}", self.power),
             ));
         }
-        if !(self.power_eps >= 0.0) {
+        if self.power_eps.is_nan() || self.power_eps < 0.0 {
             return Err(Error::invalid("mel.power_eps", "must be >= 0"));
         }
         if let LogScale::Ln { clamp } | LogScale::Log10 { clamp } = self.log {
-            if !(clamp > 0.0) {
+            if clamp.is_nan() || clamp <= 0.0 {
                 return Err(Error::invalid(
                     "mel.log.clamp",
                     format!("must be > 0, got {clamp}"),
