@@ -16,6 +16,24 @@
 //! `[batch, samples]` (or `[batch, channels, samples]`) as tensors;
 //! spectrograms are `[bins or n_mels, frames]` on the host and
 //! `[batch, bins or n_mels, frames]` as tensors.
+//!
+//! ```
+//! use melvae_dsp::{MelConfig, MelExtractor, TensorMel};
+//!
+//! // One second of a 440 Hz tone at 24 kHz.
+//! let audio: Vec<f32> = (0..24000)
+//!     .map(|i| (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 24000.0).sin())
+//!     .collect();
+//! let mel = MelExtractor::new(MelConfig::vocos_24k())?.extract(&audio)?;
+//! assert_eq!(mel.dim(), (100, 1 + 24000 / 256)); // [n_mels, frames]
+//!
+//! // The same features as a differentiable candle op, [batch, n_mels, frames].
+//! let device = candle_core::Device::Cpu;
+//! let x = candle_core::Tensor::from_vec(audio, (1, 24000), &device)?;
+//! let t = TensorMel::new(MelConfig::vocos_24k(), &device)?.forward(&x)?;
+//! assert_eq!(t.dims(), &[1, 100, 94]);
+//! # Ok::<(), melvae_dsp::Error>(())
+//! ```
 
 mod audio;
 mod error;
