@@ -1,22 +1,15 @@
 //! Criterion benches of melvae-dsp: `cargo bench --bench dsp`.
 
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use common::noise;
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use melvae::dsp::{
     resample, MelConfig, MelExtractor, ResampleQuality, Stft, StftConfig, TensorStft,
 };
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 fn host(c: &mut Criterion) {
     let x = noise(240_000, 1); // 10 s at 24 kHz

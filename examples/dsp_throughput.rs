@@ -8,7 +8,12 @@
 //! pool (all cores; set RAYON_NUM_THREADS to change it). Compare with
 //! `tools/bench_librosa.py`.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::Instant;
+
+use common::noise;
 
 use clap::Parser;
 use melvae::dsp::{resample, MelConfig, MelExtractor, ResampleQuality, Stft, StftConfig};
@@ -24,18 +29,6 @@ struct Args {
     /// Items in the batch row.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-}
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
 }
 
 /// Median seconds of `reps` runs of `f`, after one warm-up run.

@@ -8,10 +8,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod common;
+
 use clap::{Parser, ValueEnum};
 use melvae::dsp::{
-    load_audio_with, mel_to_audio, save_wav, Audio, ChannelMode, GriffinLimConfig, LoadOptions,
-    MelConfig, MelExtractor, MelInversion, WavFormat,
+    mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
+    WavFormat,
 };
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -43,12 +45,7 @@ struct Args {
 
 fn run(args: &Args) -> melvae::dsp::Result<()> {
     let cfg = MelConfig::preset(&args.preset)?;
-    let opts = LoadOptions {
-        channels: ChannelMode::Mono,
-        sample_rate: Some(cfg.sample_rate),
-        ..Default::default()
-    };
-    let audio = load_audio_with(&args.input, &opts)?;
+    let audio = common::load_for_mel(&args.input, &cfg)?;
     let extractor = MelExtractor::new(cfg)?;
     let mel = extractor.extract(&audio.channels[0])?;
     let inversion = match args.inversion {
@@ -77,12 +74,5 @@ fn run(args: &Args) -> melvae::dsp::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_with(run(&Args::parse()))
 }

@@ -10,10 +10,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod common;
+
 use clap::Parser;
-use melvae::dsp::{
-    load_audio_with, write_npy, ChannelMode, LoadOptions, MelConfig, MelExtractor, SpectrogramImage,
-};
+use melvae::dsp::{write_npy, MelConfig, MelExtractor, SpectrogramImage};
 
 #[derive(Parser)]
 #[command(about = "Write the log-mel spectrogram of an audio file as .npy (and PNG)")]
@@ -33,12 +33,7 @@ struct Args {
 
 fn run(args: &Args) -> melvae::dsp::Result<()> {
     let cfg = MelConfig::preset(&args.preset)?;
-    let opts = LoadOptions {
-        channels: ChannelMode::Mono,
-        sample_rate: Some(cfg.sample_rate),
-        ..Default::default()
-    };
-    let audio = load_audio_with(&args.input, &opts)?;
+    let audio = common::load_for_mel(&args.input, &cfg)?;
     let mel = MelExtractor::new(cfg)?.extract(&audio.channels[0])?;
     write_npy(
         &args.output,
@@ -60,12 +55,5 @@ fn run(args: &Args) -> melvae::dsp::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_with(run(&Args::parse()))
 }

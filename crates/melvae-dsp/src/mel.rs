@@ -58,19 +58,25 @@ impl LogScale {
     }
 }
 
+// Slaney's scale: linear (200/3 Hz per mel) up to 1 kHz = mel 15, then
+// logarithmic with 27 mels per factor of 6.4.
+const SLANEY_F_SP: f64 = 200.0 / 3.0;
+const SLANEY_MIN_LOG_HZ: f64 = 1000.0;
+const SLANEY_MIN_LOG_MEL: f64 = SLANEY_MIN_LOG_HZ / SLANEY_F_SP;
+
+fn slaney_logstep() -> f64 {
+    6.4f64.ln() / 27.0
+}
+
 /// Hz to mel on the given scale (f64, as librosa).
 pub fn hz_to_mel(f: f64, scale: MelScale) -> f64 {
     match scale {
         MelScale::Htk => 2595.0 * (1.0 + f / 700.0).log10(),
         MelScale::Slaney => {
-            let f_sp = 200.0 / 3.0;
-            let min_log_hz = 1000.0;
-            let min_log_mel = min_log_hz / f_sp;
-            let logstep = 6.4f64.ln() / 27.0;
-            if f >= min_log_hz {
-                min_log_mel + (f / min_log_hz).ln() / logstep
+            if f >= SLANEY_MIN_LOG_HZ {
+                SLANEY_MIN_LOG_MEL + (f / SLANEY_MIN_LOG_HZ).ln() / slaney_logstep()
             } else {
-                f / f_sp
+                f / SLANEY_F_SP
             }
         }
     }
@@ -81,14 +87,10 @@ pub fn mel_to_hz(m: f64, scale: MelScale) -> f64 {
     match scale {
         MelScale::Htk => 700.0 * (10f64.powf(m / 2595.0) - 1.0),
         MelScale::Slaney => {
-            let f_sp = 200.0 / 3.0;
-            let min_log_hz = 1000.0;
-            let min_log_mel = min_log_hz / f_sp;
-            let logstep = 6.4f64.ln() / 27.0;
-            if m >= min_log_mel {
-                min_log_hz * (logstep * (m - min_log_mel)).exp()
+            if m >= SLANEY_MIN_LOG_MEL {
+                SLANEY_MIN_LOG_HZ * (slaney_logstep() * (m - SLANEY_MIN_LOG_MEL)).exp()
             } else {
-                f_sp * m
+                SLANEY_F_SP * m
             }
         }
     }
