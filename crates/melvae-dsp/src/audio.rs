@@ -165,11 +165,29 @@ pub fn load_audio(path: impl AsRef<Path>) -> Result<Audio> {
 /// [`load_audio`] followed by the channel conversion and resampling that
 /// `opts` asks for.
 pub fn load_audio_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Audio> {
-    let audio = decode(path.as_ref())?.with_channels(opts.channels)?;
+    let audio = decode_guarded(path.as_ref())?.with_channels(opts.channels)?;
     match opts.sample_rate {
         Some(rate) => audio.resampled(rate, opts.quality),
         None => Ok(audio),
     }
+}
+
+/// [`decode`], with a panic inside a decoder (symphonia has had them on
+/// malformed streams) turned into a `Corrupt` error naming the file, so one
+/// bad file cannot bring down a dataset scan.
+fn decode_guarded(path: &Path) -> Result<Audio> {
+    std::panic::catch_unwind(|| decode(path)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::audio(
+            path,
+            AudioErrorKind::Corrupt,
+            format!("decoder panicked: {msg}"),
+        ))
+    })
 }
 
 fn sym_error(path: &Path, stage: &str, e: SymError) -> Error {
