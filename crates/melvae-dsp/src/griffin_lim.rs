@@ -98,14 +98,12 @@ pub fn griffin_lim(
         stft.config().hop_length * (frames - 1) + stft.config().n_fft
             - 2 * stft.config().padding.amount(stft.config().n_fft),
     );
+    let magnitude = magnitude.mapv(|m| Complex32::new(m, 0.0));
     let mut rebuilt = Array2::<Complex32>::zeros((bins, frames));
     let alpha = cfg.momentum / (1.0 + cfg.momentum);
     let eps = f32::MIN_POSITIVE;
     for _ in 0..cfg.n_iter {
-        let inverse = stft.istft(
-            &(magnitude.mapv(|m| Complex32::new(m, 0.0)) * &angles),
-            Some(length),
-        )?;
+        let inverse = stft.istft(&(&magnitude * &angles), Some(length))?;
         let new = stft.stft(&inverse)?;
         if new.dim() != (bins, frames) {
             return Err(Error::shape(
@@ -123,10 +121,7 @@ pub fn griffin_lim(
             });
         rebuilt = new;
     }
-    stft.istft(
-        &(magnitude.mapv(|m| Complex32::new(m, 0.0)) * &angles),
-        Some(length),
-    )
+    stft.istft(&(&magnitude * &angles), Some(length))
 }
 
 /// How [`mel_to_linear`] inverts the mel projection.
@@ -146,14 +141,11 @@ impl Default for MelInversion {
     }
 }
 
-/// Solves `a x = b` for symmetric positive definite `a` (`n x n`, row-major)
-/// by Cholesky, in place on `b`.
-fn cholesky_solve(a: &mut [f64], n: usize, b: &mut [f64]) -> Result<()> {
+/// Cholesky factorisation `a = L L^T` of a symmetric positive definite
+/// `n x n` row-major matrix, in place (`L` in the lower triangle).
+fn cholesky_factor(a: &mut [f64], n: usize) -> Result<()> {
     for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= a[j * n + k] * a[j * n + k];
-        }
+        let d = a[j * n + j] - (0..j).map(|k| a[j * n + k] * a[j * n + k]).sum::<f64>();
         if d <= 0.0 {
             return Err(Error::invalid(
                 "mel filterbank",
@@ -163,28 +155,23 @@ fn cholesky_solve(a: &mut [f64], n: usize, b: &mut [f64]) -> Result<()> {
         let d = d.sqrt();
         a[j * n + j] = d;
         for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= a[i * n + k] * a[j * n + k];
-            }
+            let s = a[i * n + j] - (0..j).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>();
             a[i * n + j] = s / d;
         }
     }
+    Ok(())
+}
+
+/// Solves `L L^T x = b` in place on `b`, with `l` from [`cholesky_factor`].
+fn cholesky_solve(l: &[f64], n: usize, b: &mut [f64]) {
     for i in 0..n {
-        let mut s = b[i];
-        for k in 0..i {
-            s -= a[i * n + k] * b[k];
-        }
-        b[i] = s / a[i * n + i];
+        let s = b[i] - (0..i).map(|k| l[i * n + k] * b[k]).sum::<f64>();
+        b[i] = s / l[i * n + i];
     }
     for i in (0..n).rev() {
-        let mut s = b[i];
-        for k in i + 1..n {
-            s -= a[k * n + i] * b[k];
-        }
-        b[i] = s / a[i * n + i];
+        let s = b[i] - (i + 1..n).map(|k| l[k * n + i] * b[k]).sum::<f64>();
+        b[i] = s / l[i * n + i];
     }
-    Ok(())
 }
 
 /// Inverts a mel projection: finds non-negative `x` (`[n_bins, frames]`) with
@@ -208,21 +195,21 @@ pub fn mel_to_linear(
     let fb64 = filterbank.mapv(f64::from);
     let gram = fb64.dot(&fb64.t());
     let ridge = 1e-10 * (0..n_mels).map(|i| gram[[i, i]]).sum::<f64>() / n_mels as f64 + 1e-300;
-    let sparse = SparseFilterbank::new(filterbank);
-    let mut out = Array2::<f32>::zeros((n_bins, frames));
-    let mut col = vec![0.0f64; n_mels];
-    for t in 0..frames {
-        let mut g: Vec<f64> = gram.iter().copied().collect();
-        for i in 0..n_mels {
-            g[i * n_mels + i] += ridge;
-            col[i] = mel[[i, t]] as f64;
-        }
-        cholesky_solve(&mut g, n_mels, &mut col)?;
-        for b in 0..n_bins {
-            let v: f64 = (0..n_mels).map(|m| fb64[[m, b]] * col[m]).sum();
-            out[[b, t]] = v.max(0.0) as f32;
-        }
+    // Pseudo-inverse P = F^T G^-1 ([n_bins, n_mels]): one factorisation,
+    // one solve per bin; row b of P is G^-1 F[:, b].
+    let mut chol: Vec<f64> = gram.iter().copied().collect();
+    for i in 0..n_mels {
+        chol[i * n_mels + i] += ridge;
     }
+    cholesky_factor(&mut chol, n_mels)?;
+    let mut pinv = Array2::<f64>::zeros((n_bins, n_mels));
+    for (b, mut row) in pinv.rows_mut().into_iter().enumerate() {
+        let mut col: Vec<f64> = fb64.column(b).to_vec();
+        cholesky_solve(&chol, n_mels, &mut col);
+        row.assign(&ndarray::Array1::from(col));
+    }
+    let mut out = pinv.dot(&mel.mapv(f64::from)).mapv(|v| v.max(0.0) as f32);
+    let sparse = SparseFilterbank::new(filterbank);
     if let MelInversion::Nnls { iterations } = method {
         nnls_refine(&sparse, n_mels, &gram, mel, &mut out, iterations);
     }
