@@ -183,7 +183,6 @@ pub fn mel_to_linear(
     method: MelInversion,
 ) -> Result<Array2<f32>> {
     let (n_mels, n_bins) = filterbank.dim();
-    let frames = mel.ncols();
     if mel.nrows() != n_mels {
         return Err(Error::shape(
             "mel",
