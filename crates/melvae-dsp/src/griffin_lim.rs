@@ -6,6 +6,7 @@ use ndarray::Array2;
 use realfft::num_complex::Complex32;
 
 use crate::mel::{MelExtractor, SparseFilterbank};
+use crate::rng::SplitMix64;
 use crate::stft::Stft;
 use crate::{Error, Result};
 
@@ -38,15 +39,6 @@ impl Default for GriffinLimConfig {
             init: PhaseInit::Random { seed: 0 },
         }
     }
-}
-
-/// SplitMix64: a tiny deterministic generator for the initial phase.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Reconstructs a waveform whose STFT magnitude approximates `magnitude`
@@ -86,10 +78,9 @@ pub fn griffin_lim(
     let mut angles = match cfg.init {
         PhaseInit::Zeros => Array2::from_elem((bins, frames), Complex32::new(1.0, 0.0)),
         PhaseInit::Random { seed } => {
-            let mut s = seed;
+            let mut rng = SplitMix64::new(seed);
             Array2::from_shape_fn((bins, frames), |_| {
-                let u = (splitmix64(&mut s) >> 11) as f64 / (1u64 << 53) as f64;
-                let phi = 2.0 * std::f64::consts::PI * u;
+                let phi = 2.0 * std::f64::consts::PI * rng.next_f64();
                 Complex32::new(phi.cos() as f32, phi.sin() as f32)
             })
         }

@@ -44,6 +44,7 @@ mod mel;
 mod midside;
 mod npy;
 mod resample;
+mod rng;
 mod stft;
 mod tensor;
 mod window;
@@ -65,6 +66,7 @@ pub use midside::{from_mid_side, from_mid_side_tensor, to_mid_side, to_mid_side_
 pub use npy::{read_npy, write_npy};
 pub use realfft::num_complex::Complex32;
 pub use resample::{resample, ResampleQuality};
+pub use rng::SplitMix64;
 pub use stft::{PadMode, Padding, Stft, StftConfig};
 pub use tensor::{TensorMel, TensorStft};
 pub use window::{window, WindowKind};
