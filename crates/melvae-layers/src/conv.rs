@@ -1,0 +1,1028 @@
+//! Convolutions: causal (streaming) and "same" 1-D convs with optional
+//! weight norm, causal 2-D convs for mel feature maps, and a transposed-conv
+//! upsampler that trains.
+
+use candle_core::{Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::ensure;
+use crate::streaming::Streaming;
+use crate::{Error, Result};
+
+/// Where a convolution's padding goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvPadding {
+    /// All padding on the left (past): output frame `j` depends on inputs up
+    /// to `j * stride + stride - 1` only. Streams.
+    Causal,
+    /// `(kernel - 1) * dilation` split evenly (extra on the right).
+    Same,
+    /// No padding.
+    Valid,
+}
+
+/// A weight that is either stored as is, or as weight norm `g * v / ||v||`
+/// (`g` per slice along `dim`, norm over all other dims; torch's
+/// `weight_norm` with parameters `weight_g`, `weight_v`).
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    Plain(Tensor),
+    Norm { g: Tensor, v: Tensor, dim: usize },
+}
+
+impl Weight {
+    /// `shape` of the weight; `norm_dim` the dim that keeps its own norm.
+    /// Plain weights are `weight` (Kaiming uniform); normed ones `weight_v`
+    /// (Kaiming uniform) and `weight_g` (init 1, so each slice starts at unit
+    /// norm).
+    pub(crate) fn new(shape: &[usize], norm_dim: Option<usize>, vb: &VarBuilder) -> Result<Self> {
+        let init = candle_nn::init::DEFAULT_KAIMING_UNIFORM;
+        Ok(match norm_dim {
+            None => Self::Plain(vb.get_with_hints(shape, "weight", init)?),
+            Some(dim) => {
+                let mut g_shape = vec![1; shape.len()];
+                g_shape[dim] = shape[dim];
+                Self::Norm {
+                    g: vb.get_with_hints(g_shape.as_slice(), "weight_g", Init::Const(1.0))?,
+                    v: vb.get_with_hints(shape, "weight_v", init)?,
+                    dim,
+                }
+            }
+        })
+    }
+
+    /// The effective weight (differentiable in `g` and `v`).
+    pub(crate) fn get(&self) -> Result<Tensor> {
+        match self {
+            Self::Plain(w) => Ok(w.clone()),
+            Self::Norm { g, v, dim } => {
+                let mut sq = v.sqr()?;
+                for d in (0..v.rank()).rev() {
+                    if d != *dim {
+                        sq = sq.sum_keepdim(d)?;
+                    }
+                }
+                Ok(v.broadcast_mul(&g.broadcast_div(&sq.sqrt()?)?)?)
+            }
+        }
+    }
+}
+
+/// Streaming state of a causal conv along one time axis: the samples not yet
+/// consumed, starting with the causal left padding (zeros).
+#[derive(Debug, Clone)]
+pub(crate) struct CausalBuffer {
+    /// Left padding `(kernel - 1) * dilation + 1 - stride`.
+    pub pad: usize,
+    /// Receptive field `(kernel - 1) * dilation + 1`.
+    pub span: usize,
+    pub stride: usize,
+    buf: Option<Tensor>,
+}
+
+impl CausalBuffer {
+    pub(crate) fn new(kernel: usize, dilation: usize, stride: usize, what: &str) -> Result<Self> {
+        let span = (kernel - 1) * dilation + 1;
+        ensure(span >= stride, what, || {
+            format!("causal conv needs (kernel - 1) * dilation + 1 = {span} >= stride = {stride}")
+        })?;
+        Ok(Self {
+            pad: span - stride,
+            span,
+            stride,
+            buf: None,
+        })
+    }
+
+    /// Appends `x` along `dim`; returns the input window that yields every
+    /// now-computable output (`n` of them), keeping the rest.
+    pub(crate) fn push(&mut self, x: &Tensor, dim: usize) -> Result<Option<(Tensor, usize)>> {
+        let buf = match self.buf.take() {
+            Some(b) => Tensor::cat(&[&b, x], dim)?,
+            None => x.pad_with_zeros(dim, self.pad, 0)?,
+        };
+        let len = buf.dim(dim)?;
+        let n = if len >= self.span {
+            (len - self.span) / self.stride + 1
+        } else {
+            0
+        };
+        self.buf = Some(buf.narrow(dim, n * self.stride, len - n * self.stride)?);
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some((
+            buf.narrow(dim, 0, (n - 1) * self.stride + self.span)?,
+            n,
+        )))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.buf = None;
+    }
+}
+
+/// Convolution as a gather (im2col through `index_select`) and one batched
+/// matmul per group with contiguous operands.
+///
+/// candle 0.11.1's own convolutions are not used in training paths: on CPU,
+/// the conv1d input gradient (computed by `conv_transpose1d`'s col2im path)
+/// is wrong for batch > 1, and conv2d's backward fails for strides that do
+/// not divide the input (see docs/layers.md). Every op here has a correct
+/// backward, and per-axis strides and dilations come for free.
+///
+/// `x` `[batch, in, positions]` (already padded, spatial dims flattened);
+/// `idx` `[outputs * taps]` the position read by tap `k` of output `p` at
+/// `p * taps + k`; `weight` `[out, in / groups, taps]`. Returns
+/// `[batch, out, outputs]`.
+pub(crate) fn gather_conv(
+    x: &Tensor,
+    idx: &[u32],
+    outputs: usize,
+    weight: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    let (b, _, _) = x.dims3()?;
+    let (c_out, cg, k) = weight.dims3()?;
+    let g = groups;
+    let idx = Tensor::from_slice(idx, idx.len(), x.device())?;
+    let cols = x
+        .contiguous()?
+        .index_select(&idx, 2)? // [B, in, P * K]
+        .reshape((b, g, cg, outputs, k))?
+        .permute((1, 0, 3, 2, 4))? // [G, B, P, in/G, K]
+        .contiguous()?
+        .reshape((g, b * outputs, cg * k))?;
+    let w = weight
+        .reshape((g, c_out / g, cg * k))?
+        .transpose(1, 2)?
+        .contiguous()?; // [G, in/G * K, out/G]
+    let y = cols.matmul(&w)?; // [G, B * P, out/G]
+    Ok(y.reshape((g, b, outputs, c_out / g))?
+        .permute((1, 0, 3, 2))?
+        .contiguous()?
+        .reshape((b, c_out, outputs))?)
+}
+
+/// Gather indices of a 1-D conv over `len` (padded) samples: output `p`, tap
+/// `k` reads `p * stride + k * dilation`. Returns `(idx, outputs)`.
+pub(crate) fn conv1d_indices(
+    len: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+) -> (Vec<u32>, usize) {
+    let span = (kernel - 1) * dilation + 1;
+    let outputs = if len >= span {
+        (len - span) / stride + 1
+    } else {
+        0
+    };
+    let idx = (0..outputs)
+        .flat_map(|p| (0..kernel).map(move |k| (p * stride + k * dilation) as u32))
+        .collect();
+    (idx, outputs)
+}
+
+/// Configuration of [`Conv1d`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv1dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel_size: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub groups: usize,
+    pub bias: bool,
+    /// Weight norm over each output channel (`weight_g` `[out, 1, 1]`).
+    pub weight_norm: bool,
+    pub padding: ConvPadding,
+}
+
+impl Conv1dConfig {
+    /// A causal conv with stride 1, dilation 1, one group and a bias.
+    pub fn causal(in_channels: usize, out_channels: usize, kernel_size: usize) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+            bias: true,
+            weight_norm: false,
+            padding: ConvPadding::Causal,
+        }
+    }
+
+    /// Checks the fields; the error names the bad one.
+    pub fn validate(&self) -> Result<()> {
+        for (v, name) in [
+            (self.in_channels, "conv.in_channels"),
+            (self.out_channels, "conv.out_channels"),
+            (self.kernel_size, "conv.kernel_size"),
+            (self.stride, "conv.stride"),
+            (self.dilation, "conv.dilation"),
+            (self.groups, "conv.groups"),
+        ] {
+            ensure(v > 0, name, || "must be > 0".into())?;
+        }
+        ensure(
+            self.in_channels % self.groups == 0 && self.out_channels % self.groups == 0,
+            "conv.groups",
+            || {
+                format!(
+                    "{} groups must divide {} in and {} out channels",
+                    self.groups, self.in_channels, self.out_channels
+                )
+            },
+        )
+    }
+}
+
+/// 1-D convolution over `[batch, in_channels, time]` to
+/// `[batch, out_channels, frames]`. Parameters: `weight`
+/// `[out, in / groups, kernel]` (or `weight_g`, `weight_v`), `bias` `[out]`.
+///
+/// Output frames: causal `floor(time / stride)`; same `ceil(time / stride)`;
+/// valid `floor((time - span) / stride) + 1` with span
+/// `(kernel - 1) * dilation + 1`.
+#[derive(Debug, Clone)]
+pub struct Conv1d {
+    cfg: Conv1dConfig,
+    weight: Weight,
+    bias: Option<Tensor>,
+    stream: Option<CausalBuffer>,
+}
+
+impl Conv1d {
+    pub fn new(cfg: Conv1dConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let shape = [
+            cfg.out_channels,
+            cfg.in_channels / cfg.groups,
+            cfg.kernel_size,
+        ];
+        let weight = Weight::new(&shape, cfg.weight_norm.then_some(0), &vb)?;
+        let bias = if cfg.bias {
+            let bound = 1.0 / ((cfg.in_channels / cfg.groups * cfg.kernel_size) as f64).sqrt();
+            Some(vb.get_with_hints(
+                cfg.out_channels,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        let stream = match cfg.padding {
+            ConvPadding::Causal => Some(CausalBuffer::new(
+                cfg.kernel_size,
+                cfg.dilation,
+                cfg.stride,
+                "conv.stride",
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            cfg,
+            weight,
+            bias,
+            stream,
+        })
+    }
+
+    pub fn config(&self) -> &Conv1dConfig {
+        &self.cfg
+    }
+
+    /// The convolution without padding, on an already padded input.
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+        let (idx, n) = conv1d_indices(
+            x.dim(2)?,
+            self.cfg.kernel_size,
+            self.cfg.stride,
+            self.cfg.dilation,
+        );
+        let y = gather_conv(x, &idx, n, &self.weight.get()?, self.cfg.groups)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?)?,
+            None => y,
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        match x.dims() {
+            [_, c, _] if *c == self.cfg.in_channels => Ok(()),
+            d => Err(Error::shape(
+                "conv1d input",
+                format!("[batch, {}, time]", self.cfg.in_channels),
+                d,
+            )),
+        }
+    }
+
+    /// Offline forward of `x` (`[batch, in_channels, time]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let span = (self.cfg.kernel_size - 1) * self.cfg.dilation + 1;
+        let (left, right) = match self.cfg.padding {
+            ConvPadding::Causal => (span - self.cfg.stride, 0),
+            ConvPadding::Same => ((span - 1) / 2, span - 1 - (span - 1) / 2),
+            ConvPadding::Valid => (0, 0),
+        };
+        let t = x.dim(2)?;
+        if t + left + right < span {
+            return Err(Error::shape(
+                "conv1d input",
+                format!("at least {} frames", span - left - right),
+                x.dims(),
+            ));
+        }
+        self.conv(&x.pad_with_zeros(D::Minus1, left, right)?)
+    }
+}
+
+impl Streaming for Conv1d {
+    /// Chunks `[batch, in_channels, t]`; causal convs only.
+    fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
+        self.check_input(chunk)?;
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| Error::invalid("conv.padding", "only causal convs stream"))?;
+        match stream.push(chunk, 2)? {
+            Some((window, _)) => Ok(Some(self.conv(&window)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(s) = &mut self.stream {
+            s.reset();
+        }
+    }
+}
+
+/// Configuration of [`CausalConv2d`]: 2-D conv over `[batch, channels,
+/// freq, time]`, "same" padded in frequency and causal in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// `(freq, time)`.
+    pub kernel: (usize, usize),
+    /// `(freq, time)`.
+    pub stride: (usize, usize),
+    /// `(freq, time)`.
+    pub dilation: (usize, usize),
+    pub bias: bool,
+    pub weight_norm: bool,
+}
+
+impl Conv2dConfig {
+    /// Stride 1, dilation 1, bias, no weight norm.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: (usize, usize)) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel,
+            stride: (1, 1),
+            dilation: (1, 1),
+            bias: true,
+            weight_norm: false,
+        }
+    }
+}
+
+/// 2-D convolution causal in time, `[batch, in, freq, time]` to
+/// `[batch, out, ceil(freq / stride_f), floor(time / stride_t)]`.
+/// Parameters: `weight` `[out, in, kf, kt]` (or `weight_g`/`weight_v`), `bias`.
+///
+/// Strides and dilations are per axis.
+#[derive(Debug, Clone)]
+pub struct CausalConv2d {
+    cfg: Conv2dConfig,
+    weight: Weight,
+    bias: Option<Tensor>,
+    stream: CausalBuffer,
+}
+
+impl CausalConv2d {
+    pub fn new(cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let (kf, kt) = cfg.kernel;
+        for (v, name) in [
+            (cfg.in_channels, "conv2d.in_channels"),
+            (cfg.out_channels, "conv2d.out_channels"),
+            (kf.min(kt), "conv2d.kernel"),
+            (cfg.stride.0.min(cfg.stride.1), "conv2d.stride"),
+            (cfg.dilation.0.min(cfg.dilation.1), "conv2d.dilation"),
+        ] {
+            ensure(v > 0, name, || "must be > 0".into())?;
+        }
+        let shape = [cfg.out_channels, cfg.in_channels, kf, kt];
+        let weight = Weight::new(&shape, cfg.weight_norm.then_some(0), &vb)?;
+        let bias = if cfg.bias {
+            let bound = 1.0 / ((cfg.in_channels * kf * kt) as f64).sqrt();
+            Some(vb.get_with_hints(
+                cfg.out_channels,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        let stream = CausalBuffer::new(kt, cfg.dilation.1, cfg.stride.1, "conv2d.stride")?;
+        Ok(Self {
+            cfg,
+            weight,
+            bias,
+            stream,
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        match x.dims() {
+            [_, c, _, _] if *c == self.cfg.in_channels => Ok(()),
+            d => Err(Error::shape(
+                "conv2d input",
+                format!("[batch, {}, freq, time]", self.cfg.in_channels),
+                d,
+            )),
+        }
+    }
+
+    /// Valid in time on a time-padded input; "same" in frequency.
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+        let (kf, kt) = self.cfg.kernel;
+        let (sf, st) = self.cfg.stride;
+        let (df, dt) = self.cfg.dilation;
+        let span_f = (kf - 1) * df + 1;
+        let x = x.pad_with_zeros(2, (span_f - 1) / 2, span_f - 1 - (span_f - 1) / 2)?;
+        let (b, c, f, t) = x.dims4()?;
+        let (fi, fo) = conv1d_indices(f, kf, sf, df);
+        let (ti, to) = conv1d_indices(t, kt, st, dt);
+        // Output (of, ot), tap (i, j) reads row fi[of * kf + i], column ti[ot * kt + j].
+        let mut idx = Vec::with_capacity(fo * to * kf * kt);
+        for of in 0..fo {
+            for ot in 0..to {
+                for i in 0..kf {
+                    for j in 0..kt {
+                        idx.push(fi[of * kf + i] * t as u32 + ti[ot * kt + j]);
+                    }
+                }
+            }
+        }
+        let w = self
+            .weight
+            .get()?
+            .reshape((self.cfg.out_channels, c, kf * kt))?;
+        let y = gather_conv(&x.reshape((b, c, f * t))?, &idx, fo * to, &w, 1)?.reshape((
+            b,
+            self.cfg.out_channels,
+            fo,
+            to,
+        ))?;
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+            None => y,
+        })
+    }
+
+    /// Offline forward of `x` (`[batch, in, freq, time]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        if x.dim(3)? < self.cfg.stride.1 {
+            return Err(Error::shape(
+                "conv2d input",
+                format!("at least {} frames", self.cfg.stride.1),
+                x.dims(),
+            ));
+        }
+        self.conv(&x.pad_with_zeros(3, self.stream.pad, 0)?)
+    }
+}
+
+impl Streaming for CausalConv2d {
+    /// Chunks `[batch, in, freq, t]`.
+    fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
+        self.check_input(chunk)?;
+        match self.stream.push(chunk, 3)? {
+            Some((window, _)) => Ok(Some(self.conv(&window)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stream.reset();
+    }
+}
+
+/// Configuration of [`Upsample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpsampleConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Kernel size, `>= stride`.
+    pub kernel_size: usize,
+    /// Upsampling factor.
+    pub stride: usize,
+    pub bias: bool,
+    /// Weight norm over each input channel (torch's default dim 0 for
+    /// `ConvTranspose1d`).
+    pub weight_norm: bool,
+    /// Trim the `kernel - stride` overlap from the right (causal, streams)
+    /// or split it between both ends.
+    pub causal: bool,
+}
+
+/// Transposed 1-D convolution with stride `s` that trains (candle's
+/// `conv_transpose1d` has no backward): the same weights `[in, out, kernel]`
+/// and the same result, computed as `s` polyphase convolutions interleaved in
+/// time. `[batch, in, time]` to `[batch, out, time * stride]` (after trimming
+/// the overlap); [`Upsample::forward_full`] gives the untrimmed
+/// `(time - 1) * stride + kernel` samples.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    cfg: UpsampleConfig,
+    weight: Weight,
+    bias: Option<Tensor>,
+    /// Streaming: the overlap tail `[batch, out, kernel - stride]` (no bias).
+    tail: Option<Tensor>,
+}
+
+impl Upsample {
+    pub fn new(cfg: UpsampleConfig, vb: VarBuilder) -> Result<Self> {
+        for (v, name) in [
+            (cfg.in_channels, "upsample.in_channels"),
+            (cfg.out_channels, "upsample.out_channels"),
+            (cfg.stride, "upsample.stride"),
+        ] {
+            ensure(v > 0, name, || "must be > 0".into())?;
+        }
+        ensure(
+            cfg.kernel_size >= cfg.stride,
+            "upsample.kernel_size",
+            || format!("must be >= stride {}, got {}", cfg.stride, cfg.kernel_size),
+        )?;
+        let weight = Weight::new(
+            &[cfg.in_channels, cfg.out_channels, cfg.kernel_size],
+            cfg.weight_norm.then_some(0),
+            &vb,
+        )?;
+        let bias = if cfg.bias {
+            let bound = 1.0 / ((cfg.out_channels * cfg.kernel_size) as f64).sqrt();
+            Some(vb.get_with_hints(
+                cfg.out_channels,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            weight,
+            bias,
+            tail: None,
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        match x.dims() {
+            [_, c, t] if *c == self.cfg.in_channels && *t > 0 => Ok(()),
+            d => Err(Error::shape(
+                "upsample input",
+                format!("[batch, {}, time >= 1]", self.cfg.in_channels),
+                d,
+            )),
+        }
+    }
+
+    /// The weight `[in, out, kernel]` (effective, after weight norm).
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.get()
+    }
+
+    /// Untrimmed transposed convolution without bias.
+    fn transpose_conv(&self, x: &Tensor) -> Result<Tensor> {
+        let (s, k, c_in, c_out) = (
+            self.cfg.stride,
+            self.cfg.kernel_size,
+            self.cfg.in_channels,
+            self.cfg.out_channels,
+        );
+        let m = k.div_ceil(s);
+        let t = x.dim(2)?;
+        // Polyphase kernels: phase r, tap m is w[.., r + m * s], time-reversed
+        // for cross-correlation; laid out [out * s + r, in, m].
+        let w = self
+            .weight
+            .get()?
+            .pad_with_zeros(2, 0, m * s - k)?
+            .reshape((c_in, c_out, m, s))?
+            .permute((1, 3, 0, 2))?
+            .contiguous()?;
+        let rev: Vec<u32> = (0..m as u32).rev().collect();
+        let w = w
+            .index_select(&Tensor::from_vec(rev, m, x.device())?, 3)?
+            .reshape((c_out * s, c_in, m))?;
+        let xp = x.pad_with_zeros(2, m - 1, m - 1)?;
+        let (idx, n) = conv1d_indices(xp.dim(2)?, m, 1, 1);
+        let z = gather_conv(&xp, &idx, n, &w, 1)?; // [B, out * s, t + m - 1]
+        let (b, _, q) = z.dims3()?;
+        let y = z
+            .reshape((b, c_out, s, q))?
+            .transpose(2, 3)?
+            .reshape((b, c_out, q * s))?;
+        Ok(y.narrow(2, 0, (t - 1) * s + k)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?)?,
+            None => y,
+        })
+    }
+
+    /// The full transposed convolution of `x` (`[batch, in, time]`):
+    /// `[batch, out, (time - 1) * stride + kernel]`, equal to
+    /// `x.conv_transpose1d(weight, 0, 0, stride, 1, 1)` plus bias.
+    pub fn forward_full(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        self.add_bias(self.transpose_conv(x)?)
+    }
+
+    /// `[batch, in, time]` to `[batch, out, time * stride]`: the full output
+    /// with the `kernel - stride` overlap trimmed (right if causal, else split
+    /// with the larger half on the left).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_full(x)?;
+        let extra = self.cfg.kernel_size - self.cfg.stride;
+        let left = if self.cfg.causal {
+            0
+        } else {
+            extra - extra / 2
+        };
+        Ok(y.narrow(2, left, x.dim(2)? * self.cfg.stride)?)
+    }
+}
+
+impl Streaming for Upsample {
+    /// Chunks `[batch, in, t]` give `[batch, out, t * stride]` (causal only).
+    fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
+        self.check_input(chunk)?;
+        ensure(self.cfg.causal, "upsample.causal", || {
+            "only causal upsamplers stream".into()
+        })?;
+        let y = self.transpose_conv(chunk)?;
+        let extra = self.cfg.kernel_size - self.cfg.stride;
+        let y = match self.tail.take() {
+            Some(tail) => {
+                let head = (y.narrow(2, 0, extra)? + tail)?;
+                Tensor::cat(&[&head, &y.narrow(2, extra, y.dim(2)? - extra)?], 2)?
+            }
+            None => y,
+        };
+        let n = chunk.dim(2)? * self.cfg.stride;
+        if extra > 0 {
+            self.tail = Some(y.narrow(2, n, extra)?);
+        }
+        Ok(Some(self.add_bias(y.narrow(2, 0, n)?)?))
+    }
+
+    fn reset(&mut self) {
+        self.tail = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        check_gradients, max_abs_diff, named_vars, noise, randomize, stream_in_chunks, GradCheck,
+    };
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    fn vb(vm: &VarMap, dtype: DType) -> VarBuilder<'static> {
+        VarBuilder::from_varmap(vm, dtype, &Device::Cpu)
+    }
+
+    fn grad_check(vm: &VarMap, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
+        randomize(vm, 0.5, 3).unwrap();
+        let x = Var::from_tensor(x).unwrap();
+        let mut vars = named_vars(vm);
+        vars.push(("input".into(), x.clone()));
+        check_gradients(&vars, GradCheck::default(), || {
+            f(x.as_tensor()).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .unwrap();
+    }
+
+    fn conv1d(cfg: Conv1dConfig, dtype: DType) -> (VarMap, Conv1d) {
+        let vm = VarMap::new();
+        let c = Conv1d::new(cfg, vb(&vm, dtype)).unwrap();
+        (vm, c)
+    }
+
+    #[test]
+    fn conv1d_gradients() {
+        let cases = [
+            Conv1dConfig {
+                dilation: 2,
+                groups: 2,
+                ..Conv1dConfig::causal(4, 6, 3)
+            },
+            Conv1dConfig {
+                stride: 2,
+                weight_norm: true,
+                ..Conv1dConfig::causal(3, 2, 4)
+            },
+            Conv1dConfig {
+                padding: ConvPadding::Same,
+                weight_norm: true,
+                bias: false,
+                ..Conv1dConfig::causal(2, 3, 5)
+            },
+        ];
+        for cfg in cases {
+            let (vm, c) = conv1d(cfg, DType::F64);
+            grad_check(&vm, &noise(&[2, cfg.in_channels, 11], 1).unwrap(), |x| {
+                c.forward(x)
+            });
+        }
+    }
+
+    #[test]
+    fn conv1d_frame_counts_and_causality() {
+        let (_, same) = conv1d(
+            Conv1dConfig {
+                padding: ConvPadding::Same,
+                stride: 2,
+                ..Conv1dConfig::causal(1, 1, 5)
+            },
+            DType::F32,
+        );
+        let x = noise(&[1, 1, 11], 2).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(same.forward(&x).unwrap().dims(), &[1, 1, 6]);
+        let (_, causal) = conv1d(
+            Conv1dConfig {
+                stride: 2,
+                dilation: 2,
+                ..Conv1dConfig::causal(1, 1, 3)
+            },
+            DType::F32,
+        );
+        let y = causal.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 5]);
+        // Frame j depends on inputs up to 2j + 1 only.
+        let mut x2 = x.to_vec3::<f32>().unwrap();
+        x2[0][0][7] += 1.0;
+        let y2 = causal
+            .forward(&Tensor::new(x2, &Device::Cpu).unwrap())
+            .unwrap();
+        let (a, b) = (y.to_vec3::<f32>().unwrap(), y2.to_vec3::<f32>().unwrap());
+        assert_eq!(a[0][0][..3], b[0][0][..3]);
+        assert_ne!(a[0][0][3], b[0][0][3]);
+    }
+
+    #[test]
+    fn conv1d_streams() {
+        for (cfg, seed) in [
+            (
+                Conv1dConfig {
+                    dilation: 3,
+                    ..Conv1dConfig::causal(3, 4, 5)
+                },
+                1,
+            ),
+            (
+                Conv1dConfig {
+                    stride: 4,
+                    ..Conv1dConfig::causal(2, 3, 8)
+                },
+                2,
+            ),
+            (
+                Conv1dConfig {
+                    stride: 2,
+                    dilation: 2,
+                    weight_norm: true,
+                    ..Conv1dConfig::causal(2, 2, 3)
+                },
+                3,
+            ),
+            (Conv1dConfig::causal(2, 2, 1), 4),
+        ] {
+            let (_, mut c) = conv1d(cfg, DType::F32);
+            let x = noise(&[2, cfg.in_channels, 67], seed)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let offline = c.forward(&x).unwrap();
+            for chunk_seed in 0..3 {
+                let streamed = stream_in_chunks(&mut c, &x, 2, 9, chunk_seed).unwrap();
+                assert!(max_abs_diff(&offline, &streamed).unwrap() < 1e-5, "{cfg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn conv1d_bad_config_and_input() {
+        let vm = VarMap::new();
+        let e = Conv1d::new(
+            Conv1dConfig {
+                stride: 4,
+                ..Conv1dConfig::causal(1, 1, 2)
+            },
+            vb(&vm, DType::F32),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("conv.stride"), "{e}");
+        let e = Conv1d::new(
+            Conv1dConfig {
+                groups: 2,
+                ..Conv1dConfig::causal(3, 4, 2)
+            },
+            vb(&vm, DType::F32),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("conv.groups"), "{e}");
+        let (_, c) = conv1d(Conv1dConfig::causal(3, 4, 2), DType::F32);
+        let e = c
+            .forward(&Tensor::zeros((1, 2, 5), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("[batch, 3, time]") && e.to_string().contains("[1, 2, 5]"),
+            "{e}"
+        );
+        let (_, mut same) = conv1d(
+            Conv1dConfig {
+                padding: ConvPadding::Same,
+                ..Conv1dConfig::causal(3, 4, 2)
+            },
+            DType::F32,
+        );
+        let e = same
+            .step(&Tensor::zeros((1, 3, 5), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("only causal"), "{e}");
+    }
+
+    #[test]
+    fn conv2d_gradients_and_streaming() {
+        let cases = [
+            Conv2dConfig::new(2, 3, (3, 3)),
+            Conv2dConfig {
+                stride: (2, 1),
+                dilation: (1, 2),
+                weight_norm: true,
+                ..Conv2dConfig::new(2, 2, (3, 2))
+            },
+            Conv2dConfig {
+                stride: (1, 2),
+                ..Conv2dConfig::new(1, 2, (3, 4))
+            },
+        ];
+        for (i, cfg) in cases.into_iter().enumerate() {
+            let vm = VarMap::new();
+            let c = CausalConv2d::new(cfg, vb(&vm, DType::F64)).unwrap();
+            grad_check(&vm, &noise(&[2, cfg.in_channels, 5, 7], 5).unwrap(), |x| {
+                c.forward(x)
+            });
+            let vm = VarMap::new();
+            let mut c = CausalConv2d::new(cfg, vb(&vm, DType::F32)).unwrap();
+            let x = noise(&[2, cfg.in_channels, 6, 41], 6)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let offline = c.forward(&x).unwrap();
+            assert_eq!(offline.dim(2).unwrap(), 6usize.div_ceil(cfg.stride.0));
+            assert_eq!(offline.dim(3).unwrap(), 41 / cfg.stride.1);
+            let streamed = stream_in_chunks(&mut c, &x, 3, 7, i as u64).unwrap();
+            assert!(max_abs_diff(&offline, &streamed).unwrap() < 1e-5, "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn conv2d_unequal_dilation_equals_explicit_kernel() {
+        // Dilation (1, 2) through the zero-stuffed kernel equals a conv with
+        // the stuffed kernel written out by hand.
+        let vm = VarMap::new();
+        let cfg = Conv2dConfig {
+            dilation: (1, 2),
+            bias: false,
+            ..Conv2dConfig::new(1, 1, (1, 2))
+        };
+        let c = CausalConv2d::new(cfg, vb(&vm, DType::F32)).unwrap();
+        let w = c
+            .weight
+            .get()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let x: Vec<f32> = (0..6).map(|i| i as f32 + 1.0).collect();
+        let y = c
+            .forward(&Tensor::from_vec(x.clone(), (1, 1, 1, 6), &Device::Cpu).unwrap())
+            .unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for t in 0..6 {
+            let past = if t >= 2 { x[t - 2] } else { 0.0 };
+            assert!((y[t] - (w[0] * past + w[1] * x[t])).abs() < 1e-5, "t={t}");
+        }
+    }
+
+    fn upsample(cfg: UpsampleConfig, dtype: DType) -> (VarMap, Upsample) {
+        let vm = VarMap::new();
+        let u = Upsample::new(cfg, vb(&vm, dtype)).unwrap();
+        (vm, u)
+    }
+
+    fn up_cfg(k: usize, s: usize) -> UpsampleConfig {
+        UpsampleConfig {
+            in_channels: 3,
+            out_channels: 2,
+            kernel_size: k,
+            stride: s,
+            bias: true,
+            weight_norm: false,
+            causal: true,
+        }
+    }
+
+    #[test]
+    fn upsample_equals_conv_transpose1d() {
+        for (k, s) in [(4, 2), (5, 2), (8, 4), (3, 3), (7, 3), (16, 8)] {
+            let (_, u) = upsample(
+                UpsampleConfig {
+                    bias: false,
+                    ..up_cfg(k, s)
+                },
+                DType::F32,
+            );
+            let x = noise(&[2, 3, 9], 7).unwrap().to_dtype(DType::F32).unwrap();
+            let ours = u.forward_full(&x).unwrap();
+            // Reference per batch item: candle 0.11.1's batched CPU
+            // conv_transpose1d is wrong for batch > 1 (docs/layers.md).
+            let w = u.weight().unwrap();
+            let items: Vec<Tensor> = (0..2)
+                .map(|i| {
+                    x.narrow(0, i, 1)
+                        .unwrap()
+                        .conv_transpose1d(&w, 0, 0, s, 1, 1)
+                        .unwrap()
+                })
+                .collect();
+            let reference = Tensor::cat(&items, 0).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(
+                max_abs_diff(&ours, &reference).unwrap() < 1e-5,
+                "k={k} s={s}"
+            );
+        }
+    }
+
+    #[test]
+    fn upsample_gradients() {
+        for cfg in [
+            up_cfg(4, 2),
+            UpsampleConfig {
+                weight_norm: true,
+                causal: false,
+                ..up_cfg(5, 3)
+            },
+        ] {
+            let (vm, u) = upsample(cfg, DType::F64);
+            grad_check(&vm, &noise(&[2, 3, 5], 8).unwrap(), |x| u.forward(x));
+        }
+    }
+
+    #[test]
+    fn upsample_streams_and_trims() {
+        for (k, s) in [(4, 2), (7, 3), (2, 2)] {
+            let (_, mut u) = upsample(up_cfg(k, s), DType::F32);
+            let x = noise(&[2, 3, 29], 9).unwrap().to_dtype(DType::F32).unwrap();
+            let offline = u.forward(&x).unwrap();
+            assert_eq!(offline.dim(2).unwrap(), 29 * s);
+            let streamed = stream_in_chunks(&mut u, &x, 2, 6, k as u64).unwrap();
+            assert!(
+                max_abs_diff(&offline, &streamed).unwrap() < 1e-5,
+                "k={k} s={s}"
+            );
+        }
+        let vm = VarMap::new();
+        let e = Upsample::new(up_cfg(1, 2), vb(&vm, DType::F32)).unwrap_err();
+        assert!(e.to_string().contains("upsample.kernel_size"), "{e}");
+    }
+}

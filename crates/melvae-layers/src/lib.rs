@@ -1,0 +1,21 @@
+//! melvae-layers: the candle building blocks every melvae model is made of,
+//! each proven by a finite-difference gradient check and, where causal, by
+//! streaming equivalence.
+//!
+//! Layouts: sequences `[batch, time, dim]`; convolution signals
+//! `[batch, channels, time]`; 2-D feature maps `[batch, channels, freq, time]`.
+//! Parameters come from a `VarBuilder` with torch-like names, which are the
+//! checkpoint format.
+
+pub mod conv;
+mod error;
+pub mod norm;
+pub mod streaming;
+pub mod testing;
+
+pub use conv::{
+    CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
+};
+pub use error::{Error, Result};
+pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
+pub use streaming::Streaming;
