@@ -7,15 +7,19 @@
 //! Parameters come from a `VarBuilder` with torch-like names, which are the
 //! checkpoint format.
 
+pub mod act;
 pub mod conv;
 mod error;
 pub mod norm;
+pub mod residual;
 pub mod streaming;
 pub mod testing;
 
+pub use act::{Activation, ActivationKind};
 pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
 };
 pub use error::{Error, Result};
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
+pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;

@@ -1,0 +1,135 @@
+//! Activations, including Snake with a trainable per-channel frequency.
+
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
+
+use crate::Result;
+
+/// Which activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActivationKind {
+    Relu,
+    /// `x` for `x > 0`, `alpha * (exp(x) - 1)` otherwise (SEANet: alpha 1).
+    Elu {
+        alpha: f64,
+    },
+    /// `max(x, 0) + slope * min(x, 0)`.
+    LeakyRelu {
+        slope: f64,
+    },
+    /// Exact (erf) GELU, as torch's `nn.GELU()`.
+    Gelu,
+    /// `x * sigmoid(x)`.
+    Silu,
+    Tanh,
+    /// `x + sin^2(alpha x) / (alpha + 1e-9)`, `alpha` learned per channel
+    /// (BigVGAN/DAC), init 1.
+    Snake,
+}
+
+/// An activation over `[batch, channels, ...]` (Snake needs the channel axis
+/// at 1; the others are elementwise on any layout).
+#[derive(Debug, Clone)]
+pub struct Activation {
+    kind: ActivationKind,
+    /// Snake's `alpha`, `[channels]`.
+    alpha: Option<Tensor>,
+}
+
+impl Activation {
+    /// `channels` sizes Snake's `alpha` (parameter `alpha`); unused otherwise.
+    pub fn new(kind: ActivationKind, channels: usize, vb: VarBuilder) -> Result<Self> {
+        let alpha = match kind {
+            ActivationKind::Snake => {
+                Some(vb.get_with_hints(channels, "alpha", Init::Const(1.0))?)
+            }
+            _ => None,
+        };
+        Ok(Self { kind, alpha })
+    }
+
+    pub fn kind(&self) -> ActivationKind {
+        self.kind
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.kind {
+            ActivationKind::Relu => x.relu()?,
+            ActivationKind::Elu { alpha } => x.elu(alpha)?,
+            ActivationKind::LeakyRelu { slope } => candle_nn::ops::leaky_relu(x, slope)?,
+            ActivationKind::Gelu => x.gelu_erf()?,
+            ActivationKind::Silu => x.silu()?,
+            ActivationKind::Tanh => x.tanh()?,
+            ActivationKind::Snake => {
+                let mut shape = vec![1; x.rank()];
+                shape[1] = x.dim(1)?;
+                let alpha = self
+                    .alpha
+                    .as_ref()
+                    .ok_or_else(|| crate::Error::invalid("snake.alpha", "missing"))?
+                    .reshape(shape.as_slice())?;
+                let s = x.broadcast_mul(&alpha)?.sin()?.sqr()?;
+                (x + s.broadcast_div(&(alpha + 1e-9)?)?)?
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_gradients, named_vars, noise, randomize, GradCheck};
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn every_activation_has_gradients() {
+        for kind in [
+            ActivationKind::Relu,
+            ActivationKind::Elu { alpha: 1.0 },
+            ActivationKind::LeakyRelu { slope: 0.2 },
+            ActivationKind::Gelu,
+            ActivationKind::Silu,
+            ActivationKind::Tanh,
+            ActivationKind::Snake,
+        ] {
+            let vm = VarMap::new();
+            let a = Activation::new(
+                kind,
+                3,
+                VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+            )
+            .unwrap();
+            randomize(&vm, 1.0, 1).unwrap();
+            let x = Var::from_tensor(&noise(&[2, 3, 7], 2).unwrap()).unwrap();
+            let mut vars = named_vars(&vm);
+            vars.push(("input".into(), x.clone()));
+            check_gradients(&vars, GradCheck::default(), || {
+                a.forward(x.as_tensor())
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn snake_formula() {
+        let vm = VarMap::new();
+        let a = Activation::new(
+            ActivationKind::Snake,
+            2,
+            VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Tensor::new(&[[[0.5f64], [-1.0]]], &Device::Cpu).unwrap();
+        let y = a
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!((y[0] - (0.5 + 0.5f64.sin().powi(2) / (1.0 + 1e-9))).abs() < 1e-12);
+        assert!((y[1] - (-1.0 + 1f64.sin().powi(2) / (1.0 + 1e-9))).abs() < 1e-12);
+    }
+}
