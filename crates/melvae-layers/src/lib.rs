@@ -8,6 +8,7 @@
 //! checkpoint format.
 
 pub mod act;
+pub mod attention;
 pub mod conv;
 mod error;
 pub mod norm;
@@ -16,6 +17,9 @@ pub mod streaming;
 pub mod testing;
 
 pub use act::{Activation, ActivationKind};
+pub use attention::{
+    alibi_slopes, apply_rotary, attend, AttendOptions, AttentionConfig, MultiHeadAttention,
+};
 pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
 };
