@@ -11,10 +11,12 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 mod error;
+pub mod ffn;
 pub mod norm;
 pub mod residual;
 pub mod streaming;
 pub mod testing;
+pub mod transformer;
 
 pub use act::{Activation, ActivationKind};
 pub use attention::{
@@ -24,6 +26,11 @@ pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
 };
 pub use error::{Error, Result};
+pub use ffn::{
+    masked_fill_zero, sinusoidal_positions, timestep_embedding, FeedForward, FeedForwardConfig,
+    FfnActivation, TimestepEmbedder,
+};
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;
+pub use transformer::{BlockConfig, DecoderLayer, DitBlock, EncoderLayer};
