@@ -12,15 +12,18 @@ pub mod attention;
 pub mod conv;
 mod error;
 pub mod ffn;
+pub mod lstm;
 pub mod norm;
 pub mod residual;
 pub mod streaming;
 pub mod testing;
 pub mod transformer;
+pub mod vq;
 
 pub use act::{Activation, ActivationKind};
 pub use attention::{
-    alibi_slopes, apply_rotary, attend, AttendOptions, AttentionConfig, MultiHeadAttention,
+    alibi_slopes, apply_rotary, attend, lengths_to_mask, AttendOptions, AttentionConfig,
+    MultiHeadAttention,
 };
 pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
@@ -30,7 +33,9 @@ pub use ffn::{
     masked_fill_zero, sinusoidal_positions, timestep_embedding, FeedForward, FeedForwardConfig,
     FfnActivation, TimestepEmbedder,
 };
+pub use lstm::LstmStack;
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;
 pub use transformer::{BlockConfig, DecoderLayer, DitBlock, EncoderLayer};
+pub use vq::{ResidualVq, RvqOutput, VectorQuantizer, VqConfig, VqOutput};
