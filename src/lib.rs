@@ -15,3 +15,4 @@
 //! ```
 
 pub use melvae_dsp as dsp;
+pub use melvae_layers as layers;

@@ -157,15 +157,21 @@ impl VectorQuantizer {
     }
 
     /// Nearest code of every row of `x` (`[n, dim]`): `argmin ||x - c||^2`,
-    /// with the cross term through one matmul. `[n]` u32.
+    /// computed as `argmin (||c||^2 - 2 x . c)` (`||x||^2` is the same for
+    /// every code) with the cross term through a matmul, 8192 rows at a time
+    /// so the distance block stays small. `[n]` u32.
     pub fn nearest(&self, x: &Tensor) -> Result<Tensor> {
+        const CHUNK: usize = 8192;
         let c = self.codebook.as_tensor().to_dtype(x.dtype())?;
-        let dist = x
-            .sqr()?
-            .sum_keepdim(1)?
-            .broadcast_sub(&(x.matmul(&c.t()?)? * 2.0)?)?
-            .broadcast_add(&c.sqr()?.sum(1)?.unsqueeze(0)?)?;
-        Ok(dist.argmin(1)?)
+        let c_neg2_t = (&c * -2.0)?.t()?.contiguous()?; // [dim, K]
+        let c_sq = c.sqr()?.sum(1)?.unsqueeze(0)?; // [1, K]
+        let n = x.dim(0)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
+        for start in (0..n).step_by(CHUNK) {
+            let rows = x.narrow(0, start, CHUNK.min(n - start))?;
+            parts.push(rows.matmul(&c_neg2_t)?.broadcast_add(&c_sq)?.argmin(1)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Quantises `x` (`[..., dim]`). In training (`train`), updates usage
@@ -469,6 +475,32 @@ mod tests {
             .decode(&Tensor::new(&[5u32], &Device::Cpu).unwrap())
             .unwrap_err();
         assert!(e.to_string().contains("code 5"), "{e}");
+    }
+
+    #[test]
+    fn chunked_search_equals_brute_force() {
+        let (vm, q) = vq(VqConfig::new(7, 3), DType::F32);
+        randomize(&vm, 1.0, 8).unwrap();
+        let n = 2 * 8192 + 5;
+        let x = noise(&[n, 3], 6).unwrap().to_dtype(DType::F32).unwrap();
+        let got = q.nearest(&x).unwrap().to_vec1::<u32>().unwrap();
+        let c = q.codebook().to_vec2::<f32>().unwrap();
+        let rows = x.to_vec2::<f32>().unwrap();
+        let mut mismatches = 0;
+        for (r, &g) in rows.iter().zip(&got) {
+            let d = |k: usize| {
+                c[k].iter()
+                    .zip(r)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+            };
+            let best = (0..7).min_by(|&a, &b| d(a).total_cmp(&d(b))).unwrap();
+            // Ties within float rounding may pick either code.
+            if best != g as usize && (d(best) - d(g as usize)).abs() > 1e-5 {
+                mismatches += 1;
+            }
+        }
+        assert_eq!(mismatches, 0);
     }
 
     #[test]
