@@ -36,25 +36,38 @@ pub enum Error {
     /// Reading or writing `path` failed at the OS level.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file concerned.
         path: PathBuf,
         #[source]
+        /// The OS error.
         source: std::io::Error,
     },
     /// `path` could not be decoded as audio.
     #[error("{}: {kind}: {detail}", path.display())]
     Audio {
+        /// The file concerned.
         path: PathBuf,
+        /// What kind of failure.
         kind: AudioErrorKind,
+        /// What exactly went wrong.
         detail: String,
     },
     /// A configuration value or argument is invalid; `what` names it.
     #[error("invalid {what}: {reason}")]
-    Invalid { what: String, reason: String },
+    Invalid {
+        /// The config field or argument concerned.
+        what: String,
+        /// Why it is invalid.
+        reason: String,
+    },
     /// A tensor or buffer has the wrong shape; `what` names it.
     #[error("bad shape for {what}: expected {expected}, got {got}")]
     Shape {
+        /// The tensor, buffer or value concerned.
         what: String,
+        /// The shape that was expected.
         expected: String,
+        /// The shape that was given.
         got: String,
     },
     /// An error from candle.

@@ -14,7 +14,10 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseInit {
     /// Uniform random phase from a seeded generator (librosa's default).
-    Random { seed: u64 },
+    Random {
+        /// Seed of the phase generator.
+        seed: u64,
+    },
     /// Zero phase.
     Zeros,
 }
@@ -121,7 +124,10 @@ pub enum MelInversion {
     /// Non-negative least squares per frame (accelerated projected gradient,
     /// started from the clipped pseudo-inverse), as `librosa`'s
     /// `mel_to_stft`. Best quality.
-    Nnls { iterations: usize },
+    Nnls {
+        /// Projected-gradient iterations.
+        iterations: usize,
+    },
     /// Ridge-regularised pseudo-inverse, clipped at zero. Fast.
     PseudoInverse,
 }

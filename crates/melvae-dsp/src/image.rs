@@ -18,7 +18,9 @@ pub struct SpectrogramImage {
     pub hop_length: usize,
     /// Mel scale and band edges, for the frequency axis.
     pub scale: MelScale,
+    /// Lowest mel filter edge, Hz.
     pub fmin: f32,
+    /// Highest mel filter edge, Hz.
     pub fmax: f32,
     /// Values below `max - range` are drawn as the darkest colour. `None`
     /// spans the data's full range.

@@ -35,6 +35,8 @@
 //! # Ok::<(), melvae_dsp::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod audio;
 mod error;
 mod fsutil;

@@ -33,9 +33,15 @@ pub enum LogScale {
     /// No compression.
     None,
     /// `ln(max(x, clamp))`.
-    Ln { clamp: f32 },
+    Ln {
+        /// Floor applied before the log.
+        clamp: f32,
+    },
     /// `log10(max(x, clamp))`.
-    Log10 { clamp: f32 },
+    Log10 {
+        /// Floor applied before the log.
+        clamp: f32,
+    },
 }
 
 impl LogScale {

@@ -8,19 +8,23 @@ use crate::Result;
 /// Which activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ActivationKind {
+    /// `max(x, 0)`.
     Relu,
     /// `x` for `x > 0`, `alpha * (exp(x) - 1)` otherwise (SEANet: alpha 1).
     Elu {
+        /// Scale of the negative branch.
         alpha: f64,
     },
     /// `max(x, 0) + slope * min(x, 0)`.
     LeakyRelu {
+        /// Slope of the negative branch.
         slope: f64,
     },
     /// Exact (erf) GELU, as torch's `nn.GELU()`.
     Gelu,
     /// `x * sigmoid(x)`.
     Silu,
+    /// Hyperbolic tangent.
     Tanh,
     /// `x + sin^2(alpha x) / (alpha + 1e-9)`, `alpha` learned per channel
     /// (BigVGAN/DAC), init 1.
@@ -48,10 +52,12 @@ impl Activation {
         Ok(Self { kind, alpha })
     }
 
+    /// Which activation this is.
     pub fn kind(&self) -> ActivationKind {
         self.kind
     }
 
+    /// Applies the activation; output has the shape of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {
             ActivationKind::Relu => x.relu()?,

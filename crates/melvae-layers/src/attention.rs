@@ -221,11 +221,14 @@ pub fn apply_rotary(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
 pub struct AttentionConfig {
     /// Model dimension (queries and output).
     pub dim: usize,
+    /// Number of heads; must divide `dim`.
     pub heads: usize,
     /// Cross-attention to a context of this dimension (separate `q` and `kv`
     /// projections); `None` for self-attention (fused `qkv`).
     pub context_dim: Option<usize>,
+    /// Learn bias terms.
     pub bias: bool,
+    /// Mask future positions (self-attention).
     pub causal: bool,
     /// ALiBi scaled by this `alibi_alpha`, if set.
     pub alibi_alpha: Option<f64>,
@@ -250,6 +253,7 @@ impl AttentionConfig {
         }
     }
 
+    /// Checks the fields; the error names the bad one.
     pub fn validate(&self) -> Result<()> {
         ensure(
             self.heads > 0 && self.dim % self.heads == 0,
@@ -303,6 +307,7 @@ fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
 }
 
 impl MultiHeadAttention {
+    /// Builds the projections; fails on an invalid config, naming the field.
     pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
@@ -328,6 +333,7 @@ impl MultiHeadAttention {
         })
     }
 
+    /// The configuration.
     pub fn config(&self) -> &AttentionConfig {
         &self.cfg
     }

@@ -187,15 +187,23 @@ pub(crate) fn conv1d_indices(
 /// Configuration of [`Conv1d`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv1dConfig {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
+    /// Kernel taps.
     pub kernel_size: usize,
+    /// Step between output frames, in input frames.
     pub stride: usize,
+    /// Spacing between kernel taps.
     pub dilation: usize,
+    /// Channel groups; must divide both channel counts.
     pub groups: usize,
+    /// Learn bias terms.
     pub bias: bool,
     /// Weight norm over each output channel (`weight_g` `[out, 1, 1]`).
     pub weight_norm: bool,
+    /// Where the padding goes.
     pub padding: ConvPadding,
 }
 
@@ -256,6 +264,7 @@ pub struct Conv1d {
 }
 
 impl Conv1d {
+    /// Builds the conv; fails on an invalid config, naming the field.
     pub fn new(cfg: Conv1dConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let shape = [
@@ -294,6 +303,7 @@ impl Conv1d {
         })
     }
 
+    /// The configuration.
     pub fn config(&self) -> &Conv1dConfig {
         &self.cfg
     }
@@ -370,7 +380,9 @@ impl Streaming for Conv1d {
 /// freq, time]`, "same" padded in frequency and causal in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dConfig {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
     /// `(freq, time)`.
     pub kernel: (usize, usize),
@@ -378,7 +390,9 @@ pub struct Conv2dConfig {
     pub stride: (usize, usize),
     /// `(freq, time)`.
     pub dilation: (usize, usize),
+    /// Learn bias terms.
     pub bias: bool,
+    /// Weight-norm parameterisation (`weight_g`, `weight_v`).
     pub weight_norm: bool,
 }
 
@@ -411,6 +425,7 @@ pub struct CausalConv2d {
 }
 
 impl CausalConv2d {
+    /// Builds the conv; fails on an invalid config, naming the field.
     pub fn new(cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
         let (kf, kt) = cfg.kernel;
         for (v, name) in [
@@ -526,12 +541,15 @@ impl Streaming for CausalConv2d {
 /// Configuration of [`Upsample`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpsampleConfig {
+    /// Input channels.
     pub in_channels: usize,
+    /// Output channels.
     pub out_channels: usize,
     /// Kernel size, `>= stride`.
     pub kernel_size: usize,
     /// Upsampling factor.
     pub stride: usize,
+    /// Learn bias terms.
     pub bias: bool,
     /// Weight norm over each input channel (torch's default dim 0 for
     /// `ConvTranspose1d`).
@@ -557,6 +575,7 @@ pub struct Upsample {
 }
 
 impl Upsample {
+    /// Builds the upsampler; fails on an invalid config, naming the field.
     pub fn new(cfg: UpsampleConfig, vb: VarBuilder) -> Result<Self> {
         for (v, name) in [
             (cfg.in_channels, "upsample.in_channels"),

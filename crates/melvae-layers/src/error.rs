@@ -5,12 +5,20 @@
 pub enum Error {
     /// A configuration value is invalid; `what` names it.
     #[error("invalid {what}: {reason}")]
-    Invalid { what: String, reason: String },
+    Invalid {
+        /// The config field or argument concerned.
+        what: String,
+        /// Why it is invalid.
+        reason: String,
+    },
     /// A tensor has the wrong shape; `what` names it.
     #[error("bad shape for {what}: expected {expected}, got {got}")]
     Shape {
+        /// The tensor, buffer or value concerned.
         what: String,
+        /// The shape that was expected.
         expected: String,
+        /// The shape that was given.
         got: String,
     },
     /// An error from candle.

@@ -9,9 +9,11 @@ use crate::{Error, Result};
 /// Feed-forward nonlinearity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FfnActivation {
+    /// `max(x, 0)`.
     Relu,
     /// Exact GELU.
     Gelu,
+    /// `x * sigmoid(x)`.
     Silu,
     /// `silu(gate(x)) * fc1(x)` (Shazeer 2020; LLaMA).
     SwiGlu,
@@ -20,11 +22,15 @@ pub enum FfnActivation {
 /// Configuration of [`FeedForward`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeedForwardConfig {
+    /// Model dimension (input and output).
     pub dim: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Nonlinearity.
     pub activation: FfnActivation,
     /// Dropout after the nonlinearity, in training.
     pub dropout: f64,
+    /// Learn bias terms.
     pub bias: bool,
 }
 
@@ -73,6 +79,7 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// Builds the layers; fails on an invalid config, naming the field.
     pub fn new(cfg: FeedForwardConfig, vb: VarBuilder) -> Result<Self> {
         ensure(cfg.dim > 0 && cfg.hidden > 0, "ffn.hidden", || {
             "dim and hidden must be > 0".into()
@@ -180,6 +187,7 @@ pub struct TimestepEmbedder {
 }
 
 impl TimestepEmbedder {
+    /// Embeds `freq_dim` sinusoidal features into `dim`.
     pub fn new(dim: usize, freq_dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("mlp");
         Ok(Self {
@@ -189,6 +197,7 @@ impl TimestepEmbedder {
         })
     }
 
+    /// `t` `[batch]` (timesteps, may be fractional) to `[batch, dim]`.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
         let e = timestep_embedding(t, self.freq_dim, 10000.0)?;
         Ok(self.l2.forward(&self.l1.forward(&e)?.silu()?)?)

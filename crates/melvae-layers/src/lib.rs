@@ -7,6 +7,8 @@
 //! Parameters come from a `VarBuilder` with torch-like names, which are the
 //! checkpoint format.
 
+#![warn(missing_docs)]
+
 pub mod act;
 pub mod attention;
 pub mod conv;

@@ -20,6 +20,7 @@ pub struct LstmStack {
 }
 
 impl LstmStack {
+    /// `num_layers` LSTM layers: `input` features in, `hidden` out.
     pub fn new(input: usize, hidden: usize, num_layers: usize, vb: VarBuilder) -> Result<Self> {
         ensure(num_layers > 0, "lstm.num_layers", || "must be > 0".into())?;
         ensure(input > 0 && hidden > 0, "lstm.hidden", || {
@@ -42,6 +43,7 @@ impl LstmStack {
         })
     }
 
+    /// Hidden size of every layer.
     pub fn hidden(&self) -> usize {
         self.hidden
     }

@@ -62,6 +62,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// RMS norm over `dim` features with a learned scale.
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
@@ -88,6 +89,7 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// `groups` groups over `channels` channels; `groups` must divide `channels`.
     pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         ensure(
             groups > 0 && channels % groups == 0,

@@ -12,15 +12,19 @@ use crate::{Error, Result, Streaming};
 /// Configuration of a [`ResidualUnit`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ResidualUnitConfig {
+    /// Input and output channels.
     pub channels: usize,
     /// Kernel of the dilated conv (SEANet: 3).
     pub kernel_size: usize,
+    /// Dilation of the kernel-sized conv.
     pub dilation: usize,
     /// Hidden channels are `channels / compress` (SEANet: 2).
     pub compress: usize,
+    /// Activation before each conv.
     pub activation: ActivationKind,
     /// Causal (streams) or "same" padding.
     pub causal: bool,
+    /// Weight-norm parameterisation (`weight_g`, `weight_v`).
     pub weight_norm: bool,
     /// Identity shortcut if true, else a learned 1x1 conv (`shortcut`).
     pub true_skip: bool,
@@ -57,6 +61,7 @@ pub struct ResidualUnit {
 }
 
 impl ResidualUnit {
+    /// Builds the unit; fails on an invalid config, naming the field.
     pub fn new(cfg: ResidualUnitConfig, vb: VarBuilder) -> Result<Self> {
         ensure(
             cfg.compress > 0 && cfg.channels % cfg.compress == 0,

@@ -20,10 +20,13 @@ fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
 /// Configuration shared by the blocks.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BlockConfig {
+    /// Self-attention.
     pub attention: AttentionConfig,
+    /// Feed-forward.
     pub ffn: FeedForwardConfig,
     /// Dropout on each residual branch, in training.
     pub dropout: f64,
+    /// Epsilon of the layer norms.
     pub norm_eps: f64,
 }
 
@@ -52,6 +55,7 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// Builds the layer.
     pub fn new(cfg: BlockConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.attention.dim;
         Ok(Self {
@@ -88,6 +92,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Builds the layer; `context_dim` adds cross-attention to a context of that size.
     pub fn new(cfg: BlockConfig, context_dim: Option<usize>, vb: VarBuilder) -> Result<Self> {
         let d = cfg.attention.dim;
         let self_cfg = AttentionConfig {
@@ -200,6 +205,7 @@ pub struct DitBlock {
 }
 
 impl DitBlock {
+    /// A DiT block conditioned on a `cond_dim` vector.
     pub fn new(cfg: BlockConfig, cond_dim: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.attention.dim;
         Ok(Self {

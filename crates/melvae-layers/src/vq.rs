@@ -12,7 +12,9 @@ use crate::{Error, Result};
 /// Configuration of a [`VectorQuantizer`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VqConfig {
+    /// Number of codes.
     pub codebook_size: usize,
+    /// Vector size.
     pub dim: usize,
     /// Weight of the commitment loss in [`VqOutput::loss`] (VQ-VAE: 0.25).
     pub commitment: f64,
@@ -45,6 +47,7 @@ impl VqConfig {
         }
     }
 
+    /// Checks the fields; the error names the bad one.
     pub fn validate(&self) -> Result<()> {
         ensure(self.codebook_size > 0, "vq.codebook_size", || {
             "must be > 0".into()
@@ -105,6 +108,7 @@ fn as_var(t: Tensor) -> Result<Var> {
 }
 
 impl VectorQuantizer {
+    /// Builds the codebook and its buffers; fails on an invalid config.
     pub fn new(cfg: VqConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (k, d) = (cfg.codebook_size, cfg.dim);
@@ -147,6 +151,7 @@ impl VectorQuantizer {
         })
     }
 
+    /// The configuration.
     pub fn config(&self) -> &VqConfig {
         &self.cfg
     }
@@ -359,6 +364,7 @@ impl ResidualVq {
         })
     }
 
+    /// Number of stages.
     pub fn n_q(&self) -> usize {
         self.layers.len()
     }
