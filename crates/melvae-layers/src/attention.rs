@@ -492,8 +492,8 @@ impl Streaming for MultiHeadAttention {
     }
 }
 
-/// A CPU f32 helper for tests and callers: a `[batch, keys]` key mask with
-/// the first `lengths[b]` keys valid.
+/// A `[batch, keys]` u8 key mask on `device` with the first `lengths[b]`
+/// keys of item `b` valid (1) and the rest padding (0).
 pub fn lengths_to_mask(lengths: &[usize], keys: usize, device: &Device) -> Result<Tensor> {
     let m: Vec<u8> = lengths
         .iter()

@@ -95,8 +95,8 @@ impl CausalBuffer {
     }
 
     /// Appends `x` along `dim`; returns the input window that yields every
-    /// now-computable output (`n` of them), keeping the rest.
-    pub(crate) fn push(&mut self, x: &Tensor, dim: usize) -> Result<Option<(Tensor, usize)>> {
+    /// now-computable output, keeping the rest for later.
+    pub(crate) fn push(&mut self, x: &Tensor, dim: usize) -> Result<Option<Tensor>> {
         let buf = match self.buf.take() {
             Some(b) => Tensor::cat(&[&b, x], dim)?,
             None => x.pad_with_zeros(dim, self.pad, 0)?,
@@ -111,10 +111,11 @@ impl CausalBuffer {
         if n == 0 {
             return Ok(None);
         }
-        Ok(Some((
-            buf.narrow(dim, 0, (n - 1) * self.stride + self.span)?,
-            n,
-        )))
+        Ok(Some(buf.narrow(
+            dim,
+            0,
+            (n - 1) * self.stride + self.span,
+        )?))
     }
 
     pub(crate) fn reset(&mut self) {
@@ -364,7 +365,7 @@ impl Streaming for Conv1d {
             .as_mut()
             .ok_or_else(|| Error::invalid("conv.padding", "only causal convs stream"))?;
         match stream.push(chunk, 2)? {
-            Some((window, _)) => Ok(Some(self.conv(&window)?)),
+            Some(window) => Ok(Some(self.conv(&window)?)),
             None => Ok(None),
         }
     }
@@ -528,7 +529,7 @@ impl Streaming for CausalConv2d {
     fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
         self.check_input(chunk)?;
         match self.stream.push(chunk, 3)? {
-            Some((window, _)) => Ok(Some(self.conv(&window)?)),
+            Some(window) => Ok(Some(self.conv(&window)?)),
             None => Ok(None),
         }
     }

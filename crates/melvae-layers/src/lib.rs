@@ -6,6 +6,26 @@
 //! `[batch, channels, time]`; 2-D feature maps `[batch, channels, freq, time]`.
 //! Parameters come from a `VarBuilder` with torch-like names, which are the
 //! checkpoint format.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use melvae_layers::{Conv1d, Conv1dConfig, Streaming};
+//!
+//! let vm = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+//! // A causal conv, kernel 3, dilation 2: [batch, 4, time] -> [batch, 8, time].
+//! let mut conv = Conv1d::new(Conv1dConfig { dilation: 2, ..Conv1dConfig::causal(4, 8, 3) }, vb)?;
+//! let x = Tensor::randn(0f32, 1.0, (1, 4, 10), &Device::Cpu)?;
+//! let offline = conv.forward(&x)?;
+//! // Streamed in two chunks, the outputs concatenate to the offline result.
+//! let a = conv.step(&x.narrow(2, 0, 3)?)?.unwrap();
+//! let b = conv.step(&x.narrow(2, 3, 7)?)?.unwrap();
+//! let streamed = Tensor::cat(&[a, b], 2)?;
+//! let diff = (offline - streamed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-5);
+//! # Ok::<(), melvae_layers::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 
