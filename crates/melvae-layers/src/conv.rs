@@ -68,6 +68,23 @@ impl Weight {
     }
 }
 
+/// The bias of a conv with `fan_in` inputs per output (torch's default init,
+/// uniform in `±1/sqrt(fan_in)`), or `None` when disabled.
+fn conv_bias(enabled: bool, out: usize, fan_in: usize, vb: &VarBuilder) -> Result<Option<Tensor>> {
+    if !enabled {
+        return Ok(None);
+    }
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Ok(Some(vb.get_with_hints(
+        out,
+        "bias",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?))
+}
+
 /// Streaming state of a causal conv along one time axis: the samples not yet
 /// consumed, starting with the causal left padding (zeros).
 #[derive(Debug, Clone)]
@@ -274,19 +291,12 @@ impl Conv1d {
             cfg.kernel_size,
         ];
         let weight = Weight::new(&shape, cfg.weight_norm.then_some(0), &vb)?;
-        let bias = if cfg.bias {
-            let bound = 1.0 / ((cfg.in_channels / cfg.groups * cfg.kernel_size) as f64).sqrt();
-            Some(vb.get_with_hints(
-                cfg.out_channels,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?)
-        } else {
-            None
-        };
+        let bias = conv_bias(
+            cfg.bias,
+            cfg.out_channels,
+            cfg.in_channels / cfg.groups * cfg.kernel_size,
+            &vb,
+        )?;
         let stream = match cfg.padding {
             ConvPadding::Causal => Some(CausalBuffer::new(
                 cfg.kernel_size,
@@ -440,19 +450,7 @@ impl CausalConv2d {
         }
         let shape = [cfg.out_channels, cfg.in_channels, kf, kt];
         let weight = Weight::new(&shape, cfg.weight_norm.then_some(0), &vb)?;
-        let bias = if cfg.bias {
-            let bound = 1.0 / ((cfg.in_channels * kf * kt) as f64).sqrt();
-            Some(vb.get_with_hints(
-                cfg.out_channels,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?)
-        } else {
-            None
-        };
+        let bias = conv_bias(cfg.bias, cfg.out_channels, cfg.in_channels * kf * kt, &vb)?;
         let stream = CausalBuffer::new(kt, cfg.dilation.1, cfg.stride.1, "conv2d.stride")?;
         Ok(Self {
             cfg,
@@ -595,19 +593,12 @@ impl Upsample {
             cfg.weight_norm.then_some(0),
             &vb,
         )?;
-        let bias = if cfg.bias {
-            let bound = 1.0 / ((cfg.out_channels * cfg.kernel_size) as f64).sqrt();
-            Some(vb.get_with_hints(
-                cfg.out_channels,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?)
-        } else {
-            None
-        };
+        let bias = conv_bias(
+            cfg.bias,
+            cfg.out_channels,
+            cfg.out_channels * cfg.kernel_size,
+            &vb,
+        )?;
         Ok(Self {
             cfg,
             weight,
@@ -727,9 +718,7 @@ impl Streaming for Upsample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
-        check_gradients, max_abs_diff, named_vars, noise, randomize, stream_in_chunks, GradCheck,
-    };
+    use crate::testing::{check_module, max_abs_diff, noise, stream_in_chunks};
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
@@ -738,14 +727,8 @@ mod tests {
     }
 
     fn grad_check(vm: &VarMap, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
-        randomize(vm, 0.5, 3).unwrap();
         let x = Var::from_tensor(x).unwrap();
-        let mut vars = named_vars(vm);
-        vars.push(("input".into(), x.clone()));
-        check_gradients(&vars, GradCheck::default(), || {
-            f(x.as_tensor()).map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .unwrap();
+        check_module(vm, 0.5, 3, &[("input", &x)], || f(x.as_tensor())).unwrap();
     }
 
     fn conv1d(cfg: Conv1dConfig, dtype: DType) -> (VarMap, Conv1d) {

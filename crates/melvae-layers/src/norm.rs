@@ -165,7 +165,7 @@ impl AdaLnZero {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_gradients, named_vars, noise, randomize, GradCheck};
+    use crate::testing::{check_module, noise};
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
@@ -176,13 +176,7 @@ mod tests {
     }
 
     fn check(vm: &VarMap, x: &Var, f: impl Fn(&Tensor) -> Result<Tensor>) {
-        randomize(vm, 0.8, 11).unwrap();
-        let mut vars = named_vars(vm);
-        vars.push(("input".into(), x.clone()));
-        check_gradients(&vars, GradCheck::default(), || {
-            f(x.as_tensor()).map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .unwrap();
+        check_module(vm, 0.8, 11, &[("input", x)], || f(x.as_tensor())).unwrap();
     }
 
     #[test]

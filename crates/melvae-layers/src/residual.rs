@@ -263,21 +263,13 @@ impl Streaming for ResidualUnit2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
-        check_gradients, max_abs_diff, named_vars, noise, randomize, stream_in_chunks, GradCheck,
-    };
+    use crate::testing::{check_module, max_abs_diff, noise, randomize, stream_in_chunks};
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     fn grad_check(vm: &VarMap, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
-        randomize(vm, 0.5, 9).unwrap();
         let x = Var::from_tensor(x).unwrap();
-        let mut vars = named_vars(vm);
-        vars.push(("input".into(), x.clone()));
-        check_gradients(&vars, GradCheck::default(), || {
-            f(x.as_tensor()).map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .unwrap();
+        check_module(vm, 0.5, 9, &[("input", &x)], || f(x.as_tensor())).unwrap();
     }
 
     fn vb(vm: &VarMap, dtype: DType) -> VarBuilder<'static> {

@@ -82,6 +82,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
         .to_scalar::<f64>()
 }
 
+/// Randomises every variable of `varmap` (uniform in `±scale`, seeded) and
+/// checks the gradients of `f` with respect to all of them and each named
+/// input, with the default [`GradCheck`]: the one-call check every
+/// trainable module's test makes.
+pub fn check_module(
+    varmap: &VarMap,
+    scale: f64,
+    seed: u64,
+    inputs: &[(&str, &Var)],
+    f: impl Fn() -> crate::Result<Tensor>,
+) -> Result<(), String> {
+    randomize(varmap, scale, seed).map_err(|e| e.to_string())?;
+    let mut vars = named_vars(varmap);
+    vars.extend(inputs.iter().map(|(n, v)| (n.to_string(), (*v).clone())));
+    check_gradients(&vars, GradCheck::default(), || {
+        f().map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })
+}
+
 /// Settings of [`check_gradients`].
 #[derive(Debug, Clone, Copy)]
 pub struct GradCheck {

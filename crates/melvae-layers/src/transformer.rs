@@ -247,7 +247,7 @@ mod tests {
     use super::*;
     use crate::attention::lengths_to_mask;
     use crate::ffn::FfnActivation;
-    use crate::testing::{check_gradients, max_abs_diff, named_vars, noise, randomize, GradCheck};
+    use crate::testing::{check_module, max_abs_diff, noise};
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
@@ -261,13 +261,7 @@ mod tests {
     }
 
     fn check(vm: &VarMap, inputs: &[(&str, &Var)], f: impl Fn() -> Result<Tensor>) {
-        randomize(vm, 0.4, 5).unwrap();
-        let mut vars = named_vars(vm);
-        vars.extend(inputs.iter().map(|(n, v)| (n.to_string(), (*v).clone())));
-        check_gradients(&vars, GradCheck::default(), || {
-            f().map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .unwrap();
+        check_module(vm, 0.4, 5, inputs, f).unwrap();
     }
 
     #[test]
