@@ -70,10 +70,11 @@ impl TensorStft {
         let pad = self.cfg.padding.amount(n_fft) as isize;
         let mode = self.cfg.padding.mode();
         // Constant padding reads a zero appended after the signal.
+        // index_select needs a contiguous source; views (narrow, transpose) are copied.
         let source = if mode == PadMode::Constant && pad > 0 {
             x.pad_with_zeros(1, 0, 1)?
         } else {
-            x.clone()
+            x.contiguous()?
         };
         let mut idx = Vec::with_capacity(n_frames * n_fft);
         for t in 0..n_frames {
@@ -407,6 +408,25 @@ mod tests {
             .unwrap();
         let g: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(g.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn accepts_non_contiguous_input() {
+        let dev = Device::Cpu;
+        let ts = TensorStft::new(StftConfig::new(64), &dev).unwrap();
+        let x = Tensor::from_vec(signal(2 * 300, 1), (300, 2), &dev).unwrap();
+        let view = x.t().unwrap(); // [2, 300], not contiguous
+        let a = ts.magnitude(&view).unwrap();
+        let b = ts.magnitude(&view.contiguous().unwrap()).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
     }
 
     #[test]
