@@ -2,11 +2,33 @@
 //!
 //! - [`config`]: YAML defaults + experiment settings + command-line
 //!   overrides, typed with errors that name file, key and expectation.
+//! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
+//!   accumulation, learning-rate schedules, EMA of the weights.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use melvae_train::optim::{clip_grad_norm, collect_grads, AdamW, AdamWConfig, LrSchedule};
+//!
+//! // Minimise (w - 3)^2 with AdamW under a warm-up + cosine schedule.
+//! let w = Var::new(&[0f32], &Device::Cpu)?;
+//! let vars = vec![("w".to_string(), w.clone())];
+//! let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
+//! let sched = LrSchedule::WarmupCosine { warmup_steps: 10, total_steps: 300, min_lr: 0.0 };
+//! for step in 0..300 {
+//!     let loss = (w.as_tensor() - 3.0)?.sqr()?.sum_all()?;
+//!     let mut grads = collect_grads(&vars, &loss.backward()?);
+//!     clip_grad_norm(&mut grads, 1.0)?;
+//!     opt.step(&grads, sched.lr(0.1, step))?;
+//! }
+//! assert!((w.as_tensor().to_vec1::<f32>()?[0] - 3.0).abs() < 0.05);
+//! # Ok::<(), melvae_train::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 
 pub mod config;
 mod error;
+pub mod optim;
 
 pub use config::{check, ResolvedConfig, Validate};
 pub use error::{Error, Result};
