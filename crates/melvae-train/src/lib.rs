@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: YAML defaults + experiment settings + command-line
 //!   overrides, typed with errors that name file, key and expectation.
+//! - [`checkpoint`]: run directories, atomic checkpoints, `metrics.jsonl`.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
 //!
@@ -26,9 +27,11 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod optim;
 
+pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};
 pub use error::{Error, Result};
