@@ -5,6 +5,9 @@
 //! - [`checkpoint`]: run directories, atomic checkpoints, `metrics.jsonl`.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
+//! - [`trainer`]: the [`TrainTask`] trait and the loop: validation, early
+//!   stopping, checkpoints, exact resume, non-finite guard, GAN mode,
+//!   initialisation from another run, frozen modules.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -31,7 +34,12 @@ pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod optim;
+pub mod trainer;
 
 pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};
 pub use error::{Error, Result};
+pub use trainer::{
+    parse_device, parse_dtype, GanConfig, InitFrom, Losses, StepContext, TrainSummary, TrainTask,
+    Trainer, TrainerConfig,
+};

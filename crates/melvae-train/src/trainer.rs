@@ -1,0 +1,750 @@
+//! The training loop every model family shares.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use melvae_dsp::SplitMix64;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{checkpoint_name, Checkpoint, RunDir, TrainState};
+use crate::config::{check, Validate};
+use crate::optim::{
+    clip_grad_norm, collect_grads, AdamW, AdamWConfig, Ema, GradAccumulator, Grads, LrSchedule,
+};
+use crate::{Error, Result};
+
+/// What a task's loss function is told about the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepContext {
+    /// Updates completed before this one.
+    pub step: u64,
+    /// Training (dropout etc. on) or evaluation.
+    pub train: bool,
+    /// GAN mode: adversarial terms are switched on (after the warm-up).
+    pub adversarial: bool,
+}
+
+/// Losses of one batch: `total` is differentiated, `terms` are logged.
+#[derive(Debug, Clone)]
+pub struct Losses {
+    /// The scalar to minimise.
+    pub total: Tensor,
+    /// Named scalar components, for logging and the non-finite report.
+    pub terms: BTreeMap<String, Tensor>,
+}
+
+/// A model family plugged into the [`Trainer`].
+pub trait TrainTask {
+    /// A training batch.
+    type Batch;
+    /// The (generator's) trainable variables with their checkpoint names.
+    fn vars(&self) -> Vec<(String, Var)>;
+    /// The discriminator's variables (GAN mode); none by default.
+    fn disc_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// The next training batch; all randomness (crops, order) from `rng`, so
+    /// that a resumed run sees the same data.
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Self::Batch>;
+    /// Generator losses on `batch`.
+    fn losses(&mut self, batch: &Self::Batch, ctx: StepContext) -> Result<Losses>;
+    /// Discriminator losses on `batch` (GAN mode).
+    fn disc_losses(&mut self, _batch: &Self::Batch, _ctx: StepContext) -> Result<Option<Losses>> {
+        Ok(None)
+    }
+    /// Validation metrics (means over the validation set); the trainer tracks
+    /// `"total"` for the best checkpoint and early stopping.
+    fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>>;
+    /// Writes sample artefacts (WAV, PNG) into `dir`.
+    fn samples(&mut self, _ctx: StepContext, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Task state a resumed run needs (beyond variables and the RNG).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores [`TrainTask::state`].
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// GAN-mode settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GanConfig {
+    /// Discriminator learning rate (same schedule as the generator's).
+    pub disc_learning_rate: f64,
+    /// Discriminator optimiser.
+    #[serde(default)]
+    pub disc_adamw: AdamWConfig,
+    /// Update the discriminator every this many steps.
+    #[serde(default = "one")]
+    pub disc_every: u64,
+    /// Steps before the adversarial terms and discriminator updates start.
+    #[serde(default)]
+    pub adversarial_start_step: u64,
+    /// Global-norm clipping of the discriminator's gradients.
+    #[serde(default)]
+    pub disc_grad_clip: Option<f64>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Initialise named sub-modules from another run's checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitFrom {
+    /// A checkpoint directory (`.../checkpoints/step-...`) or a run
+    /// directory (its `latest` is used).
+    pub checkpoint: PathBuf,
+    /// Variable-name prefixes to copy (e.g. `encoder.`); every variable with
+    /// such a prefix must exist in the checkpoint with the same shape.
+    pub modules: Vec<String>,
+}
+
+/// The `training:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Total updates.
+    pub steps: u64,
+    /// Base learning rate.
+    pub learning_rate: f64,
+    /// Learning-rate schedule.
+    #[serde(default = "constant")]
+    pub schedule: LrSchedule,
+    /// Optimiser.
+    #[serde(default)]
+    pub adamw: AdamWConfig,
+    /// Global-norm gradient clipping.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Micro-batches per update.
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    /// EMA of the weights with this decay.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// Seed of the run's generator (data order, crops, restarts).
+    #[serde(default)]
+    pub seed: u64,
+    /// Log training losses every this many steps.
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// Validate every this many steps (0: never).
+    #[serde(default)]
+    pub val_every: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub ckpt_every: u64,
+    /// Checkpoints kept besides the best.
+    #[serde(default = "three")]
+    pub keep_last: usize,
+    /// Stop after this many validations without improvement.
+    #[serde(default)]
+    pub early_stopping_patience: Option<u32>,
+    /// Stop after this many consecutive non-finite steps.
+    #[serde(default = "ten_u32")]
+    pub max_bad_steps: u32,
+    /// Write samples every this many steps (0: never).
+    #[serde(default)]
+    pub sample_every: u64,
+    /// GAN mode.
+    #[serde(default)]
+    pub gan: Option<GanConfig>,
+    /// Initialise modules from another run.
+    #[serde(default)]
+    pub init_from: Option<InitFrom>,
+    /// Variable-name prefixes kept frozen (not optimised).
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// `cpu` or `cuda:N`.
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// `f32`, `bf16` or `f16` (half precision on CUDA only).
+    #[serde(default = "f32")]
+    pub dtype: String,
+    /// Show a progress bar on a terminal.
+    #[serde(default = "yes")]
+    pub progress: bool,
+}
+
+fn constant() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn one_usize() -> usize {
+    1
+}
+fn ten() -> u64 {
+    10
+}
+fn three() -> usize {
+    3
+}
+fn ten_u32() -> u32 {
+    10
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+fn f32() -> String {
+    "f32".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl TrainerConfig {
+    /// Minimal config: `steps` at `learning_rate`, everything else default.
+    pub fn new(steps: u64, learning_rate: f64) -> Self {
+        Self {
+            steps,
+            learning_rate,
+            schedule: LrSchedule::Constant,
+            adamw: AdamWConfig::default(),
+            grad_clip: None,
+            grad_accum: 1,
+            ema_decay: None,
+            seed: 0,
+            log_every: 10,
+            val_every: 0,
+            ckpt_every: 0,
+            keep_last: 3,
+            early_stopping_patience: None,
+            max_bad_steps: 10,
+            sample_every: 0,
+            gan: None,
+            init_from: None,
+            freeze: Vec::new(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            progress: false,
+        }
+    }
+
+    /// The configured device.
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+
+    /// The configured dtype.
+    pub fn dtype(&self) -> Result<DType> {
+        parse_dtype(&self.dtype)
+    }
+}
+
+/// `cpu` or `cuda:N` (`cuda` = `cuda:0`); CUDA needs the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let n = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Error::invalid("device", format!("`{s}`: expected cpu, cuda or cuda:N"))
+                    })?,
+                None => {
+                    return Err(Error::invalid(
+                        "device",
+                        format!("`{s}`: expected cpu, cuda or cuda:N"),
+                    ))
+                }
+            };
+            Device::new_cuda(n).map_err(|e| Error::invalid("device", format!("`{s}`: {e}")))
+        }
+    }
+}
+
+/// `f32`, `bf16`, `f16` or `f64`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f64" => Ok(DType::F64),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(Error::invalid(
+            "dtype",
+            format!("`{other}`: expected f32, bf16, f16 or f64"),
+        )),
+    }
+}
+
+impl Validate for TrainerConfig {
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        check(self.steps > 0, "steps", || "must be > 0".into())?;
+        check(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "learning_rate",
+            || format!("must be > 0, got {}", self.learning_rate),
+        )?;
+        check(self.grad_accum > 0, "grad_accum", || "must be > 0".into())?;
+        check(self.grad_clip.is_none_or(|c| c > 0.0), "grad_clip", || {
+            "must be > 0".into()
+        })?;
+        check(
+            self.ema_decay.is_none_or(|d| (0.0..1.0).contains(&d)),
+            "ema_decay",
+            || "must be in [0, 1)".into(),
+        )?;
+        check(self.log_every > 0, "log_every", || "must be > 0".into())?;
+        check(self.max_bad_steps > 0, "max_bad_steps", || {
+            "must be > 0".into()
+        })?;
+        check(parse_dtype(&self.dtype).is_ok(), "dtype", || {
+            format!("`{}`: expected f32, bf16, f16 or f64", self.dtype)
+        })?;
+        check(
+            self.device == "cpu" || self.device.starts_with("cuda"),
+            "device",
+            || format!("`{}`: expected cpu or cuda:N", self.device),
+        )?;
+        if let Some(g) = &self.gan {
+            check(g.disc_learning_rate > 0.0, "gan.disc_learning_rate", || {
+                "must be > 0".into()
+            })?;
+            check(g.disc_every > 0, "gan.disc_every", || "must be > 0".into())?;
+        }
+        Ok(())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Updates completed.
+    pub steps: u64,
+    /// Steps skipped for non-finite losses or gradients.
+    pub skipped: u64,
+    /// Stopped early for lack of validation improvement.
+    pub early_stopped: bool,
+    /// Best validation total and its checkpoint.
+    pub best: Option<(f64, String)>,
+}
+
+/// Runs a [`TrainTask`] in a [`RunDir`].
+pub struct Trainer<'a> {
+    cfg: TrainerConfig,
+    run: &'a RunDir,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn not_finite_report(losses: &Losses) -> Result<Option<String>> {
+    let total = scalar(&losses.total)?;
+    let mut bad: Vec<String> = Vec::new();
+    for (k, v) in &losses.terms {
+        let x = scalar(v)?;
+        if !x.is_finite() {
+            bad.push(format!("loss `{k}` = {x}"));
+        }
+    }
+    if !total.is_finite() && bad.is_empty() {
+        bad.push(format!("total loss = {total}"));
+    }
+    Ok((!bad.is_empty()).then(|| bad.join(", ")))
+}
+
+fn frozen(name: &str, freeze: &[String]) -> bool {
+    freeze.iter().any(|p| name.starts_with(p.as_str()))
+}
+
+/// Copies tensors of `ckpt` into `vars` for every name starting with one of
+/// `modules`; every such variable must be in the checkpoint, with its shape.
+pub fn init_modules(
+    vars: &[(String, Var)],
+    ckpt: &HashMap<String, Tensor>,
+    modules: &[String],
+    origin: &Path,
+) -> Result<usize> {
+    let mut n = 0;
+    for (name, var) in vars
+        .iter()
+        .filter(|(n, _)| modules.iter().any(|m| n.starts_with(m.as_str())))
+    {
+        let t = ckpt.get(name).ok_or_else(|| {
+            Error::file(origin, format!("has no tensor `{name}` to initialise from"))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::file(
+                origin,
+                format!(
+                    "`{name}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::invalid(
+            "init_from.modules",
+            format!("{modules:?} match no variable of the model"),
+        ));
+    }
+    Ok(n)
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer for `cfg` writing into `run`.
+    pub fn new(cfg: TrainerConfig, run: &'a RunDir) -> Result<Self> {
+        cfg.validate().map_err(|(k, r)| Error::Config {
+            origin: "training config".into(),
+            key: format!("training.{k}"),
+            reason: r,
+        })?;
+        Ok(Self { cfg, run })
+    }
+
+    /// Trains `task` to `cfg.steps`, resuming from the run's latest
+    /// checkpoint if `resume` and one exists.
+    pub fn fit<T: TrainTask>(&self, task: &mut T, resume: bool) -> Result<TrainSummary> {
+        let cfg = &self.cfg;
+        let all_vars = task.vars();
+        let vars: Vec<(String, Var)> = all_vars
+            .iter()
+            .filter(|(n, _)| !frozen(n, &cfg.freeze))
+            .cloned()
+            .collect();
+        let disc_vars = task.disc_vars();
+        let mut opt = AdamW::new(vars.clone(), cfg.adamw)?;
+        let mut dopt = match &cfg.gan {
+            Some(g) => Some(AdamW::new(disc_vars.clone(), g.disc_adamw)?),
+            None => None,
+        };
+        let mut ema = cfg.ema_decay.map(|d| Ema::new(&vars, d)).transpose()?;
+        let mut state = TrainState {
+            rng_state: cfg.seed,
+            ..Default::default()
+        };
+
+        let latest = if resume { self.run.latest()? } else { None };
+        if let Some(dir) = &latest {
+            let dev = all_vars
+                .first()
+                .map(|(_, v)| v.device().clone())
+                .unwrap_or(Device::Cpu);
+            let ck = RunDir::load_checkpoint(dir, &dev)?;
+            for (name, var) in all_vars.iter().chain(&disc_vars) {
+                let t = ck.model.get(name).ok_or_else(|| {
+                    Error::file(dir, format!("model.safetensors has no `{name}`"))
+                })?;
+                if t.dims() != var.dims() {
+                    return Err(Error::file(
+                        dir,
+                        format!(
+                            "`{name}` has shape {:?}, the model {:?}",
+                            t.dims(),
+                            var.dims()
+                        ),
+                    ));
+                }
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+            let strip = |prefix: &str| -> HashMap<String, Tensor> {
+                ck.optimizer
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+                    .collect()
+            };
+            opt.load_state(&strip("gen."), ck.state.optimizer_steps)?;
+            if let Some(d) = &mut dopt {
+                let steps = d.step_count();
+                d.load_state(
+                    &strip("disc."),
+                    ck.state
+                        .extra
+                        .get("disc_steps")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(steps),
+                )?;
+            }
+            if let Some(e) = &mut ema {
+                e.load_state(&vars, &strip(""))?;
+            }
+            task.load_state(
+                ck.state
+                    .extra
+                    .get("task")
+                    .unwrap_or(&serde_json::Value::Null),
+            )?;
+            state = ck.state;
+            self.run.truncate_metrics_after(state.step)?;
+        } else if let Some(init) = &cfg.init_from {
+            let dir = if init.checkpoint.join("state.json").exists() {
+                init.checkpoint.clone()
+            } else {
+                RunDir::create(&init.checkpoint)?.latest()?.ok_or_else(|| {
+                    Error::file(&init.checkpoint, "has no checkpoint to initialise from")
+                })?
+            };
+            let dev = all_vars
+                .first()
+                .map(|(_, v)| v.device().clone())
+                .unwrap_or(Device::Cpu);
+            let ck = RunDir::load_checkpoint(&dir, &dev)?;
+            init_modules(&all_vars, &ck.model, &init.modules, &dir)?;
+        }
+
+        let mut rng = SplitMix64::new(state.rng_state);
+        let mut consecutive_bad = 0u32;
+        let mut skipped = 0u64;
+        let mut early_stopped = false;
+        let started = Instant::now();
+        let start_step = state.step;
+        let bar = (cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(|| progress_bar(cfg.steps, state.step));
+
+        while state.step < cfg.steps {
+            let step = state.step;
+            let lr = cfg.schedule.lr(cfg.learning_rate, step);
+            let adversarial = cfg.gan.is_some_and(|g| step >= g.adversarial_start_step);
+            let ctx = StepContext {
+                step,
+                train: true,
+                adversarial,
+            };
+            let mut acc = GradAccumulator::default();
+            let mut dacc = GradAccumulator::default();
+            let mut logged: BTreeMap<String, f64> = BTreeMap::new();
+            let mut bad: Option<String> = None;
+            let disc_turn = cfg
+                .gan
+                .is_some_and(|g| adversarial && step % g.disc_every == 0);
+            for _ in 0..cfg.grad_accum {
+                let batch = task.train_batch(&mut rng)?;
+                if disc_turn {
+                    if let Some(dl) = task.disc_losses(&batch, ctx)? {
+                        if let Some(r) = not_finite_report(&dl)? {
+                            bad = Some(format!("discriminator {r}"));
+                        } else {
+                            for (k, v) in &dl.terms {
+                                *logged.entry(format!("disc/{k}")).or_default() +=
+                                    scalar(v)? / cfg.grad_accum as f64;
+                            }
+                            dacc.add(collect_grads(&disc_vars, &dl.total.backward()?))?;
+                        }
+                    }
+                }
+                let l = task.losses(&batch, ctx)?;
+                if let Some(r) = not_finite_report(&l)? {
+                    bad = Some(r);
+                    break;
+                }
+                for (k, v) in &l.terms {
+                    *logged.entry(k.clone()).or_default() += scalar(v)? / cfg.grad_accum as f64;
+                }
+                *logged.entry("total".into()).or_default() +=
+                    scalar(&l.total)? / cfg.grad_accum as f64;
+                acc.add(collect_grads(&vars, &l.total.backward()?))?;
+            }
+            let mut grad_norm = f64::NAN;
+            if bad.is_none() {
+                let mut grads: Grads = acc.finish()?;
+                grad_norm = match cfg.grad_clip {
+                    Some(c) => clip_grad_norm(&mut grads, c)?,
+                    None => crate::optim::grad_norm(&grads)?,
+                };
+                if !grad_norm.is_finite() {
+                    bad = Some(format!("gradient norm = {grad_norm}"));
+                } else {
+                    if let (Some(d), Some(g)) = (&mut dopt, &cfg.gan) {
+                        if dacc.count() > 0 {
+                            let mut dg = dacc.finish()?;
+                            let dn = match g.disc_grad_clip {
+                                Some(c) => clip_grad_norm(&mut dg, c)?,
+                                None => crate::optim::grad_norm(&dg)?,
+                            };
+                            if dn.is_finite() {
+                                d.step(&dg, cfg.schedule.lr(g.disc_learning_rate, step))?;
+                                logged.insert("disc/grad_norm".into(), dn);
+                            } else {
+                                bad = Some(format!("discriminator gradient norm = {dn}"));
+                            }
+                        }
+                    }
+                    if bad.is_none() {
+                        opt.step(&grads, lr)?;
+                        if let Some(e) = &mut ema {
+                            e.update(&vars)?;
+                        }
+                    }
+                }
+            }
+            state.step += 1;
+            match &bad {
+                Some(report) => {
+                    consecutive_bad += 1;
+                    skipped += 1;
+                    self.run
+                        .log_metrics(&serde_json::json!({"step": state.step, "skipped": report}))?;
+                    if consecutive_bad >= cfg.max_bad_steps {
+                        return Err(Error::invalid(
+                            "training",
+                            format!("stopped after {consecutive_bad} consecutive non-finite steps (step {}): {report}", state.step),
+                        ));
+                    }
+                }
+                None => {
+                    consecutive_bad = 0;
+                    state.optimizer_steps = opt.step_count();
+                }
+            }
+            state.rng_state = rng.state;
+            if bad.is_none() && (state.step % cfg.log_every == 0 || state.step == cfg.steps) {
+                let mut rec = serde_json::json!({"step": state.step, "lr": lr, "grad_norm": grad_norm,
+                    "elapsed_s": started.elapsed().as_secs_f64()});
+                for (k, v) in &logged {
+                    rec[k] = serde_json::json!(v);
+                }
+                self.run.log_metrics(&rec)?;
+            }
+            if let Some(b) = &bar {
+                b.set_position(state.step);
+                let done = (state.step - start_step) as f64;
+                b.set_message(format!(
+                    "loss {:.4} {:.1} steps/s",
+                    logged.get("total").copied().unwrap_or(f64::NAN),
+                    done / started.elapsed().as_secs_f64().max(1e-9)
+                ));
+            }
+            if cfg.sample_every > 0 && state.step % cfg.sample_every == 0 {
+                task.samples(
+                    StepContext {
+                        step: state.step,
+                        train: false,
+                        adversarial,
+                    },
+                    &self.run.samples(),
+                )?;
+            }
+            let mut save_now = cfg.ckpt_every > 0 && state.step % cfg.ckpt_every == 0;
+            if cfg.val_every > 0 && state.step % cfg.val_every == 0 {
+                let metrics = task.validate(StepContext {
+                    step: state.step,
+                    train: false,
+                    adversarial,
+                })?;
+                let mut rec = serde_json::json!({"step": state.step});
+                for (k, v) in &metrics {
+                    rec[format!("val/{k}")] = serde_json::json!(v);
+                }
+                self.run.log_metrics(&rec)?;
+                if let Some(&v) = metrics.get("total") {
+                    if v.is_finite() && state.best.as_ref().is_none_or(|(b, _)| v < *b) {
+                        state.best = Some((v, checkpoint_name(state.step)));
+                        state.stale_validations = 0;
+                        save_now = true;
+                    } else {
+                        state.stale_validations += 1;
+                    }
+                }
+                if cfg
+                    .early_stopping_patience
+                    .is_some_and(|p| state.stale_validations >= p)
+                {
+                    early_stopped = true;
+                }
+            }
+            if save_now || state.step == cfg.steps || early_stopped {
+                self.save(
+                    task,
+                    &all_vars,
+                    &disc_vars,
+                    &opt,
+                    dopt.as_ref(),
+                    ema.as_ref(),
+                    &vars,
+                    &state,
+                )?;
+            }
+            if early_stopped {
+                break;
+            }
+        }
+        if let Some(b) = bar {
+            b.finish();
+        }
+        Ok(TrainSummary {
+            steps: state.step,
+            skipped,
+            early_stopped,
+            best: state.best,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn save<T: TrainTask>(
+        &self,
+        task: &T,
+        all_vars: &[(String, Var)],
+        disc_vars: &[(String, Var)],
+        opt: &AdamW,
+        dopt: Option<&AdamW>,
+        ema: Option<&Ema>,
+        vars: &[(String, Var)],
+        state: &TrainState,
+    ) -> Result<()> {
+        let mut model = HashMap::new();
+        for (name, var) in all_vars.iter().chain(disc_vars) {
+            let t = var.as_tensor().copy()?;
+            let finite = scalar(&t.to_dtype(DType::F64)?.abs()?.sum_all()?)?.is_finite();
+            if !finite {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!("`{name}` is not finite; refusing to write a poisoned checkpoint"),
+                ));
+            }
+            model.insert(name.clone(), t);
+        }
+        let mut optimizer: HashMap<String, Tensor> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(k, v)| (format!("gen.{k}"), v))
+            .collect();
+        if let Some(d) = dopt {
+            optimizer.extend(
+                d.state_tensors()
+                    .into_iter()
+                    .map(|(k, v)| (format!("disc.{k}"), v)),
+            );
+        }
+        if let Some(e) = ema {
+            optimizer.extend(e.state_tensors(vars));
+        }
+        let mut state = state.clone();
+        state.extra =
+            serde_json::json!({"task": task.state(), "disc_steps": dopt.map(|d| d.step_count())});
+        self.run.save_checkpoint(&Checkpoint {
+            model,
+            optimizer,
+            state: state.clone(),
+        })?;
+        self.run.prune(
+            self.cfg.keep_last,
+            state.best.as_ref().map(|(_, n)| n.as_str()),
+        )
+    }
+}
+
+fn progress_bar(total: u64, pos: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total);
+    b.set_position(pos);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    ) {
+        b.set_style(style);
+    }
+    b
+}

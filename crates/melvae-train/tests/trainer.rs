@@ -1,0 +1,405 @@
+//! The trainer on a toy task (linear regression on tiny data): exact resume,
+//! non-finite guard, GAN alternation, init from another run, freezing,
+//! early stopping, config errors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use melvae_dsp::SplitMix64;
+use melvae_layers::testing::{named_vars, noise};
+use melvae_train::*;
+
+struct Toy {
+    vm: VarMap,
+    lin: Linear,
+    x: Tensor,
+    y: Tensor,
+    nan_at: HashSet<u64>,
+    val_constant: bool,
+    seen_ctx: Vec<StepContext>,
+    disc: Option<Var>,
+    disc_calls: Vec<u64>,
+}
+
+impl Toy {
+    fn new(seed: u64) -> Self {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let lin = candle_nn::linear(3, 2, vb.pp("lin")).unwrap();
+        melvae_layers::testing::randomize(&vm, 0.5, seed).unwrap();
+        let x = noise(&[64, 3], 1).unwrap().to_dtype(DType::F32).unwrap();
+        let w = Tensor::new(&[[1.5f32, -2.0], [0.5, 1.0], [-1.0, 0.25]], &Device::Cpu).unwrap();
+        let y = (x.matmul(&w).unwrap() + 0.3).unwrap();
+        Self {
+            vm,
+            lin,
+            x,
+            y,
+            nan_at: HashSet::new(),
+            val_constant: false,
+            seen_ctx: vec![],
+            disc: None,
+            disc_calls: vec![],
+        }
+    }
+
+    fn weights(&self) -> Vec<Vec<f32>> {
+        named_vars(&self.vm)
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+}
+
+impl TrainTask for Toy {
+    type Batch = (Tensor, Tensor);
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        named_vars(&self.vm)
+    }
+
+    fn disc_vars(&self) -> Vec<(String, Var)> {
+        self.disc
+            .iter()
+            .map(|d| ("disc.w".to_string(), d.clone()))
+            .collect()
+    }
+
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Self::Batch> {
+        let idx: Vec<u32> = (0..8).map(|_| rng.below(64) as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        Ok((self.x.index_select(&idx, 0)?, self.y.index_select(&idx, 0)?))
+    }
+
+    fn losses(&mut self, (x, y): &Self::Batch, ctx: StepContext) -> Result<Losses> {
+        self.seen_ctx.push(ctx);
+        let mut mse = (self.lin.forward(x)? - y)?.sqr()?.mean_all()?;
+        if self.nan_at.contains(&ctx.step) {
+            mse = (mse * f64::NAN)?;
+        }
+        let mut total = mse.clone();
+        let mut terms = BTreeMap::from([("mse".to_string(), mse)]);
+        if let (Some(d), true) = (&self.disc, ctx.adversarial) {
+            let adv = (self.lin.forward(x)?.mean_all()? * d.as_tensor().sum_all()?)?;
+            total = (total + (&adv * 0.01)?)?;
+            terms.insert("adv".into(), adv);
+        }
+        Ok(Losses { total, terms })
+    }
+
+    fn disc_losses(&mut self, (x, _): &Self::Batch, ctx: StepContext) -> Result<Option<Losses>> {
+        let Some(d) = &self.disc else { return Ok(None) };
+        self.disc_calls.push(ctx.step);
+        let l = (d.as_tensor().sqr()?.sum_all()? + self.lin.forward(x)?.detach().mean_all()?)?;
+        Ok(Some(Losses {
+            total: l.clone(),
+            terms: BTreeMap::from([("d".to_string(), l)]),
+        }))
+    }
+
+    fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let v = if self.val_constant {
+            1.0
+        } else {
+            (self.lin.forward(&self.x)? - &self.y)?
+                .sqr()?
+                .mean_all()?
+                .to_scalar::<f32>()? as f64
+        };
+        Ok(BTreeMap::from([("total".to_string(), v)]))
+    }
+}
+
+fn cfg(steps: u64) -> TrainerConfig {
+    TrainerConfig {
+        schedule: optim::LrSchedule::WarmupCosine {
+            warmup_steps: 5,
+            total_steps: 40,
+            min_lr: 1e-4,
+        },
+        grad_clip: Some(1.0),
+        grad_accum: 2,
+        ema_decay: Some(0.9),
+        seed: 11,
+        log_every: 1,
+        val_every: 5,
+        ckpt_every: 5,
+        ..TrainerConfig::new(steps, 0.05)
+    }
+}
+
+fn run_dir(p: &Path) -> RunDir {
+    RunDir::create(p).unwrap()
+}
+
+#[test]
+fn trains_and_writes_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let run = run_dir(d.path());
+    let mut task = Toy::new(1);
+    let before = task
+        .validate(StepContext {
+            step: 0,
+            train: false,
+            adversarial: false,
+        })
+        .unwrap()["total"];
+    let s = Trainer::new(cfg(40), &run)
+        .unwrap()
+        .fit(&mut task, false)
+        .unwrap();
+    let after = task
+        .validate(StepContext {
+            step: 40,
+            train: false,
+            adversarial: false,
+        })
+        .unwrap()["total"];
+    assert_eq!(s.steps, 40);
+    assert!(after < before * 0.2, "validation {before} -> {after}");
+    assert!(run.latest().unwrap().unwrap().ends_with("step-00000040"));
+    let m = run.read_metrics().unwrap();
+    assert!(m.iter().filter(|r| r.get("total").is_some()).count() == 40);
+    assert!(m.iter().any(|r| r.get("val/total").is_some()));
+    let best = s.best.unwrap();
+    assert!(
+        run.checkpoints().join(&best.1).exists(),
+        "best checkpoint {best:?} kept"
+    );
+}
+
+#[test]
+fn resume_is_exact() {
+    let d = tempfile::tempdir().unwrap();
+    let straight = run_dir(&d.path().join("a"));
+    let mut a = Toy::new(1);
+    Trainer::new(cfg(40), &straight)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+
+    let split = run_dir(&d.path().join("b"));
+    let mut b = Toy::new(1);
+    Trainer::new(cfg(20), &split)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    // A new process: a model with different initial weights, restored from the run.
+    let mut b2 = Toy::new(99);
+    Trainer::new(cfg(40), &split)
+        .unwrap()
+        .fit(&mut b2, true)
+        .unwrap();
+    assert_eq!(a.weights(), b2.weights());
+    let losses = |run: &RunDir| -> Vec<(u64, f64)> {
+        run.read_metrics()
+            .unwrap()
+            .iter()
+            .filter_map(|r| Some((r["step"].as_u64()?, r.get("total")?.as_f64()?)))
+            .collect()
+    };
+    assert_eq!(losses(&straight), losses(&split));
+}
+
+#[test]
+fn non_finite_losses_skip_the_update_and_stop_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let run = run_dir(d.path());
+    let mut task = Toy::new(1);
+    task.nan_at = [3u64, 7].into_iter().collect();
+    let c = TrainerConfig {
+        log_every: 1,
+        ..TrainerConfig::new(10, 0.05)
+    };
+    let s = Trainer::new(c.clone(), &run)
+        .unwrap()
+        .fit(&mut task, false)
+        .unwrap();
+    assert_eq!(s.skipped, 2);
+    let m = run.read_metrics().unwrap();
+    let skipped: Vec<&serde_json::Value> =
+        m.iter().filter(|r| r.get("skipped").is_some()).collect();
+    assert_eq!(skipped.len(), 2);
+    assert!(skipped[0]["skipped"]
+        .as_str()
+        .unwrap()
+        .contains("loss `mse` = NaN"));
+    // Always NaN: stops after max_bad_steps, leaving the earlier checkpoint intact.
+    let mut bad = Toy::new(2);
+    bad.nan_at = (0..100).collect();
+    let c2 = TrainerConfig {
+        max_bad_steps: 3,
+        ..TrainerConfig::new(50, 0.05)
+    };
+    let before = bad.weights();
+    let e = Trainer::new(c2, &run)
+        .unwrap()
+        .fit(&mut bad, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("3 consecutive non-finite steps") && e.contains("mse"),
+        "{e}"
+    );
+    assert_eq!(bad.weights(), before, "no update was applied");
+    assert!(run.latest().unwrap().unwrap().ends_with("step-00000010"));
+    let ck = RunDir::load_checkpoint(&run.latest().unwrap().unwrap(), &Device::Cpu).unwrap();
+    assert!(ck.model.values().all(|t| t
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite())));
+}
+
+#[test]
+fn gan_mode_alternates_after_the_warm_up() {
+    let d = tempfile::tempdir().unwrap();
+    let run = run_dir(d.path());
+    let mut task = Toy::new(1);
+    let dvar = Var::new(&[0.5f32, -0.5], &Device::Cpu).unwrap();
+    task.disc = Some(dvar.clone());
+    let gan = GanConfig {
+        disc_learning_rate: 0.1,
+        disc_adamw: Default::default(),
+        disc_every: 2,
+        adversarial_start_step: 3,
+        disc_grad_clip: Some(1.0),
+    };
+    let c = TrainerConfig {
+        gan: Some(gan),
+        ..TrainerConfig::new(10, 0.05)
+    };
+    Trainer::new(c, &run)
+        .unwrap()
+        .fit(&mut task, false)
+        .unwrap();
+    assert_eq!(task.disc_calls, vec![4, 6, 8]);
+    let adv: Vec<bool> = task.seen_ctx.iter().map(|c| c.adversarial).collect();
+    assert_eq!(adv, (0..10).map(|s| s >= 3).collect::<Vec<_>>());
+    assert_ne!(
+        dvar.as_tensor().to_vec1::<f32>().unwrap(),
+        vec![0.5, -0.5],
+        "the discriminator trained"
+    );
+    let ck = RunDir::load_checkpoint(&run.latest().unwrap().unwrap(), &Device::Cpu).unwrap();
+    assert!(ck.model.contains_key("disc.w") && ck.optimizer.contains_key("disc.m.disc.w"));
+}
+
+#[test]
+fn init_from_another_run_and_freeze() {
+    let d = tempfile::tempdir().unwrap();
+    let first = run_dir(&d.path().join("stage1"));
+    let mut a = Toy::new(1);
+    Trainer::new(TrainerConfig::new(20, 0.05), &first)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+    let trained_w = a.lin.weight().to_vec2::<f32>().unwrap();
+
+    let second = run_dir(&d.path().join("stage2"));
+    let mut b = Toy::new(5);
+    let c = TrainerConfig {
+        init_from: Some(InitFrom {
+            checkpoint: d.path().join("stage1"),
+            modules: vec!["lin.".into()],
+        }),
+        freeze: vec!["lin.weight".into()],
+        ..TrainerConfig::new(10, 0.05)
+    };
+    let bias_before: Vec<f32> = a.lin.bias().unwrap().to_vec1().unwrap();
+    Trainer::new(c, &second)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    assert_eq!(
+        b.lin.weight().to_vec2::<f32>().unwrap(),
+        trained_w,
+        "initialised, then frozen"
+    );
+    assert_ne!(
+        b.lin.bias().unwrap().to_vec1::<f32>().unwrap(),
+        bias_before,
+        "the bias still trains"
+    );
+
+    let mut e = Toy::new(5);
+    let bad = TrainerConfig {
+        init_from: Some(InitFrom {
+            checkpoint: d.path().join("stage1"),
+            modules: vec!["encoder.".into()],
+        }),
+        ..TrainerConfig::new(1, 0.05)
+    };
+    let err = Trainer::new(bad, &run_dir(&d.path().join("x")))
+        .unwrap()
+        .fit(&mut e, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("init_from.modules") && err.contains("encoder."),
+        "{err}"
+    );
+}
+
+#[test]
+fn early_stopping() {
+    let d = tempfile::tempdir().unwrap();
+    let run = run_dir(d.path());
+    let mut task = Toy::new(1);
+    task.val_constant = true;
+    let c = TrainerConfig {
+        val_every: 2,
+        early_stopping_patience: Some(2),
+        ..TrainerConfig::new(100, 0.05)
+    };
+    let s = Trainer::new(c, &run)
+        .unwrap()
+        .fit(&mut task, false)
+        .unwrap();
+    assert!(s.early_stopped);
+    assert_eq!(s.steps, 6);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let r = ResolvedConfig::from_yaml("training:\n  steps: 10\n  learning_rate: -1\n", "exp.yaml")
+        .unwrap();
+    let e = r.get::<TrainerConfig>("training").unwrap_err().to_string();
+    assert!(
+        e.contains("exp.yaml") && e.contains("training.learning_rate") && e.contains("must be > 0"),
+        "{e}"
+    );
+    let r = ResolvedConfig::from_yaml(
+        "training:\n  steps: 10\n  learning_rate: 1.0\n  schedule:\n    kind: linear\n",
+        "exp.yaml",
+    )
+    .unwrap();
+    let e = r.get::<TrainerConfig>("training").unwrap_err().to_string();
+    assert!(
+        e.contains("training.schedule") && e.contains("unknown variant `linear`"),
+        "{e}"
+    );
+    let r = ResolvedConfig::from_yaml(
+        "training:\n  steps: 10\n  learning_rate: 1.0\n  dtype: f8\n",
+        "exp.yaml",
+    )
+    .unwrap();
+    let e = r.get::<TrainerConfig>("training").unwrap_err().to_string();
+    assert!(e.contains("training.dtype") && e.contains("f8"), "{e}");
+    let ok = ResolvedConfig::from_yaml(
+        "training:\n  steps: 10\n  learning_rate: 1.0e-3\n  gan:\n    disc_learning_rate: 2.0e-4\n",
+        "exp.yaml",
+    )
+    .unwrap();
+    let t = ok.get::<TrainerConfig>("training").unwrap();
+    assert_eq!(t.gan.unwrap().disc_every, 1);
+    assert!(parse_device("cuda:x")
+        .unwrap_err()
+        .to_string()
+        .contains("cuda:x"));
+    assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
+}
