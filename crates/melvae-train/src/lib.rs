@@ -3,6 +3,8 @@
 //! - [`config`]: YAML defaults + experiment settings + command-line
 //!   overrides, typed with errors that name file, key and expectation.
 //! - [`checkpoint`]: run directories, atomic checkpoints, `metrics.jsonl`.
+//! - [`data`]: audio-folder datasets with random crops, deterministic epochs,
+//!   a stable validation split and a report of skipped files.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
 //! - [`trainer`]: the [`TrainTask`] trait and the loop: validation, early
@@ -32,12 +34,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 mod error;
 pub mod optim;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};
+pub use data::{discover_audio, AudioDataConfig, AudioFolder, AudioSet, EpochCursor, SkipReport};
 pub use error::{Error, Result};
 pub use trainer::{
     parse_device, parse_dtype, GanConfig, InitFrom, Losses, StepContext, TrainSummary, TrainTask,
