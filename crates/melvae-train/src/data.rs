@@ -130,10 +130,47 @@ impl std::fmt::Display for SkipReport {
     }
 }
 
-/// Decoded audio of one split, cropped at random.
+/// Where a clip's samples live.
+#[derive(Debug, Clone)]
+enum Samples {
+    /// Decoded in memory, planar f32.
+    Memory(Audio),
+    /// In a memory-mapped cache shard: `channels` planar blocks of `len`
+    /// little-endian i16 samples starting at byte `offset`.
+    Mapped {
+        shard: std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl Samples {
+    fn len(&self) -> usize {
+        match self {
+            Samples::Memory(a) => a.n_samples(),
+            Samples::Mapped { len, .. } => *len,
+        }
+    }
+
+    fn channel(&self, c: usize, start: usize, n: usize) -> Vec<f32> {
+        match self {
+            Samples::Memory(a) => a.channels[c][start..start + n].to_vec(),
+            Samples::Mapped { shard, offset, len } => {
+                let base = offset + 2 * (c * len + start);
+                shard[base..base + 2 * n]
+                    .chunks_exact(2)
+                    .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Audio of one split (decoded in memory or memory-mapped from a cache),
+/// cropped at random.
 #[derive(Debug, Clone)]
 pub struct AudioSet {
-    clips: Vec<(PathBuf, Audio)>,
+    clips: Vec<(PathBuf, Samples)>,
     crop: usize,
     channels: usize,
 }
@@ -182,14 +219,25 @@ impl AudioFolder {
                 Ok(a) if a.n_samples() < crop => skipped.too_short.push((path, a.duration_secs())),
                 Ok(a) => {
                     let rel = path.strip_prefix(&cfg.dir).unwrap_or(&path).to_path_buf();
-                    if stable_fraction(&rel) < cfg.val_fraction {
-                        val.push((path, a));
+                    let side = if stable_fraction(&rel) < cfg.val_fraction {
+                        &mut val
                     } else {
-                        train.push((path, a));
-                    }
+                        &mut train
+                    };
+                    side.push((path, Samples::Memory(a)));
                 }
             }
         }
+        Self::assemble(cfg, train, val, skipped)
+    }
+
+    /// The two sets, or an error naming the folder when training is empty.
+    fn assemble(
+        cfg: &AudioDataConfig,
+        train: Vec<(PathBuf, Samples)>,
+        val: Vec<(PathBuf, Samples)>,
+        skipped: SkipReport,
+    ) -> Result<Self> {
         if train.is_empty() {
             return Err(Error::file(
                 &cfg.dir,
@@ -201,7 +249,7 @@ impl AudioFolder {
         }
         let set = |clips| AudioSet {
             clips,
-            crop,
+            crop: cfg.crop_samples(),
             channels: cfg.channels,
         };
         Ok(Self {
@@ -209,6 +257,66 @@ impl AudioFolder {
             val: set(val),
             skipped,
         })
+    }
+
+    /// Like [`AudioFolder::load`], reading from the memory-mapped cache that
+    /// [`prepare_cache`] maintains in `cache_dir` (updating it first): crops
+    /// are read without decoding.
+    pub fn load_cached(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<(Self, PrepareReport)> {
+        let report = prepare_cache(cfg, cache_dir)?;
+        let index = CacheIndex::read(cache_dir)?
+            .ok_or_else(|| Error::file(cache_dir, "has no cache index"))?;
+        let mut shards: Vec<std::sync::Arc<memmap2::Mmap>> = Vec::new();
+        for name in &index.shards {
+            let p = cache_dir.join(name);
+            let f = std::fs::File::open(&p).map_err(|e| Error::file(&p, e))?;
+            // Safety: shards are written once (temp + rename) and never modified.
+            let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::file(&p, e))?;
+            shards.push(std::sync::Arc::new(m));
+        }
+        let crop = cfg.crop_samples();
+        let mut skipped = SkipReport::default();
+        skipped.unreadable = index
+            .skipped
+            .iter()
+            .map(|e| (cfg.dir.join(&e.rel), e.reason.clone()))
+            .collect();
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for e in &index.entries {
+            let path = cfg.dir.join(&e.rel);
+            if e.len < crop {
+                skipped
+                    .too_short
+                    .push((path, e.len as f64 / cfg.sample_rate as f64));
+                continue;
+            }
+            let shard = shards.get(e.shard).ok_or_else(|| {
+                Error::file(
+                    cache_dir,
+                    format!("entry {} names missing shard {}", e.rel, e.shard),
+                )
+            })?;
+            if e.offset + 2 * e.len * cfg.channels > shard.len() {
+                return Err(Error::file(
+                    cache_dir.join(&index.shards[e.shard]),
+                    format!("is truncated: entry {} runs past its end", e.rel),
+                ));
+            }
+            let side = if stable_fraction(Path::new(&e.rel)) < cfg.val_fraction {
+                &mut val
+            } else {
+                &mut train
+            };
+            side.push((
+                path,
+                Samples::Mapped {
+                    shard: shard.clone(),
+                    offset: e.offset,
+                    len: e.len,
+                },
+            ));
+        }
+        Ok((Self::assemble(cfg, train, val, skipped)?, report))
     }
 }
 
@@ -242,11 +350,10 @@ impl AudioSet {
     /// A crop of clip `index` starting at a uniformly random offset:
     /// `[channels, crop]`.
     pub fn crop(&self, index: usize, rng: &mut SplitMix64) -> Vec<Vec<f32>> {
-        let a = &self.clips[index].1;
-        let start = rng.below(a.n_samples() - self.crop + 1);
-        a.channels
-            .iter()
-            .map(|c| c[start..start + self.crop].to_vec())
+        let s = &self.clips[index].1;
+        let start = rng.below(s.len() - self.crop + 1);
+        (0..self.channels)
+            .map(|c| s.channel(c, start, self.crop))
             .collect()
     }
 
@@ -298,6 +405,197 @@ impl EpochCursor {
         }
         out
     }
+}
+
+/// One cached file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CacheEntry {
+    rel: String,
+    size: u64,
+    mtime_ns: u128,
+    shard: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// A file that could not be decoded (kept so a re-run does not retry it
+/// until it changes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CacheSkip {
+    rel: String,
+    size: u64,
+    mtime_ns: u128,
+    reason: String,
+}
+
+/// `index.json` of a cache directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CacheIndex {
+    version: u32,
+    sample_rate: u32,
+    channels: usize,
+    shards: Vec<String>,
+    entries: Vec<CacheEntry>,
+    skipped: Vec<CacheSkip>,
+}
+
+impl CacheIndex {
+    fn read(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join("index.json");
+        match std::fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| Error::file(&p, format!("not a cache index: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::file(&p, e)),
+        }
+    }
+}
+
+/// What [`prepare_cache`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PrepareReport {
+    /// Files decoded and added now.
+    pub added: usize,
+    /// Files already cached and unchanged.
+    pub reused: usize,
+    /// Unreadable files (newly found or remembered).
+    pub unreadable: usize,
+}
+
+fn stat(path: &Path) -> Result<(u64, u128)> {
+    let m = std::fs::metadata(path).map_err(|e| Error::file(path, e))?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok((m.len(), mtime))
+}
+
+/// Decodes the audio of `cfg.dir` into a memory-mapped cache in `cache_dir`
+/// once: 16-bit samples at `cfg.sample_rate` with `cfg.channels`, planar per
+/// file, in immutable shard files listed in `index.json`. Re-running adds
+/// only new or changed files (by path, size and mtime) in one new shard and
+/// forgets deleted ones; unreadable files are remembered (and reported)
+/// until they change. The shard is in place before the index is replaced
+/// (atomically), so an interrupted run leaves the previous cache valid.
+pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareReport> {
+    cfg.validate().map_err(|(k, r)| Error::Config {
+        origin: "data config".into(),
+        key: format!("data.{k}"),
+        reason: r,
+    })?;
+    if !cfg.dir.is_dir() {
+        return Err(Error::file(&cfg.dir, "is not a directory"));
+    }
+    std::fs::create_dir_all(cache_dir).map_err(|e| Error::file(cache_dir, e))?;
+    let old = CacheIndex::read(cache_dir)?;
+    if let Some(o) = &old {
+        if o.sample_rate != cfg.sample_rate || o.channels != cfg.channels {
+            return Err(Error::file(
+                cache_dir,
+                format!(
+                    "holds {} Hz x {} ch audio; the config asks for {} Hz x {} ch (use another cache dir)",
+                    o.sample_rate, o.channels, cfg.sample_rate, cfg.channels
+                ),
+            ));
+        }
+    }
+    let mut index = old.clone().unwrap_or(CacheIndex {
+        version: 1,
+        sample_rate: cfg.sample_rate,
+        channels: cfg.channels,
+        shards: Vec::new(),
+        entries: Vec::new(),
+        skipped: Vec::new(),
+    });
+    let opts = LoadOptions {
+        channels: if cfg.channels == 1 {
+            ChannelMode::Mono
+        } else {
+            ChannelMode::Stereo
+        },
+        sample_rate: Some(cfg.sample_rate),
+        ..Default::default()
+    };
+    let mut report = PrepareReport::default();
+    let (mut entries, mut skipped) = (Vec::new(), Vec::new());
+    let shard_id = index.shards.len();
+    let mut bytes: Vec<u8> = Vec::new();
+    for path in discover_audio(&cfg.dir)? {
+        let rel = path
+            .strip_prefix(&cfg.dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        let (size, mtime_ns) = stat(&path)?;
+        let same = |r: &str, s: u64, m: u128| r == rel && s == size && m == mtime_ns;
+        if let Some(e) = index
+            .entries
+            .iter()
+            .find(|e| same(&e.rel, e.size, e.mtime_ns))
+        {
+            entries.push(e.clone());
+            report.reused += 1;
+            continue;
+        }
+        if let Some(k) = index
+            .skipped
+            .iter()
+            .find(|k| same(&k.rel, k.size, k.mtime_ns))
+        {
+            skipped.push(k.clone());
+            report.unreadable += 1;
+            continue;
+        }
+        match load_audio_with(&path, &opts) {
+            Err(e) => {
+                skipped.push(CacheSkip {
+                    rel,
+                    size,
+                    mtime_ns,
+                    reason: e.to_string(),
+                });
+                report.unreadable += 1;
+            }
+            Ok(a) => {
+                let offset = bytes.len();
+                for ch in &a.channels {
+                    for &v in ch {
+                        let q = (v as f64 * 32768.0).round().clamp(-32768.0, 32767.0) as i16;
+                        bytes.extend_from_slice(&q.to_le_bytes());
+                    }
+                }
+                entries.push(CacheEntry {
+                    rel,
+                    size,
+                    mtime_ns,
+                    shard: shard_id,
+                    offset,
+                    len: a.n_samples(),
+                });
+                report.added += 1;
+            }
+        }
+    }
+    if report.added > 0 {
+        let name = format!("shard-{shard_id:05}.bin");
+        melvae_dsp::atomic_write(&cache_dir.join(&name), |w| {
+            std::io::Write::write_all(w, &bytes)
+        })?;
+        index.shards.push(name);
+    }
+    index.entries = entries;
+    index.skipped = skipped;
+    if old.as_ref() != Some(&index) {
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::invalid("cache index", e.to_string()))?;
+        melvae_dsp::atomic_write(&cache_dir.join("index.json"), |w| {
+            std::io::Write::write_all(w, text.as_bytes())
+        })?;
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -446,6 +744,74 @@ mod tests {
         let e = AudioFolder::load(&cfg(d.path())).unwrap_err().to_string();
         assert!(
             e.contains("no usable training audio") && e.contains("x.wav"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cache_round_trip_reuse_and_invalidation() {
+        let d = folder();
+        let cache = tempfile::tempdir().unwrap();
+        let c = AudioDataConfig {
+            channels: 2,
+            ..cfg(d.path())
+        };
+        let mem = AudioFolder::load(&c).unwrap();
+        let (mapped, r1) = AudioFolder::load_cached(&c, cache.path()).unwrap();
+        assert_eq!((r1.added, r1.reused, r1.unreadable), (13, 0, 1));
+        assert_eq!(mapped.train.len(), mem.train.len());
+        assert_eq!(mapped.skipped.unreadable.len(), 1);
+        assert_eq!(mapped.skipped.too_short.len(), 1);
+        // Same crops as the decoded data, within 16-bit rounding.
+        for i in 0..mem.train.len() {
+            let a = mem.train.crop(i, &mut SplitMix64::new(i as u64));
+            let b = mapped.train.crop(i, &mut SplitMix64::new(i as u64));
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert!((x - y).abs() <= 0.5 / 32768.0 + 1e-7, "{x} vs {y}");
+            }
+        }
+        // A second run reuses everything and does not rewrite the index.
+        let index_before = std::fs::read(cache.path().join("index.json")).unwrap();
+        let r2 = prepare_cache(&c, cache.path()).unwrap();
+        assert_eq!((r2.added, r2.reused, r2.unreadable), (0, 13, 1));
+        assert_eq!(
+            std::fs::read(cache.path().join("index.json")).unwrap(),
+            index_before
+        );
+        // A new file lands in a new shard; a deleted one disappears.
+        wav(d.path(), "spk9/new.wav", 16000, 0.6, 1);
+        std::fs::remove_file(d.path().join("spk0/utt0.wav")).unwrap();
+        let r3 = prepare_cache(&c, cache.path()).unwrap();
+        assert_eq!((r3.added, r3.reused), (1, 12));
+        assert!(cache.path().join("shard-00001.bin").exists());
+        // Another rate or channel count is refused, naming the cache.
+        let e = prepare_cache(
+            &AudioDataConfig {
+                sample_rate: 8000,
+                ..c.clone()
+            },
+            cache.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("holds 16000 Hz x 2 ch") && e.contains("8000 Hz"),
+            "{e}"
+        );
+        // A truncated shard is detected when mapping.
+        let shard = cache.path().join("shard-00000.bin");
+        let len = std::fs::metadata(&shard).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shard)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let e = AudioFolder::load_cached(&c, cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shard-00000.bin") && e.contains("truncated"),
             "{e}"
         );
     }

@@ -41,7 +41,10 @@ pub mod trainer;
 
 pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};
-pub use data::{discover_audio, AudioDataConfig, AudioFolder, AudioSet, EpochCursor, SkipReport};
+pub use data::{
+    discover_audio, prepare_cache, AudioDataConfig, AudioFolder, AudioSet, EpochCursor,
+    PrepareReport, SkipReport,
+};
 pub use error::{Error, Result};
 pub use trainer::{
     parse_device, parse_dtype, GanConfig, InitFrom, Losses, StepContext, TrainSummary, TrainTask,
