@@ -5,6 +5,8 @@
 //! - [`checkpoint`]: run directories, atomic checkpoints, `metrics.jsonl`.
 //! - [`data`]: audio-folder datasets with random crops, deterministic epochs,
 //!   a stable validation split and a report of skipped files.
+//! - [`tokens`]: code sequences with labels, text and conditioning in
+//!   safetensors shards, batched with padding masks.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
 //! - [`trainer`]: the [`TrainTask`] trait and the loop: validation, early
@@ -37,6 +39,7 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod optim;
+pub mod tokens;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, RunDir, TrainState};
@@ -46,6 +49,7 @@ pub use data::{
     PrepareReport, SkipReport,
 };
 pub use error::{Error, Result};
+pub use tokens::{write_token_shard, TokenBatch, TokenDataset, TokenExample};
 pub use trainer::{
     parse_device, parse_dtype, GanConfig, InitFrom, Losses, StepContext, TrainSummary, TrainTask,
     Trainer, TrainerConfig,

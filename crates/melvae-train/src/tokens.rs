@@ -1,0 +1,468 @@
+//! Token datasets for priors and TTS: code sequences with optional labels,
+//! text ids and conditioning vectors, stored as safetensors shards and
+//! batched with padding masks.
+//!
+//! A shard holds, for `N` examples (any of the optional keys absent for all):
+//!
+//! | key | dtype, shape | meaning |
+//! | --- | --- | --- |
+//! | `codes` | u32 `[sum T_i, K]` | concatenated code frames (`K` codebooks) |
+//! | `code_offsets` | u32 `[N + 1]` | example `i` is rows `off[i]..off[i+1]` |
+//! | `labels` | u32 `[N]` | class label (optional) |
+//! | `speakers` | u32 `[N]` | speaker id (optional) |
+//! | `text` / `text_offsets` | u32 `[sum L_i]` / `[N + 1]` | text ids (optional) |
+//! | `cond` | f32 `[N, D]` | conditioning vector (optional) |
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// One example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenExample {
+    /// Code frames, `[T][K]`.
+    pub codes: Vec<Vec<u32>>,
+    /// Class label.
+    pub label: Option<u32>,
+    /// Speaker id.
+    pub speaker: Option<u32>,
+    /// Text ids.
+    pub text: Option<Vec<u32>>,
+    /// Conditioning vector.
+    pub cond: Option<Vec<f32>>,
+}
+
+/// Fails unless an optional field is present for all examples or none;
+/// names the first example that differs.
+fn all_or_none(
+    examples: &[TokenExample],
+    what: &str,
+    has: impl Fn(&TokenExample) -> bool,
+) -> Result<bool> {
+    let first = examples.first().is_some_and(&has);
+    if let Some(i) = examples.iter().position(|e| has(e) != first) {
+        return Err(Error::invalid(
+            format!("token example {i}"),
+            format!("`{what}` must be given for all examples or none"),
+        ));
+    }
+    Ok(first)
+}
+
+/// Writes `examples` as one shard at `path`, atomically.
+pub fn write_token_shard(path: &Path, examples: &[TokenExample]) -> Result<()> {
+    if examples.is_empty() {
+        return Err(Error::invalid("token shard", "no examples"));
+    }
+    let k = examples[0].codes.first().map_or(0, Vec::len);
+    for (i, e) in examples.iter().enumerate() {
+        if e.codes.is_empty() || e.codes.iter().any(|f| f.len() != k || k == 0) {
+            return Err(Error::invalid(
+                format!("token example {i}"),
+                format!("codes must be a non-empty [T][{k}] array"),
+            ));
+        }
+    }
+    let dev = Device::Cpu;
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut offsets = vec![0u32];
+    let mut flat = Vec::new();
+    for e in examples {
+        flat.extend(e.codes.iter().flatten().copied());
+        offsets.push((flat.len() / k) as u32);
+    }
+    map.insert(
+        "codes".into(),
+        Tensor::from_vec(flat, (offsets[offsets.len() - 1] as usize, k), &dev)?,
+    );
+    map.insert(
+        "code_offsets".into(),
+        Tensor::new(offsets.as_slice(), &dev)?,
+    );
+    if all_or_none(examples, "label", |e| e.label.is_some())? {
+        let v: Vec<u32> = examples.iter().filter_map(|e| e.label).collect();
+        map.insert("labels".into(), Tensor::new(v.as_slice(), &dev)?);
+    }
+    if all_or_none(examples, "speaker", |e| e.speaker.is_some())? {
+        let v: Vec<u32> = examples.iter().filter_map(|e| e.speaker).collect();
+        map.insert("speakers".into(), Tensor::new(v.as_slice(), &dev)?);
+    }
+    if all_or_none(examples, "text", |e| e.text.is_some())? {
+        let mut offs = vec![0u32];
+        let mut t = Vec::new();
+        for e in examples {
+            t.extend(e.text.iter().flatten().copied());
+            offs.push(t.len() as u32);
+        }
+        map.insert("text".into(), Tensor::new(t.as_slice(), &dev)?);
+        map.insert("text_offsets".into(), Tensor::new(offs.as_slice(), &dev)?);
+    }
+    if all_or_none(examples, "cond", |e| e.cond.is_some())? {
+        let d = examples[0].cond.as_ref().map_or(0, Vec::len);
+        if let Some(i) = examples
+            .iter()
+            .position(|e| e.cond.as_ref().map_or(0, Vec::len) != d)
+        {
+            return Err(Error::invalid(
+                format!("token example {i}"),
+                format!("`cond` must have {d} values like example 0"),
+            ));
+        }
+        let v: Vec<f32> = examples
+            .iter()
+            .flat_map(|e| e.cond.iter().flatten().copied())
+            .collect();
+        map.insert(
+            "cond".into(),
+            Tensor::from_vec(v, (examples.len(), d), &dev)?,
+        );
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
+
+/// Examples loaded from one or more shards.
+#[derive(Debug, Clone, Default)]
+pub struct TokenDataset {
+    /// The examples, in shard order.
+    pub examples: Vec<TokenExample>,
+}
+
+fn u32s(
+    map: &HashMap<String, Tensor>,
+    key: &str,
+    path: &Path,
+    required: bool,
+) -> Result<Option<Vec<u32>>> {
+    match map.get(key) {
+        None if required => Err(Error::file(path, format!("has no `{key}` tensor"))),
+        None => Ok(None),
+        Some(t) if t.dtype() != DType::U32 => Err(Error::file(
+            path,
+            format!("`{key}` is {:?}, expected u32", t.dtype()),
+        )),
+        Some(t) => Ok(Some(t.flatten_all()?.to_vec1()?)),
+    }
+}
+
+fn check_offsets(off: &[u32], n: usize, total: usize, key: &str, path: &Path) -> Result<()> {
+    let ok = off.len() == n + 1
+        && off[0] == 0
+        && off.windows(2).all(|w| w[0] <= w[1])
+        && off[n] as usize == total;
+    if !ok {
+        return Err(Error::file(
+            path,
+            format!("`{key}` must rise from 0 to {total} in {} entries", n + 1),
+        ));
+    }
+    Ok(())
+}
+
+impl TokenDataset {
+    /// Loads shards (`.safetensors` files, or directories of them, in
+    /// sorted order); errors name the file and the bad key.
+    pub fn load(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                    .map_err(|e| Error::file(p, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                v.sort();
+                files.extend(v);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let mut examples = Vec::new();
+        for path in &files {
+            let map = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| Error::file(path, e))?;
+            let codes_t = map
+                .get("codes")
+                .ok_or_else(|| Error::file(path, "has no `codes` tensor"))?;
+            let (rows, k) = codes_t.dims2().map_err(|_| {
+                Error::file(
+                    path,
+                    format!(
+                        "`codes` must be [frames, codebooks], got {:?}",
+                        codes_t.dims()
+                    ),
+                )
+            })?;
+            let codes = u32s(&map, "codes", path, true)?.unwrap_or_default();
+            let off = u32s(&map, "code_offsets", path, true)?.unwrap_or_default();
+            let n = off.len().saturating_sub(1);
+            check_offsets(&off, n, rows, "code_offsets", path)?;
+            let per = |key: &str| -> Result<Option<Vec<u32>>> {
+                let v = u32s(&map, key, path, false)?;
+                if v.as_ref().is_some_and(|v| v.len() != n) {
+                    return Err(Error::file(path, format!("`{key}` must have {n} entries")));
+                }
+                Ok(v)
+            };
+            let (labels, speakers) = (per("labels")?, per("speakers")?);
+            let text = match (
+                u32s(&map, "text", path, false)?,
+                u32s(&map, "text_offsets", path, false)?,
+            ) {
+                (Some(t), Some(o)) => {
+                    check_offsets(&o, n, t.len(), "text_offsets", path)?;
+                    Some((t, o))
+                }
+                (None, None) => None,
+                _ => return Err(Error::file(path, "`text` and `text_offsets` come together")),
+            };
+            let cond = match map.get("cond") {
+                Some(c) => {
+                    let (cn, _) = c
+                        .dims2()
+                        .map_err(|_| Error::file(path, "`cond` must be [examples, dim]"))?;
+                    if cn != n {
+                        return Err(Error::file(path, format!("`cond` must have {n} rows")));
+                    }
+                    Some(c.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+                }
+                None => None,
+            };
+            for i in 0..n {
+                let (a, b) = (off[i] as usize, off[i + 1] as usize);
+                examples.push(TokenExample {
+                    codes: (a..b).map(|r| codes[r * k..(r + 1) * k].to_vec()).collect(),
+                    label: labels.as_ref().map(|v| v[i]),
+                    speaker: speakers.as_ref().map(|v| v[i]),
+                    text: text
+                        .as_ref()
+                        .map(|(t, o)| t[o[i] as usize..o[i + 1] as usize].to_vec()),
+                    cond: cond.as_ref().map(|c| c[i].clone()),
+                });
+            }
+        }
+        if examples.is_empty() {
+            return Err(Error::invalid(
+                "token dataset",
+                format!("no examples in {paths:?}"),
+            ));
+        }
+        Ok(Self { examples })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// True without examples.
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// Pads the examples `indices` into a batch on `device`.
+    pub fn batch(&self, indices: &[usize], pad_id: u32, device: &Device) -> Result<TokenBatch> {
+        let ex: Vec<&TokenExample> = indices
+            .iter()
+            .map(|&i| {
+                self.examples.get(i).ok_or_else(|| {
+                    Error::invalid("token batch", format!("index {i} out of 0..{}", self.len()))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let b = ex.len();
+        let k = ex.first().and_then(|e| e.codes.first()).map_or(0, Vec::len);
+        let t_max = ex.iter().map(|e| e.codes.len()).max().unwrap_or(0);
+        let mut codes = vec![pad_id; b * t_max * k];
+        let mut mask = vec![0u8; b * t_max];
+        for (i, e) in ex.iter().enumerate() {
+            for (t, frame) in e.codes.iter().enumerate() {
+                codes[(i * t_max + t) * k..(i * t_max + t + 1) * k].copy_from_slice(frame);
+                mask[i * t_max + t] = 1;
+            }
+        }
+        let opt_ids = |get: &dyn Fn(&TokenExample) -> Option<u32>| -> Result<Option<Tensor>> {
+            let v: Option<Vec<u32>> = ex.iter().map(|e| get(e)).collect();
+            v.map(|v| Tensor::new(v.as_slice(), device).map_err(Error::from))
+                .transpose()
+        };
+        let text = if ex.iter().all(|e| e.text.is_some()) && b > 0 {
+            let l_max = ex
+                .iter()
+                .map(|e| e.text.as_ref().map_or(0, Vec::len))
+                .max()
+                .unwrap_or(0);
+            let mut ids = vec![pad_id; b * l_max];
+            let mut tm = vec![0u8; b * l_max];
+            for (i, e) in ex.iter().enumerate() {
+                for (j, &id) in e.text.iter().flatten().enumerate() {
+                    ids[i * l_max + j] = id;
+                    tm[i * l_max + j] = 1;
+                }
+            }
+            Some((
+                Tensor::from_vec(ids, (b, l_max), device)?,
+                Tensor::from_vec(tm, (b, l_max), device)?,
+            ))
+        } else {
+            None
+        };
+        let cond = if ex.iter().all(|e| e.cond.is_some()) && b > 0 {
+            let d = ex[0].cond.as_ref().map_or(0, Vec::len);
+            let v: Vec<f32> = ex
+                .iter()
+                .flat_map(|e| e.cond.iter().flatten().copied())
+                .collect();
+            Some(Tensor::from_vec(v, (b, d), device)?)
+        } else {
+            None
+        };
+        Ok(TokenBatch {
+            codes: Tensor::from_vec(codes, (b, t_max, k), device)?,
+            mask: Tensor::from_vec(mask, (b, t_max), device)?,
+            lengths: ex.iter().map(|e| e.codes.len()).collect(),
+            labels: opt_ids(&|e| e.label)?,
+            speakers: opt_ids(&|e| e.speaker)?,
+            text,
+            cond,
+        })
+    }
+}
+
+/// A padded batch.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// Codes `[batch, max_frames, codebooks]` (u32), padded with `pad_id`.
+    pub codes: Tensor,
+    /// `[batch, max_frames]` u8, 1 for real frames.
+    pub mask: Tensor,
+    /// Frames per example.
+    pub lengths: Vec<usize>,
+    /// Class labels `[batch]`.
+    pub labels: Option<Tensor>,
+    /// Speaker ids `[batch]`.
+    pub speakers: Option<Tensor>,
+    /// Text ids `[batch, max_len]` and their mask.
+    pub text: Option<(Tensor, Tensor)>,
+    /// Conditioning `[batch, dim]` (f32).
+    pub cond: Option<Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(t: usize, label: u32) -> TokenExample {
+        TokenExample {
+            codes: (0..t)
+                .map(|i| vec![i as u32 + label, 100 + i as u32])
+                .collect(),
+            label: Some(label),
+            speaker: Some(label % 2),
+            text: Some((0..label as usize + 1).map(|i| i as u32 + 1).collect()),
+            cond: Some(vec![label as f32, -(label as f32)]),
+        }
+    }
+
+    #[test]
+    fn shards_round_trip_and_batch_with_masks() {
+        let d = tempfile::tempdir().unwrap();
+        let a: Vec<TokenExample> = (0..3).map(|i| ex(2 + i, i as u32)).collect();
+        let b: Vec<TokenExample> = (3..5).map(|i| ex(1 + i, i as u32)).collect();
+        write_token_shard(&d.path().join("shard-0.safetensors"), &a).unwrap();
+        write_token_shard(&d.path().join("shard-1.safetensors"), &b).unwrap();
+        let ds = TokenDataset::load(&[d.path().to_path_buf()]).unwrap();
+        assert_eq!(ds.examples, [a, b].concat());
+        let batch = ds.batch(&[0, 4], 9999, &Device::Cpu).unwrap();
+        assert_eq!(batch.codes.dims(), &[2, 5, 2]);
+        assert_eq!(batch.lengths, vec![2, 5]);
+        assert_eq!(
+            batch.mask.to_vec2::<u8>().unwrap(),
+            vec![vec![1, 1, 0, 0, 0], vec![1; 5]]
+        );
+        assert_eq!(
+            batch.codes.to_vec3::<u32>().unwrap()[0][2],
+            vec![9999, 9999]
+        );
+        assert_eq!(batch.labels.unwrap().to_vec1::<u32>().unwrap(), vec![0, 4]);
+        let (text, tmask) = batch.text.unwrap();
+        assert_eq!(
+            text.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 9999, 9999, 9999, 9999], vec![1, 2, 3, 4, 5]]
+        );
+        assert_eq!(tmask.to_vec2::<u8>().unwrap()[0], vec![1, 0, 0, 0, 0]);
+        assert_eq!(
+            batch.cond.unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, -0.0], vec![4.0, -4.0]]
+        );
+    }
+
+    #[test]
+    fn bad_examples_and_shards_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = vec![ex(2, 0), ex(3, 1)];
+        v[1].label = None;
+        let e = write_token_shard(&d.path().join("x.safetensors"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("token example 1") && e.contains("`label`"),
+            "{e}"
+        );
+        let mut v = vec![ex(2, 0), ex(3, 1)];
+        v[1].codes[1] = vec![1];
+        let e = write_token_shard(&d.path().join("x.safetensors"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token example 1") && e.contains("[T][2]"), "{e}");
+        // A shard with inconsistent offsets.
+        let p = d.path().join("bad.safetensors");
+        let mut m = HashMap::new();
+        m.insert(
+            "codes".to_string(),
+            Tensor::zeros((4, 1), DType::U32, &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "code_offsets".to_string(),
+            Tensor::new(&[0u32, 3, 9], &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&m, &p).unwrap();
+        let e = TokenDataset::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad.safetensors") && e.contains("code_offsets"),
+            "{e}"
+        );
+        m.remove("code_offsets");
+        candle_core::safetensors::save(&m, &p).unwrap();
+        let e = TokenDataset::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no `code_offsets`"), "{e}");
+        std::fs::write(&p, b"not safetensors").unwrap();
+        let e = TokenDataset::load(&[p]).unwrap_err().to_string();
+        assert!(e.contains("bad.safetensors"), "{e}");
+        let e = TokenDataset::load(&[d.path().join("empty_dir_does_not_exist")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty_dir_does_not_exist"), "{e}");
+    }
+}
