@@ -7,6 +7,7 @@
 //!   a stable validation split and a report of skipped files.
 //! - [`tokens`]: code sequences with labels, text and conditioning in
 //!   safetensors shards, batched with padding masks.
+//! - [`prefetch`]: background batch production, resumable by batch index.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
 //! - [`trainer`]: the [`TrainTask`] trait and the loop: validation, early
@@ -39,6 +40,7 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod optim;
+pub mod prefetch;
 pub mod tokens;
 pub mod trainer;
 
@@ -49,6 +51,7 @@ pub use data::{
     PrepareReport, SkipReport,
 };
 pub use error::{Error, Result};
+pub use prefetch::Prefetcher;
 pub use tokens::{write_token_shard, TokenBatch, TokenDataset, TokenExample};
 pub use trainer::{
     parse_device, parse_dtype, GanConfig, InitFrom, Losses, StepContext, TrainSummary, TrainTask,
