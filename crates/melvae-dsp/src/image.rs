@@ -168,18 +168,8 @@ impl SpectrogramImage {
 
     /// Renders `mel` and writes it to `path` as PNG, atomically.
     pub fn save_png(&self, path: impl AsRef<Path>, mel: &Array2<f32>) -> Result<()> {
-        let path = path.as_ref();
         let (w, h, px) = self.render(mel)?;
-        atomic_write(path, |out| {
-            let mut enc = png::Encoder::new(out, w, h);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-            writer
-                .write_image_data(&px)
-                .map_err(std::io::Error::other)?;
-            writer.finish().map_err(std::io::Error::other)
-        })
+        write_png(path.as_ref(), w, h, &px)
     }
 }
 
@@ -232,8 +222,196 @@ fn glyph(c: char) -> [u8; 5] {
         's' => [0, 3, 6, 1, 6],
         '.' => [0, 0, 0, 0, 2],
         '-' => [0, 0, 7, 0, 0],
+        '/' => [1, 1, 2, 4, 4],
+        '_' => [0, 0, 0, 0, 7],
+        ':' => [0, 2, 0, 2, 0],
+        // Other letters in capitals (3x5 has no room for lower case).
+        c if c.is_ascii_alphabetic() => match c.to_ascii_uppercase() {
+            'A' => [2, 5, 7, 5, 5],
+            'B' => [6, 5, 6, 5, 6],
+            'C' => [3, 4, 4, 4, 3],
+            'D' => [6, 5, 5, 5, 6],
+            'E' => [7, 4, 6, 4, 7],
+            'F' => [7, 4, 6, 4, 4],
+            'G' => [3, 4, 5, 5, 3],
+            'I' => [7, 2, 2, 2, 7],
+            'J' => [1, 1, 1, 5, 2],
+            'K' => [5, 5, 6, 5, 5],
+            'L' => [4, 4, 4, 4, 7],
+            'M' => [5, 7, 7, 5, 5],
+            'N' => [6, 5, 5, 5, 5],
+            'O' => [2, 5, 5, 5, 2],
+            'P' => [6, 5, 6, 4, 4],
+            'Q' => [2, 5, 5, 6, 3],
+            'R' => [6, 5, 6, 5, 5],
+            'S' => [3, 4, 2, 1, 6],
+            'T' => [7, 2, 2, 2, 2],
+            'U' => [5, 5, 5, 5, 7],
+            'V' => [5, 5, 5, 5, 2],
+            'W' => [5, 5, 7, 7, 5],
+            'X' => [5, 5, 2, 5, 5],
+            'Y' => [5, 5, 2, 2, 2],
+            'Z' => [7, 1, 2, 4, 7],
+            _ => [5, 5, 7, 5, 5], // 'H'
+        },
         _ => [0; 5],
     }
+}
+
+/// One named series of a [`line_plot_png`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend text (letters are drawn in capitals).
+    pub name: String,
+    /// `(x, y)` points in order of `x`; non-finite points are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Draws `series` as lines on shared axes (ticks labelled with their values,
+/// a legend in each series' colour) into an RGB image, optionally with a
+/// logarithmic y axis (non-positive values skipped). Returns
+/// `(width, height, rgb8 pixels)`.
+pub fn line_plot(series: &[Series], log_y: bool) -> Result<(u32, u32, Vec<u8>)> {
+    const COLOURS: [[u8; 3]; 6] = [
+        [86, 180, 233],
+        [230, 159, 0],
+        [0, 158, 115],
+        [240, 228, 66],
+        [204, 121, 167],
+        [213, 94, 0],
+    ];
+    let ty = |y: f64| if log_y { y.log10() } else { y };
+    let pts: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            s.points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_y || *y > 0.0))
+                .map(|&(x, y)| (x, ty(y)))
+                .collect()
+        })
+        .collect();
+    let all: Vec<&(f64, f64)> = pts.iter().flatten().collect();
+    if all.is_empty() {
+        return Err(Error::invalid("line plot", "no finite points to draw"));
+    }
+    let (mut x0, mut x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if x1 <= x0 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    if y1 <= y0 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let (w, h) = (720usize, 400usize);
+    let (left, right, top, bottom) = (72usize, 16usize, 16usize, 30usize);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let mut img = Canvas {
+        w,
+        h,
+        px: vec![24; w * h * 3],
+    };
+    let fg = [210, 210, 210];
+    let grid = [60, 60, 60];
+    let px = |x: f64| left as f64 + (x - x0) / (x1 - x0) * (pw - 1) as f64;
+    let py = |y: f64| top as f64 + (1.0 - (y - y0) / (y1 - y0)) * (ph - 1) as f64;
+    let label = |v: f64| -> String {
+        let v = if log_y { 10f64.powf(v) } else { v };
+        let a = v.abs();
+        if a != 0.0 && !(1e-3..1e5).contains(&a) {
+            format!("{v:.1e}").to_uppercase()
+        } else if a >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            let s = format!("{v:.3}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+    };
+    for i in 0..=4 {
+        let yv = y0 + (y1 - y0) * i as f64 / 4.0;
+        let y = py(yv).round() as usize;
+        for x in left..left + pw {
+            img.set(x, y, grid);
+        }
+        let t = label(yv);
+        img.text(
+            left.saturating_sub(6 + t.len() * 8),
+            y.saturating_sub(5),
+            &t,
+            fg,
+        );
+        let xv = x0 + (x1 - x0) * i as f64 / 4.0;
+        let x = px(xv).round() as usize;
+        for yy in top..top + ph {
+            img.set(x, yy, grid);
+        }
+        let t = if (x1 - x0) >= 4.0 {
+            format!("{}", xv.round() as i64)
+        } else {
+            format!("{xv:.2}")
+        };
+        img.text(x.saturating_sub(t.len() * 4), top + ph + 8, &t, fg);
+    }
+    for y in top..top + ph {
+        img.set(left, y, fg);
+    }
+    for x in left..left + pw {
+        img.set(x, top + ph - 1, fg);
+    }
+    for (k, p) in pts.iter().enumerate() {
+        let c = COLOURS[k % COLOURS.len()];
+        for seg in p.windows(2) {
+            let (ax, ay, bx, by) = (px(seg[0].0), py(seg[0].1), px(seg[1].0), py(seg[1].1));
+            let n = ((bx - ax).abs().max((by - ay).abs()).ceil() as usize).max(1);
+            for j in 0..=n {
+                let t = j as f64 / n as f64;
+                let (x, y) = (
+                    (ax + (bx - ax) * t).round() as usize,
+                    (ay + (by - ay) * t).round() as usize,
+                );
+                img.set(x, y, c);
+                img.set(x, y + 1, c);
+            }
+        }
+        if p.len() == 1 {
+            let (x, y) = (px(p[0].0).round() as usize, py(p[0].1).round() as usize);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                img.set(x + dx, y + dy, c);
+            }
+        }
+        let name = &series[k].name;
+        let lx = (left + pw)
+            .saturating_sub(8 * name.len() + 24)
+            .max(left + 4);
+        let ly = top + 6 + k * 14;
+        for x in lx..lx + 14 {
+            img.set(x, ly + 4, c);
+            img.set(x, ly + 5, c);
+        }
+        img.text(lx + 18, ly, name, c);
+    }
+    Ok((w as u32, h as u32, img.px))
+}
+
+/// [`line_plot`] written to `path` as PNG, atomically.
+pub fn line_plot_png(path: impl AsRef<Path>, series: &[Series], log_y: bool) -> Result<()> {
+    let (w, h, px) = line_plot(series, log_y)?;
+    write_png(path.as_ref(), w, h, &px)
+}
+
+fn write_png(path: &Path, w: u32, h: u32, px: &[u8]) -> Result<()> {
+    atomic_write(path, |out| {
+        let mut enc = png::Encoder::new(out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+        writer.write_image_data(px).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)
+    })
 }
 
 /// The magma colour map (matplotlib), piecewise linear through 9 anchors.
@@ -294,5 +472,40 @@ mod tests {
         let mut mel = Array2::zeros((4, 4));
         mel[[0, 0]] = f32::NAN;
         assert!(img.render(&mel).is_ok());
+    }
+
+    #[test]
+    fn line_plot_draws_series_and_rejects_empty() {
+        let train = Series {
+            name: "total".into(),
+            points: (0..50)
+                .map(|i| (i as f64, 1.0 / (1.0 + i as f64)))
+                .collect(),
+        };
+        let val = Series {
+            name: "val/total".into(),
+            points: vec![(10.0, 0.2), (20.0, 0.1), (30.0, f64::NAN), (40.0, 0.05)],
+        };
+        for log_y in [false, true] {
+            let (w, h, px) = line_plot(&[train.clone(), val.clone()], log_y).unwrap();
+            assert_eq!(px.len(), (w * h * 3) as usize);
+            // Both series' colours appear.
+            let has = |c: [u8; 3]| px.chunks_exact(3).any(|p| p == c);
+            assert!(has([86, 180, 233]) && has([230, 159, 0]));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        line_plot_png(dir.path().join("loss.png"), &[train], true).unwrap();
+        assert_eq!(
+            &std::fs::read(dir.path().join("loss.png")).unwrap()[1..4],
+            b"PNG"
+        );
+        let empty = Series {
+            name: "x".into(),
+            points: vec![(0.0, f64::NAN)],
+        };
+        assert!(line_plot(&[empty], false)
+            .unwrap_err()
+            .to_string()
+            .contains("no finite points"));
     }
 }

@@ -60,7 +60,7 @@ pub use fsutil::atomic_write;
 pub use griffin_lim::{
     griffin_lim, mel_to_audio, mel_to_linear, GriffinLimConfig, MelInversion, PhaseInit,
 };
-pub use image::SpectrogramImage;
+pub use image::{line_plot, line_plot_png, Series, SpectrogramImage};
 pub use mel::{
     hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,
 };

@@ -272,6 +272,37 @@ impl RunDir {
         Ok(())
     }
 
+    /// Draws the logged `keys` (e.g. `total`, `val/total`) against the step
+    /// into `samples/loss_curves.png` (log y axis); keys never logged are
+    /// left out. Returns the image path, or `None` when nothing is logged yet.
+    pub fn plot_losses(&self, keys: &[&str]) -> Result<Option<PathBuf>> {
+        if !self.metrics_path().exists() {
+            return Ok(None);
+        }
+        let records = self.read_metrics()?;
+        let series: Vec<melvae_dsp::Series> = keys
+            .iter()
+            .map(|k| melvae_dsp::Series {
+                name: k.to_string(),
+                points: records
+                    .iter()
+                    .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(*k)?.as_f64()?)))
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        if series.is_empty() {
+            return Ok(None);
+        }
+        let p = self.samples().join("loss_curves.png");
+        match melvae_dsp::line_plot_png(&p, &series, true) {
+            Ok(()) => Ok(Some(p)),
+            // Only non-positive or non-finite values: nothing to draw on a log axis.
+            Err(melvae_dsp::Error::Invalid { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Every record of `metrics.jsonl`.
     pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>> {
         let p = self.metrics_path();

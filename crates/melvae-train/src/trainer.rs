@@ -650,6 +650,7 @@ impl<'a> Trainer<'a> {
                         state.stale_validations += 1;
                     }
                 }
+                self.run.plot_losses(&["total", "val/total"])?;
                 if cfg
                     .early_stopping_patience
                     .is_some_and(|p| state.stale_validations >= p)
@@ -676,6 +677,7 @@ impl<'a> Trainer<'a> {
         if let Some(b) = bar {
             b.finish();
         }
+        self.run.plot_losses(&["total", "val/total"])?;
         Ok(TrainSummary {
             steps: state.step,
             skipped,

@@ -163,6 +163,12 @@ fn trains_and_writes_the_run() {
     let m = run.read_metrics().unwrap();
     assert!(m.iter().filter(|r| r.get("total").is_some()).count() == 40);
     assert!(m.iter().any(|r| r.get("val/total").is_some()));
+    let plot = run.samples().join("loss_curves.png");
+    assert_eq!(
+        &std::fs::read(&plot).unwrap()[1..4],
+        b"PNG",
+        "loss curves drawn"
+    );
     let best = s.best.unwrap();
     assert!(
         run.checkpoints().join(&best.1).exists(),
