@@ -306,6 +306,13 @@ impl Validate for TrainerConfig {
             "device",
             || format!("`{}`: expected cpu or cuda:N", self.device),
         )?;
+        check(
+            self.device.starts_with("cuda") || matches!(self.dtype.as_str(), "f32" | "f64"),
+            "dtype",
+            || {
+                format!("`{}` needs a CUDA device (candle has no half-precision matmul on CPU); use f32 on {}", self.dtype, self.device)
+            },
+        )?;
         if let Some(g) = &self.gan {
             check(g.disc_learning_rate > 0.0, "gan.disc_learning_rate", || {
                 "must be > 0".into()

@@ -409,3 +409,26 @@ fn config_errors_name_the_key() {
         .contains("cuda:x"));
     assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
 }
+
+#[test]
+fn bundled_default_config_parses() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/defaults/train.yaml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let r = ResolvedConfig::from_yaml(&text, &p.display().to_string()).unwrap();
+    let t: TrainerConfig = r.get("training").unwrap();
+    assert_eq!(t.steps, 100000);
+    assert!(matches!(
+        t.schedule,
+        optim::LrSchedule::WarmupCosine {
+            warmup_steps: 1000,
+            ..
+        }
+    ));
+    let mut r = r;
+    r.override_key("training.dtype=bf16").unwrap();
+    let e = r.get::<TrainerConfig>("training").unwrap_err().to_string();
+    assert!(
+        e.contains("training.dtype") && e.contains("needs a CUDA device"),
+        "{e}"
+    );
+}
