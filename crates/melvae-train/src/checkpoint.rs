@@ -120,6 +120,11 @@ impl RunDir {
         self.root.join("config.yaml")
     }
 
+    /// Writes the fully resolved config to `config.yaml` (atomically).
+    pub fn write_config(&self, cfg: &crate::ResolvedConfig) -> Result<()> {
+        cfg.save(&self.config_path())
+    }
+
     /// Writes a checkpoint for `ckpt.state.step` and points `latest` at it.
     pub fn save_checkpoint(&self, ckpt: &Checkpoint) -> Result<PathBuf> {
         self.save_checkpoint_with(ckpt, FailPoint::None)
@@ -421,6 +426,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn resolved_config_is_written_into_the_run() {
+        let d = tempfile::tempdir().unwrap();
+        let run = RunDir::create(d.path()).unwrap();
+        let cfg = crate::ResolvedConfig::from_yaml("training:\n  steps: 5\n", "exp.yaml").unwrap();
+        run.write_config(&cfg).unwrap();
+        let back = crate::ResolvedConfig::from_yaml(
+            &fs::read_to_string(run.config_path()).unwrap(),
+            "run",
+        )
+        .unwrap();
+        assert_eq!(back.value, cfg.value);
     }
 
     #[test]
