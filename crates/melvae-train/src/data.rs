@@ -55,6 +55,33 @@ impl Validate for AudioDataConfig {
 }
 
 impl AudioDataConfig {
+    /// Validates the fields (errors name `data.<field>`) and that `dir` is
+    /// a directory.
+    fn check(&self) -> Result<()> {
+        self.validate().map_err(|(k, r)| Error::Config {
+            origin: "data config".into(),
+            key: format!("data.{k}"),
+            reason: r,
+        })?;
+        if !self.dir.is_dir() {
+            return Err(Error::file(&self.dir, "is not a directory"));
+        }
+        Ok(())
+    }
+
+    /// How files are decoded: mono or stereo at `sample_rate`.
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            channels: if self.channels == 1 {
+                ChannelMode::Mono
+            } else {
+                ChannelMode::Stereo
+            },
+            sample_rate: Some(self.sample_rate),
+            ..Default::default()
+        }
+    }
+
     /// Samples per crop.
     pub fn crop_samples(&self) -> usize {
         (self.crop_seconds * self.sample_rate as f64).round() as usize
@@ -192,25 +219,10 @@ impl AudioFolder {
     /// [`AudioFolder::skipped`]; a folder with no usable file is an error
     /// naming it.
     pub fn load(cfg: &AudioDataConfig) -> Result<Self> {
-        cfg.validate().map_err(|(k, r)| Error::Config {
-            origin: "data config".into(),
-            key: format!("data.{k}"),
-            reason: r,
-        })?;
-        if !cfg.dir.is_dir() {
-            return Err(Error::file(&cfg.dir, "is not a directory"));
-        }
+        cfg.check()?;
         let files = discover_audio(&cfg.dir)?;
         let crop = cfg.crop_samples();
-        let opts = LoadOptions {
-            channels: if cfg.channels == 1 {
-                ChannelMode::Mono
-            } else {
-                ChannelMode::Stereo
-            },
-            sample_rate: Some(cfg.sample_rate),
-            ..Default::default()
-        };
+        let opts = cfg.load_options();
         let mut skipped = SkipReport::default();
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for path in files {
@@ -481,14 +493,7 @@ fn stat(path: &Path) -> Result<(u64, u128)> {
 /// until they change. The shard is in place before the index is replaced
 /// (atomically), so an interrupted run leaves the previous cache valid.
 pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareReport> {
-    cfg.validate().map_err(|(k, r)| Error::Config {
-        origin: "data config".into(),
-        key: format!("data.{k}"),
-        reason: r,
-    })?;
-    if !cfg.dir.is_dir() {
-        return Err(Error::file(&cfg.dir, "is not a directory"));
-    }
+    cfg.check()?;
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::file(cache_dir, e))?;
     let old = CacheIndex::read(cache_dir)?;
     if let Some(o) = &old {
@@ -510,15 +515,7 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
         entries: Vec::new(),
         skipped: Vec::new(),
     });
-    let opts = LoadOptions {
-        channels: if cfg.channels == 1 {
-            ChannelMode::Mono
-        } else {
-            ChannelMode::Stereo
-        },
-        sample_rate: Some(cfg.sample_rate),
-        ..Default::default()
-    };
+    let opts = cfg.load_options();
     let mut report = PrepareReport::default();
     let (mut entries, mut skipped) = (Vec::new(), Vec::new());
     let shard_id = index.shards.len();
