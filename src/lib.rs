@@ -17,4 +17,5 @@
 pub use melvae_dsp as dsp;
 pub use melvae_layers as layers;
 pub use melvae_losses as losses;
+pub use melvae_models as models;
 pub use melvae_train as train;

@@ -45,8 +45,8 @@ pub fn noise(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
 }
 
 /// Runs `x` through `module` in random chunks of 1 to `max_chunk` frames along
-/// `dim` (seeded) and concatenates the outputs, for comparison with the
-/// offline forward.
+/// `dim` (seeded) and concatenates the outputs along the same axis, for
+/// comparison with the offline forward.
 pub fn stream_in_chunks(
     module: &mut impl Streaming,
     x: &Tensor,
@@ -54,19 +54,33 @@ pub fn stream_in_chunks(
     max_chunk: usize,
     seed: u64,
 ) -> crate::Result<Tensor> {
+    stream_in_chunks_to(module, x, dim, dim, max_chunk, seed)
+}
+
+/// [`stream_in_chunks`] for modules whose output time axis (`out_dim`)
+/// differs from the input's (`in_dim`), e.g. an encoder from
+/// `[batch, mel, frames]` to `[batch, latent_frames, dim]`.
+pub fn stream_in_chunks_to(
+    module: &mut impl Streaming,
+    x: &Tensor,
+    in_dim: usize,
+    out_dim: usize,
+    max_chunk: usize,
+    seed: u64,
+) -> crate::Result<Tensor> {
     module.reset();
     let mut rng = SplitMix64::new(seed);
-    let len = x.dim(dim)?;
+    let len = x.dim(in_dim)?;
     let mut outs = Vec::new();
     let mut pos = 0;
     while pos < len {
         let n = (1 + rng.below(max_chunk)).min(len - pos);
-        if let Some(y) = module.step(&x.narrow(dim, pos, n)?)? {
+        if let Some(y) = module.step(&x.narrow(in_dim, pos, n)?)? {
             outs.push(y);
         }
         pos += n;
     }
-    Ok(Tensor::cat(&outs, dim)?)
+    Ok(Tensor::cat(&outs, out_dim)?)
 }
 
 /// Largest absolute difference between two tensors of one shape.

@@ -1,0 +1,481 @@
+//! The causal Convformer encoder of the mel VAE: log-mel `[batch, mel, frames]`
+//! to the mean and log-variance of a Gaussian latent
+//! `[batch, frames / C, latent_dim]`, causal in time and streaming.
+
+use candle_core::{Tensor, D};
+use candle_nn::{Linear, Module, VarBuilder};
+use melvae_layers::{
+    ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
+    FeedForwardConfig, FfnActivation, ResidualUnit2d, Streaming,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::{Error, Result};
+
+/// The `convformer:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvformerConfig {
+    /// Mel bands of the input (`vocos-24k`: 100).
+    pub mel_channels: usize,
+    /// Time compression C: a power of two, 4 to 32.
+    #[serde(rename = "compress_factor_C")]
+    pub compress_factor: usize,
+    /// Channels of the 2-D conv stack.
+    pub channels: usize,
+    /// Residual blocks per downsampling stage.
+    pub n_residual_blocks: usize,
+    /// Width of the transformer tail.
+    pub tf_dim: usize,
+    /// Attention heads of the tail.
+    pub tf_heads: usize,
+    /// Layers of the tail.
+    pub tf_layers: usize,
+    /// Dropout of the tail (training).
+    pub drop_p: f64,
+    /// Latent size.
+    pub latent_dim: usize,
+}
+
+impl Default for ConvformerConfig {
+    /// The reference configuration: C 8, 32 channels, 3 residual blocks,
+    /// tail 512 wide with 8 heads and 4 layers, dropout 0.1, latent 64.
+    fn default() -> Self {
+        Self {
+            mel_channels: 100,
+            compress_factor: 8,
+            channels: 32,
+            n_residual_blocks: 3,
+            tf_dim: 512,
+            tf_heads: 8,
+            tf_layers: 4,
+            drop_p: 0.1,
+            latent_dim: 64,
+        }
+    }
+}
+
+impl ConvformerConfig {
+    /// Checks every field; the error names it (`convformer.<field>`).
+    pub fn validate(&self) -> Result<()> {
+        let c = self.compress_factor;
+        ensure(
+            c.is_power_of_two() && (4..=32).contains(&c),
+            "convformer.compress_factor_C",
+            || format!("must be a power of two in 4..=32 (4, 8, 16 or 32), got {c}"),
+        )?;
+        for (v, f) in [
+            (self.mel_channels, "convformer.mel_channels"),
+            (self.channels, "convformer.channels"),
+            (self.tf_dim, "convformer.tf_dim"),
+            (self.tf_layers, "convformer.tf_layers"),
+            (self.latent_dim, "convformer.latent_dim"),
+        ] {
+            ensure(v > 0, f, || "must be > 0".into())?;
+        }
+        ensure(
+            self.tf_heads > 0 && self.tf_dim % self.tf_heads == 0,
+            "convformer.tf_heads",
+            || format!("{} heads must divide tf_dim {}", self.tf_heads, self.tf_dim),
+        )?;
+        ensure(
+            (self.tf_dim / self.tf_heads.max(1)) % 2 == 0,
+            "convformer.tf_heads",
+            || "the head size tf_dim / tf_heads must be even (rotary positions)".into(),
+        )?;
+        ensure(
+            (0.0..1.0).contains(&self.drop_p),
+            "convformer.drop_p",
+            || format!("must be in [0, 1), got {}", self.drop_p),
+        )
+    }
+
+    /// Downsampling stages, `log2(C)`.
+    pub fn stages(&self) -> usize {
+        self.compress_factor.trailing_zeros() as usize
+    }
+
+    /// Frequency bins left after the stages (each halves, rounding up).
+    pub fn collapsed_freq(&self) -> usize {
+        (0..self.stages()).fold(self.mel_channels, |f, _| f.div_ceil(2))
+    }
+}
+
+/// One downsampling stage: a causal conv with stride 2 in time and
+/// frequency, then residual blocks.
+#[derive(Debug, Clone)]
+struct Stage {
+    down: CausalConv2d,
+    blocks: Vec<ResidualUnit2d>,
+}
+
+/// The causal Convformer encoder.
+///
+/// Parameters: `input`, `context.{0,1,2}`, `stages.{i}.down`,
+/// `stages.{i}.blocks.{j}`, `collapse`, `tail.{k}`, `out`.
+#[derive(Debug, Clone)]
+pub struct ConvformerEncoder {
+    cfg: ConvformerConfig,
+    input: CausalConv2d,
+    context: Vec<ResidualUnit2d>,
+    stages: Vec<Stage>,
+    collapse: Linear,
+    tail: Vec<DecoderLayer>,
+    out: Linear,
+}
+
+const ACT: ActivationKind = ActivationKind::Silu;
+
+impl ConvformerEncoder {
+    /// Builds the encoder; fails on an invalid config, naming the field.
+    pub fn new(cfg: ConvformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let ch = cfg.channels;
+        let input = CausalConv2d::new(Conv2dConfig::new(1, ch, (3, 3)), vb.pp("input"))?;
+        let context = [1, 2, 4]
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| ResidualUnit2d::new(ch, (3, 3), d, ACT, false, vb.pp("context").pp(i)))
+            .collect::<melvae_layers::Result<_>>()?;
+        let stages = (0..cfg.stages())
+            .map(|i| -> Result<Stage> {
+                let vs = vb.pp("stages").pp(i);
+                let down = CausalConv2d::new(
+                    Conv2dConfig {
+                        stride: (2, 2),
+                        ..Conv2dConfig::new(ch, ch, (3, 4))
+                    },
+                    vs.pp("down"),
+                )?;
+                let blocks = (0..cfg.n_residual_blocks)
+                    .map(|j| ResidualUnit2d::new(ch, (3, 3), 1, ACT, false, vs.pp("blocks").pp(j)))
+                    .collect::<melvae_layers::Result<_>>()?;
+                Ok(Stage { down, blocks })
+            })
+            .collect::<Result<_>>()?;
+        let collapse = candle_nn::linear(ch * cfg.collapsed_freq(), cfg.tf_dim, vb.pp("collapse"))?;
+        let block = BlockConfig {
+            attention: AttentionConfig {
+                causal: true,
+                bias: true,
+                rotary_base: Some(10000.0),
+                dropout: cfg.drop_p,
+                ..AttentionConfig::new(cfg.tf_dim, cfg.tf_heads)
+            },
+            ffn: FeedForwardConfig {
+                hidden: 4 * cfg.tf_dim,
+                activation: FfnActivation::Gelu,
+                dropout: cfg.drop_p,
+                bias: true,
+                dim: cfg.tf_dim,
+            },
+            dropout: cfg.drop_p,
+            norm_eps: 1e-5,
+        };
+        let tail = (0..cfg.tf_layers)
+            .map(|k| DecoderLayer::new(block, None, vb.pp("tail").pp(k)))
+            .collect::<melvae_layers::Result<_>>()?;
+        let out = candle_nn::linear(cfg.tf_dim, 2 * cfg.latent_dim, vb.pp("out"))?;
+        Ok(Self {
+            cfg,
+            input,
+            context,
+            stages,
+            collapse,
+            tail,
+            out,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConvformerConfig {
+        &self.cfg
+    }
+
+    fn check(&self, mel: &Tensor) -> Result<()> {
+        match mel.dims() {
+            [_, m, _] if *m == self.cfg.mel_channels => Ok(()),
+            d => Err(Error::Shape {
+                what: "convformer input".into(),
+                expected: format!("[batch, {}, frames]", self.cfg.mel_channels),
+                got: format!("{d:?}"),
+            }),
+        }
+    }
+
+    /// `[B, ch, F', t] -> [B, t, tf_dim]`: frequency folded into channels.
+    fn collapse(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, c, f, t) = h.dims4()?;
+        let h = h.permute((0, 3, 1, 2))?.reshape((b, t, c * f))?;
+        Ok(self.collapse.forward(&h)?)
+    }
+
+    fn head(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let o = self.out.forward(h)?;
+        let l = self.cfg.latent_dim;
+        Ok((
+            o.narrow(D::Minus1, 0, l)?.contiguous()?,
+            o.narrow(D::Minus1, l, l)?.contiguous()?,
+        ))
+    }
+
+    /// `mel` `[batch, mel_channels, frames]` (frames a multiple of C) to
+    /// `(mean, logvar)`, each `[batch, frames / C, latent_dim]`. Latent `t`
+    /// depends only on frames `< (t + 1) C`.
+    pub fn forward(&self, mel: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        self.check(mel)?;
+        let t = mel.dim(2)?;
+        let c = self.cfg.compress_factor;
+        if t == 0 || t % c != 0 {
+            return Err(Error::Shape {
+                what: "convformer input".into(),
+                expected: format!("a multiple of compress_factor_C = {c} frames"),
+                got: format!("{t} frames"),
+            });
+        }
+        let mut h = self.input.forward(&mel.unsqueeze(1)?)?.silu()?;
+        for u in &self.context {
+            h = u.forward(&h)?;
+        }
+        for s in &self.stages {
+            h = s.down.forward(&h)?;
+            for u in &s.blocks {
+                h = u.forward(&h)?;
+            }
+        }
+        let mut x = self.collapse(&h)?;
+        for l in &self.tail {
+            x = l.forward(&x, None, None, train)?;
+        }
+        self.head(&x)
+    }
+}
+
+impl Streaming for ConvformerEncoder {
+    /// Mel frames `[batch, mel_channels, t]` (any `t >= 1`) to the latent
+    /// frames that became final, `mean` and `logvar` concatenated on the
+    /// last axis: `[batch, n, 2 * latent_dim]`.
+    fn step(&mut self, chunk: &Tensor) -> melvae_layers::Result<Option<Tensor>> {
+        let none = |e: Error| melvae_layers::Error::Invalid {
+            what: "convformer stream".into(),
+            reason: e.to_string(),
+        };
+        self.check(chunk).map_err(none)?;
+        let Some(mut h) = self.input.step(&chunk.unsqueeze(1)?)? else {
+            return Ok(None);
+        };
+        h = h.silu()?;
+        for u in &mut self.context {
+            match u.step(&h)? {
+                Some(y) => h = y,
+                None => return Ok(None),
+            }
+        }
+        for s in &mut self.stages {
+            match s.down.step(&h)? {
+                Some(y) => h = y,
+                None => return Ok(None),
+            }
+            for u in &mut s.blocks {
+                match u.step(&h)? {
+                    Some(y) => h = y,
+                    None => return Ok(None),
+                }
+            }
+        }
+        let mut x = self.collapse(&h).map_err(none)?;
+        for l in &mut self.tail {
+            x = l.forward_cached(&x, None)?;
+        }
+        let (m, v) = self.head(&x).map_err(none)?;
+        Ok(Some(Tensor::cat(&[m, v], D::Minus1)?))
+    }
+
+    fn reset(&mut self) {
+        self.input.reset();
+        for u in &mut self.context {
+            u.reset();
+        }
+        for s in &mut self.stages {
+            s.down.reset();
+            for u in &mut s.blocks {
+                u.reset();
+            }
+        }
+        for l in &mut self.tail {
+            l.clear_cache();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+    use melvae_layers::testing::{
+        check_module, max_abs_diff, noise, randomize, stream_in_chunks_to,
+    };
+
+    fn tiny(c: usize) -> ConvformerConfig {
+        ConvformerConfig {
+            mel_channels: 12,
+            compress_factor: c,
+            channels: 3,
+            n_residual_blocks: 1,
+            tf_dim: 8,
+            tf_heads: 2,
+            tf_layers: 1,
+            drop_p: 0.0,
+            latent_dim: 4,
+        }
+    }
+
+    fn build(cfg: ConvformerConfig, dtype: DType) -> (VarMap, ConvformerEncoder) {
+        let vm = VarMap::new();
+        let e =
+            ConvformerEncoder::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+        randomize(&vm, 0.3, 7).unwrap();
+        (vm, e)
+    }
+
+    fn mel(t: usize, seed: u64) -> Tensor {
+        noise(&[2, 12, t], seed)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn shapes_for_every_c() {
+        for c in [4, 8, 16, 32] {
+            let (_, e) = build(tiny(c), DType::F32);
+            let (m, v) = e.forward(&mel(2 * c, 1), false).unwrap();
+            assert_eq!(m.dims(), &[2, 2, 4], "C={c}");
+            assert_eq!(v.dims(), &[2, 2, 4]);
+        }
+    }
+
+    #[test]
+    fn causal_in_time() {
+        let (_, e) = build(tiny(8), DType::F32);
+        let x = mel(40, 2);
+        let (m, _) = e.forward(&x, false).unwrap();
+        // Change frames from 24 on: latents 0..3 (frames < 24) must not move.
+        let junk = (noise(&[2, 12, 16], 9)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            * 5.0)
+            .unwrap();
+        let y = x.slice_assign(&[0..2, 0..12, 24..40], &junk).unwrap();
+        let (m2, _) = e.forward(&y, false).unwrap();
+        let first = |t: &Tensor| t.narrow(1, 0, 3).unwrap();
+        assert!(max_abs_diff(&first(&m), &first(&m2)).unwrap() < 1e-6);
+        assert!(
+            max_abs_diff(&m.narrow(1, 3, 1).unwrap(), &m2.narrow(1, 3, 1).unwrap()).unwrap() > 1e-4,
+            "latent 3 sees frame 24"
+        );
+    }
+
+    #[test]
+    fn streaming_equals_offline() {
+        for c in [4, 8] {
+            let (_, mut e) = build(tiny(c), DType::F32);
+            let x = mel(8 * c, 3);
+            let (m, v) = e.forward(&x, false).unwrap();
+            let offline = Tensor::cat(&[m, v], D::Minus1).unwrap();
+            for seed in 0..3 {
+                let streamed = stream_in_chunks_to(&mut e, &x, 2, 1, 7, seed).unwrap();
+                assert!(
+                    max_abs_diff(&offline, &streamed).unwrap() < 1e-5,
+                    "C={c} seed {seed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients() {
+        let vm = VarMap::new();
+        let e = ConvformerEncoder::new(
+            tiny(4),
+            VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Var::from_tensor(&noise(&[2, 12, 8], 4).unwrap()).unwrap();
+        check_module(&vm, 0.3, 5, &[("mel", &x)], || {
+            let (m, v) =
+                e.forward(x.as_tensor(), false)
+                    .map_err(|e| melvae_layers::Error::Invalid {
+                        what: "fwd".into(),
+                        reason: e.to_string(),
+                    })?;
+            Ok(Tensor::cat(&[m, v], D::Minus1)?)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        for (cfg, field) in [
+            (
+                ConvformerConfig {
+                    compress_factor: 6,
+                    ..tiny(8)
+                },
+                "compress_factor_C",
+            ),
+            (
+                ConvformerConfig {
+                    compress_factor: 64,
+                    ..tiny(8)
+                },
+                "compress_factor_C",
+            ),
+            (
+                ConvformerConfig {
+                    tf_heads: 3,
+                    ..tiny(8)
+                },
+                "tf_heads",
+            ),
+            (
+                ConvformerConfig {
+                    drop_p: 1.0,
+                    ..tiny(8)
+                },
+                "drop_p",
+            ),
+            (
+                ConvformerConfig {
+                    latent_dim: 0,
+                    ..tiny(8)
+                },
+                "latent_dim",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("convformer.{field}")), "{e}");
+        }
+        ConvformerConfig::default().validate().unwrap();
+        let (_, e) = build(tiny(8), DType::F32);
+        let err = e.forward(&mel(20, 1), false).unwrap_err().to_string();
+        assert!(
+            err.contains("multiple of compress_factor_C = 8") && err.contains("20 frames"),
+            "{err}"
+        );
+        let err = e
+            .forward(
+                &noise(&[2, 10, 16], 1)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[batch, 12, frames]"), "{err}");
+    }
+}

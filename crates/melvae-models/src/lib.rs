@@ -1,0 +1,27 @@
+//! melvae-models: the model families built on melvae's layers and losses.
+//!
+//! - [`convformer`]: the causal, streaming Convformer encoder of the mel VAE.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use melvae_models::{ConvformerConfig, ConvformerEncoder};
+//!
+//! let vm = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+//! let cfg = ConvformerConfig { channels: 4, tf_dim: 32, tf_heads: 4, tf_layers: 1, ..Default::default() };
+//! let enc = ConvformerEncoder::new(cfg, vb)?;
+//! let mel = Tensor::randn(0f32, 1.0, (1, 100, 64), &Device::Cpu)?; // [batch, mels, frames]
+//! let (mean, logvar) = enc.forward(&mel, false)?;
+//! assert_eq!(mean.dims(), &[1, 8, 64]); // 64 frames / C = 8 latent frames
+//! # let _ = logvar;
+//! # Ok::<(), melvae_models::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod convformer;
+mod error;
+
+pub use convformer::{ConvformerConfig, ConvformerEncoder};
+pub use error::{Error, Result};
