@@ -1,6 +1,8 @@
 //! melvae-models: the model families built on melvae's layers and losses.
 //!
 //! - [`convformer`]: the causal, streaming Convformer encoder of the mel VAE.
+//! - [`dit_cfm`]: its DiT conditional flow-matching decoder, with Euler and
+//!   midpoint sampling and classifier-free guidance.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -21,7 +23,9 @@
 #![warn(missing_docs)]
 
 pub mod convformer;
+pub mod dit_cfm;
 mod error;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
+pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};

@@ -1,0 +1,469 @@
+//! The DiT conditional flow-matching decoder of the mel VAE: predicts the
+//! velocity that carries noise to a mel spectrogram, conditioned on the
+//! latent and the flow time; sampled with Euler or midpoint steps and
+//! classifier-free guidance.
+
+use candle_core::{Device, Tensor, D};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+use melvae_dsp::SplitMix64;
+use melvae_layers::{
+    modulate, AdaLnZero, AttentionConfig, BlockConfig, DitBlock, FeedForwardConfig, FfnActivation,
+    LayerNorm, TimestepEmbedder,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::{Error, Result};
+
+/// The `cfm:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CfmConfig {
+    /// Mel bands produced.
+    pub mel_channels: usize,
+    /// Width of the DiT.
+    pub unet_dim: usize,
+    /// DiT blocks.
+    pub unet_depth: usize,
+    /// Attention heads.
+    pub unet_heads: usize,
+    /// Dropout inside the blocks (training).
+    pub unet_dropout_rate: f64,
+    /// Flow-matching `sigma_min`.
+    pub sigma: f64,
+    /// Probability of dropping the condition in training (classifier-free
+    /// guidance needs the unconditional model).
+    #[serde(default = "default_cond_drop")]
+    pub cond_drop_prob: f64,
+}
+
+fn default_cond_drop() -> f64 {
+    0.1
+}
+
+impl Default for CfmConfig {
+    /// The reference configuration: 512 wide, 6 blocks, 8 heads, no
+    /// dropout, sigma 1e-5, 100 mels, condition dropped 10% of the time.
+    fn default() -> Self {
+        Self {
+            mel_channels: 100,
+            unet_dim: 512,
+            unet_depth: 6,
+            unet_heads: 8,
+            unet_dropout_rate: 0.0,
+            sigma: 1e-5,
+            cond_drop_prob: 0.1,
+        }
+    }
+}
+
+impl CfmConfig {
+    /// Checks every field; the error names it (`cfm.<field>`).
+    pub fn validate(&self) -> Result<()> {
+        ensure(self.mel_channels > 0, "cfm.mel_channels", || {
+            "must be > 0".into()
+        })?;
+        ensure(self.unet_depth > 0, "cfm.unet_depth", || {
+            "must be > 0".into()
+        })?;
+        ensure(
+            self.unet_heads > 0
+                && self.unet_dim % self.unet_heads == 0
+                && (self.unet_dim / self.unet_heads) % 2 == 0,
+            "cfm.unet_heads",
+            || {
+                format!(
+                    "{} heads must divide unet_dim {} into an even head size",
+                    self.unet_heads, self.unet_dim
+                )
+            },
+        )?;
+        ensure(
+            (0.0..1.0).contains(&self.unet_dropout_rate),
+            "cfm.unet_dropout_rate",
+            || "must be in [0, 1)".into(),
+        )?;
+        ensure((0.0..1.0).contains(&self.sigma), "cfm.sigma", || {
+            format!("must be in [0, 1), got {}", self.sigma)
+        })?;
+        ensure(
+            (0.0..1.0).contains(&self.cond_drop_prob),
+            "cfm.cond_drop_prob",
+            || "must be in [0, 1)".into(),
+        )
+    }
+}
+
+/// ODE solver for sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Solver {
+    /// `x += dt v(x, t)`: first order.
+    Euler,
+    /// `x += dt v(x + dt/2 v(x, t), t + dt/2)`: second order.
+    Midpoint,
+}
+
+/// Integrates `dx/dt = v(x, t)` from `t = 0` to 1 in `steps` equal steps.
+pub fn integrate(
+    x0: Tensor,
+    steps: usize,
+    solver: Solver,
+    mut v: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+) -> Result<Tensor> {
+    ensure(steps > 0, "num_steps", || "must be > 0".into())?;
+    let dt = 1.0 / steps as f64;
+    let mut x = x0;
+    for i in 0..steps {
+        let t = i as f64 * dt;
+        x = match solver {
+            Solver::Euler => (&x + (v(&x, t)? * dt)?)?,
+            Solver::Midpoint => {
+                let mid = (&x + (v(&x, t)? * (dt / 2.0))?)?;
+                (&x + (v(&mid, t + dt / 2.0)? * dt)?)?
+            }
+        };
+    }
+    Ok(x)
+}
+
+/// Standard normal noise of `shape` from `rng` (host-side, so sampling and
+/// training noise are reproducible from a seed).
+pub fn normal_noise(shape: &[usize], rng: &mut SplitMix64, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// The DiT decoder.
+///
+/// Parameters: `in_proj` (mel + latent -> unet_dim), `time`
+/// (`mlp.0`, `mlp.2`), `blocks.{i}`, `final_ada`, `out` (zero-initialised).
+#[derive(Debug, Clone)]
+pub struct DitDecoder {
+    cfg: CfmConfig,
+    latent_dim: usize,
+    compress: usize,
+    in_proj: Linear,
+    time: TimestepEmbedder,
+    blocks: Vec<DitBlock>,
+    final_norm: LayerNorm,
+    final_ada: AdaLnZero,
+    out: Linear,
+}
+
+impl DitDecoder {
+    /// A decoder for latents of `latent_dim` at `1 / compress` of the mel
+    /// frame rate.
+    pub fn new(cfg: CfmConfig, latent_dim: usize, compress: usize, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.unet_dim;
+        let block = BlockConfig {
+            attention: AttentionConfig {
+                bias: true,
+                rotary_base: Some(10000.0),
+                dropout: cfg.unet_dropout_rate,
+                ..AttentionConfig::new(d, cfg.unet_heads)
+            },
+            ffn: FeedForwardConfig {
+                dim: d,
+                hidden: 4 * d,
+                activation: FfnActivation::Gelu,
+                dropout: cfg.unet_dropout_rate,
+                bias: true,
+            },
+            dropout: cfg.unet_dropout_rate,
+            norm_eps: 1e-6,
+        };
+        let blocks = (0..cfg.unet_depth)
+            .map(|i| DitBlock::new(block, d, vb.pp("blocks").pp(i)))
+            .collect::<melvae_layers::Result<_>>()?;
+        let out_w =
+            vb.pp("out")
+                .get_with_hints((cfg.mel_channels, d), "weight", Init::Const(0.0))?;
+        let out_b = vb
+            .pp("out")
+            .get_with_hints(cfg.mel_channels, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            in_proj: candle_nn::linear(cfg.mel_channels + latent_dim, d, vb.pp("in_proj"))?,
+            time: TimestepEmbedder::new(d, 256, vb.pp("time"))?,
+            blocks,
+            final_norm: LayerNorm::new(d, 1e-6, false, vb.pp("final_norm"))?,
+            final_ada: AdaLnZero::new(d, d, 2, vb.pp("final_ada"))?,
+            out: Linear::new(out_w, Some(out_b)),
+            latent_dim,
+            compress,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CfmConfig {
+        &self.cfg
+    }
+
+    /// The velocity at `x_t` (`[batch, mel, frames]`) and flow time `t`
+    /// (`[batch]`), given the latent `cond` (`[batch, frames / C, latent]`;
+    /// zeros mean "unconditional"). Returns `[batch, mel, frames]`.
+    pub fn forward(&self, x_t: &Tensor, t: &Tensor, cond: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, m, frames) = x_t.dims3()?;
+        if m != self.cfg.mel_channels {
+            return Err(Error::Shape {
+                what: "decoder input".into(),
+                expected: format!("[batch, {}, frames]", self.cfg.mel_channels),
+                got: format!("{:?}", x_t.dims()),
+            });
+        }
+        let want = [b, frames / self.compress, self.latent_dim];
+        if frames % self.compress != 0 || cond.dims() != want {
+            return Err(Error::Shape {
+                what: "decoder condition".into(),
+                expected: format!("{want:?} (frames a multiple of {})", self.compress),
+                got: format!("{:?}", cond.dims()),
+            });
+        }
+        // Latent frame k conditions mel frames kC .. (k+1)C.
+        let up = cond
+            .unsqueeze(2)?
+            .repeat((1, 1, self.compress, 1))?
+            .reshape((b, frames, self.latent_dim))?;
+        let h = Tensor::cat(
+            &[&x_t.transpose(1, 2)?, &up.to_dtype(x_t.dtype())?],
+            D::Minus1,
+        )?;
+        let mut h = self.in_proj.forward(&h)?;
+        let c = self.time.forward(&t.to_dtype(x_t.dtype())?)?;
+        for blk in &self.blocks {
+            h = blk.forward(&h, &c, None, train)?;
+        }
+        let m = self.final_ada.forward(&c)?;
+        let h = modulate(&self.final_norm.forward(&h)?, &m[0], &m[1])?;
+        Ok(self.out.forward(&h)?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Velocity with classifier-free guidance:
+    /// `v_u + g (v_c - v_u)` (one batched forward); `g = 1` is purely
+    /// conditional.
+    pub fn guided(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cond: &Tensor,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
+        if guidance_scale == 1.0 {
+            return self.forward(x, t, cond, false);
+        }
+        let b = x.dim(0)?;
+        let v = self.forward(
+            &Tensor::cat(&[x, x], 0)?,
+            &Tensor::cat(&[t, t], 0)?,
+            &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?,
+            false,
+        )?;
+        let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
+        Ok((&vu + ((vc - &vu)? * guidance_scale)?)?)
+    }
+
+    /// Samples mels `[batch, mel, frames]` for latents `cond`: noise scaled
+    /// by `temperature` (from `seed`) integrated to `t = 1` in `num_steps`.
+    pub fn sample(
+        &self,
+        cond: &Tensor,
+        num_steps: usize,
+        temperature: f64,
+        guidance_scale: f64,
+        solver: Solver,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let (b, k, _) = cond.dims3()?;
+        let frames = k * self.compress;
+        let mut rng = SplitMix64::new(seed);
+        let x0 = (normal_noise(&[b, self.cfg.mel_channels, frames], &mut rng, cond.device())?
+            .to_dtype(cond.dtype())?
+            * temperature)?;
+        integrate(x0, num_steps, solver, |x, t| {
+            let tt = Tensor::full(t as f32, b, cond.device())?.to_dtype(cond.dtype())?;
+            self.guided(x, &tt, cond, guidance_scale)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+    use candle_nn::VarMap;
+    use melvae_layers::testing::{check_module, max_abs_diff, noise, randomize};
+
+    fn tiny() -> CfmConfig {
+        CfmConfig {
+            mel_channels: 6,
+            unet_dim: 8,
+            unet_depth: 1,
+            unet_heads: 2,
+            unet_dropout_rate: 0.0,
+            sigma: 1e-5,
+            cond_drop_prob: 0.1,
+        }
+    }
+
+    fn build(dtype: DType) -> (VarMap, DitDecoder) {
+        let vm = VarMap::new();
+        let d = DitDecoder::new(
+            tiny(),
+            3,
+            4,
+            VarBuilder::from_varmap(&vm, dtype, &Device::Cpu),
+        )
+        .unwrap();
+        randomize(&vm, 0.4, 3).unwrap();
+        (vm, d)
+    }
+
+    #[test]
+    fn solvers_converge_with_their_order() {
+        // dx/dt = -x: x(1) = x0 / e.
+        let x0 = Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
+        let exact = (&x0 * (-1f64).exp()).unwrap();
+        let err = |solver, steps| {
+            let x = integrate(x0.clone(), steps, solver, |x, _| Ok(x.neg()?)).unwrap();
+            max_abs_diff(&x, &exact).unwrap()
+        };
+        let (e10, e20) = (err(Solver::Euler, 10), err(Solver::Euler, 20));
+        let (m10, m20) = (err(Solver::Midpoint, 10), err(Solver::Midpoint, 20));
+        assert!(
+            (e10 / e20 - 2.0).abs() < 0.2,
+            "Euler is first order: {e10} {e20}"
+        );
+        assert!(
+            (m10 / m20 - 4.0).abs() < 0.4,
+            "midpoint is second order: {m10} {m20}"
+        );
+        assert!(m10 < e10 / 10.0);
+        // Time enters as it should: dx/dt = t gives x(1) = x0 + 1/2.
+        let x = integrate(x0.clone(), 8, Solver::Midpoint, |x, t| {
+            Ok((x.zeros_like()? + t)?)
+        })
+        .unwrap();
+        assert!(max_abs_diff(&x, &(&x0 + 0.5).unwrap()).unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn shapes_guidance_and_temperature() {
+        let (_, d) = build(DType::F32);
+        let cond = noise(&[2, 3, 3], 1).unwrap().to_dtype(DType::F32).unwrap();
+        let x = noise(&[2, 6, 12], 2).unwrap().to_dtype(DType::F32).unwrap();
+        let t = Tensor::new(&[0.3f32, 0.7], &Device::Cpu).unwrap();
+        assert_eq!(d.forward(&x, &t, &cond, false).unwrap().dims(), &[2, 6, 12]);
+        let vc = d.forward(&x, &t, &cond, false).unwrap();
+        let vu = d
+            .forward(&x, &t, &cond.zeros_like().unwrap(), false)
+            .unwrap();
+        assert!(
+            max_abs_diff(&vc, &vu).unwrap() > 1e-4,
+            "the condition matters"
+        );
+        assert!(max_abs_diff(&d.guided(&x, &t, &cond, 1.0).unwrap(), &vc).unwrap() < 1e-6);
+        assert!(max_abs_diff(&d.guided(&x, &t, &cond, 0.0).unwrap(), &vu).unwrap() < 1e-5);
+        let g3 = (&vu + ((&vc - &vu).unwrap() * 3.0).unwrap()).unwrap();
+        assert!(max_abs_diff(&d.guided(&x, &t, &cond, 3.0).unwrap(), &g3).unwrap() < 1e-5);
+        let s = d.sample(&cond, 4, 1.0, 2.0, Solver::Midpoint, 9).unwrap();
+        assert_eq!(s.dims(), &[2, 6, 12]);
+        assert_eq!(
+            s.to_vec3::<f32>().unwrap(),
+            d.sample(&cond, 4, 1.0, 2.0, Solver::Midpoint, 9)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap(),
+            "seeded"
+        );
+        // Temperature 0: no noise, so the seed does not matter.
+        let a = d.sample(&cond, 3, 0.0, 1.0, Solver::Euler, 1).unwrap();
+        let b = d.sample(&cond, 3, 0.0, 1.0, Solver::Euler, 2).unwrap();
+        assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn gradients() {
+        let vm = VarMap::new();
+        let d = DitDecoder::new(
+            tiny(),
+            3,
+            2,
+            VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Var::from_tensor(&noise(&[2, 6, 4], 1).unwrap()).unwrap();
+        let c = Var::from_tensor(&noise(&[2, 2, 3], 2).unwrap()).unwrap();
+        let t = Tensor::new(&[0.2f64, 0.6], &Device::Cpu).unwrap();
+        check_module(&vm, 0.4, 4, &[("x_t", &x), ("cond", &c)], || {
+            d.forward(x.as_tensor(), &t, c.as_tensor(), false)
+                .map_err(|e| melvae_layers::Error::Invalid {
+                    what: "fwd".into(),
+                    reason: e.to_string(),
+                })
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_inputs_and_config_are_named() {
+        let (_, d) = build(DType::F32);
+        let t = Tensor::new(&[0.3f32, 0.7], &Device::Cpu).unwrap();
+        let x = Tensor::zeros((2, 6, 12), DType::F32, &Device::Cpu).unwrap();
+        let e = d
+            .forward(
+                &x,
+                &t,
+                &Tensor::zeros((2, 2, 3), DType::F32, &Device::Cpu).unwrap(),
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("decoder condition") && e.contains("[2, 3, 3]"),
+            "{e}"
+        );
+        let e = d
+            .forward(
+                &Tensor::zeros((2, 5, 12), DType::F32, &Device::Cpu).unwrap(),
+                &t,
+                &x,
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[batch, 6, frames]"), "{e}");
+        for (cfg, f) in [
+            (
+                CfmConfig {
+                    unet_heads: 3,
+                    ..tiny()
+                },
+                "cfm.unet_heads",
+            ),
+            (
+                CfmConfig {
+                    sigma: 1.0,
+                    ..tiny()
+                },
+                "cfm.sigma",
+            ),
+            (
+                CfmConfig {
+                    cond_drop_prob: -0.1,
+                    ..tiny()
+                },
+                "cfm.cond_drop_prob",
+            ),
+        ] {
+            assert!(cfg.validate().unwrap_err().to_string().contains(f));
+        }
+        CfmConfig::default().validate().unwrap();
+        let e = integrate(x.clone(), 0, Solver::Euler, |x, _| Ok(x.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_steps"), "{e}");
+    }
+}
