@@ -36,6 +36,20 @@ pub struct ConvformerConfig {
     pub drop_p: f64,
     /// Latent size.
     pub latent_dim: usize,
+    /// Final weight of the KL term of the VAE loss.
+    #[serde(default = "default_kl_weight")]
+    pub kl_loss_weight: f64,
+    /// Steps of the linear KL warm-up from 0.
+    #[serde(default = "default_kl_warmup")]
+    pub kl_loss_warmup_steps: u64,
+}
+
+fn default_kl_weight() -> f64 {
+    1e-3
+}
+
+fn default_kl_warmup() -> u64 {
+    1000
 }
 
 impl Default for ConvformerConfig {
@@ -52,6 +66,8 @@ impl Default for ConvformerConfig {
             tf_layers: 4,
             drop_p: 0.1,
             latent_dim: 64,
+            kl_loss_weight: 1e-3,
+            kl_loss_warmup_steps: 1000,
         }
     }
 }
@@ -329,6 +345,8 @@ mod tests {
             tf_layers: 1,
             drop_p: 0.0,
             latent_dim: 4,
+            kl_loss_weight: 1e-3,
+            kl_loss_warmup_steps: 10,
         }
     }
 

@@ -35,6 +35,21 @@ pub struct CfmConfig {
     /// guidance needs the unconditional model).
     #[serde(default = "default_cond_drop")]
     pub cond_drop_prob: f64,
+    /// Log-mels are normalised as `(mel - mel_mean) / mel_std` for flow
+    /// matching (defaults suit `vocos-24k` speech: silence is ln(1e-7) = -16).
+    #[serde(default = "default_mel_mean")]
+    pub mel_mean: f64,
+    /// See `mel_mean`.
+    #[serde(default = "default_mel_std")]
+    pub mel_std: f64,
+}
+
+fn default_mel_mean() -> f64 {
+    -5.0
+}
+
+fn default_mel_std() -> f64 {
+    3.0
 }
 
 fn default_cond_drop() -> f64 {
@@ -53,6 +68,8 @@ impl Default for CfmConfig {
             unet_dropout_rate: 0.0,
             sigma: 1e-5,
             cond_drop_prob: 0.1,
+            mel_mean: -5.0,
+            mel_std: 3.0,
         }
     }
 }
@@ -90,7 +107,10 @@ impl CfmConfig {
             (0.0..1.0).contains(&self.cond_drop_prob),
             "cfm.cond_drop_prob",
             || "must be in [0, 1)".into(),
-        )
+        )?;
+        ensure(self.mel_std > 0.0, "cfm.mel_std", || {
+            format!("must be > 0, got {}", self.mel_std)
+        })
     }
 }
 
@@ -305,6 +325,8 @@ mod tests {
             unet_dropout_rate: 0.0,
             sigma: 1e-5,
             cond_drop_prob: 0.1,
+            mel_mean: -5.0,
+            mel_std: 3.0,
         }
     }
 

@@ -3,6 +3,8 @@
 //! - [`convformer`]: the causal, streaming Convformer encoder of the mel VAE.
 //! - [`dit_cfm`]: its DiT conditional flow-matching decoder, with Euler and
 //!   midpoint sampling and classifier-free guidance.
+//! - [`mel_vae`]: the two joined: encode, sample, encode-and-sample from
+//!   audio, and the training loss (flow matching + KL with warm-up).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -25,7 +27,9 @@
 pub mod convformer;
 pub mod dit_cfm;
 mod error;
+pub mod mel_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};
+pub use mel_vae::{MelVae, MelVaeConfig, MelVaeLoss, SampleOptions};

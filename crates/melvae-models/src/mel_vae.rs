@@ -1,0 +1,471 @@
+//! The mel VAE: a causal Convformer encoder and a DiT flow-matching decoder.
+
+use candle_core::{Device, Tensor, D};
+use candle_nn::VarBuilder;
+use melvae_dsp::{resample, MelConfig, MelExtractor, ResampleQuality, SplitMix64};
+use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
+use serde::{Deserialize, Serialize};
+
+use crate::convformer::{ConvformerConfig, ConvformerEncoder};
+use crate::dit_cfm::{normal_noise, CfmConfig, DitDecoder, Solver};
+use crate::error::ensure;
+use crate::Result;
+
+/// The mel VAE's configuration: the `convformer:` and `cfm:` sections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MelVaeConfig {
+    /// Encoder (and the KL weight and warm-up).
+    pub convformer: ConvformerConfig,
+    /// Decoder.
+    pub cfm: CfmConfig,
+}
+
+impl MelVaeConfig {
+    /// Checks both sections and that they agree on the mel bands.
+    pub fn validate(&self) -> Result<()> {
+        self.convformer.validate()?;
+        self.cfm.validate()?;
+        ensure(
+            self.cfm.mel_channels == self.convformer.mel_channels,
+            "cfm.mel_channels",
+            || {
+                format!(
+                    "must equal convformer.mel_channels = {}",
+                    self.convformer.mel_channels
+                )
+            },
+        )
+    }
+
+    /// The KL weight schedule: linear from 0 to `kl_loss_weight` over
+    /// `kl_loss_warmup_steps`.
+    pub fn kl_schedule(&self) -> KlSchedule {
+        KlSchedule::Linear {
+            start: 0.0,
+            end: self.convformer.kl_loss_weight,
+            warmup_steps: self.convformer.kl_loss_warmup_steps,
+        }
+    }
+}
+
+/// How [`MelVae::sample`] integrates the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SampleOptions {
+    /// ODE steps.
+    pub num_steps: usize,
+    /// Scale of the initial noise (0: deterministic).
+    pub temperature: f64,
+    /// Classifier-free guidance scale (1: conditional only).
+    pub guidance_scale: f64,
+    /// ODE solver.
+    pub solver: Solver,
+    /// Seed of the initial noise.
+    pub seed: u64,
+}
+
+impl Default for SampleOptions {
+    /// 10 midpoint steps, temperature 1, no guidance, seed 0.
+    fn default() -> Self {
+        Self {
+            num_steps: 10,
+            temperature: 1.0,
+            guidance_scale: 1.0,
+            solver: Solver::Midpoint,
+            seed: 0,
+        }
+    }
+}
+
+/// The loss of one batch and its terms (scalars).
+#[derive(Debug, Clone)]
+pub struct MelVaeLoss {
+    /// `cfm + kl_weight(step) * kl`.
+    pub total: Tensor,
+    /// Flow-matching MSE on normalised mels.
+    pub cfm: Tensor,
+    /// KL per latent frame (summed over latent dims).
+    pub kl: Tensor,
+    /// The KL weight used.
+    pub kl_weight: f64,
+}
+
+/// The mel VAE. Parameters `encoder.*` and `decoder.*`.
+#[derive(Debug, Clone)]
+pub struct MelVae {
+    cfg: MelVaeConfig,
+    /// The causal Convformer encoder.
+    pub encoder: ConvformerEncoder,
+    /// The DiT flow-matching decoder.
+    pub decoder: DitDecoder,
+}
+
+impl MelVae {
+    /// Builds both halves; fails on an invalid config, naming the field.
+    pub fn new(cfg: MelVaeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let encoder = ConvformerEncoder::new(cfg.convformer.clone(), vb.pp("encoder"))?;
+        let decoder = DitDecoder::new(
+            cfg.cfm.clone(),
+            cfg.convformer.latent_dim,
+            cfg.convformer.compress_factor,
+            vb.pp("decoder"),
+        )?;
+        Ok(Self {
+            cfg,
+            encoder,
+            decoder,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MelVaeConfig {
+        &self.cfg
+    }
+
+    /// Time compression C.
+    pub fn compress(&self) -> usize {
+        self.cfg.convformer.compress_factor
+    }
+
+    fn normalize(&self, mel: &Tensor) -> Result<Tensor> {
+        Ok(mel.affine(
+            1.0 / self.cfg.cfm.mel_std,
+            -self.cfg.cfm.mel_mean / self.cfg.cfm.mel_std,
+        )?)
+    }
+
+    /// Log-mel `[batch, mel, frames]` (frames a multiple of C) to the
+    /// latent Gaussian `(mean, logvar)`, each `[batch, frames / C, latent]`.
+    pub fn encode(&self, mel: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encoder.forward(&self.normalize(mel)?, false)
+    }
+
+    /// Decodes latents `[batch, k, latent]` to log-mels `[batch, mel, k C]`.
+    pub fn sample(&self, latent: &Tensor, opts: &SampleOptions) -> Result<Tensor> {
+        let x = self.decoder.sample(
+            latent,
+            opts.num_steps,
+            opts.temperature,
+            opts.guidance_scale,
+            opts.solver,
+            opts.seed,
+        )?;
+        Ok(x.affine(self.cfg.cfm.mel_std, self.cfg.cfm.mel_mean)?)
+    }
+
+    /// Audio (mono samples at `sample_rate`) to `(reconstructed log-mel
+    /// [1, mel, frames], latent [1, frames / C, latent])`: resampled to the
+    /// `vocos-24k` rate, its log-mel padded with silence frames to a multiple
+    /// of C, encoded (the latent is the posterior mean), and decoded.
+    pub fn encode_and_sample(
+        &self,
+        audio: &[f32],
+        sample_rate: u32,
+        opts: &SampleOptions,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let mel = self.audio_to_mel(audio, sample_rate, device)?;
+        let (latent, _) = self.encode(&mel)?;
+        let recon = self.sample(&latent, opts)?;
+        Ok((recon, latent))
+    }
+
+    /// The `vocos-24k` log-mel of `audio` as `[1, mel, frames]`, padded
+    /// with silence (`ln(1e-7)`) to a multiple of C frames.
+    pub fn audio_to_mel(&self, audio: &[f32], sample_rate: u32, device: &Device) -> Result<Tensor> {
+        let mc = MelConfig::vocos_24k();
+        ensure(
+            mc.n_mels == self.cfg.convformer.mel_channels,
+            "convformer.mel_channels",
+            || {
+                format!(
+                    "must be {} to encode audio with the vocos-24k preset",
+                    mc.n_mels
+                )
+            },
+        )?;
+        let audio = if sample_rate == mc.sample_rate {
+            audio.to_vec()
+        } else {
+            resample(
+                &[audio.to_vec()],
+                sample_rate,
+                mc.sample_rate,
+                ResampleQuality::Sinc,
+            )?
+            .remove(0)
+        };
+        let mel = MelExtractor::new(mc)?.extract(&audio)?;
+        let (m, t) = mel.dim();
+        let c = self.compress();
+        let padded = t.div_ceil(c) * c;
+        let floor = (1e-7f32).ln();
+        let mut data = vec![floor; m * padded];
+        for i in 0..m {
+            for j in 0..t {
+                data[i * padded + j] = mel[[i, j]];
+            }
+        }
+        Ok(Tensor::from_vec(data, (1, m, padded), device)?)
+    }
+
+    /// The training loss of `mel` (`[batch, mel, frames]`, frames a multiple
+    /// of C) at `step`. All randomness comes from `rng`: the
+    /// reparameterisation noise, the per-example condition drop (probability
+    /// `cfm.cond_drop_prob`, for classifier-free guidance), the flow noise
+    /// and the flow times.
+    pub fn loss(&self, mel: &Tensor, step: u64, rng: &mut SplitMix64) -> Result<MelVaeLoss> {
+        let x1 = self.normalize(mel)?;
+        let (b, _, _) = x1.dims3()?;
+        let (mean, logvar) = self.encoder.forward(&x1, true)?;
+        let dev = mel.device();
+        let dt = mel.dtype();
+        let eps = normal_noise(mean.dims(), rng, dev)?.to_dtype(dt)?;
+        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
+        let keep: Vec<f32> = (0..b)
+            .map(|_| (rng.next_f64() >= self.cfg.cfm.cond_drop_prob) as u8 as f32)
+            .collect();
+        let keep = Tensor::from_vec(keep, (b, 1, 1), dev)?.to_dtype(dt)?;
+        let cond = z.broadcast_mul(&keep)?;
+        let x0 = normal_noise(x1.dims(), rng, dev)?.to_dtype(dt)?;
+        let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
+        let t = Tensor::from_vec(t, b, dev)?.to_dtype(dt)?;
+        let (xt, u) = flow_matching_target(&x0, &x1, &t, self.cfg.cfm.sigma)?;
+        let v = self.decoder.forward(&xt, &t, &cond, true)?;
+        let cfm = flow_matching_loss(&v, &u, None)?;
+        let kl = kl_loss(&mean, &logvar, FreeBits::None)?;
+        let kl_weight = self.cfg.kl_schedule().weight(step);
+        let total = (&cfm + (&kl * kl_weight)?)?;
+        Ok(MelVaeLoss {
+            total,
+            cfm,
+            kl,
+            kl_weight,
+        })
+    }
+
+    /// Mean absolute error between two log-mels of one shape.
+    pub fn mel_l1(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok((a - b)?
+            .abs()?
+            .mean_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?)
+    }
+
+    /// Latent dimension.
+    pub fn latent_dim(&self) -> usize {
+        self.cfg.convformer.latent_dim
+    }
+
+    /// Reduces a stacked `(mean ‖ logvar)` streaming output of the encoder
+    /// (`[batch, n, 2 * latent]`) to the mean.
+    pub fn stream_mean(&self, stacked: &Tensor) -> Result<Tensor> {
+        Ok(stacked.narrow(D::Minus1, 0, self.latent_dim())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use candle_nn::{Optimizer, VarMap};
+    use melvae_layers::testing::{max_abs_diff, noise, randomize};
+
+    fn tiny() -> MelVaeConfig {
+        MelVaeConfig {
+            convformer: ConvformerConfig {
+                mel_channels: 12,
+                compress_factor: 4,
+                channels: 3,
+                n_residual_blocks: 1,
+                tf_dim: 8,
+                tf_heads: 2,
+                tf_layers: 1,
+                drop_p: 0.0,
+                latent_dim: 4,
+                kl_loss_weight: 1e-3,
+                kl_loss_warmup_steps: 10,
+            },
+            cfm: CfmConfig {
+                mel_channels: 12,
+                unet_dim: 16,
+                unet_depth: 1,
+                unet_heads: 2,
+                unet_dropout_rate: 0.0,
+                sigma: 1e-4,
+                cond_drop_prob: 0.2,
+                mel_mean: -5.0,
+                mel_std: 3.0,
+            },
+        }
+    }
+
+    fn mels(seed: u64) -> Tensor {
+        ((noise(&[2, 12, 16], seed).unwrap() * 2.0).unwrap() - 5.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn shapes_and_determinism() {
+        let vm = VarMap::new();
+        let vae = MelVae::new(
+            tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let (m, v) = vae.encode(&mels(1)).unwrap();
+        assert_eq!((m.dims(), v.dims()), (&[2, 4, 4][..], &[2, 4, 4][..]));
+        assert_eq!(
+            vae.sample(
+                &m,
+                &SampleOptions {
+                    num_steps: 3,
+                    guidance_scale: 2.0,
+                    ..Default::default()
+                }
+            )
+            .unwrap()
+            .dims(),
+            &[2, 12, 16]
+        );
+        let l1 = vae.loss(&mels(1), 5, &mut SplitMix64::new(3)).unwrap();
+        let l2 = vae.loss(&mels(1), 5, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(
+            l1.total.to_scalar::<f32>().unwrap(),
+            l2.total.to_scalar::<f32>().unwrap(),
+            "seeded"
+        );
+        assert!(
+            (l1.kl_weight - 5e-4).abs() < 1e-12,
+            "linear warm-up: step 5 of 10"
+        );
+        let e = MelVae::new(
+            MelVaeConfig {
+                cfm: CfmConfig {
+                    mel_channels: 10,
+                    ..tiny().cfm
+                },
+                ..tiny()
+            },
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cfm.mel_channels"), "{e}");
+    }
+
+    #[test]
+    fn encode_and_sample_from_audio() {
+        let cfg = MelVaeConfig {
+            convformer: ConvformerConfig {
+                mel_channels: 100,
+                ..tiny().convformer
+            },
+            cfm: CfmConfig {
+                mel_channels: 100,
+                ..tiny().cfm
+            },
+        };
+        let vm = VarMap::new();
+        let vae = MelVae::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let audio: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
+        let (recon, latent) = vae
+            .encode_and_sample(
+                &audio,
+                16000,
+                &SampleOptions {
+                    num_steps: 2,
+                    ..Default::default()
+                },
+                &Device::Cpu,
+            )
+            .unwrap();
+        // 1 s at 24 kHz: 94 frames, padded to 96 = 24 latent frames x 4.
+        assert_eq!(recon.dims(), &[1, 100, 96]);
+        assert_eq!(latent.dims(), &[1, 24, 4]);
+    }
+
+    #[test]
+    fn a_few_steps_lower_the_loss_and_checkpoints_round_trip() {
+        let vm = VarMap::new();
+        let vae = MelVae::new(
+            tiny(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        randomize(&vm, 0.2, 1).unwrap();
+        let data = mels(7);
+        let mut opt = candle_nn::AdamW::new(
+            vm.all_vars(),
+            candle_nn::ParamsAdamW {
+                lr: 3e-3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Average over several noise draws so the comparison is about the model, not the draw.
+        let eval = |vae: &MelVae| -> f32 {
+            (0..8)
+                .map(|s| {
+                    vae.loss(&data, 1000, &mut SplitMix64::new(100 + s))
+                        .unwrap()
+                        .cfm
+                        .to_scalar::<f32>()
+                        .unwrap()
+                })
+                .sum::<f32>()
+                / 8.0
+        };
+        let before = eval(&vae);
+        let mut rng = SplitMix64::new(5);
+        for step in 0..60 {
+            let l = vae.loss(&data, step, &mut rng).unwrap();
+            opt.backward_step(&l.total).unwrap();
+        }
+        let after = eval(&vae);
+        assert!(
+            after < before * 0.8,
+            "flow-matching loss {before} -> {after}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        vm.save(&p).unwrap();
+        let mut vm2 = VarMap::new();
+        let vae2 = MelVae::new(
+            tiny(),
+            VarBuilder::from_varmap(&vm2, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        vm2.load(&p).unwrap();
+        let (a, _) = vae.encode(&data).unwrap();
+        let (b, _) = vae2.encode(&data).unwrap();
+        assert_eq!(max_abs_diff(&a, &b).unwrap(), 0.0);
+        let sa = vae
+            .sample(
+                &a,
+                &SampleOptions {
+                    num_steps: 2,
+                    guidance_scale: 1.5,
+                    seed: 3,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let sb = vae2
+            .sample(
+                &b,
+                &SampleOptions {
+                    num_steps: 2,
+                    guidance_scale: 1.5,
+                    seed: 3,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(max_abs_diff(&sa, &sb).unwrap(), 0.0);
+    }
+}
