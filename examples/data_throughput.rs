@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         sample_rate: 24000,
         channels: 1,
         crop_seconds: 1.0,
+        batch_size: 16,
         val_fraction: 0.0,
     };
     let dev = Device::Cpu;

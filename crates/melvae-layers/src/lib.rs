@@ -34,6 +34,7 @@ pub mod attention;
 pub mod conv;
 mod error;
 pub mod ffn;
+pub mod init;
 pub mod lstm;
 pub mod norm;
 pub mod residual;
@@ -55,6 +56,7 @@ pub use ffn::{
     masked_fill_zero, sinusoidal_positions, timestep_embedding, FeedForward, FeedForwardConfig,
     FfnActivation, TimestepEmbedder,
 };
+pub use init::seeded_var_builder;
 pub use lstm::LstmStack;
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};

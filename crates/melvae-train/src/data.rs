@@ -22,6 +22,9 @@ pub struct AudioDataConfig {
     pub channels: usize,
     /// Length of a training crop, seconds.
     pub crop_seconds: f64,
+    /// Clips per training batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
     /// Fraction of files held out for validation (by a stable hash of the
     /// path relative to `dir`, so adding files does not reshuffle the split).
     #[serde(default = "five_percent")]
@@ -31,6 +34,9 @@ pub struct AudioDataConfig {
 fn one() -> usize {
     1
 }
+fn default_batch() -> usize {
+    8
+}
 fn five_percent() -> f64 {
     0.05
 }
@@ -38,6 +44,7 @@ fn five_percent() -> f64 {
 impl Validate for AudioDataConfig {
     fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         check(self.sample_rate > 0, "sample_rate", || "must be > 0".into())?;
+        check(self.batch_size > 0, "batch_size", || "must be > 0".into())?;
         check(self.channels == 1 || self.channels == 2, "channels", || {
             format!("must be 1 or 2, got {}", self.channels)
         })?;
@@ -621,6 +628,7 @@ mod tests {
             sample_rate: 16000,
             channels: 1,
             crop_seconds: 0.25,
+            batch_size: 4,
             val_fraction: 0.3,
         }
     }

@@ -7,6 +7,7 @@
 //!   a stable validation split and a report of skipped files.
 //! - [`tokens`]: code sequences with labels, text and conditioning in
 //!   safetensors shards, batched with padding masks.
+//! - [`tasks`]: the `TrainTask`s of melvae's model families (the mel VAE).
 //! - [`prefetch`]: background batch production, resumable by batch index.
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
@@ -41,6 +42,7 @@ pub mod data;
 mod error;
 pub mod optim;
 pub mod prefetch;
+pub mod tasks;
 pub mod tokens;
 pub mod trainer;
 

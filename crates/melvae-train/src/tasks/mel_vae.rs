@@ -1,0 +1,244 @@
+//! Training the mel VAE on a folder of audio.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_dsp::{
+    mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
+    SpectrogramImage, SplitMix64, WavFormat,
+};
+use melvae_models::{MelVae, MelVaeConfig, SampleOptions};
+
+use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::trainer::{Losses, StepContext, TrainTask};
+use crate::{Error, Result};
+
+/// A training batch: log-mels `[batch, 100, frames]` (frames a multiple of
+/// C) and the seed of the loss's noise (drawn from the run RNG).
+#[derive(Debug, Clone)]
+pub struct MelBatch {
+    /// Log-mels.
+    pub mel: Tensor,
+    /// Seed of the reparameterisation, condition-drop and flow noise.
+    pub seed: u64,
+}
+
+/// The mel VAE as a [`TrainTask`]: random crops of an [`AudioFolder`]
+/// (`vocos-24k` log-mels), the [`MelVae`] loss, validation on fixed crops of
+/// the held-out clips, and reconstructions written as samples.
+pub struct MelVaeTask {
+    /// The parameters (checkpoint names `encoder.*`, `decoder.*`).
+    pub varmap: VarMap,
+    /// The model.
+    pub model: MelVae,
+    /// The data.
+    pub data: AudioFolder,
+    data_cfg: AudioDataConfig,
+    extractor: MelExtractor,
+    cursor: EpochCursor,
+    seed: u64,
+    device: Device,
+}
+
+impl MelVaeTask {
+    /// Builds the model on `device` in `dtype` (initialised reproducibly from
+    /// `seed` by `melvae_layers::seeded_var_builder`) and takes `data` (which must be
+    /// mono at the `vocos-24k` rate).
+    pub fn new(
+        cfg: MelVaeConfig,
+        data: AudioFolder,
+        data_cfg: AudioDataConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mel = MelConfig::vocos_24k();
+        if data_cfg.sample_rate != mel.sample_rate || data_cfg.channels != 1 {
+            return Err(Error::Config {
+                origin: "data config".into(),
+                key: "data.sample_rate".into(),
+                reason: format!(
+                    "the mel VAE needs mono audio at {} Hz, got {} Hz x {} ch",
+                    mel.sample_rate, data_cfg.sample_rate, data_cfg.channels
+                ),
+            });
+        }
+        let varmap = VarMap::new();
+        let model = MelVae::new(
+            cfg,
+            melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
+        )
+        .map_err(model_err)?;
+        let task = Self {
+            varmap,
+            model,
+            data,
+            data_cfg,
+            extractor: MelExtractor::new(mel)?,
+            cursor: EpochCursor { epoch: 0, pos: 0 },
+            seed,
+            device: device.clone(),
+        };
+        Ok(task)
+    }
+
+    /// Log-mels of crops `[n][samples]` as `[n, 100, frames]`, frames cut
+    /// down to a multiple of C.
+    fn mels(&self, crops: &[Vec<f32>]) -> Result<Tensor> {
+        let c = self.model.compress();
+        let mels = self.extractor.extract_batch(crops)?;
+        let frames = mels[0].ncols() / c * c;
+        if frames == 0 {
+            return Err(Error::invalid(
+                "data.crop_seconds",
+                format!(
+                    "crops give {} mel frames, fewer than compress_factor_C = {c}",
+                    mels[0].ncols()
+                ),
+            ));
+        }
+        let m = mels[0].nrows();
+        let mut data: Vec<f32> = Vec::with_capacity(crops.len() * m * frames);
+        for mel in &mels {
+            for row in mel.rows() {
+                data.extend(row.iter().take(frames));
+            }
+        }
+        Ok(
+            Tensor::from_vec(data, (crops.len(), m, frames), &self.device)?
+                .to_dtype(self.model_dtype())?,
+        )
+    }
+
+    fn model_dtype(&self) -> DType {
+        self.varmap
+            .all_vars()
+            .first()
+            .map_or(DType::F32, |v| v.dtype())
+    }
+
+    /// Fixed validation crops: each held-out clip from its start (or the
+    /// first training clips when nothing is held out), at most 8.
+    fn val_mels(&self) -> Result<Tensor> {
+        let set: &AudioSet = if self.data.val.is_empty() {
+            &self.data.train
+        } else {
+            &self.data.val
+        };
+        let n = set.len().min(8);
+        let crops: Vec<Vec<f32>> = (0..n)
+            .map(|i| set.crop(i, &mut SplitMix64::new(i as u64)).remove(0))
+            .collect();
+        self.mels(&crops)
+    }
+}
+
+fn model_err(e: melvae_models::Error) -> Error {
+    Error::invalid("mel VAE", e.to_string())
+}
+
+impl TrainTask for MelVaeTask {
+    type Batch = MelBatch;
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<MelBatch> {
+        let idx = self
+            .cursor
+            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let crops: Vec<Vec<f32>> = idx
+            .iter()
+            .map(|&i| self.data.train.crop(i, rng).remove(0))
+            .collect();
+        Ok(MelBatch {
+            mel: self.mels(&crops)?,
+            seed: rng.next_u64(),
+        })
+    }
+
+    fn losses(&mut self, batch: &MelBatch, ctx: StepContext) -> Result<Losses> {
+        let l = self
+            .model
+            .loss(&batch.mel, ctx.step, &mut SplitMix64::new(batch.seed))
+            .map_err(model_err)?;
+        Ok(Losses {
+            total: l.total,
+            terms: BTreeMap::from([("cfm".to_string(), l.cfm), ("kl".to_string(), l.kl)]),
+        })
+    }
+
+    fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let mel = self.val_mels()?;
+        let l = self
+            .model
+            .loss(&mel, ctx.step, &mut SplitMix64::new(0xE7A1))
+            .map_err(model_err)?;
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        Ok(BTreeMap::from([
+            ("total".to_string(), scalar(&l.total)?),
+            ("cfm".to_string(), scalar(&l.cfm)?),
+            ("kl".to_string(), scalar(&l.kl)?),
+        ]))
+    }
+
+    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<()> {
+        let mel = self.val_mels()?.narrow(0, 0, 1)?;
+        let (latent, _) = self.model.encode(&mel).map_err(model_err)?;
+        let recon = self
+            .model
+            .sample(&latent, &SampleOptions::default())
+            .map_err(model_err)?;
+        let to_host = |t: &Tensor| -> Result<ndarray::Array2<f32>> {
+            let (_, m, f) = t.dims3()?;
+            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            ndarray::Array2::from_shape_vec((m, f), v)
+                .map_err(|e| Error::invalid("sample mel", e.to_string()))
+        };
+        let (input, output) = (to_host(&mel)?, to_host(&recon)?);
+        let img = SpectrogramImage::for_mel(self.extractor.config());
+        img.save_png(dir.join(format!("step{:08}_input.png", ctx.step)), &input)?;
+        img.save_png(dir.join(format!("step{:08}_recon.png", ctx.step)), &output)?;
+        let gl = GriffinLimConfig {
+            n_iter: 16,
+            ..Default::default()
+        };
+        let wav = mel_to_audio(
+            &self.extractor,
+            &output,
+            None,
+            MelInversion::PseudoInverse,
+            &gl,
+        )?;
+        save_wav(
+            dir.join(format!("step{:08}_recon.wav", ctx.step)),
+            &Audio::new(24000, vec![wav])?,
+            WavFormat::Pcm16,
+        )?;
+        Ok(())
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({"epoch": self.cursor.epoch, "pos": self.cursor.pos})
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        if let (Some(e), Some(p)) = (
+            state.get("epoch").and_then(|v| v.as_u64()),
+            state.get("pos").and_then(|v| v.as_u64()),
+        ) {
+            self.cursor = EpochCursor {
+                epoch: e,
+                pos: p as usize,
+            };
+        }
+        Ok(())
+    }
+}
