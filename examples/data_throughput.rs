@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         channels: 1,
         crop_seconds: 1.0,
         batch_size: 16,
+        cache_dir: None,
         val_fraction: 0.0,
     };
     let dev = Device::Cpu;

@@ -288,7 +288,7 @@ impl ResolvedConfig {
 /// (relative to the section) and the reason.
 pub trait Validate {
     /// `Err((field, reason))` for the first invalid field.
-    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
         Ok(())
     }
 }
@@ -296,13 +296,13 @@ pub trait Validate {
 /// `Err((field, reason))` unless `ok`.
 pub fn check(
     ok: bool,
-    field: &'static str,
+    field: &str,
     reason: impl FnOnce() -> String,
-) -> std::result::Result<(), (&'static str, String)> {
+) -> std::result::Result<(), (String, String)> {
     if ok {
         Ok(())
     } else {
-        Err((field, reason()))
+        Err((field.to_string(), reason()))
     }
 }
 
@@ -329,7 +329,7 @@ mod tests {
     }
 
     impl Validate for Training {
-        fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        fn validate(&self) -> std::result::Result<(), (String, String)> {
             check(self.learning_rate > 0.0, "learning_rate", || {
                 format!("must be > 0, got {}", self.learning_rate)
             })

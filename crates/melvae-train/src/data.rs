@@ -25,6 +25,9 @@ pub struct AudioDataConfig {
     /// Clips per training batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Decode once into a memory-mapped cache here ([`prepare_cache`]).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
     /// Fraction of files held out for validation (by a stable hash of the
     /// path relative to `dir`, so adding files does not reshuffle the split).
     #[serde(default = "five_percent")]
@@ -42,7 +45,7 @@ fn five_percent() -> f64 {
 }
 
 impl Validate for AudioDataConfig {
-    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
         check(self.sample_rate > 0, "sample_rate", || "must be > 0".into())?;
         check(self.batch_size > 0, "batch_size", || "must be > 0".into())?;
         check(self.channels == 1 || self.channels == 2, "channels", || {
@@ -221,6 +224,15 @@ pub struct AudioFolder {
 }
 
 impl AudioFolder {
+    /// [`AudioFolder::load_cached`] when `cfg.cache_dir` is set, otherwise
+    /// [`AudioFolder::load`].
+    pub fn open(cfg: &AudioDataConfig) -> Result<Self> {
+        match &cfg.cache_dir {
+            Some(dir) => Ok(Self::load_cached(cfg, dir)?.0),
+            None => Self::load(cfg),
+        }
+    }
+
     /// Discovers, decodes (resampling and converting channels) and splits
     /// `cfg.dir`. Unreadable and too-short files are skipped and listed in
     /// [`AudioFolder::skipped`]; a folder with no usable file is an error
@@ -629,6 +641,7 @@ mod tests {
             channels: 1,
             crop_seconds: 0.25,
             batch_size: 4,
+            cache_dir: None,
             val_fraction: 0.3,
         }
     }

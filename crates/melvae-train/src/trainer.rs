@@ -278,7 +278,7 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 impl Validate for TrainerConfig {
-    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
         check(self.steps > 0, "steps", || "must be > 0".into())?;
         check(
             self.learning_rate > 0.0 && self.learning_rate.is_finite(),

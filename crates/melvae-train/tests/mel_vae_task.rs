@@ -54,6 +54,7 @@ fn task(dir: &Path) -> MelVaeTask {
         crop_seconds: 0.2,
         batch_size: 4,
         val_fraction: 0.0,
+        cache_dir: None,
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     MelVaeTask::new(tiny(), data, data_cfg, 3, &Device::Cpu, DType::F32).unwrap()
@@ -149,6 +150,7 @@ fn refuses_data_at_another_rate() {
         crop_seconds: 0.2,
         batch_size: 4,
         val_fraction: 0.0,
+        cache_dir: None,
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     let e = MelVaeTask::new(tiny(), data, data_cfg, 0, &Device::Cpu, DType::F32)
@@ -156,4 +158,46 @@ fn refuses_data_at_another_rate() {
         .unwrap()
         .to_string();
     assert!(e.contains("data.sample_rate") && e.contains("24000"), "{e}");
+}
+
+#[test]
+fn bundled_experiments_parse_and_errors_name_the_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    for name in ["setting1.yaml", "tiny.yaml"] {
+        let r = ResolvedConfig::load(&root.join(name), &[]).unwrap();
+        let _: TrainerConfig = r.get("training").unwrap();
+        let _: AudioDataConfig = r.get("data").unwrap();
+        let m = melvae_train::tasks::mel_vae::mel_vae_config(&r).unwrap();
+        assert_eq!(m.convformer.mel_channels, 100);
+    }
+    let r = ResolvedConfig::load(
+        &root.join("tiny.yaml"),
+        &["convformer.compress_factor_C=6".into()],
+    )
+    .unwrap();
+    let e = melvae_train::tasks::mel_vae::mel_vae_config(&r)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("convformer.compress_factor_C")
+            && e.contains("compress_factor_C=6")
+            && e.contains("power of two"),
+        "{e}"
+    );
+    let r = ResolvedConfig::load(&root.join("tiny.yaml"), &["cfm.mel_channels=80".into()]).unwrap();
+    let e = melvae_train::tasks::mel_vae::mel_vae_config(&r)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cfm.mel_channels") && e.contains("mel_channels=80"),
+        "{e}"
+    );
+    let r = ResolvedConfig::load(&root.join("tiny.yaml"), &["cfm.unet_heads=5".into()]).unwrap();
+    let e = melvae_train::tasks::mel_vae::mel_vae_config(&r)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cfm.unet_heads") && e.contains("unet_heads=5"),
+        "{e}"
+    );
 }

@@ -135,6 +135,53 @@ impl MelVaeTask {
     }
 }
 
+/// Maps a model config error (`<section>.<field>: reason`) to the field
+/// relative to its section, for [`crate::Validate`].
+fn section_err(e: melvae_models::Error, section: &str) -> (String, String) {
+    match e {
+        melvae_models::Error::Invalid { what, reason } => {
+            let field = what
+                .strip_prefix(&format!("{section}."))
+                .unwrap_or(&what)
+                .to_string();
+            (field, reason)
+        }
+        other => (String::new(), other.to_string()),
+    }
+}
+
+impl crate::Validate for melvae_models::ConvformerConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        melvae_models::ConvformerConfig::validate(self).map_err(|e| section_err(e, "convformer"))
+    }
+}
+
+impl crate::Validate for melvae_models::CfmConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        melvae_models::CfmConfig::validate(self).map_err(|e| section_err(e, "cfm"))
+    }
+}
+
+/// The mel VAE config of a resolved config (`convformer:` and `cfm:`).
+pub fn mel_vae_config(cfg: &crate::ResolvedConfig) -> Result<MelVaeConfig> {
+    let c = MelVaeConfig {
+        convformer: cfg.get("convformer")?,
+        cfm: cfg.get("cfm")?,
+    };
+    c.validate().map_err(|e| {
+        let (key, reason) = match e {
+            melvae_models::Error::Invalid { what, reason } => (what, reason),
+            other => ("cfm".into(), other.to_string()),
+        };
+        Error::Config {
+            origin: cfg.origin_of(&key),
+            key,
+            reason,
+        }
+    })?;
+    Ok(c)
+}
+
 fn model_err(e: melvae_models::Error) -> Error {
     Error::invalid("mel VAE", e.to_string())
 }
