@@ -166,6 +166,40 @@ impl SpectrogramImage {
         Ok((w as u32, h as u32, img.px))
     }
 
+    /// Renders several mels of equal size one above the other (e.g. input
+    /// and reconstruction) into one PNG at `path`, atomically; all share the
+    /// colour range of the first.
+    pub fn save_png_stack(&self, path: impl AsRef<Path>, mels: &[&Array2<f32>]) -> Result<()> {
+        let first = mels
+            .first()
+            .ok_or_else(|| Error::invalid("spectrogram stack", "no mels"))?;
+        let finite = first.iter().copied().filter(|v| v.is_finite());
+        let vmax = finite.clone().fold(f32::NEG_INFINITY, f32::max);
+        let dmin = finite.fold(f32::INFINITY, f32::min);
+        let shared = Self {
+            range: Some(vmax - self.range.map_or(dmin, |r| dmin.max(vmax - r))),
+            ..*self
+        };
+        let mut out: Vec<u8> = Vec::new();
+        let (mut w0, mut h_total) = (0u32, 0u32);
+        for (i, m) in mels.iter().enumerate() {
+            if m.dim() != first.dim() {
+                return Err(Error::shape(
+                    format!("spectrogram {i} of the stack"),
+                    format!("{:?}", first.dim()),
+                    format!("{:?}", m.dim()),
+                ));
+            }
+            // Clamp to the first mel's range so colours compare.
+            let clamped = m.mapv(|v| v.min(vmax));
+            let (w, h, px) = shared.render(&clamped)?;
+            w0 = w;
+            h_total += h;
+            out.extend(px);
+        }
+        write_png(path.as_ref(), w0, h_total, &out)
+    }
+
     /// Renders `mel` and writes it to `path` as PNG, atomically.
     pub fn save_png(&self, path: impl AsRef<Path>, mel: &Array2<f32>) -> Result<()> {
         let (w, h, px) = self.render(mel)?;

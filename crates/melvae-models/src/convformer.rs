@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use melvae_layers::{
     ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
-    FeedForwardConfig, FfnActivation, ResidualUnit2d, Streaming,
+    FeedForwardConfig, FfnActivation, LayerNorm, ResidualUnit2d, Streaming,
 };
 use serde::{Deserialize, Serialize};
 
@@ -129,7 +129,8 @@ struct Stage {
 /// The causal Convformer encoder.
 ///
 /// Parameters: `input`, `context.{0,1,2}`, `stages.{i}.down`,
-/// `stages.{i}.blocks.{j}`, `collapse`, `tail.{k}`, `out`.
+/// `stages.{i}.blocks.{j}`, `collapse`, `tail.{k}`, `tail_norm`, `out`
+/// (zero-initialised).
 #[derive(Debug, Clone)]
 pub struct ConvformerEncoder {
     cfg: ConvformerConfig,
@@ -138,6 +139,7 @@ pub struct ConvformerEncoder {
     stages: Vec<Stage>,
     collapse: Linear,
     tail: Vec<DecoderLayer>,
+    tail_norm: LayerNorm,
     out: Linear,
 }
 
@@ -192,7 +194,18 @@ impl ConvformerEncoder {
         let tail = (0..cfg.tf_layers)
             .map(|k| DecoderLayer::new(block, None, vb.pp("tail").pp(k)))
             .collect::<melvae_layers::Result<_>>()?;
-        let out = candle_nn::linear(cfg.tf_dim, 2 * cfg.latent_dim, vb.pp("out"))?;
+        // A final norm on the pre-norm residual stream, and a zero-initialised
+        // head: the posterior starts at N(0, 1) whatever the stack's scale.
+        let tail_norm = LayerNorm::new(cfg.tf_dim, 1e-5, true, vb.pp("tail_norm"))?;
+        let vo = vb.pp("out");
+        let out = Linear::new(
+            vo.get_with_hints(
+                (2 * cfg.latent_dim, cfg.tf_dim),
+                "weight",
+                candle_nn::Init::Const(0.0),
+            )?,
+            Some(vo.get_with_hints(2 * cfg.latent_dim, "bias", candle_nn::Init::Const(0.0))?),
+        );
         Ok(Self {
             cfg,
             input,
@@ -200,6 +213,7 @@ impl ConvformerEncoder {
             stages,
             collapse,
             tail,
+            tail_norm,
             out,
         })
     }
@@ -228,7 +242,7 @@ impl ConvformerEncoder {
     }
 
     fn head(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        let o = self.out.forward(h)?;
+        let o = self.out.forward(&self.tail_norm.forward(h)?)?;
         let l = self.cfg.latent_dim;
         Ok((
             o.narrow(D::Minus1, 0, l)?.contiguous()?,

@@ -289,3 +289,51 @@ impl TrainTask for MelVaeTask {
         Ok(())
     }
 }
+
+/// A trained mel VAE, rebuilt from a run directory: its `config.yaml` and
+/// the weights of its latest checkpoint (or the checkpoint directory given).
+pub fn load_trained(run_or_checkpoint: &Path, device: &Device) -> Result<(MelVae, MelVaeConfig)> {
+    let (run_root, ckpt) = if run_or_checkpoint.join("state.json").exists() {
+        let root = run_or_checkpoint
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| Error::file(run_or_checkpoint, "is not inside a run directory"))?;
+        (root.to_path_buf(), run_or_checkpoint.to_path_buf())
+    } else {
+        let run = crate::RunDir::create(run_or_checkpoint)?;
+        let latest = run
+            .latest()?
+            .ok_or_else(|| Error::file(run_or_checkpoint, "has no checkpoint (train first)"))?;
+        (run_or_checkpoint.to_path_buf(), latest)
+    };
+    let cfg_path = run_root.join("config.yaml");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+    let resolved = crate::ResolvedConfig::from_yaml(&text, &cfg_path.display().to_string())?;
+    let cfg = mel_vae_config(&resolved)?;
+    let vm = VarMap::new();
+    let model = MelVae::new(
+        cfg.clone(),
+        melvae_layers::seeded_var_builder(&vm, 0, DType::F32, device),
+    )
+    .map_err(model_err)?;
+    let weights = ckpt.join("model.safetensors");
+    let tensors =
+        candle_core::safetensors::load(&weights, device).map_err(|e| Error::file(&weights, e))?;
+    for (name, var) in vm.data().lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::file(&weights, format!("has no tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::file(
+                &weights,
+                format!(
+                    "`{name}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok((model, cfg))
+}
