@@ -287,6 +287,10 @@ impl DitDecoder {
 
     /// Samples mels `[batch, mel, frames]` for latents `cond`: noise scaled
     /// by `temperature` (from `seed`) integrated to `t = 1` in `num_steps`.
+    ///
+    /// Inference only: each velocity is detached from the autograd graph,
+    /// so memory stays that of one decoder evaluation instead of growing
+    /// with the steps (the result is not differentiable).
     pub fn sample(
         &self,
         cond: &Tensor,
@@ -302,9 +306,10 @@ impl DitDecoder {
         let x0 = (normal_noise(&[b, self.cfg.mel_channels, frames], &mut rng, cond.device())?
             .to_dtype(cond.dtype())?
             * temperature)?;
+        let cond = cond.detach();
         integrate(x0, num_steps, solver, |x, t| {
             let tt = Tensor::full(t as f32, b, cond.device())?.to_dtype(cond.dtype())?;
-            self.guided(x, &tt, cond, guidance_scale)
+            Ok(self.guided(x, &tt, &cond, guidance_scale)?.detach())
         })
     }
 }
@@ -392,6 +397,11 @@ mod tests {
         assert!(max_abs_diff(&d.guided(&x, &t, &cond, 3.0).unwrap(), &g3).unwrap() < 1e-5);
         let s = d.sample(&cond, 4, 1.0, 2.0, Solver::Midpoint, 9).unwrap();
         assert_eq!(s.dims(), &[2, 6, 12]);
+        assert!(d.forward(&x, &t, &cond, false).unwrap().track_op());
+        assert!(
+            !s.track_op(),
+            "sampling must not keep every step's autograd graph alive"
+        );
         assert_eq!(
             s.to_vec3::<f32>().unwrap(),
             d.sample(&cond, 4, 1.0, 2.0, Solver::Midpoint, 9)

@@ -1,0 +1,159 @@
+//! Measures the mel VAE: training steps per second (forward, backward and
+//! an AdamW update on random log-mels), encoding and 10-step sampling speed
+//! in multiples of real time, and the process's peak resident memory.
+//!
+//! ```text
+//! cargo run --release --example mel_vae_throughput -- [--setting tiny|setting1] [--steps 5]
+//! ```
+//!
+//! `--setting` names a file in configs/settings/. Audio seconds assume the
+//! `vocos-24k` mel (24 kHz, hop 256). Runs on the CPU, or on the first CUDA
+//! device when built with `--features cuda` and `--cuda` is given.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use clap::Parser;
+use melvae::dsp::SplitMix64;
+use melvae::layers::{seeded_var_builder, testing::named_vars};
+use melvae::models::{MelVae, SampleOptions};
+use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
+use melvae::train::tasks::mel_vae::mel_vae_config;
+use melvae::train::{AudioDataConfig, ResolvedConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// Settings file under configs/settings/ (without .yaml).
+    #[arg(long, default_value = "tiny")]
+    setting: String,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Seconds of audio to encode and sample.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Run on CUDA device 0 (needs `--features cuda`).
+    #[arg(long)]
+    cuda: bool,
+}
+
+const FRAME_RATE: f64 = 24000.0 / 256.0;
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Deterministic log-mel-like input `[batch, mel, frames]` around -5.
+fn random_mel(b: usize, m: usize, f: usize, seed: u64, dev: &Device) -> anyhow::Result<Tensor> {
+    let data: Vec<f32> = common::noise(b * m * f, seed)
+        .into_iter()
+        .map(|x| -5.0 + 6.0 * x)
+        .collect();
+    Ok(Tensor::from_vec(data, (b, m, f), dev)?)
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let path = PathBuf::from(format!("configs/settings/{}.yaml", args.setting));
+    let resolved = ResolvedConfig::load(&path, &[])?;
+    let cfg = mel_vae_config(&resolved)?;
+    let data: AudioDataConfig = resolved.get("data")?;
+    let dev = if args.cuda {
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
+    let varmap = VarMap::new();
+    let model = MelVae::new(
+        cfg.clone(),
+        seeded_var_builder(&varmap, 0, DType::F32, &dev),
+    )?;
+    let vars = named_vars(&varmap);
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let c = model.compress();
+    let m = cfg.convformer.mel_channels;
+    let crop_frames = ((data.crop_seconds * FRAME_RATE) as usize / c) * c;
+    let batch = data.batch_size;
+    println!(
+        "{}: {:.2} M parameters, C = {c}, batch {batch} x {crop_frames} frames ({:.2} s each), {} threads",
+        path.display(),
+        n_params as f64 / 1e6,
+        crop_frames as f64 / FRAME_RATE,
+        candle_core::utils::get_num_threads()
+    );
+
+    // Training steps.
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    let mel = random_mel(batch, m, crop_frames, 1, &dev)?;
+    let mut rng = SplitMix64::new(0);
+    let mut step = |i: u64| -> anyhow::Result<()> {
+        let loss = model.loss(&mel, i, &mut rng)?;
+        let store = loss.total.backward()?;
+        opt.step(&collect_grads(&vars, &store), 1e-4)?;
+        Ok(())
+    };
+    step(0)?;
+    let t = Instant::now();
+    for i in 0..args.steps {
+        step(i as u64 + 1)?;
+    }
+    dev.synchronize()?;
+    let per_step = t.elapsed().as_secs_f64() / args.steps as f64;
+    let audio_per_step = batch as f64 * crop_frames as f64 / FRAME_RATE;
+    println!(
+        "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
+        per_step * 1e3,
+        1.0 / per_step,
+        audio_per_step / per_step
+    );
+
+    // Encoding and sampling of one long clip.
+    let frames = ((args.seconds * FRAME_RATE) as usize).div_ceil(c) * c;
+    let secs = frames as f64 / FRAME_RATE;
+    let long = random_mel(1, m, frames, 2, &dev)?;
+    let (latent, _) = model.encode(&long)?;
+    let t = Instant::now();
+    let (latent2, _) = model.encode(&long)?;
+    dev.synchronize()?;
+    let enc = t.elapsed().as_secs_f64();
+    drop(latent2);
+    println!(
+        "encode {secs:.2} s: {:.1} ms, {:.0}x real time",
+        enc * 1e3,
+        secs / enc
+    );
+    for (name, guidance) in [("no guidance", 1.0), ("CFG 2 (two passes)", 2.0)] {
+        let opts = SampleOptions {
+            num_steps: 10,
+            guidance_scale: guidance,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let out = model.sample(&latent, &opts)?;
+        dev.synchronize()?;
+        let s = t.elapsed().as_secs_f64();
+        drop(out);
+        println!(
+            "sample {secs:.2} s, 10 midpoint steps, {name}: {:.1} ms, {:.1}x real time",
+            s * 1e3,
+            secs / s
+        );
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak resident memory: {mib:.0} MiB");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    common::exit_with(run())
+}
