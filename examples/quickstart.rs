@@ -143,5 +143,6 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    common::tune_allocator();
     common::exit_with(run())
 }

@@ -107,5 +107,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    common::tune_allocator();
     common::exit_with(run(&Args::parse()))
 }

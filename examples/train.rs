@@ -104,5 +104,6 @@ fn run(args: &Args) -> melvae::train::Result<()> {
 }
 
 fn main() -> ExitCode {
+    common::tune_allocator();
     common::exit_with(run(&Args::parse()))
 }
