@@ -32,10 +32,10 @@ struct Args {
     /// Settings file under configs/settings/ (without .yaml).
     #[arg(long, default_value = "tiny")]
     setting: String,
-    /// Timed training steps (after one warm-up step).
-    #[arg(long, default_value_t = 5)]
-    steps: usize,
-    /// Seconds of audio to encode and sample.
+    /// Timed training steps (after one warm-up step), at least 1.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// Seconds of audio to encode and sample (> 0).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// Run on CUDA device 0 (needs `--features cuda`).
@@ -64,6 +64,11 @@ fn random_mel(b: usize, m: usize, f: usize, seed: u64, dev: &Device) -> anyhow::
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds.is_finite(),
+        "--seconds must be > 0, got {}",
+        args.seconds
+    );
     let path = PathBuf::from(format!("configs/settings/{}.yaml", args.setting));
     let resolved = ResolvedConfig::load(&path, &[])?;
     let cfg = mel_vae_config(&resolved)?;
@@ -105,7 +110,7 @@ fn run() -> anyhow::Result<()> {
     step(0)?;
     let t = Instant::now();
     for i in 0..args.steps {
-        step(i as u64 + 1)?;
+        step(i + 1)?;
     }
     dev.synchronize()?;
     let per_step = t.elapsed().as_secs_f64() / args.steps as f64;

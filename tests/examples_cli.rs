@@ -155,3 +155,12 @@ fn griffin_lim_resynthesises_and_rejects_bad_input() {
         "empty.flac",
     );
 }
+
+#[test]
+fn mel_vae_throughput_rejects_bad_arguments() {
+    assert_one_line_error(
+        &run("mel_vae_throughput", &["--setting", "no_such_setting"]),
+        "no_such_setting.yaml",
+    );
+    assert_one_line_error(&run("mel_vae_throughput", &["--seconds", "0"]), "--seconds");
+}

@@ -89,13 +89,16 @@ impl MelVaeTask {
     fn mels(&self, crops: &[Vec<f32>]) -> Result<Tensor> {
         let c = self.model.compress();
         let mels = self.extractor.extract_batch(crops)?;
-        let frames = mels[0].ncols() / c * c;
+        let Some(first) = mels.first() else {
+            return Err(Error::invalid("mel VAE batch", "no audio crops"));
+        };
+        let frames = first.ncols() / c * c;
         if frames == 0 {
             return Err(Error::invalid(
                 "data.crop_seconds",
                 format!(
                     "crops give {} mel frames, fewer than compress_factor_C = {c}",
-                    mels[0].ncols()
+                    first.ncols()
                 ),
             ));
         }
