@@ -17,22 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use melvae::dsp::{
     mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
     SpectrogramImage, WavFormat,
 };
-use melvae::models::SampleOptions;
+use melvae::models::{mel_to_array, MelVae, SampleOptions};
 use melvae::train::tasks::mel_vae::{load_trained, mel_vae_config, MelVaeTask};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, RunDir, Trainer, TrainerConfig};
-
-fn host(t: &Tensor) -> anyhow::Result<ndarray::Array2<f32>> {
-    let (_, m, f) = t.dims3()?;
-    Ok(ndarray::Array2::from_shape_vec(
-        (m, f),
-        t.flatten_all()?.to_vec1()?,
-    )?)
-}
 
 fn run() -> anyhow::Result<()> {
     let overrides: Vec<String> = std::env::args().skip(1).collect();
@@ -91,21 +83,10 @@ fn run() -> anyhow::Result<()> {
     let (mut sum_r, mut sum_b) = (0.0, 0.0);
     for path in &held_out {
         let audio = common::load_for_mel(path, ex.config())?;
-        let padded = model.audio_to_mel(&audio.channels[0], 24000, &Device::Cpu)?;
-        let (latent, _) = model.encode(&padded)?;
-        // Compare on the clip's own frames (the encoder input is padded to a multiple of C).
-        let frames = ex.n_frames(audio.n_samples())?;
-        let input = padded.narrow(2, 0, frames)?;
-        let recon = model
-            .sample(&latent, &opts)?
-            .narrow(2, 0, frames)?
-            .contiguous()?;
-        let baseline = input.mean_keepdim(2)?.broadcast_as(input.shape())?;
-        let l1_r = (&recon - &input)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64;
-        let l1_b = (&baseline - &input)?
-            .abs()?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
+        let r = model.reconstruct(&audio.channels[0], 24000, &opts, &Device::Cpu)?;
+        let baseline = r.input.mean_keepdim(2)?.broadcast_as(r.input.shape())?;
+        let l1_r = MelVae::mel_l1(&r.output, &r.input)?;
+        let l1_b = MelVae::mel_l1(&baseline, &r.input)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -113,7 +94,7 @@ fn run() -> anyhow::Result<()> {
         println!("| {name} | {l1_r:.3} | {l1_b:.3} |");
         sum_r += l1_r;
         sum_b += l1_b;
-        let (mi, mr) = (host(&input)?, host(&recon)?);
+        let (mi, mr) = (mel_to_array(&r.input)?, mel_to_array(&r.output)?);
         img.save_png_stack(eval.join(format!("{name}.png")), &[&mi, &mr])?;
         let wav = mel_to_audio(
             &ex,

@@ -18,7 +18,7 @@ use melvae::dsp::{
     mel_to_audio, save_wav, write_npy, Audio, GriffinLimConfig, MelConfig, MelExtractor,
     MelInversion, SpectrogramImage, WavFormat,
 };
-use melvae::models::SampleOptions;
+use melvae::models::{mel_to_array, MelVae, SampleOptions};
 use melvae::train::tasks::mel_vae::load_trained;
 
 #[derive(Parser)]
@@ -59,23 +59,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         temperature: args.temperature,
         ..Default::default()
     };
-    let padded = model.audio_to_mel(&audio.channels[0], 24000, &dev)?;
-    let (latent, _) = model.encode(&padded)?;
-    // The clip's own frames (the encoder input is padded to a multiple of C).
-    let frames = MelExtractor::new(MelConfig::vocos_24k())?.n_frames(audio.n_samples())?;
-    let input = padded.narrow(2, 0, frames)?;
-    let recon = model
-        .sample(&latent, &opts)?
-        .narrow(2, 0, frames)?
-        .contiguous()?;
-    let host = |t: &candle_core::Tensor| -> anyhow::Result<ndarray::Array2<f32>> {
-        let (_, m, f) = t.dims3()?;
-        Ok(ndarray::Array2::from_shape_vec(
-            (m, f),
-            t.flatten_all()?.to_vec1()?,
-        )?)
-    };
-    let (mi, mr) = (host(&input)?, host(&recon)?);
+    let r = model.reconstruct(&audio.channels[0], 24000, &opts, &dev)?;
+    let (mi, mr) = (mel_to_array(&r.input)?, mel_to_array(&r.output)?);
     let ex = MelExtractor::new(MelConfig::vocos_24k())?;
     let wav = mel_to_audio(
         &ex,
@@ -90,17 +75,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
         WavFormat::Pcm16,
     )?;
     if let Some(p) = &args.latents {
-        let (_, k, d) = latent.dims3()?;
-        write_npy(p, &[k, d], &latent.flatten_all()?.to_vec1::<f32>()?)?;
+        let (_, k, d) = r.latent.dims3()?;
+        write_npy(p, &[k, d], &r.latent.flatten_all()?.to_vec1::<f32>()?)?;
     }
     if let Some(p) = &args.png {
         SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &[&mi, &mr])?;
     }
-    let l1 = (&recon - &input)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let l1 = MelVae::mel_l1(&r.output, &r.input)?;
     println!(
         "{}: {} latent frames, log-mel L1 {l1:.3} -> {}",
         args.input.display(),
-        latent.dim(1)?,
+        r.latent.dim(1)?,
         args.output.display()
     );
     Ok(())

@@ -32,4 +32,4 @@ pub mod mel_vae;
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};
-pub use mel_vae::{MelVae, MelVaeConfig, MelVaeLoss, SampleOptions};
+pub use mel_vae::{mel_to_array, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions};

@@ -1,15 +1,16 @@
 //! The mel VAE: a causal Convformer encoder and a DiT flow-matching decoder.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use melvae_dsp::{resample, MelConfig, MelExtractor, ResampleQuality, SplitMix64};
 use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
+use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use crate::convformer::{ConvformerConfig, ConvformerEncoder};
 use crate::dit_cfm::{normal_noise, CfmConfig, DitDecoder, Solver};
 use crate::error::ensure;
-use crate::Result;
+use crate::{Error, Result};
 
 /// The mel VAE's configuration: the `convformer:` and `cfm:` sections.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -90,6 +91,32 @@ pub struct MelVaeLoss {
     pub kl_weight: f64,
 }
 
+/// A clip and its reconstruction, from [`MelVae::reconstruct`].
+#[derive(Debug, Clone)]
+pub struct Reconstruction {
+    /// The clip's log-mel `[1, mel, frames]`.
+    pub input: Tensor,
+    /// The decoded log-mel `[1, mel, frames]`.
+    pub output: Tensor,
+    /// The latent (posterior mean) `[1, ceil(frames / C), latent]`.
+    pub latent: Tensor,
+}
+
+/// One log-mel `[1, mel, frames]` (any float dtype, any device) as a host
+/// array `[mel, frames]`, for images and vocoding.
+pub fn mel_to_array(mel: &Tensor) -> Result<Array2<f32>> {
+    let (b, m, f) = mel.dims3()?;
+    if b != 1 {
+        return Err(Error::Shape {
+            what: "mel to array".into(),
+            expected: "[1, mel, frames]".into(),
+            got: format!("{:?}", mel.dims()),
+        });
+    }
+    let v: Vec<f32> = mel.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Array2::from_shape_vec((m, f), v).map_err(|e| Error::invalid("mel to array", e.to_string()))
+}
+
 /// The mel VAE. Parameters `encoder.*` and `decoder.*`.
 #[derive(Debug, Clone)]
 pub struct MelVae {
@@ -155,9 +182,8 @@ impl MelVae {
     }
 
     /// Audio (mono samples at `sample_rate`) to `(reconstructed log-mel
-    /// [1, mel, frames], latent [1, frames / C, latent])`: resampled to the
-    /// `vocos-24k` rate, its log-mel padded with silence frames to a multiple
-    /// of C, encoded (the latent is the posterior mean), and decoded.
+    /// [1, mel, frames], latent [1, ceil(frames / C), latent])`; see
+    /// [`MelVae::reconstruct`], which also returns the input log-mel.
     pub fn encode_and_sample(
         &self,
         audio: &[f32],
@@ -165,15 +191,44 @@ impl MelVae {
         opts: &SampleOptions,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let mel = self.audio_to_mel(audio, sample_rate, device)?;
-        let (latent, _) = self.encode(&mel)?;
-        let recon = self.sample(&latent, opts)?;
-        Ok((recon, latent))
+        let r = self.reconstruct(audio, sample_rate, opts, device)?;
+        Ok((r.output, r.latent))
+    }
+
+    /// Encodes and decodes a clip: the audio is resampled to the
+    /// `vocos-24k` rate, its log-mel padded with silence frames to a
+    /// multiple of C and encoded (the latent is the posterior mean), the
+    /// latent decoded, and both log-mels cut back to the clip's own frames.
+    pub fn reconstruct(
+        &self,
+        audio: &[f32],
+        sample_rate: u32,
+        opts: &SampleOptions,
+        device: &Device,
+    ) -> Result<Reconstruction> {
+        let (padded, frames) = self.padded_mel(audio, sample_rate, device)?;
+        let (latent, _) = self.encode(&padded)?;
+        let output = self.sample(&latent, opts)?.narrow(2, 0, frames)?;
+        Ok(Reconstruction {
+            input: padded.narrow(2, 0, frames)?.contiguous()?,
+            output: output.contiguous()?,
+            latent: latent.detach(),
+        })
     }
 
     /// The `vocos-24k` log-mel of `audio` as `[1, mel, frames]`, padded
     /// with silence (`ln(1e-7)`) to a multiple of C frames.
     pub fn audio_to_mel(&self, audio: &[f32], sample_rate: u32, device: &Device) -> Result<Tensor> {
+        Ok(self.padded_mel(audio, sample_rate, device)?.0)
+    }
+
+    /// [`MelVae::audio_to_mel`] and the clip's own frame count.
+    fn padded_mel(
+        &self,
+        audio: &[f32],
+        sample_rate: u32,
+        device: &Device,
+    ) -> Result<(Tensor, usize)> {
         let mc = MelConfig::vocos_24k();
         ensure(
             mc.n_mels == self.cfg.convformer.mel_channels,
@@ -207,7 +262,7 @@ impl MelVae {
                 data[i * padded + j] = mel[[i, j]];
             }
         }
-        Ok(Tensor::from_vec(data, (1, m, padded), device)?)
+        Ok((Tensor::from_vec(data, (1, m, padded), device)?, t))
     }
 
     /// The training loss of `mel` (`[batch, mel, frames]`, frames a multiple
@@ -269,7 +324,7 @@ impl MelVae {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
+    use candle_core::IndexOp;
     use candle_nn::{Optimizer, VarMap};
     use melvae_layers::testing::{max_abs_diff, noise, randomize};
 
@@ -383,9 +438,18 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-        // 1 s at 24 kHz: 94 frames, padded to 96 = 24 latent frames x 4.
-        assert_eq!(recon.dims(), &[1, 100, 96]);
+        // 1 s at 24 kHz: 94 frames, padded to 96 = 24 latent frames x 4;
+        // the output is cut back to the clip's 94.
+        assert_eq!(recon.dims(), &[1, 100, 94]);
         assert_eq!(latent.dims(), &[1, 24, 4]);
+        let a = mel_to_array(&recon).unwrap();
+        assert_eq!(a.dim(), (100, 94));
+        let v = recon.i((0, 3, 5)).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(a[[3, 5]], v);
+        let e = mel_to_array(&Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mel to array") && e.contains("[2, 3, 4]"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use melvae_dsp::{
     mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
     SpectrogramImage, SplitMix64, WavFormat,
 };
-use melvae_models::{MelVae, MelVaeConfig, SampleOptions};
+use melvae_models::{mel_to_array, MelVae, MelVaeConfig, SampleOptions};
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
 use crate::trainer::{Losses, StepContext, TrainTask};
@@ -246,13 +246,8 @@ impl TrainTask for MelVaeTask {
             .model
             .sample(&latent, &SampleOptions::default())
             .map_err(model_err)?;
-        let to_host = |t: &Tensor| -> Result<ndarray::Array2<f32>> {
-            let (_, m, f) = t.dims3()?;
-            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            ndarray::Array2::from_shape_vec((m, f), v)
-                .map_err(|e| Error::invalid("sample mel", e.to_string()))
-        };
-        let (input, output) = (to_host(&mel)?, to_host(&recon)?);
+        let input = mel_to_array(&mel).map_err(model_err)?;
+        let output = mel_to_array(&recon).map_err(model_err)?;
         let img = SpectrogramImage::for_mel(self.extractor.config());
         img.save_png(dir.join(format!("step{:08}_input.png", ctx.step)), &input)?;
         img.save_png(dir.join(format!("step{:08}_recon.png", ctx.step)), &output)?;
