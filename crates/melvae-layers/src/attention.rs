@@ -55,11 +55,16 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 /// `q` `[batch, heads, queries, head_dim]`, `k`, `v`
 /// `[batch, heads, keys, head_dim]` -> `[batch, heads, queries, head_dim]`.
 ///
-/// The single dispatch point: with the `flash-attn` feature, on a CUDA
-/// device, in f16/bf16, with no gradient needed (no input tracks a
-/// variable), no key mask and no active dropout, candle-flash-attn runs
-/// (`flash_attn_alibi` when ALiBi is on). Everything else takes the math
-/// path, which is differentiable on any device and dtype.
+/// With a key mask and as many queries as keys (self-attention), the rows of
+/// masked positions are zero: a padded position attends to nothing.
+///
+/// The single dispatch point ([`uses_flash`] says which path runs): with the
+/// `flash-attn` feature, on a CUDA device, in f16/bf16, with no gradient
+/// needed (no input tracks a variable) and no active dropout,
+/// candle-flash-attn runs (`flash_attn_alibi` when ALiBi is on; a key mask
+/// that keeps a non-empty prefix of each self-attention row runs the
+/// variable-length kernels on the kept prefixes). Everything else takes the
+/// math path, which is differentiable on any device and dtype.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let s = k.dim(2)?;
@@ -75,8 +80,12 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Resul
     })?;
     let scale = 1.0 / (d as f64).sqrt();
     let dropout_on = opts.train && opts.dropout > 0.0;
-    if flash_eligible(q, k, v) && opts.key_mask.is_none() && !dropout_on {
-        return flash(q, k, v, scale, opts);
+    if uses_flash(q, k, v, opts)? {
+        let lengths = match opts.key_mask {
+            Some(km) => prefix_lengths(km)?,
+            None => None,
+        };
+        return flash(q, k, v, scale, opts, lengths.as_deref());
     }
     let probs = attention_probs(q, k, scale, opts)?;
     let probs = if dropout_on {
@@ -87,32 +96,139 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Resul
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
-fn flash_eligible(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    cfg!(feature = "flash-attn")
+/// Whether [`attend`] takes the flash-attention path for these inputs (see
+/// there). Reads a key mask back to the host to check its form.
+pub fn uses_flash(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Result<bool> {
+    let eligible = cfg!(feature = "flash-attn")
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && !needs_grad(&[q, k, v])
+        && !(opts.train && opts.dropout > 0.0);
+    if !eligible {
+        return Ok(false);
+    }
+    Ok(match opts.key_mask {
+        None => true,
+        Some(km) => q.dim(2)? == k.dim(2)? && prefix_lengths(km)?.is_some(),
+    })
+}
+
+/// For a key mask `[batch, keys]` that keeps a non-empty prefix of each row
+/// (ones, then zeros), the prefix lengths; `None` for any other mask.
+fn prefix_lengths(key_mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows = key_mask.ne(0.0)?.to_dtype(DType::U8)?.to_vec2::<u8>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m != 0).count();
+            (n > 0 && row[n..].iter().all(|&m| m == 0)).then_some(n)
+        })
+        .collect())
 }
 
 #[cfg(feature = "flash-attn")]
-fn flash(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, opts: &AttendOptions) -> Result<Tensor> {
+fn flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    opts: &AttendOptions,
+    lengths: Option<&[usize]>,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let dev = q.device();
     // candle-flash-attn takes [batch, seq, heads, head_dim].
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = k.transpose(1, 2)?.contiguous()?;
     let v = v.transpose(1, 2)?.contiguous()?;
-    let out = match opts.alibi {
+    let slopes = match opts.alibi {
         Some(slopes) => {
             let slopes: Vec<f32> = slopes.iter().map(|&s| s as f32).collect();
-            let slopes = Tensor::from_vec(slopes, q.dim(2)?, q.device())?;
-            candle_flash_attn::flash_attn_alibi(&q, &k, &v, &slopes, scale as f32, opts.causal)?
+            Some(Tensor::from_vec(slopes, h, dev)?)
         }
-        None => candle_flash_attn::flash_attn(&q, &k, &v, scale as f32, opts.causal)?,
+        None => None,
     };
-    Ok(out.transpose(1, 2)?.contiguous()?)
+    let scale = scale as f32;
+    let Some(lengths) = lengths else {
+        let out = match &slopes {
+            Some(s) => candle_flash_attn::flash_attn_alibi(&q, &k, &v, s, scale, opts.causal)?,
+            None => candle_flash_attn::flash_attn(&q, &k, &v, scale, opts.causal)?,
+        };
+        return Ok(out.transpose(1, 2)?.contiguous()?);
+    };
+    // Self-attention over the kept prefix of each row, packed without padding
+    // ([total, heads, head_dim]); padded rows are zero, as on the math path.
+    let (keep, scatter, cumulative) = varlen_layout(lengths, t);
+    let total = keep.len();
+    let keep = Tensor::from_vec(keep, total, dev)?;
+    let pack =
+        |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b * t, h, d))?.index_select(&keep, 0)?) };
+    let (qp, kp, vp) = (pack(&q)?, pack(&k)?, pack(&v)?);
+    let cu = Tensor::from_vec(cumulative, b + 1, dev)?;
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    let out = match &slopes {
+        Some(s) => candle_flash_attn::flash_attn_varlen_alibi(
+            &qp,
+            &kp,
+            &vp,
+            s,
+            &cu,
+            &cu,
+            max_len,
+            max_len,
+            scale,
+            opts.causal,
+        )?,
+        None => candle_flash_attn::flash_attn_varlen(
+            &qp,
+            &kp,
+            &vp,
+            &cu,
+            &cu,
+            max_len,
+            max_len,
+            scale,
+            opts.causal,
+        )?,
+    };
+    let zero = Tensor::zeros((1, h, d), out.dtype(), dev)?;
+    let scatter = Tensor::from_vec(scatter, b * t, dev)?;
+    let out = Tensor::cat(&[&out, &zero], 0)?.index_select(&scatter, 0)?;
+    Ok(out.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// Packing of rows with kept prefixes `lengths` out of `t` positions each:
+/// the kept flat rows (`b * t + i`), for every flat row its packed index (the
+/// zero row `total` when padded), and the cumulative lengths.
+#[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
+fn varlen_layout(lengths: &[usize], t: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let total: usize = lengths.iter().sum();
+    let mut keep = Vec::with_capacity(total);
+    let mut scatter = Vec::with_capacity(lengths.len() * t);
+    let mut cumulative = vec![0u32];
+    for (b, &n) in lengths.iter().enumerate() {
+        for i in 0..t {
+            if i < n {
+                scatter.push(keep.len() as u32);
+                keep.push((b * t + i) as u32);
+            } else {
+                scatter.push(total as u32);
+            }
+        }
+        cumulative.push(keep.len() as u32);
+    }
+    (keep, scatter, cumulative)
 }
 
 #[cfg(not(feature = "flash-attn"))]
-fn flash(_: &Tensor, _: &Tensor, _: &Tensor, _: f64, _: &AttendOptions) -> Result<Tensor> {
+fn flash(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: f64,
+    _: &AttendOptions,
+    _: Option<&[usize]>,
+) -> Result<Tensor> {
     Err(Error::invalid(
         "attention",
         "flash attention needs the flash-attn feature",
@@ -131,12 +247,16 @@ fn neg_fill(dtype: DType) -> f64 {
 }
 
 /// Attention weights `[batch, heads, queries, keys]` of the math path.
-/// Masked positions are exactly 0; a query with no visible key gets all zeros.
+/// Masked positions are exactly 0; a query with no visible key (including a
+/// padded query in self-attention, see [`attend`]) gets all zeros.
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions) -> Result<Tensor> {
     let (b, h, t, _) = q.dims4()?;
     let s = k.dim(2)?;
     let dev = q.device();
-    let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    // Scores, masking and softmax in f32 for half inputs; probabilities are
+    // returned in the inputs' dtype.
+    let dtype = q.dtype();
+    let mut scores = crate::upcast(&(q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?)?;
     let offset = s as isize - t as isize;
     if let Some(slopes) = opts.alibi {
         ensure(slopes.len() == h, "alibi slopes", || {
@@ -168,10 +288,15 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
                 km.dims(),
             ));
         }
-        let km = km.ne(0.0)?.to_dtype(DType::U8)?.reshape((b, 1, 1, s))?;
+        let km = km.ne(0.0)?.to_dtype(DType::U8)?;
+        let mut k_keep = km.reshape((b, 1, 1, s))?;
+        if t == s {
+            // Self-attention: a padded query attends to nothing (zero row).
+            k_keep = k_keep.broadcast_mul(&km.reshape((b, 1, s, 1))?)?;
+        }
         keep = Some(match keep {
-            Some(c) => c.broadcast_mul(&km)?,
-            None => km,
+            Some(c) => c.broadcast_mul(&k_keep)?,
+            None => k_keep,
         });
     }
     let probs = match keep {
@@ -184,7 +309,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
             p.mul(&keep.to_dtype(p.dtype())?)?
         }
     };
-    Ok(probs)
+    Ok(probs.to_dtype(dtype)?)
 }
 
 /// Rotary position embedding (GPT-NeoX half rotation) from differentiable
@@ -544,6 +669,27 @@ mod tests {
     }
 
     #[test]
+    fn flash_packing_of_padded_rows() {
+        let mask =
+            Tensor::new(&[[1u8, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], &Device::Cpu).unwrap();
+        let lengths = prefix_lengths(&mask).unwrap().unwrap();
+        assert_eq!(lengths, [2, 4, 1]);
+        let (keep, scatter, cumulative) = varlen_layout(&lengths, 4);
+        assert_eq!(keep, [0, 1, 4, 5, 6, 7, 8]);
+        assert_eq!(cumulative, [0, 2, 6, 7]);
+        // Padded rows point at the appended zero row (index 7).
+        assert_eq!(scatter, [0, 1, 7, 7, 2, 3, 4, 5, 6, 7, 7, 7]);
+        // Holes and empty rows are not prefixes: the math path handles them.
+        for bad in [[[1u8, 0, 1, 0]], [[0u8, 0, 0, 0]], [[0u8, 1, 1, 1]]] {
+            let m = Tensor::new(&bad, &Device::Cpu).unwrap();
+            assert_eq!(prefix_lengths(&m).unwrap(), None, "{bad:?}");
+        }
+        // On the CPU, and for tensors that track gradients, it is never flash.
+        let (q, k, v) = qkv(1, 2, 4, 4, 8);
+        assert!(!uses_flash(&q, &k, &v, &AttendOptions::default()).unwrap());
+    }
+
+    #[test]
     fn masked_positions_get_zero_weight() {
         let (q, k, v) = qkv(2, 2, 5, 5, 4);
         let mask = lengths_to_mask(&[3, 5], 5, &Device::Cpu).unwrap();
@@ -561,15 +707,18 @@ mod tests {
         for (b, pb) in p.iter().enumerate() {
             for ph in pb {
                 for (i, row) in ph.iter().enumerate() {
+                    // A padded query (i >= length) attends to nothing.
+                    let len = [3, 5][b];
                     for (j, &w) in row.iter().enumerate() {
-                        let visible = j <= i && j < [3, 5][b];
+                        let visible = j <= i && j < len && i < len;
                         if visible {
                             assert!(w > 0.0);
                         } else {
                             assert_eq!(w, 0.0, "b {b} i {i} j {j}");
                         }
                     }
-                    assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+                    let total = if i < len { 1.0 } else { 0.0 };
+                    assert!((row.iter().sum::<f64>() - total).abs() < 1e-12);
                 }
             }
         }

@@ -56,13 +56,15 @@ impl Weight {
         match self {
             Self::Plain(w) => Ok(w.clone()),
             Self::Norm { g, v, dim } => {
-                let mut sq = v.sqr()?;
+                // The norm in f32 for half-precision weights.
+                let mut sq = crate::upcast(v)?.sqr()?;
                 for d in (0..v.rank()).rev() {
                     if d != *dim {
                         sq = sq.sum_keepdim(d)?;
                     }
                 }
-                Ok(v.broadcast_mul(&g.broadcast_div(&sq.sqrt()?)?)?)
+                let norm = sq.sqrt()?.to_dtype(v.dtype())?;
+                Ok(v.broadcast_mul(&g.broadcast_div(&norm)?)?)
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Position-wise feed-forward with sequence masking.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::error::ensure;
@@ -158,11 +158,24 @@ pub fn sinusoidal_positions(
     Ok(Tensor::from_vec(v, (len, dim), device)?)
 }
 
+/// The dtype in which timesteps and their embeddings are computed for a
+/// model in `dtype`: f64 for f64 models, f32 otherwise. In bf16 a flow time
+/// keeps 8 significant bits and `sin(t f)` loses its high frequencies.
+pub fn time_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Sinusoidal embedding of (possibly fractional) timesteps `t` (`[batch]`)
 /// as DiT: `[cos(t f_i), sin(t f_i)]` with `f_i = max_period^(-i/half)`,
-/// `[batch, dim]` (a zero column appended for odd `dim`). Differentiable in `t`.
+/// `[batch, dim]` (a zero column appended for odd `dim`), computed and
+/// returned in [`time_dtype`] of `t`'s dtype. Differentiable in `t`.
 pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
     let half = dim / 2;
+    let t = t.to_dtype(time_dtype(t.dtype()))?;
     let freqs: Vec<f64> = (0..half)
         .map(|i| (-(max_period.ln()) * i as f64 / half as f64).exp())
         .collect();
@@ -197,9 +210,12 @@ impl TimestepEmbedder {
         })
     }
 
-    /// `t` `[batch]` (timesteps, may be fractional) to `[batch, dim]`.
+    /// `t` `[batch]` (timesteps, may be fractional; pass them in
+    /// [`time_dtype`], not in half precision) to `[batch, dim]` in the
+    /// weights' dtype.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        let e = timestep_embedding(t, self.freq_dim, 10000.0)?;
+        let e =
+            timestep_embedding(t, self.freq_dim, 10000.0)?.to_dtype(self.l1.weight().dtype())?;
         Ok(self.l2.forward(&self.l1.forward(&e)?.silu()?)?)
     }
 }

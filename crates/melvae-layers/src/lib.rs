@@ -37,6 +37,7 @@ pub mod ffn;
 pub mod init;
 pub mod lstm;
 pub mod norm;
+pub mod precision;
 pub mod residual;
 pub mod streaming;
 pub mod testing;
@@ -45,20 +46,21 @@ pub mod vq;
 
 pub use act::{Activation, ActivationKind};
 pub use attention::{
-    alibi_slopes, apply_rotary, attend, lengths_to_mask, AttendOptions, AttentionConfig,
-    MultiHeadAttention,
+    alibi_slopes, apply_rotary, attend, attention_probs, lengths_to_mask, uses_flash,
+    AttendOptions, AttentionConfig, MultiHeadAttention,
 };
 pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
 };
 pub use error::{Error, Result};
 pub use ffn::{
-    masked_fill_zero, sinusoidal_positions, timestep_embedding, FeedForward, FeedForwardConfig,
-    FfnActivation, TimestepEmbedder,
+    masked_fill_zero, sinusoidal_positions, time_dtype, timestep_embedding, FeedForward,
+    FeedForwardConfig, FfnActivation, TimestepEmbedder,
 };
 pub use init::seeded_var_builder;
 pub use lstm::LstmStack;
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
+pub use precision::upcast;
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;
 pub use transformer::{BlockConfig, DecoderLayer, DitBlock, EncoderLayer};

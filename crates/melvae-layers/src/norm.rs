@@ -7,14 +7,18 @@ use candle_nn::{Init, Linear, Module, VarBuilder};
 use crate::error::ensure;
 use crate::{Error, Result};
 
+/// Normalises the last axis; statistics in f32 for half inputs
+/// ([`crate::upcast`]), the result in `x`'s dtype.
 fn normalize_last(x: &Tensor, eps: f64, center: bool) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = crate::upcast(x)?;
     let xc = if center {
         x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
     } else {
         x.clone()
     };
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
+    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?)
 }
 
 /// Layer normalisation over the last dimension, `[..., dim] -> [..., dim]`,

@@ -4,6 +4,7 @@
 //! **sums** over discriminators, as DAC and HiFi-GAN do.
 
 use candle_core::Tensor;
+use melvae_layers::upcast;
 
 use crate::{Error, Result};
 
@@ -39,6 +40,7 @@ pub fn discriminator_loss(kind: GanLoss, real: &[Tensor], fake: &[Tensor]) -> Re
         .iter()
         .zip(fake)
         .map(|(r, f)| -> Result<Tensor> {
+            let (r, f) = (&upcast(r)?, &upcast(f)?);
             Ok(match kind {
                 GanLoss::Hinge => {
                     ((1.0 - r)?.relu()?.mean_all()? + (f + 1.0)?.relu()?.mean_all()?)?
@@ -55,6 +57,7 @@ pub fn generator_loss(kind: GanLoss, fake: &[Tensor]) -> Result<Tensor> {
     let terms = fake
         .iter()
         .map(|f| -> Result<Tensor> {
+            let f = &upcast(f)?;
             Ok(match kind {
                 GanLoss::Hinge => f.mean_all()?.neg()?,
                 GanLoss::LeastSquares => (f - 1.0)?.sqr()?.mean_all()?,
@@ -110,8 +113,8 @@ pub fn feature_matching_loss(
                     f.dims(),
                 ));
             }
-            let r = r.detach();
-            let l1 = (f - &r)?.abs()?.mean_all()?;
+            let (r, f) = (upcast(&r.detach())?, upcast(f)?);
+            let l1 = (&f - &r)?.abs()?.mean_all()?;
             terms.push(match kind {
                 FeatureMatching::Absolute => l1,
                 FeatureMatching::Relative => (l1 / r.abs()?.mean_all()?.maximum(1e-8)?)?,

@@ -2,6 +2,7 @@
 //! free bits.
 
 use candle_core::{Tensor, D};
+use melvae_layers::upcast;
 
 use crate::error::same_shape;
 use crate::{Error, Result};
@@ -10,6 +11,7 @@ use crate::{Error, Result};
 /// same shape as the inputs (`[..., latent_dim]`).
 pub fn gaussian_kl(mean: &Tensor, logvar: &Tensor) -> Result<Tensor> {
     same_shape("gaussian kl", mean, logvar)?;
+    let (mean, logvar) = (&upcast(mean)?, &upcast(logvar)?);
     Ok((((mean.sqr()? + logvar.exp()?)? - 1.0)? - logvar)?.affine(0.5, 0.0)?)
 }
 

@@ -6,6 +6,7 @@ use melvae_dsp::{
     to_mid_side_tensor, LogScale, MelConfig, MelNorm, MelScale, PadMode, Padding, StftConfig,
     TensorMel, TensorStft, WindowKind,
 };
+use melvae_layers::upcast;
 
 use crate::error::same_shape;
 use crate::{Error, Result};
@@ -18,9 +19,12 @@ pub trait WaveformLoss {
 }
 
 /// `[batch, samples]` or `[batch, channels, samples]` to `[batch * channels, samples]`.
+/// `[batch, samples]` (channels folded into the batch), in f32 for half
+/// inputs (see [`melvae_layers::precision`]).
 fn as_batch(x: &Tensor, what: &str) -> Result<Tensor> {
+    let x = upcast(x)?;
     match x.dims() {
-        [_, _] => Ok(x.clone()),
+        [_, _] => Ok(x),
         [b, c, t] => Ok(x.reshape((b * c, *t))?),
         d => Err(Error::shape(
             what,
@@ -278,7 +282,7 @@ impl WaveformLoss for MultiScaleMelLoss {
 /// `mean |pred - target|` over all elements (any matching shapes).
 pub fn l1_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     same_shape("l1 loss", pred, target)?;
-    Ok((pred - target)?.abs()?.mean_all()?)
+    Ok(upcast(&(pred - target)?.abs()?)?.mean_all()?)
 }
 
 /// Waveform L1 as a [`WaveformLoss`].

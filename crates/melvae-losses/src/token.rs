@@ -1,6 +1,7 @@
 //! Masked regression and classification losses for the token models.
 
 use candle_core::{DType, Tensor, D};
+use melvae_layers::upcast;
 
 use crate::error::same_shape;
 use crate::{Error, Result};
@@ -12,6 +13,7 @@ use crate::{Error, Result};
 /// (`[batch, 1, time]` for a mel `[batch, n_mels, time]`). An all-zero mask
 /// gives 0, not NaN.
 pub fn masked_mean(values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let values = &upcast(values)?;
     let Some(mask) = mask else {
         return Ok(values.mean_all()?);
     };
@@ -55,6 +57,7 @@ pub fn masked_bce_with_logits(
     pos_weight: Option<f64>,
 ) -> Result<Tensor> {
     same_shape("bce logits", logits, targets)?;
+    let logits = &upcast(logits)?;
     let y = targets.to_dtype(logits.dtype())?;
     let softplus_neg = ((logits.abs()?.neg()?.exp()? + 1.0)?.log()? + logits.neg()?.relu()?)?;
     let coef = match pos_weight {
@@ -91,7 +94,7 @@ pub fn cross_entropy(
         ));
     }
     let targets = targets.to_dtype(DType::U32)?.flatten_all()?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape(((), c))?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(&upcast(&logits.reshape(((), c))?)?, D::Minus1)?;
     let valid = match ignore_index {
         Some(ig) => targets.ne(ig)?,
         None => targets.ones_like()?.to_dtype(DType::U8)?,

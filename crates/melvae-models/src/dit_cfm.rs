@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
 use melvae_layers::{
-    modulate, AdaLnZero, AttentionConfig, BlockConfig, DitBlock, FeedForwardConfig, FfnActivation,
-    LayerNorm, TimestepEmbedder,
+    modulate, time_dtype, AdaLnZero, AttentionConfig, BlockConfig, DitBlock, FeedForwardConfig,
+    FfnActivation, LayerNorm, TimestepEmbedder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -252,7 +252,7 @@ impl DitDecoder {
             D::Minus1,
         )?;
         let mut h = self.in_proj.forward(&h)?;
-        let c = self.time.forward(&t.to_dtype(x_t.dtype())?)?;
+        let c = self.time.forward(t)?;
         for blk in &self.blocks {
             h = blk.forward(&h, &c, None, train)?;
         }
@@ -308,7 +308,7 @@ impl DitDecoder {
             * temperature)?;
         let cond = cond.detach();
         integrate(x0, num_steps, solver, |x, t| {
-            let tt = Tensor::full(t as f32, b, cond.device())?.to_dtype(cond.dtype())?;
+            let tt = Tensor::full(t, b, cond.device())?.to_dtype(time_dtype(cond.dtype()))?;
             Ok(self.guided(x, &tt, &cond, guidance_scale)?.detach())
         })
     }

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use melvae_dsp::{resample, MelConfig, MelExtractor, ResampleQuality, SplitMix64};
+use melvae_layers::time_dtype;
 use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -285,7 +286,7 @@ impl MelVae {
         let cond = z.broadcast_mul(&keep)?;
         let x0 = normal_noise(x1.dims(), rng, dev)?.to_dtype(dt)?;
         let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
-        let t = Tensor::from_vec(t, b, dev)?.to_dtype(dt)?;
+        let t = Tensor::from_vec(t, b, dev)?.to_dtype(time_dtype(dt))?;
         let (xt, u) = flow_matching_target(&x0, &x1, &t, self.cfg.cfm.sigma)?;
         let v = self.decoder.forward(&xt, &t, &cond, true)?;
         let cfm = flow_matching_loss(&v, &u, None)?;
