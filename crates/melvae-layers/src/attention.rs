@@ -80,11 +80,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Resul
     })?;
     let scale = 1.0 / (d as f64).sqrt();
     let dropout_on = opts.train && opts.dropout > 0.0;
-    if uses_flash(q, k, v, opts)? {
-        let lengths = match opts.key_mask {
-            Some(km) => prefix_lengths(km)?,
-            None => None,
-        };
+    if let Some(lengths) = flash_plan(q, k, v, opts)? {
         return flash(q, k, v, scale, opts, lengths.as_deref());
     }
     let probs = attention_probs(q, k, scale, opts)?;
@@ -99,17 +95,31 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Resul
 /// Whether [`attend`] takes the flash-attention path for these inputs (see
 /// there). Reads a key mask back to the host to check its form.
 pub fn uses_flash(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Result<bool> {
+    Ok(flash_plan(q, k, v, opts)?.is_some())
+}
+
+/// `None` for the math path; `Some(prefix lengths)` for flash, the lengths
+/// present when a key mask selects the variable-length kernels. The mask is
+/// read back to the host once, here.
+#[allow(clippy::option_option)]
+fn flash_plan(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttendOptions,
+) -> Result<Option<Option<Vec<usize>>>> {
     let eligible = cfg!(feature = "flash-attn")
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && !needs_grad(&[q, k, v])
         && !(opts.train && opts.dropout > 0.0);
     if !eligible {
-        return Ok(false);
+        return Ok(None);
     }
     Ok(match opts.key_mask {
-        None => true,
-        Some(km) => q.dim(2)? == k.dim(2)? && prefix_lengths(km)?.is_some(),
+        None => Some(None),
+        Some(km) if q.dim(2)? == k.dim(2)? => prefix_lengths(km)?.map(Some),
+        Some(_) => None,
     })
 }
 
