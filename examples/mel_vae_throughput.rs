@@ -13,19 +13,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_core::{DType, Device};
 use clap::Parser;
-use melvae::dsp::SplitMix64;
-use melvae::layers::{seeded_var_builder, testing::named_vars};
-use melvae::models::{MelVae, SampleOptions};
-use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
-use melvae::train::tasks::mel_vae::mel_vae_config;
-use melvae::train::{AudioDataConfig, ResolvedConfig};
+use common::{MelVaeBench, MEL_FRAME_RATE};
+use melvae::models::SampleOptions;
 
 #[derive(Parser)]
 struct Args {
@@ -43,23 +37,12 @@ struct Args {
     cuda: bool,
 }
 
-const FRAME_RATE: f64 = 24000.0 / 256.0;
-
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
 fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
-}
-
-/// Deterministic log-mel-like input `[batch, mel, frames]` around -5.
-fn random_mel(b: usize, m: usize, f: usize, seed: u64, dev: &Device) -> anyhow::Result<Tensor> {
-    let data: Vec<f32> = common::noise(b * m * f, seed)
-        .into_iter()
-        .map(|x| -5.0 + 6.0 * x)
-        .collect();
-    Ok(Tensor::from_vec(data, (b, m, f), dev)?)
 }
 
 fn run() -> anyhow::Result<()> {
@@ -69,52 +52,24 @@ fn run() -> anyhow::Result<()> {
         "--seconds must be > 0, got {}",
         args.seconds
     );
-    let path = PathBuf::from(format!("configs/settings/{}.yaml", args.setting));
-    let resolved = ResolvedConfig::load(&path, &[])?;
-    let cfg = mel_vae_config(&resolved)?;
-    let data: AudioDataConfig = resolved.get("data")?;
     let dev = if args.cuda {
         Device::new_cuda(0)?
     } else {
         Device::Cpu
     };
-    let varmap = VarMap::new();
-    let model = MelVae::new(
-        cfg.clone(),
-        seeded_var_builder(&varmap, 0, DType::F32, &dev),
-    )?;
-    let vars = named_vars(&varmap);
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let bench = MelVaeBench::new(&args.setting, DType::F32, &dev)?;
+    let (model, batch, crop_frames) = (&bench.model, bench.batch, bench.frames);
     let c = model.compress();
-    let m = cfg.convformer.mel_channels;
-    let crop_frames = ((data.crop_seconds * FRAME_RATE) as usize / c) * c;
-    let batch = data.batch_size;
     println!(
         "{}: {:.2} M parameters, C = {c}, batch {batch} x {crop_frames} frames ({:.2} s each), {} threads",
-        path.display(),
-        n_params as f64 / 1e6,
-        crop_frames as f64 / FRAME_RATE,
+        bench.path.display(),
+        bench.n_params() as f64 / 1e6,
+        crop_frames as f64 / MEL_FRAME_RATE,
         candle_core::utils::get_num_threads()
     );
 
-    // Training steps.
-    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
-    let mel = random_mel(batch, m, crop_frames, 1, &dev)?;
-    let mut rng = SplitMix64::new(0);
-    let mut step = |i: u64| -> anyhow::Result<()> {
-        let loss = model.loss(&mel, i, &mut rng)?;
-        let store = loss.total.backward()?;
-        opt.step(&collect_grads(&vars, &store), 1e-4)?;
-        Ok(())
-    };
-    step(0)?;
-    let t = Instant::now();
-    for i in 0..args.steps {
-        step(i + 1)?;
-    }
-    dev.synchronize()?;
-    let per_step = t.elapsed().as_secs_f64() / args.steps as f64;
-    let audio_per_step = batch as f64 * crop_frames as f64 / FRAME_RATE;
+    let per_step = bench.time_train_steps(args.steps)?;
+    let audio_per_step = batch as f64 * crop_frames as f64 / MEL_FRAME_RATE;
     println!(
         "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
         per_step * 1e3,
@@ -123,9 +78,9 @@ fn run() -> anyhow::Result<()> {
     );
 
     // Encoding and sampling of one long clip.
-    let frames = ((args.seconds * FRAME_RATE) as usize).div_ceil(c) * c;
-    let secs = frames as f64 / FRAME_RATE;
-    let long = random_mel(1, m, frames, 2, &dev)?;
+    let frames = ((args.seconds * MEL_FRAME_RATE) as usize).div_ceil(c) * c;
+    let secs = frames as f64 / MEL_FRAME_RATE;
+    let long = bench.random_mel(1, frames, 2)?;
     let (latent, _) = model.encode(&long)?;
     let mut runs = Vec::new();
     for _ in 0..3 {

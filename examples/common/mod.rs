@@ -60,3 +60,94 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Mel frames per second of the `vocos-24k` preset the settings use.
+pub const MEL_FRAME_RATE: f64 = 24000.0 / 256.0;
+
+/// The mel VAE of a settings file, built for timing training steps.
+pub struct MelVaeBench {
+    /// The model (seeded initialisation).
+    pub model: melvae::models::MelVae,
+    /// Its trainable variables.
+    pub vars: Vec<(String, candle_core::Var)>,
+    /// `data.batch_size` of the setting.
+    pub batch: usize,
+    /// `data.crop_seconds` in mel frames, rounded down to a multiple of C.
+    pub frames: usize,
+    /// The settings file.
+    pub path: std::path::PathBuf,
+}
+
+impl MelVaeBench {
+    /// Builds the model of `configs/settings/<setting>.yaml` in `dtype` on
+    /// `dev`.
+    pub fn new(
+        setting: &str,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> anyhow::Result<Self> {
+        let path = std::path::PathBuf::from(format!("configs/settings/{setting}.yaml"));
+        let resolved = melvae::train::ResolvedConfig::load(&path, &[])?;
+        let cfg = melvae::train::tasks::mel_vae::mel_vae_config(&resolved)?;
+        let data: melvae::train::AudioDataConfig = resolved.get("data")?;
+        let varmap = candle_nn::VarMap::new();
+        let model = melvae::models::MelVae::new(
+            cfg,
+            melvae::layers::seeded_var_builder(&varmap, 0, dtype, dev),
+        )?;
+        let c = model.compress();
+        Ok(Self {
+            model,
+            vars: melvae::layers::testing::named_vars(&varmap),
+            batch: data.batch_size,
+            frames: ((data.crop_seconds * MEL_FRAME_RATE) as usize / c) * c,
+            path,
+        })
+    }
+
+    /// Trainable parameters.
+    pub fn n_params(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Deterministic log-mel-like input `[batch, mel, frames]` around -5.
+    pub fn random_mel(
+        &self,
+        batch: usize,
+        frames: usize,
+        seed: u64,
+    ) -> anyhow::Result<candle_core::Tensor> {
+        let m = self.model.config().convformer.mel_channels;
+        let data: Vec<f32> = noise(batch * m * frames, seed)
+            .into_iter()
+            .map(|x| -5.0 + 6.0 * x)
+            .collect();
+        let dev = self.vars[0].1.device();
+        let dtype = self.vars[0].1.dtype();
+        Ok(candle_core::Tensor::from_vec(data, (batch, m, frames), dev)?.to_dtype(dtype)?)
+    }
+
+    /// Mean seconds per training step (loss, backward, AdamW update) on a
+    /// batch of random crops, over `steps` steps after one warm-up step.
+    pub fn time_train_steps(&self, steps: u64) -> anyhow::Result<f64> {
+        use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
+        let mut opt = AdamW::new(self.vars.clone(), AdamWConfig::default())?;
+        let mel = self.random_mel(self.batch, self.frames, 1)?;
+        let mut rng = melvae::dsp::SplitMix64::new(0);
+        let mut step = |i: u64| -> anyhow::Result<()> {
+            let loss = self.model.loss(&mel, i, &mut rng)?;
+            let store = loss.total.backward()?;
+            opt.step(&collect_grads(&self.vars, &store), 1e-4)?;
+            Ok(())
+        };
+        let dev = mel.device().clone();
+        step(0)?;
+        dev.synchronize()?;
+        let t = std::time::Instant::now();
+        for i in 0..steps {
+            step(i + 1)?;
+        }
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / steps as f64)
+    }
+}

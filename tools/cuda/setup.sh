@@ -40,6 +40,9 @@ esac
 packages=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
           nvidia-cuda-runtime==13.0.88 nvidia-cuda-cccl==13.0.85)
 cutlass_commit=7d49e6c7e2f8896c47f586706e67e1fb215529dc   # candle-flash-attn 0.11.1's CUTLASS_COMMIT
+# Its headers from PyPI: CUTLASS 3.5.0 is the release of that commit (the
+# one TensorRT-LLM 0.10 pins too); the wheel carries include/ and tools/util/include/.
+cutlass_wheel=nvidia-cutlass==3.5.0.0
 
 python="${PYTHON:-python3}"
 if [ ! -x "$prefix/venv/bin/python" ]; then
@@ -89,15 +92,33 @@ stub cublas libcublas.so.13 libcublas.so
 stub cublaslt libcublasLt.so.13 libcublasLt.so
 
 # Flash-attention compile check: wrapper first on PATH, a "checkout" that
-# cudaforge accepts without cloning (an include/ folder and HEAD at the commit).
+# cudaforge accepts without cloning (CUTLASS's headers and HEAD at the commit;
+# tools/cuda/flash_kernels.sh compiles the real kernels against the same headers).
 fc="$prefix/flash-check"
 mkdir -p "$fc/bin" "$fc/build"
 install -m 0755 "$here/nvcc" "$fc/bin/nvcc"
 install -m 0644 "$here/flash_attn_stub.c" "$fc/bin/flash_attn_stub.c"
 checkout="$fc/cudaforge/git/checkouts/cutlass-${cutlass_commit:0:16}"
-if [ "$(git -C "$checkout" rev-parse HEAD 2>/dev/null || true)" != "$cutlass_commit" ]; then
+if [ "$(git -C "$checkout" rev-parse HEAD 2>/dev/null || true)" != "$cutlass_commit" ] \
+   || [ ! -f "$checkout/include/cutlass/version.h" ]; then
   rm -rf "$checkout"
-  mkdir -p "$checkout/include"
+  mkdir -p "$checkout"
+  wheels="$(mktemp -d)"
+  "$prefix/venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    "$cutlass_wheel" -d "$wheels"
+  "$prefix/venv/bin/python" - "$wheels"/nvidia_cutlass-*.whl "$checkout" <<'PY'
+import sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+root = "cutlass_library/source/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        rel = name[len(root):]
+        if name.startswith(root) and (rel.startswith("include/") or rel.startswith("tools/util/include/")):
+            z.extract(name, dest + "/.unpack")
+PY
+  mv "$checkout/.unpack/cutlass_library/source/"* "$checkout/"
+  rm -rf "$checkout/.unpack" "$wheels"
+  [ -f "$checkout/include/cutlass/version.h" ] || { echo "setup.sh: no CUTLASS headers from $cutlass_wheel" >&2; exit 1; }
   git -C "$checkout" init --quiet
   echo "$cutlass_commit" > "$checkout/.git/HEAD"
 fi

@@ -1,37 +1,47 @@
 #!/usr/bin/env bash
 # Build what runs on the GPU test machine (no Rust toolchain there) and pack
 # it into gpu-bundle/ (git-ignored, xz-compressed, well under the 64 MiB that
-# travels with the working tree). docs/gpu.md; the issue note lists the runs.
+# travels with the working tree): the device-generic tests and the gpu_bench
+# example. docs/gpu.md; the issue note lists the runs.
 #
-#   tools/gpu/bundle.sh            # after tools/cuda/setup.sh
+#   tools/cuda/setup.sh && tools/cuda/flash_kernels.sh
+#   tools/gpu/bundle.sh               # --features cuda,flash-attn (the default)
+#   MELVAE_GPU_FEATURES=cuda tools/gpu/bundle.sh   # without flash attention
 #   # then, on the GPU machine, from the repository root (gpu-bundle carried):
-#   bash tools/gpu/on_device.sh    # writes its results under $OUT
+#   bash tools/gpu/on_device.sh       # tests and benchmarks; results under $OUT
 #
-# The binaries are built with `--features cuda` (MELVAE_GPU_FEATURES to
-# change it). Not with flash-attn: the compile-check archive aborts when
-# called, and building the real kernels on the GPU machine is not scripted yet.
+# With flash-attn the real kernels of tools/cuda/flash_kernels.sh are linked
+# (PREFIX/env-flash.sh) into a target directory of their own, target/gpu-flash;
+# without, target/gpu.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 prefix="${MELVAE_CUDA_PREFIX:-$HOME/.cache/melvae-cuda}"
-[ -f "$prefix/env.sh" ] || { echo "bundle.sh: run tools/cuda/setup.sh first (no $prefix/env.sh)" >&2; exit 2; }
+features="${MELVAE_GPU_FEATURES:-cuda,flash-attn}"
+case ",$features," in
+  *,flash-attn,*) env="$prefix/env-flash.sh"; target="$repo/target/gpu-flash"
+                  hint="run tools/cuda/setup.sh and tools/cuda/flash_kernels.sh first" ;;
+  *) env="$prefix/env.sh"; target="$repo/target/gpu"; hint="run tools/cuda/setup.sh first" ;;
+esac
+[ -f "$env" ] || { echo "bundle.sh: $hint (no $env)" >&2; exit 2; }
 # shellcheck source=/dev/null
-source "$prefix/env.sh"
+source "$env"
 cd "$repo"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/gpu}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$target}"
 out="$repo/gpu-bundle"
 rm -rf "$out"
 mkdir -p "$out"
-features="${MELVAE_GPU_FEATURES:-cuda}"
-cargo test --release --features "$features" --test device --no-run --message-format=json \
+cargo build --release --features "$features" --test device --example gpu_bench --message-format=json \
   | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["executable"])' > "$out/executables.txt"
+[ "$(wc -l < "$out/executables.txt")" = 2 ] \
+  || { echo "bundle.sh: expected two executables, got:" >&2; cat "$out/executables.txt" >&2; exit 1; }
 while read -r exe; do
   name="$(basename "$exe" | sed -E 's/-[0-9a-f]{16}$//')"
   xz -T0 -6 -c "$exe" > "$out/$name.xz"
 done < "$out/executables.txt"
 echo "$features" > "$out/features.txt"
-git -C "$repo" rev-parse HEAD > "$out/commit.txt"
+{ git -C "$repo" rev-parse HEAD; git -C "$repo" status --porcelain | sed 's/^/dirty: /'; } > "$out/commit.txt"
 du -sh "$out"/*

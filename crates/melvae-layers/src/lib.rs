@@ -34,6 +34,7 @@ pub mod attention;
 pub mod conv;
 mod error;
 pub mod ffn;
+pub mod flops;
 pub mod init;
 pub mod lstm;
 pub mod norm;

@@ -5,7 +5,7 @@
 use candle_core::{Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use melvae_layers::{
-    ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
+    flops, ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
     FeedForwardConfig, FfnActivation, LayerNorm, ResidualUnit2d, Streaming,
 };
 use serde::{Deserialize, Serialize};
@@ -116,6 +116,51 @@ impl ConvformerConfig {
     pub fn collapsed_freq(&self) -> usize {
         (0..self.stages()).fold(self.mel_channels, |f, _| f.div_ceil(2))
     }
+
+    /// The transformer tail's layer: causal pre-norm, rotary, GELU
+    /// feed-forward of `4 * tf_dim`.
+    pub fn block_config(&self) -> BlockConfig {
+        BlockConfig {
+            attention: AttentionConfig {
+                causal: true,
+                bias: true,
+                rotary_base: Some(10000.0),
+                dropout: self.drop_p,
+                ..AttentionConfig::new(self.tf_dim, self.tf_heads)
+            },
+            ffn: FeedForwardConfig {
+                hidden: 4 * self.tf_dim,
+                activation: FfnActivation::Gelu,
+                dropout: self.drop_p,
+                bias: true,
+                dim: self.tf_dim,
+            },
+            dropout: self.drop_p,
+            norm_eps: 1e-5,
+        }
+    }
+
+    /// Model FLOPs of [`ConvformerEncoder::forward`] on `[batch, mel,
+    /// frames]` (the convention of [`melvae_layers::flops`]).
+    pub fn forward_flops(&self, batch: usize, frames: usize) -> f64 {
+        let ch = self.channels;
+        let unit = |hw| {
+            flops::conv2d(batch, ch, ch, UNIT_KERNEL, hw) + flops::conv2d(batch, ch, ch, (1, 1), hw)
+        };
+        let mut hw = (self.mel_channels, frames);
+        let mut total = flops::conv2d(batch, 1, ch, UNIT_KERNEL, hw)
+            + CONTEXT_DILATIONS.len() as f64 * unit(hw);
+        for _ in 0..self.stages() {
+            hw = (hw.0.div_ceil(2), hw.1 / 2);
+            total += flops::conv2d(batch, ch, ch, DOWN_KERNEL, hw)
+                + self.n_residual_blocks as f64 * unit(hw);
+        }
+        let rows = batch * hw.1;
+        total
+            + flops::linear(rows, ch * hw.0, self.tf_dim)
+            + self.tf_layers as f64 * flops::block(&self.block_config(), batch, hw.1)
+            + flops::linear(rows, self.tf_dim, 2 * self.latent_dim)
+    }
 }
 
 /// One downsampling stage: a causal conv with stride 2 in time and
@@ -144,6 +189,13 @@ pub struct ConvformerEncoder {
 }
 
 const ACT: ActivationKind = ActivationKind::Silu;
+/// `(freq, time)` kernel of the input conv and of the first conv of each
+/// residual unit (the second is 1 x 1).
+const UNIT_KERNEL: (usize, usize) = (3, 3);
+/// Time dilations of the residual units before the first stage.
+const CONTEXT_DILATIONS: [usize; 3] = [1, 2, 4];
+/// `(freq, time)` kernel of the stride-2 downsampling convs.
+const DOWN_KERNEL: (usize, usize) = (3, 4);
 
 impl ConvformerEncoder {
     /// Builds the encoder; fails on an invalid config, naming the field.
@@ -151,10 +203,12 @@ impl ConvformerEncoder {
         cfg.validate()?;
         let ch = cfg.channels;
         let input = CausalConv2d::new(Conv2dConfig::new(1, ch, (3, 3)), vb.pp("input"))?;
-        let context = [1, 2, 4]
+        let context = CONTEXT_DILATIONS
             .iter()
             .enumerate()
-            .map(|(i, &d)| ResidualUnit2d::new(ch, (3, 3), d, ACT, false, vb.pp("context").pp(i)))
+            .map(|(i, &d)| {
+                ResidualUnit2d::new(ch, UNIT_KERNEL, d, ACT, false, vb.pp("context").pp(i))
+            })
             .collect::<melvae_layers::Result<_>>()?;
         let stages = (0..cfg.stages())
             .map(|i| -> Result<Stage> {
@@ -162,35 +216,20 @@ impl ConvformerEncoder {
                 let down = CausalConv2d::new(
                     Conv2dConfig {
                         stride: (2, 2),
-                        ..Conv2dConfig::new(ch, ch, (3, 4))
+                        ..Conv2dConfig::new(ch, ch, DOWN_KERNEL)
                     },
                     vs.pp("down"),
                 )?;
                 let blocks = (0..cfg.n_residual_blocks)
-                    .map(|j| ResidualUnit2d::new(ch, (3, 3), 1, ACT, false, vs.pp("blocks").pp(j)))
+                    .map(|j| {
+                        ResidualUnit2d::new(ch, UNIT_KERNEL, 1, ACT, false, vs.pp("blocks").pp(j))
+                    })
                     .collect::<melvae_layers::Result<_>>()?;
                 Ok(Stage { down, blocks })
             })
             .collect::<Result<_>>()?;
         let collapse = candle_nn::linear(ch * cfg.collapsed_freq(), cfg.tf_dim, vb.pp("collapse"))?;
-        let block = BlockConfig {
-            attention: AttentionConfig {
-                causal: true,
-                bias: true,
-                rotary_base: Some(10000.0),
-                dropout: cfg.drop_p,
-                ..AttentionConfig::new(cfg.tf_dim, cfg.tf_heads)
-            },
-            ffn: FeedForwardConfig {
-                hidden: 4 * cfg.tf_dim,
-                activation: FfnActivation::Gelu,
-                dropout: cfg.drop_p,
-                bias: true,
-                dim: cfg.tf_dim,
-            },
-            dropout: cfg.drop_p,
-            norm_eps: 1e-5,
-        };
+        let block = cfg.block_config();
         let tail = (0..cfg.tf_layers)
             .map(|k| DecoderLayer::new(block, None, vb.pp("tail").pp(k)))
             .collect::<melvae_layers::Result<_>>()?;

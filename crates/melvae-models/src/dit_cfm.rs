@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
 use melvae_layers::{
-    modulate, time_dtype, AdaLnZero, AttentionConfig, BlockConfig, DitBlock, FeedForwardConfig,
-    FfnActivation, LayerNorm, TimestepEmbedder,
+    flops, modulate, time_dtype, AdaLnZero, AttentionConfig, BlockConfig, DitBlock,
+    FeedForwardConfig, FfnActivation, LayerNorm, TimestepEmbedder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,47 @@ impl CfmConfig {
     }
 }
 
+/// Sinusoidal features of the flow time fed to the timestep embedder.
+const TIME_FREQ_DIM: usize = 256;
+
+impl CfmConfig {
+    /// A DiT block of the decoder: non-causal, rotary, GELU feed-forward
+    /// of `4 * unet_dim`, conditioned on a `unet_dim` vector.
+    pub fn block_config(&self) -> BlockConfig {
+        let d = self.unet_dim;
+        BlockConfig {
+            attention: AttentionConfig {
+                bias: true,
+                rotary_base: Some(10000.0),
+                dropout: self.unet_dropout_rate,
+                ..AttentionConfig::new(d, self.unet_heads)
+            },
+            ffn: FeedForwardConfig {
+                dim: d,
+                hidden: 4 * d,
+                activation: FfnActivation::Gelu,
+                dropout: self.unet_dropout_rate,
+                bias: true,
+            },
+            dropout: self.unet_dropout_rate,
+            norm_eps: 1e-6,
+        }
+    }
+
+    /// Model FLOPs of [`DitDecoder::forward`] on `[batch, mel, frames]`
+    /// with latents of `latent_dim` (the convention of
+    /// [`melvae_layers::flops`]).
+    pub fn forward_flops(&self, latent_dim: usize, batch: usize, frames: usize) -> f64 {
+        let (d, rows) = (self.unet_dim, batch * frames);
+        flops::linear(rows, self.mel_channels + latent_dim, d)
+            + flops::linear(batch, TIME_FREQ_DIM, d)
+            + flops::linear(batch, d, d)
+            + self.unet_depth as f64 * flops::dit_block(&self.block_config(), d, batch, frames)
+            + flops::linear(batch, d, 2 * d)
+            + flops::linear(rows, d, self.mel_channels)
+    }
+}
+
 /// ODE solver for sampling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,23 +219,7 @@ impl DitDecoder {
     pub fn new(cfg: CfmConfig, latent_dim: usize, compress: usize, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.unet_dim;
-        let block = BlockConfig {
-            attention: AttentionConfig {
-                bias: true,
-                rotary_base: Some(10000.0),
-                dropout: cfg.unet_dropout_rate,
-                ..AttentionConfig::new(d, cfg.unet_heads)
-            },
-            ffn: FeedForwardConfig {
-                dim: d,
-                hidden: 4 * d,
-                activation: FfnActivation::Gelu,
-                dropout: cfg.unet_dropout_rate,
-                bias: true,
-            },
-            dropout: cfg.unet_dropout_rate,
-            norm_eps: 1e-6,
-        };
+        let block = cfg.block_config();
         let blocks = (0..cfg.unet_depth)
             .map(|i| DitBlock::new(block, d, vb.pp("blocks").pp(i)))
             .collect::<melvae_layers::Result<_>>()?;
@@ -206,7 +231,7 @@ impl DitDecoder {
             .get_with_hints(cfg.mel_channels, "bias", Init::Const(0.0))?;
         Ok(Self {
             in_proj: candle_nn::linear(cfg.mel_channels + latent_dim, d, vb.pp("in_proj"))?,
-            time: TimestepEmbedder::new(d, 256, vb.pp("time"))?,
+            time: TimestepEmbedder::new(d, TIME_FREQ_DIM, vb.pp("time"))?,
             blocks,
             final_norm: LayerNorm::new(d, 1e-6, false, vb.pp("final_norm"))?,
             final_ada: AdaLnZero::new(d, d, 2, vb.pp("final_ada"))?,

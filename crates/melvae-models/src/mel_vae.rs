@@ -40,6 +40,21 @@ impl MelVaeConfig {
         )
     }
 
+    /// Model FLOPs of one [`MelVae::loss`] forward on `[batch, mel, frames]`:
+    /// one encoder and one decoder pass ([`melvae_layers::flops`]).
+    pub fn forward_flops(&self, batch: usize, frames: usize) -> f64 {
+        self.convformer.forward_flops(batch, frames)
+            + self
+                .cfm
+                .forward_flops(self.convformer.latent_dim, batch, frames)
+    }
+
+    /// Model FLOPs of a training step (loss, backward) on `[batch, mel,
+    /// frames]`: [`melvae_layers::flops::TRAIN_FACTOR`] times the forward.
+    pub fn train_step_flops(&self, batch: usize, frames: usize) -> f64 {
+        melvae_layers::flops::TRAIN_FACTOR * self.forward_flops(batch, frames)
+    }
+
     /// The KL weight schedule: linear from 0 to `kl_loss_weight` over
     /// `kl_loss_warmup_steps`.
     pub fn kl_schedule(&self) -> KlSchedule {
@@ -363,6 +378,48 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
+    }
+
+    #[test]
+    fn model_flops_match_the_parameters() {
+        // 13 mel bands and C = 8: three stages, bands 13 -> 7 -> 4 -> 2.
+        let mut cfg = tiny();
+        cfg.convformer.mel_channels = 13;
+        cfg.cfm.mel_channels = 13;
+        cfg.convformer.compress_factor = 8;
+        cfg.convformer.n_residual_blocks = 2;
+        let vm = VarMap::new();
+        MelVae::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let (b, t) = (3, 32);
+        let bands = [13, 7, 4, 2];
+        // Rows (output positions) each weight matrix or kernel is applied to.
+        let rows = |name: &str| -> usize {
+            let part: Vec<&str> = name.split('.').collect();
+            match (part[0], part[1]) {
+                ("encoder", "input" | "context") => b * bands[0] * t,
+                ("encoder", "stages") => {
+                    let s: usize = part[2].parse().unwrap();
+                    b * bands[s + 1] * (t >> (s + 1))
+                }
+                ("encoder", _) => b * t / 8,
+                ("decoder", "time" | "final_ada") => b,
+                ("decoder", "blocks") if part[3] == "ada_ln" => b,
+                _ => b * t,
+            }
+        };
+        let weights: f64 = melvae_layers::testing::named_vars(&vm)
+            .iter()
+            .filter(|(_, v)| v.rank() >= 2)
+            .map(|(n, v)| 2.0 * v.elem_count() as f64 * rows(n) as f64)
+            .sum();
+        let attention = melvae_layers::flops::attention(b, t / 8, t / 8, 8)
+            + melvae_layers::flops::attention(b, t, t, 16);
+        assert_eq!(cfg.forward_flops(b, t), weights + attention);
+        assert_eq!(cfg.train_step_flops(b, t), 3.0 * (weights + attention));
     }
 
     #[test]
