@@ -133,6 +133,12 @@ printf '%s\n' "${sources[@]}" | xargs -P "$jobs" -I{} bash -c 'compile "$1"' _ {
 
 objs=()
 for s in "${sources[@]}"; do objs+=("$out/obj/$(basename "$s" .cu).o"); done
+# Every kernel the dispatcher calls is compiled or stubbed, or the final
+# link would fail much later, in cargo.
+missing="$(comm -23 \
+  <(nm -C "$out/obj/flash_api.o" | sed -nE 's/^ +U (void run_mha_fwd.*)$/\1/p' | sort -u) \
+  <(nm -C "${objs[@]}" 2>/dev/null | sed -nE 's/^[0-9a-f]+ [TW] (void run_mha_fwd.*)$/\1/p' | sort -u))"
+[ -z "$missing" ] || { echo "flash_kernels.sh: kernels neither compiled nor stubbed:" >&2; echo "$missing" >&2; exit 1; }
 "$nvcc" --lib -o "$out/libflashattention.a.tmp" "${objs[@]}"
 mv "$out/libflashattention.a.tmp" "$out/libflashattention.a"
 cat > "$prefix/env-flash.sh" <<EOF

@@ -122,13 +122,34 @@ impl Default for AdamWConfig {
     }
 }
 
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// An f32 copy of a half-precision variable (`None` for f32/f64 ones).
+fn master_copy(var: &Var) -> Result<Option<Tensor>> {
+    Ok(if is_half(var.dtype()) {
+        Some(var.as_tensor().to_dtype(DType::F32)?)
+    } else {
+        None
+    })
+}
+
 /// AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW`:
 /// `p <- p (1 - lr wd)`, `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
 /// `p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
 /// Unlike candle-nn's AdamW, its moments and step can be saved and restored.
+///
+/// Mixed precision: for bf16/f16 variables the optimiser keeps f32 master
+/// weights and f32 moments; `p` above is the master copy, and the variable
+/// receives it rounded to its dtype after each update. Updates smaller than
+/// the variable's spacing therefore accumulate instead of vanishing. The
+/// optimiser owns those values: after changing such variables from outside
+/// (loading weights), call [`AdamW::sync_master`].
 #[derive(Debug)]
 pub struct AdamW {
     vars: Vec<(String, Var)>,
+    master: Vec<Option<Tensor>>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: u64,
@@ -139,18 +160,38 @@ pub struct AdamW {
 impl AdamW {
     /// An optimiser over named variables (e.g. `melvae_layers::testing::named_vars`).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let master = vars
+            .iter()
+            .map(|(_, v)| master_copy(v))
+            .collect::<Result<Vec<_>>>()?;
         let m = vars
             .iter()
-            .map(|(_, v)| v.zeros_like())
+            .zip(&master)
+            .map(|((_, v), ms)| ms.as_ref().unwrap_or(v.as_tensor()).zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
         Ok(Self {
             vars,
+            master,
             m,
             v,
             step: 0,
             cfg,
         })
+    }
+
+    /// Re-reads the f32 master weights of half-precision variables from the
+    /// variables' current values (after weights were loaded into them).
+    pub fn sync_master(&mut self) -> Result<()> {
+        for (slot, (_, var)) in self.master.iter_mut().zip(&self.vars) {
+            *slot = master_copy(var)?;
+        }
+        Ok(())
+    }
+
+    /// The f32 master copy of variable `i` (half-precision variables only).
+    pub fn master(&self, i: usize) -> Option<&Tensor> {
+        self.master.get(i).and_then(Option::as_ref)
     }
 
     /// The variables, in gradient order.
@@ -185,31 +226,43 @@ impl AdamW {
             let m_hat = (&self.m[i] / bc1)?;
             let v_hat = (&self.v[i] / bc2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
+            let p = self.master[i].as_ref().unwrap_or(var.as_tensor());
+            let p = ((p * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
+            match &mut self.master[i] {
+                Some(master) => {
+                    var.set(&p.to_dtype(var.dtype())?)?;
+                    *master = p;
+                }
+                None => var.set(&p)?,
+            }
         }
         Ok(())
     }
 
-    /// Moments as named tensors (`m.<var>`, `v.<var>`), for a checkpoint.
+    /// Moments as named tensors (`m.<var>`, `v.<var>`) and the f32 master
+    /// weights of half-precision variables (`master.<var>`), for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
             out.insert(format!("m.{name}"), self.m[i].clone());
             out.insert(format!("v.{name}"), self.v[i].clone());
+            if let Some(master) = &self.master[i] {
+                out.insert(format!("master.{name}"), master.clone());
+            }
         }
         out
     }
 
-    /// Restores moments saved by [`AdamW::state_tensors`] and the step; a
-    /// missing tensor or a shape mismatch is an error naming it.
+    /// Restores what [`AdamW::state_tensors`] saved and the step; a missing
+    /// moment or a shape mismatch is an error naming it. Master weights
+    /// missing from `tensors` (a checkpoint written in f32) are re-read from
+    /// the variables, which must hold the checkpoint's weights by then.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            for (which, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("{which}.{name}");
-                let t = tensors.get(&key).ok_or_else(|| {
-                    Error::invalid("optimizer state", format!("`{key}` is missing"))
-                })?;
+            let get = |key: &str| -> Result<Option<Tensor>> {
+                let Some(t) = tensors.get(key) else {
+                    return Ok(None);
+                };
                 if t.dims() != var.dims() {
                     return Err(Error::invalid(
                         "optimizer state",
@@ -220,7 +273,20 @@ impl AdamW {
                         ),
                     ));
                 }
-                *slot = t.to_device(var.device())?.to_dtype(slot.dtype())?;
+                Ok(Some(t.to_device(var.device())?))
+            };
+            for (which, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{which}.{name}");
+                let t = get(&key)?.ok_or_else(|| {
+                    Error::invalid("optimizer state", format!("`{key}` is missing"))
+                })?;
+                *slot = t.to_dtype(slot.dtype())?;
+            }
+            if is_half(var.dtype()) {
+                self.master[i] = Some(match get(&format!("master.{name}"))? {
+                    Some(t) => t.to_dtype(DType::F32)?,
+                    None => var.as_tensor().to_dtype(DType::F32)?,
+                });
             }
         }
         self.step = step;
@@ -304,7 +370,9 @@ impl LrSchedule {
 }
 
 /// An exponential moving average of variables:
-/// `shadow <- decay * shadow + (1 - decay) * var` after each update.
+/// `shadow <- decay * shadow + (1 - decay) * var` after each update. Shadows
+/// of bf16/f16 variables are kept in f32: at decay 0.999 each update moves
+/// a shadow by far less than a bf16 spacing.
 #[derive(Debug, Clone)]
 pub struct Ema {
     /// Decay per update.
@@ -317,7 +385,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
         let shadow = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().copy())
+            .map(|(_, v)| melvae_layers::upcast(&v.as_tensor().copy()?))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self { decay, shadow })
     }
@@ -325,7 +393,8 @@ impl Ema {
     /// Folds the current values of `vars` into the average.
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
         for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * self.decay)? + (v.as_tensor() * (1.0 - self.decay))?)?;
+            let v = v.as_tensor().to_dtype(s.dtype())?;
+            *s = ((&*s * self.decay)? + (v * (1.0 - self.decay))?)?;
         }
         Ok(())
     }
@@ -349,7 +418,7 @@ impl Ema {
             let t = tensors
                 .get(&key)
                 .ok_or_else(|| Error::invalid("EMA state", format!("`{key}` is missing")))?;
-            *s = t.to_device(v.device())?.to_dtype(v.dtype())?;
+            *s = melvae_layers::upcast(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
         }
         Ok(())
     }
@@ -357,7 +426,7 @@ impl Ema {
     /// Copies the averages into `vars` (for evaluation or export).
     pub fn copy_to(&self, vars: &[(String, Var)]) -> Result<()> {
         for (s, (_, v)) in self.shadow.iter().zip(vars) {
-            v.set(s)?;
+            v.set(&s.to_dtype(v.dtype())?)?;
         }
         Ok(())
     }
@@ -445,6 +514,134 @@ mod tests {
         bad.remove("v.p");
         let e = ob.load_state(&bad, 1).unwrap_err().to_string();
         assert!(e.contains("`v.p` is missing"), "{e}");
+    }
+
+    /// Values exactly representable in bf16.
+    fn bf16_exact(v: &[f64]) -> Tensor {
+        Tensor::new(v, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn half_precision_variables_train_through_f32_master_weights() {
+        let init = bf16_exact(&[1.0, -0.5, 3.0]);
+        let full = Var::from_tensor(&init).unwrap();
+        let half = Var::from_tensor(&init.to_dtype(DType::BF16).unwrap()).unwrap();
+        let c = AdamWConfig::default();
+        let mut of = AdamW::new(vec![("p".into(), full.clone())], c).unwrap();
+        let mut oh = AdamW::new(vec![("p".into(), half.clone())], c).unwrap();
+        // Each step moves a weight by about lr = 1e-3, under the bf16 spacing
+        // near 1 (2^-7): rounded in place, the weights would never move.
+        for i in 0..20 {
+            let g = bf16_exact(&[0.5 + i as f64, -2.0, 0.25]);
+            of.step(&vec![Some(g.clone())], 1e-3).unwrap();
+            oh.step(&vec![Some(g.to_dtype(DType::BF16).unwrap())], 1e-3)
+                .unwrap();
+        }
+        let f32_weights = full.as_tensor();
+        assert_eq!(oh.master(0).unwrap().dtype(), DType::F32);
+        assert_eq!(
+            oh.master(0).unwrap().to_vec1::<f32>().unwrap(),
+            f32_weights.to_vec1::<f32>().unwrap(),
+            "the master weights follow the f32 run exactly"
+        );
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            f32_of(half.as_tensor()),
+            f32_of(&f32_weights.to_dtype(DType::BF16).unwrap()),
+            "the variable is the master rounded"
+        );
+        assert_ne!(
+            half.as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            init.to_vec1::<f32>().unwrap(),
+            "small updates accumulated"
+        );
+
+        // A checkpoint carries the master weights: a restored optimiser
+        // continues exactly, not from the rounded variable.
+        let state = oh.state_tensors();
+        assert!(state.contains_key("master.p"));
+        let restored = Var::from_tensor(half.as_tensor()).unwrap();
+        let mut or = AdamW::new(vec![("p".into(), restored.clone())], c).unwrap();
+        or.load_state(&state, oh.step_count()).unwrap();
+        let g = bf16_exact(&[1.0, 1.0, -1.0]).to_dtype(DType::BF16).unwrap();
+        oh.step(&vec![Some(g.clone())], 1e-3).unwrap();
+        or.step(&vec![Some(g)], 1e-3).unwrap();
+        assert_eq!(
+            or.master(0).unwrap().to_vec1::<f32>().unwrap(),
+            oh.master(0).unwrap().to_vec1::<f32>().unwrap()
+        );
+        // A state without master weights (written in f32) starts them from
+        // the variable; f32 variables have none.
+        let mut no_master = state.clone();
+        no_master.remove("master.p");
+        or.load_state(&no_master, 1).unwrap();
+        assert_eq!(
+            or.master(0).unwrap().to_vec1::<f32>().unwrap(),
+            restored
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        assert!(of.master(0).is_none() && !of.state_tensors().contains_key("master.p"));
+
+        // sync_master re-reads weights loaded from outside.
+        restored
+            .set(
+                &Tensor::new(&[2.0f32, 2.0, 2.0], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            )
+            .unwrap();
+        or.sync_master().unwrap();
+        assert_eq!(or.master(0).unwrap().to_vec1::<f32>().unwrap(), [2.0; 3]);
+    }
+
+    #[test]
+    fn ema_of_half_precision_variables_averages_in_f32() {
+        let a = Var::from_tensor(
+            &Tensor::new(&[1.0f32], &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let vars = vec![("a".to_string(), a.clone())];
+        let mut ema = Ema::new(&vars, 0.999).unwrap();
+        a.set(
+            &Tensor::new(&[2.0f32], &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        ema.update(&vars).unwrap();
+        // 1.001 lies between bf16 neighbours (1.0, 1.0078): in bf16 the
+        // average would not have moved.
+        let s = ema.state_tensors(&vars)["ema.a"].clone();
+        assert_eq!(s.dtype(), DType::F32);
+        assert!((s.to_vec1::<f32>().unwrap()[0] - 1.001).abs() < 1e-6);
+        ema.copy_to(&vars).unwrap();
+        assert_eq!(a.dtype(), DType::BF16);
+        assert_eq!(
+            a.as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            [1.0]
+        );
     }
 
     #[test]

@@ -502,6 +502,9 @@ impl<'a> Trainer<'a> {
                 .unwrap_or(Device::Cpu);
             let ck = RunDir::load_checkpoint(&dir, &dev)?;
             init_modules(&all_vars, &ck.model, &init.modules, &dir)?;
+            // Master weights and EMA start from the loaded values.
+            opt.sync_master()?;
+            ema = cfg.ema_decay.map(|d| Ema::new(&vars, d)).transpose()?;
         }
 
         let mut rng = SplitMix64::new(state.rng_state);

@@ -352,6 +352,39 @@ fn init_from_another_run_and_freeze() {
 }
 
 #[test]
+fn ema_starts_from_the_init_from_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = Toy::new(1);
+    Trainer::new(
+        TrainerConfig::new(20, 0.05),
+        &run_dir(&d.path().join("stage1")),
+    )
+    .unwrap()
+    .fit(&mut a, false)
+    .unwrap();
+    let trained = a.lin.weight().flatten_all().unwrap();
+    let second = run_dir(&d.path().join("stage2"));
+    let c = TrainerConfig {
+        init_from: Some(InitFrom {
+            checkpoint: d.path().join("stage1"),
+            modules: vec!["lin.".into()],
+        }),
+        ema_decay: Some(0.5),
+        ..TrainerConfig::new(1, 1e-9)
+    };
+    Trainer::new(c, &second)
+        .unwrap()
+        .fit(&mut Toy::new(5), false)
+        .unwrap();
+    let ck = RunDir::load_checkpoint(&second.latest().unwrap().unwrap(), &Device::Cpu).unwrap();
+    let ema = ck.optimizer["ema.lin.weight"].flatten_all().unwrap();
+    // Had the average started from Toy::new(5)'s random weights, half of
+    // them would still be in it after one update at decay 0.5.
+    let diff = melvae_layers::testing::max_abs_diff(&ema, &trained).unwrap();
+    assert!(diff < 1e-6, "EMA is {diff} away from the loaded weights");
+}
+
+#[test]
 fn early_stopping() {
     let d = tempfile::tempdir().unwrap();
     let run = run_dir(d.path());
