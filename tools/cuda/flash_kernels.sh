@@ -36,6 +36,9 @@ cutlass="$CUDAFORGE_HOME/git/checkouts/cutlass-${commit:0:16}"
 [ -f "$cutlass/include/cutlass/version.h" ] \
   || { echo "flash_kernels.sh: no CUTLASS headers at $cutlass (re-run tools/cuda/setup.sh)" >&2; exit 1; }
 
+# The wrapper that hands the archive to cargo (MELVAE_FLASH_LIB); this
+# checkout's copy, whatever an older setup.sh installed.
+install -m 0755 "$here/nvcc" "$prefix/flash-check/bin/nvcc"
 out="$prefix/flash-real"
 mkdir -p "$out/obj" "$out/cargo-build"
 hdims="${MELVAE_FLASH_HDIMS:-32 64}"

@@ -38,6 +38,15 @@ for line in sys.stdin:
         print(m["executable"])' > "$out/executables.txt"
 [ "$(wc -l < "$out/executables.txt")" = 2 ] \
   || { echo "bundle.sh: expected two executables, got:" >&2; cat "$out/executables.txt" >&2; exit 1; }
+# The binaries must hold the real kernels, not the compile-check stub.
+if [ -n "${MELVAE_FLASH_LIB:-}" ]; then
+  cmp -s "$MELVAE_FLASH_LIB" "$CANDLE_FLASH_ATTN_BUILD_DIR/libflashattention.a" || {
+    echo "bundle.sh: cargo linked $CANDLE_FLASH_ATTN_BUILD_DIR/libflashattention.a, not $MELVAE_FLASH_LIB;" >&2
+    echo "  re-run tools/cuda/flash_kernels.sh (it installs the nvcc wrapper that copies it), then" >&2
+    echo "  rm -rf $CARGO_TARGET_DIR/release/build/candle-flash-attn-* and bundle again" >&2
+    exit 1
+  }
+fi
 while read -r exe; do
   name="$(basename "$exe" | sed -E 's/-[0-9a-f]{16}$//')"
   xz -T0 -6 -c "$exe" > "$out/$name.xz"
