@@ -29,7 +29,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
-use common::{MelVaeBench, MEL_FRAME_RATE};
+use common::{mean_seconds, MelVaeBench, MEL_FRAME_RATE};
 use melvae::layers::flops::{self, TRAIN_FACTOR};
 use melvae::layers::testing::{parse_device, randomize};
 use melvae::layers::{attend, attention_probs, uses_flash, AttendOptions, DitBlock};
@@ -160,25 +160,6 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     })
 }
 
-/// Mean seconds per call of `f` over `iters` calls after `warmup` calls.
-fn time(
-    dev: &Device,
-    warmup: u64,
-    iters: u64,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..iters {
-        f()?;
-    }
-    dev.synchronize()?;
-    Ok(t.elapsed().as_secs_f64() / iters as f64)
-}
-
 /// Deterministic uniform noise in `[-scale, scale)` of `shape` and `dtype`.
 fn random(
     shape: &[usize],
@@ -211,7 +192,7 @@ impl Bench {
         flops: f64,
         f: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<f64> {
-        let s = time(&self.dev, self.warmup, self.iters, f)?;
+        let s = mean_seconds(&self.dev, self.warmup, self.iters, f)?;
         let tflops = flops / s / 1e12;
         let mfu = if self.ceiling > 0.0 {
             format!("{:5.1}% MFU", 100.0 * tflops / self.ceiling)

@@ -134,20 +134,33 @@ impl MelVaeBench {
         let mut opt = AdamW::new(self.vars.clone(), AdamWConfig::default())?;
         let mel = self.random_mel(self.batch, self.frames, 1)?;
         let mut rng = melvae::dsp::SplitMix64::new(0);
-        let mut step = |i: u64| -> anyhow::Result<()> {
+        let mut i = 0;
+        mean_seconds(mel.device(), 1, steps, || {
             let loss = self.model.loss(&mel, i, &mut rng)?;
             let store = loss.total.backward()?;
             opt.step(&collect_grads(&self.vars, &store), 1e-4)?;
+            i += 1;
             Ok(())
-        };
-        let dev = mel.device().clone();
-        step(0)?;
-        dev.synchronize()?;
-        let t = std::time::Instant::now();
-        for i in 0..steps {
-            step(i + 1)?;
-        }
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() / steps as f64)
+        })
     }
+}
+
+/// Mean seconds per call of `f` over `iters` calls after `warmup` calls,
+/// the device synchronised before and after the timed calls.
+pub fn mean_seconds(
+    dev: &candle_core::Device,
+    warmup: u64,
+    iters: u64,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let t = std::time::Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
