@@ -148,7 +148,42 @@ fn load_shapes(file: &PathBuf, set: &str) -> anyhow::Result<Shapes> {
             names.join(", ")
         )
     })?;
-    serde_json::from_value(value).with_context(|| format!("{}: set {set:?}", file.display()))
+    let shapes: Shapes = serde_json::from_value(value)
+        .with_context(|| format!("{}: set {set:?}", file.display()))?;
+    shapes
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: set {set:?}: {e}", file.display()))?;
+    Ok(shapes)
+}
+
+impl Shapes {
+    /// Sizes a run can use: every size > 0, attention widths a multiple of
+    /// the head size, the DiT width a multiple of its (even) head count.
+    fn check(&self) -> Result<(), String> {
+        let MatmulShape { m, k, n } = self.matmul;
+        let a = &self.attention;
+        let d = &self.dit_block;
+        let sizes = [m, k, n, a.batch, a.head_dim, d.dim, d.heads]
+            .into_iter()
+            .chain(a.seqs.iter().chain(&a.dims).copied())
+            .chain(d.cases.iter().flat_map(|c| [c.batch, c.frames]));
+        if sizes.into_iter().any(|x| x == 0) {
+            return Err("every size must be > 0".into());
+        }
+        if let Some(dim) = a.dims.iter().find(|&&dim| dim % a.head_dim != 0) {
+            return Err(format!(
+                "attention.dims: {dim} is not a multiple of head_dim {}",
+                a.head_dim
+            ));
+        }
+        if d.dim % d.heads != 0 || (d.dim / d.heads) % 2 != 0 {
+            return Err(format!(
+                "dit_block: dim {} must split into {} heads of an even size",
+                d.dim, d.heads
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {

@@ -110,7 +110,7 @@ fn flash_plan(
 ) -> Result<Option<Option<Vec<usize>>>> {
     let eligible = cfg!(feature = "flash-attn")
         && q.device().is_cuda()
-        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && crate::is_half(q.dtype())
         && !needs_grad(&[q, k, v])
         && !(opts.train && opts.dropout > 0.0);
     if !eligible {

@@ -61,7 +61,7 @@ pub use ffn::{
 pub use init::seeded_var_builder;
 pub use lstm::LstmStack;
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
-pub use precision::upcast;
+pub use precision::{is_half, upcast};
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;
 pub use transformer::{BlockConfig, DecoderLayer, DitBlock, EncoderLayer};

@@ -10,12 +10,18 @@
 
 use candle_core::{DType, Tensor};
 
+/// Whether `dtype` is a 16-bit float (f16 or bf16).
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
 /// `x` in f32 if it is f16 or bf16, otherwise unchanged (no copy). The cast
 /// is differentiable: gradients flow back in `x`'s dtype.
 pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
+    if is_half(x.dtype()) {
+        x.to_dtype(DType::F32)
+    } else {
+        Ok(x.clone())
     }
 }
 

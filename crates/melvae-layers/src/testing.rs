@@ -388,7 +388,7 @@ pub fn compare_on_device<M>(
     let (ref_out, ref_grads) = run(&Device::Cpu, DType::F64)?;
     let (out, grads) = run(device, dtype)?;
     // Losses of half-precision inputs are f32 (crate::precision).
-    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let half = crate::is_half(dtype);
     if out.dtype() != dtype && !(half && out.dtype() == DType::F32) {
         return Err(ctx(
             "output",

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use melvae_layers::is_half;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -120,10 +121,6 @@ impl Default for AdamWConfig {
             weight_decay: 0.01,
         }
     }
-}
-
-fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// An f32 copy of a half-precision variable (`None` for f32/f64 ones).
@@ -418,7 +415,9 @@ impl Ema {
             let t = tensors
                 .get(&key)
                 .ok_or_else(|| Error::invalid("EMA state", format!("`{key}` is missing")))?;
-            *s = melvae_layers::upcast(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
+            // In the shadow's own dtype (f32 for half variables): a detour
+            // through the variable's dtype would round the saved average.
+            *s = t.to_device(v.device())?.to_dtype(s.dtype())?;
         }
         Ok(())
     }
@@ -632,6 +631,15 @@ mod tests {
         let s = ema.state_tensors(&vars)["ema.a"].clone();
         assert_eq!(s.dtype(), DType::F32);
         assert!((s.to_vec1::<f32>().unwrap()[0] - 1.001).abs() < 1e-6);
+        // A restored average is the saved one, not its bf16 rounding.
+        let mut restored = Ema::new(&vars, 0.999).unwrap();
+        restored
+            .load_state(&vars, &ema.state_tensors(&vars))
+            .unwrap();
+        let r = restored.state_tensors(&vars)["ema.a"]
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(r, s.to_vec1::<f32>().unwrap());
         ema.copy_to(&vars).unwrap();
         assert_eq!(a.dtype(), DType::BF16);
         assert_eq!(
