@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use melvae::layers::{
-    testing::noise, AttentionConfig, MultiHeadAttention, ResidualStack, ResidualUnitConfig,
+    testing::noise, AttentionConfig, Mode, MultiHeadAttention, ResidualStack, ResidualUnitConfig,
     Upsample, UpsampleConfig, VectorQuantizer, VqConfig,
 };
 
@@ -31,7 +31,7 @@ fn attention(c: &mut Criterion) {
         b.iter_batched(
             || Var::from_tensor(&x).unwrap(),
             |x| {
-                mha.forward(x.as_tensor(), None, true)
+                mha.forward(x.as_tensor(), None, Mode::Eval)
                     .unwrap()
                     .sum_all()
                     .unwrap()

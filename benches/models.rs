@@ -43,7 +43,7 @@ fn mel_vae(c: &mut Criterion) {
         let mut rng = SplitMix64::new(0);
         b.iter(|| {
             model
-                .loss(&batch, 1000, &mut rng)
+                .loss(&batch, 1000, &mut rng, true)
                 .unwrap()
                 .total
                 .backward()

@@ -32,7 +32,7 @@ use clap::Parser;
 use common::{mean_seconds, MelVaeBench, MEL_FRAME_RATE};
 use melvae::layers::flops::{self, TRAIN_FACTOR};
 use melvae::layers::testing::{parse_device, randomize};
-use melvae::layers::{attend, attention_probs, uses_flash, AttendOptions, DitBlock};
+use melvae::layers::{attend, attention_probs, uses_flash, AttendOptions, DitBlock, Mode};
 use melvae::models::CfmConfig;
 use serde::{Deserialize, Serialize};
 
@@ -357,7 +357,7 @@ fn run() -> anyhow::Result<()> {
             "math",
             TRAIN_FACTOR * flops::dit_block(&cfg, d.dim, case.batch, case.frames),
             || {
-                let y = block.forward(x.as_tensor(), c.as_tensor(), None, true)?;
+                let y = block.forward(x.as_tensor(), c.as_tensor(), None, Mode::Eval)?;
                 y.sum_all()?.backward()?;
                 Ok(())
             },

@@ -16,8 +16,8 @@ use melvae_layers::testing::{
 use melvae_layers::{
     lengths_to_mask, ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv1d,
     Conv1dConfig, Conv2dConfig, DitBlock, FeedForward, FeedForwardConfig, FfnActivation, GroupNorm,
-    LayerNorm, LstmStack, MultiHeadAttention, ResidualStack, ResidualUnitConfig, RmsNorm, Upsample,
-    UpsampleConfig,
+    LayerNorm, LstmStack, Mode, MultiHeadAttention, ResidualStack, ResidualUnitConfig, RmsNorm,
+    Upsample, UpsampleConfig,
 };
 use melvae_models::{CfmConfig, ConvformerConfig, MelVae, MelVaeConfig};
 
@@ -190,7 +190,7 @@ fn attention() -> R {
             0.3,
             &inputs,
             |vb| MultiHeadAttention::new(cfg, vb),
-            |m, x| m.forward(&x[0], x.get(1), false),
+            |m, x| m.forward(&x[0], x.get(1), Mode::Eval),
         )?;
     }
     Ok(())
@@ -298,7 +298,7 @@ fn norms_ffn_and_blocks() -> R {
         0.3,
         std::slice::from_ref(&x),
         |vb| FeedForward::new(ffn, vb),
-        |m, x| m.forward(&x[0], None, false),
+        |m, x| m.forward(&x[0], None, Mode::Eval),
     )?;
     let mut block = BlockConfig::new(16, 2);
     block.attention.rotary_base = Some(10_000.0);
@@ -309,7 +309,7 @@ fn norms_ffn_and_blocks() -> R {
         0.3,
         &[x.clone(), c],
         |vb| DitBlock::new(block, 8, vb),
-        |m, x| m.forward(&x[0], &x[1], None, false),
+        |m, x| m.forward(&x[0], &x[1], None, Mode::Eval),
     )?;
     // The recurrence compounds rounding over time: bf16 gets twice the bound.
     case(
@@ -332,6 +332,7 @@ fn mel_vae_config() -> MelVaeConfig {
             tf_dim: 16,
             tf_heads: 2,
             tf_layers: 1,
+            tf_context: 256,
             drop_p: 0.0,
             latent_dim: 4,
             kl_loss_weight: 1e-3,
@@ -383,7 +384,7 @@ fn mel_vae_forward_and_loss() -> R {
         |vb| MelVae::new(cfg.clone(), vb).map_err(me),
         |m, x| {
             let mut rng = SplitMix64::new(3);
-            Ok(m.loss(&x[0], 5, &mut rng).map_err(me)?.total)
+            Ok(m.loss(&x[0], 5, &mut rng, false).map_err(me)?.total)
         },
     )
 }
@@ -429,7 +430,10 @@ fn mel_vae_training_steps() -> R {
         let mut rng = SplitMix64::new(5);
         let mut losses = Vec::new();
         for step in 0..3 {
-            let loss = model.loss(&mel, step, &mut rng).map_err(|x| err(&x))?.total;
+            let loss = model
+                .loss(&mel, step, &mut rng, true)
+                .map_err(|x| err(&x))?
+                .total;
             losses.push(
                 loss.to_dtype(DType::F64)
                     .and_then(|l| l.to_scalar::<f64>())

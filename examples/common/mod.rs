@@ -136,7 +136,7 @@ impl MelVaeBench {
         let mut rng = melvae::dsp::SplitMix64::new(0);
         let mut i = 0;
         mean_seconds(mel.device(), 1, steps, || {
-            let loss = self.model.loss(&mel, i, &mut rng)?;
+            let loss = self.model.loss(&mel, i, &mut rng, true)?;
             let store = loss.total.backward()?;
             opt.step(&collect_grads(&self.vars, &store), 1e-4)?;
             i += 1;

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::error::ensure;
-use crate::{Error, Result, Streaming};
+use crate::{Error, Mode, Result, Streaming};
 
 /// ALiBi slopes for `heads` heads, as the ALiBi paper and x-transformers:
 /// for a power of two `n`, `2^(-8 i / n)` for `i = 1..=n`; otherwise the
@@ -30,20 +30,28 @@ pub fn alibi_slopes(heads: usize) -> Vec<f64> {
     s
 }
 
-/// What [`attend`] masks and biases.
+/// What [`attend`] masks and biases. Masks say what they mean: nothing is
+/// inferred from the query and key lengths.
 #[derive(Debug, Clone, Default)]
 pub struct AttendOptions<'a> {
     /// Query `i` sees keys `j <= i + (keys - queries)` (aligned at the end, as
     /// with a KV cache).
     pub causal: bool,
+    /// With `causal`: query `i` sees at most the `window` most recent keys,
+    /// itself included (`i + offset - window < j`), a bounded past as in
+    /// streaming transformers. Must be `> 0`.
+    pub window: Option<usize>,
     /// Per-head ALiBi slopes (already scaled): bias `-slope * |i + offset - j|`.
     pub alibi: Option<&'a [f64]>,
     /// `[batch, keys]`, non-zero for keys that may be attended.
     pub key_mask: Option<&'a Tensor>,
+    /// `[batch, queries]`, zero for padded queries, whose output rows are
+    /// zero (self-attention passes its padding mask here too).
+    pub query_mask: Option<&'a Tensor>,
     /// Dropout on the attention weights (math path, training only).
     pub dropout: f64,
-    /// Training mode (enables dropout).
-    pub train: bool,
+    /// Training (dropout masks from its generator) or evaluation.
+    pub mode: Mode<'a>,
 }
 
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -55,8 +63,8 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 /// `q` `[batch, heads, queries, head_dim]`, `k`, `v`
 /// `[batch, heads, keys, head_dim]` -> `[batch, heads, queries, head_dim]`.
 ///
-/// With a key mask and as many queries as keys (self-attention), the rows of
-/// masked positions are zero: a padded position attends to nothing.
+/// Rows of padded queries (`query_mask`) are zero: a padded position
+/// attends to nothing.
 ///
 /// The single dispatch point ([`uses_flash`] says which path runs): with the
 /// `flash-attn` feature, on a CUDA device, in f16/bf16, with no gradient
@@ -78,17 +86,17 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> Resul
     ensure(s >= t || !opts.causal, "attention", || {
         format!("causal attention needs keys ({s}) >= queries ({t})")
     })?;
+    ensure(
+        opts.window.is_none_or(|w| w > 0 && opts.causal),
+        "attention window",
+        || "must be > 0, and needs causal attention".into(),
+    )?;
     let scale = 1.0 / (d as f64).sqrt();
-    let dropout_on = opts.train && opts.dropout > 0.0;
     if let Some(lengths) = flash_plan(q, k, v, opts)? {
         return flash(q, k, v, scale, opts, lengths.as_deref());
     }
     let probs = attention_probs(q, k, scale, opts)?;
-    let probs = if dropout_on {
-        candle_nn::ops::dropout(&probs, opts.dropout as f32)?
-    } else {
-        probs
-    };
+    let probs = opts.mode.dropout(&probs, opts.dropout)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
@@ -99,8 +107,8 @@ pub fn uses_flash(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttendOptions) -> R
 }
 
 /// `None` for the math path; `Some(prefix lengths)` for flash, the lengths
-/// present when a key mask selects the variable-length kernels. The mask is
-/// read back to the host once, here.
+/// present when masks select the variable-length kernels. Masks are read
+/// back to the host once, here.
 #[allow(clippy::option_option)]
 fn flash_plan(
     q: &Tensor,
@@ -111,15 +119,33 @@ fn flash_plan(
     let eligible = cfg!(feature = "flash-attn")
         && q.device().is_cuda()
         && crate::is_half(q.dtype())
-        && !needs_grad(&[q, k, v])
-        && !(opts.train && opts.dropout > 0.0);
+        && !needs_grad(&[q, k, v]);
     if !eligible {
         return Ok(None);
     }
-    Ok(match opts.key_mask {
-        None => Some(None),
-        Some(km) if q.dim(2)? == k.dim(2)? => prefix_lengths(km)?.map(Some),
-        Some(_) => None,
+    mask_plan(opts)
+}
+
+/// The flash plan of [`flash_plan`] for eligible inputs, from the options
+/// alone: flash runs without masks, or with a query mask and a key mask that
+/// keep the same non-empty prefix of every row (padded self-attention, the
+/// variable-length kernels). Everything else (a key mask alone, as in padded
+/// cross-attention; other mask forms; a window; active dropout) takes the
+/// math path.
+#[allow(clippy::option_option)]
+fn mask_plan(opts: &AttendOptions) -> Result<Option<Option<Vec<usize>>>> {
+    if opts.window.is_some() || (opts.mode.is_train() && opts.dropout > 0.0) {
+        return Ok(None);
+    }
+    Ok(match (opts.key_mask, opts.query_mask) {
+        (None, None) => Some(None),
+        (Some(km), Some(qm)) if km.dims() == qm.dims() => {
+            match (prefix_lengths(km)?, prefix_lengths(qm)?) {
+                (Some(k), Some(q)) if k == q => Some(Some(k)),
+                _ => None,
+            }
+        }
+        _ => None,
     })
 }
 
@@ -284,9 +310,18 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
         scores = scores.broadcast_add(&bias)?;
     }
     let mut keep: Option<Tensor> = None;
+    let and = |keep: Option<Tensor>, m: Tensor| -> Result<Option<Tensor>> {
+        Ok(Some(match keep {
+            Some(c) => c.broadcast_mul(&m)?,
+            None => m,
+        }))
+    };
     if opts.causal {
+        let window = opts.window.map_or(isize::MAX, |w| w as isize);
         let m: Vec<u8> = (0..t as isize)
-            .flat_map(|i| (0..s as isize).map(move |j| (j <= i + offset) as u8))
+            .flat_map(|i| {
+                (0..s as isize).map(move |j| (j <= i + offset && i + offset - j < window) as u8)
+            })
             .collect();
         keep = Some(Tensor::from_vec(m, (1, 1, t, s), dev)?);
     }
@@ -298,16 +333,23 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
                 km.dims(),
             ));
         }
-        let km = km.ne(0.0)?.to_dtype(DType::U8)?;
-        let mut k_keep = km.reshape((b, 1, 1, s))?;
-        if t == s {
-            // Self-attention: a padded query attends to nothing (zero row).
-            k_keep = k_keep.broadcast_mul(&km.reshape((b, 1, s, 1))?)?;
+        keep = and(
+            keep,
+            km.ne(0.0)?.to_dtype(DType::U8)?.reshape((b, 1, 1, s))?,
+        )?;
+    }
+    if let Some(qm) = opts.query_mask {
+        if qm.dims() != [b, t] {
+            return Err(Error::shape(
+                "attention query_mask",
+                format!("[{b}, {t}]"),
+                qm.dims(),
+            ));
         }
-        keep = Some(match keep {
-            Some(c) => c.broadcast_mul(&k_keep)?,
-            None => k_keep,
-        });
+        keep = and(
+            keep,
+            qm.ne(0.0)?.to_dtype(DType::U8)?.reshape((b, 1, t, 1))?,
+        )?;
     }
     let probs = match keep {
         None => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -365,6 +407,10 @@ pub struct AttentionConfig {
     pub bias: bool,
     /// Mask future positions (self-attention).
     pub causal: bool,
+    /// With `causal`: each position attends to at most this many positions
+    /// (itself and the `window - 1` before it), in training, offline and in
+    /// the KV cache alike, so streaming holds a bounded state.
+    pub window: Option<usize>,
     /// ALiBi scaled by this `alibi_alpha`, if set.
     pub alibi_alpha: Option<f64>,
     /// Rotary embeddings with this base (10000 is usual), if set.
@@ -382,6 +428,7 @@ impl AttentionConfig {
             context_dim: None,
             bias: false,
             causal: false,
+            window: None,
             alibi_alpha: None,
             rotary_base: None,
             dropout: 0.0,
@@ -408,6 +455,11 @@ impl AttentionConfig {
             )?;
         }
         ensure(
+            self.window.is_none_or(|w| w > 0 && self.causal),
+            "attention.window",
+            || "must be > 0, and needs causal self-attention".into(),
+        )?;
+        ensure(
             !(self.causal && self.context_dim.is_some()),
             "attention.causal",
             || "cross-attention is not causal; mask the context with key_mask".into(),
@@ -429,8 +481,11 @@ pub struct MultiHeadAttention {
     out: Linear,
     slopes: Option<Vec<f64>>,
     /// Keys and values seen so far by [`MultiHeadAttention::forward_cached`],
-    /// `[batch, heads, past, head_dim]`.
+    /// `[batch, heads, past, head_dim]` (at most `window - 1` positions with
+    /// a window), detached from any autograd graph.
     cache: Option<(Tensor, Tensor)>,
+    /// Positions seen by the cache (the next position's index).
+    pos: usize,
 }
 
 fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -465,6 +520,7 @@ impl MultiHeadAttention {
             out: linear(d, d, cfg.bias, vb.pp("out"))?,
             slopes,
             cache: None,
+            pos: 0,
         })
     }
 
@@ -501,15 +557,18 @@ impl MultiHeadAttention {
     fn opts<'a>(
         &'a self,
         key_mask: Option<&'a Tensor>,
+        query_mask: Option<&'a Tensor>,
         causal: bool,
-        train: bool,
+        mode: Mode<'a>,
     ) -> AttendOptions<'a> {
         AttendOptions {
             causal,
+            window: if causal { self.cfg.window } else { None },
             alibi: self.slopes.as_deref(),
             key_mask,
+            query_mask,
             dropout: self.cfg.dropout,
-            train,
+            mode,
         }
     }
 
@@ -520,9 +579,11 @@ impl MultiHeadAttention {
         }
     }
 
-    /// Self-attention of `x` (`[batch, time, dim]`) with an optional
-    /// `key_mask` (`[batch, time]`, non-zero = attend); causal if configured.
-    pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    /// Self-attention of `x` (`[batch, time, dim]`) with an optional padding
+    /// `mask` (`[batch, time]`, non-zero = valid): padded positions are not
+    /// attended to, and their own output rows are zero. Causal (and
+    /// windowed) if configured.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let qkv = self.qkv.as_ref().ok_or_else(|| {
             Error::invalid(
                 "attention",
@@ -536,19 +597,20 @@ impl MultiHeadAttention {
             &q,
             &k,
             &p[2],
-            &self.opts(key_mask, self.cfg.causal, train),
+            &self.opts(mask, mask, self.cfg.causal, mode),
         )?)
     }
 
     /// Cross-attention from `x` (`[batch, time, dim]`) to `context`
     /// (`[batch, ctx_time, context_dim]`), with an optional `context_mask`
-    /// (`[batch, ctx_time]`).
+    /// (`[batch, ctx_time]`, non-zero = valid) that masks keys only: every
+    /// query row attends to the valid context, whatever the two lengths.
     pub fn forward_cross(
         &self,
         x: &Tensor,
         context: &Tensor,
         context_mask: Option<&Tensor>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         let (q, kv) = match (&self.q, &self.kv, self.cfg.context_dim) {
             (Some(q), Some(kv), Some(c)) => {
@@ -569,23 +631,27 @@ impl MultiHeadAttention {
             &q,
             &kv[0],
             &kv[1],
-            &self.opts(context_mask, false, train),
+            &self.opts(context_mask, None, false, mode),
         )?)
     }
 
     /// Incremental causal self-attention: `x_new` (`[batch, t, dim]`) are the
-    /// next `t` positions; they attend to every cached position and causally
-    /// to each other. Equals the matching rows of [`MultiHeadAttention::forward`]
-    /// on the whole sequence (inference: no dropout, no key mask).
+    /// next `t` positions; they attend to the cached positions (the last
+    /// `window - 1` with a window) and causally to each other. Equals the
+    /// matching rows of [`MultiHeadAttention::forward`] on the whole
+    /// sequence (inference: no dropout, no padding). The cache is detached:
+    /// it never holds an autograd graph, and with a window its size is
+    /// bounded, so a stream of any length costs constant memory and time
+    /// per position.
     pub fn forward_cached(&mut self, x_new: &Tensor) -> Result<Tensor> {
         let qkv = self
             .qkv
             .as_ref()
             .ok_or_else(|| Error::invalid("attention", "the KV cache is for self-attention"))?;
         self.check(x_new, "attention input", self.cfg.dim)?;
-        let past = self.cache.as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        let t = x_new.dim(1)?;
         let p = self.split_heads(&qkv.forward(x_new)?, 3)?;
-        let (q, k_new) = (self.rotate(&p[0], past)?, self.rotate(&p[1], past)?);
+        let (q, k_new) = (self.rotate(&p[0], self.pos)?, self.rotate(&p[1], self.pos)?);
         let (k, v) = match self.cache.take() {
             Some((k, v)) => (
                 Tensor::cat(&[&k, &k_new], 2)?,
@@ -593,8 +659,23 @@ impl MultiHeadAttention {
             ),
             None => (k_new, p[2].clone()),
         };
-        let y = attend(&q, &k, &v, &self.opts(None, self.cfg.causal, false))?;
-        self.cache = Some((k, v));
+        let y = attend(
+            &q,
+            &k,
+            &v,
+            &self.opts(None, None, self.cfg.causal, Mode::Eval),
+        )?;
+        let len = k.dim(2)?;
+        let keep = self.cfg.window.map_or(len, |w| len.min(w - 1));
+        self.cache = (keep > 0)
+            .then(|| -> Result<(Tensor, Tensor)> {
+                let cut = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.narrow(2, len - keep, keep)?.contiguous()?.detach())
+                };
+                Ok((cut(&k)?, cut(&v)?))
+            })
+            .transpose()?;
+        self.pos += t;
         self.merge(&y)
     }
 
@@ -606,9 +687,15 @@ impl MultiHeadAttention {
             .unwrap_or(0)
     }
 
+    /// Positions seen since the cache was last cleared.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Forgets the KV cache.
     pub fn clear_cache(&mut self) {
         self.cache = None;
+        self.pos = 0;
     }
 }
 
@@ -708,6 +795,7 @@ mod tests {
             causal: true,
             alibi: Some(&slopes),
             key_mask: Some(&mask),
+            query_mask: Some(&mask),
             ..Default::default()
         };
         let p = attention_probs(&q, &k, 0.5, &opts).unwrap();
@@ -761,6 +849,127 @@ mod tests {
         );
     }
 
+    #[test]
+    fn cross_attention_masks_keys_only_whatever_the_lengths() {
+        // Equal and unequal query/context lengths: with a padded context,
+        // every query row attends to the valid keys (none is zeroed), and
+        // extra padding changes nothing.
+        for t in [4, 6] {
+            let (q, k, v) = qkv(2, 2, t, 4, 4);
+            let mask = lengths_to_mask(&[2, 4], 4, &Device::Cpu).unwrap();
+            let opts = AttendOptions {
+                key_mask: Some(&mask),
+                ..Default::default()
+            };
+            let out = attend(&q, &k, &v, &opts).unwrap();
+            let rows = out.abs().unwrap().sum(3).unwrap().to_vec3::<f64>().unwrap();
+            assert!(rows.iter().flatten().flatten().all(|&r| r > 0.0), "t {t}");
+            let pad = |x: &Tensor| {
+                let z = Tensor::zeros((2, 2, 3, 4), DType::F64, &Device::Cpu).unwrap();
+                Tensor::cat(&[x, &(z + 7.0).unwrap()], 2).unwrap()
+            };
+            let mask7 = lengths_to_mask(&[2, 4], 7, &Device::Cpu).unwrap();
+            let out7 = attend(
+                &q,
+                &pad(&k),
+                &pad(&v),
+                &AttendOptions {
+                    key_mask: Some(&mask7),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(max_abs_diff(&out, &out7).unwrap() < 1e-12, "t {t}");
+            // Not a flash case: only matching query and key prefixes are.
+            assert_eq!(mask_plan(&opts).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn flash_plans_follow_the_masks() {
+        let m = lengths_to_mask(&[2, 4], 4, &Device::Cpu).unwrap();
+        let m2 = lengths_to_mask(&[3, 4], 4, &Device::Cpu).unwrap();
+        let plan = |key_mask, query_mask, window| {
+            mask_plan(&AttendOptions {
+                causal: true,
+                key_mask,
+                query_mask,
+                window,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(plan(None, None, None), Some(None));
+        assert_eq!(plan(Some(&m), Some(&m), None), Some(Some(vec![2, 4])));
+        assert_eq!(plan(Some(&m), Some(&m2), None), None);
+        assert_eq!(plan(Some(&m), None, None), None);
+        assert_eq!(plan(None, Some(&m), None), None);
+        assert_eq!(plan(None, None, Some(3)), None);
+        let r = crate::DropoutRng::new(1);
+        let train = AttendOptions {
+            dropout: 0.1,
+            mode: Mode::Train(&r),
+            ..Default::default()
+        };
+        assert_eq!(mask_plan(&train).unwrap(), None);
+    }
+
+    #[test]
+    fn windowed_attention_sees_a_bounded_past() {
+        let (q, k, _) = qkv(1, 1, 7, 7, 4);
+        let opts = AttendOptions {
+            causal: true,
+            window: Some(3),
+            ..Default::default()
+        };
+        let p = attention_probs(&q, &k, 0.5, &opts).unwrap();
+        let p = p.get(0).unwrap().get(0).unwrap().to_vec2::<f64>().unwrap();
+        for (i, row) in p.iter().enumerate() {
+            for (j, &w) in row.iter().enumerate() {
+                assert_eq!(w > 0.0, j <= i && i - j < 3, "i {i} j {j}");
+            }
+        }
+        let e = attend(
+            &q,
+            &k,
+            &k,
+            &AttendOptions {
+                window: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("attention window"), "{e}");
+    }
+
+    #[test]
+    fn windowed_kv_cache_is_bounded_and_equals_offline() {
+        for (alibi, rotary) in [(None, Some(10000.0)), (Some(1.0), None)] {
+            let cfg = AttentionConfig {
+                causal: true,
+                window: Some(4),
+                alibi_alpha: alibi,
+                rotary_base: rotary,
+                ..AttentionConfig::new(8, 2)
+            };
+            let (vm, mut m) = mha(cfg, DType::F32);
+            randomize(&vm, 0.5, 4).unwrap();
+            // Longer than the window, from variables: the cache stays small
+            // and holds no graph.
+            let x = noise(&[2, 23, 8], 5).unwrap().to_dtype(DType::F32).unwrap();
+            let full = m.forward(&x, None, Mode::Eval).unwrap();
+            for seed in 0..3 {
+                m.reset();
+                let streamed = stream_in_chunks(&mut m, &x, 1, 6, seed).unwrap();
+                assert!(max_abs_diff(&full, &streamed).unwrap() < 1e-5, "{seed}");
+                assert_eq!(m.cache_len(), 3);
+                assert_eq!(m.position(), 23);
+                let (k, v) = m.cache.as_ref().unwrap();
+                assert!(!k.track_op() && !v.track_op());
+            }
+        }
+    }
+
     fn mha(cfg: AttentionConfig, dtype: DType) -> (VarMap, MultiHeadAttention) {
         let vm = VarMap::new();
         let m = MultiHeadAttention::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))
@@ -786,7 +995,7 @@ mod tests {
             let (vm, mut m) = mha(cfg, DType::F32);
             randomize(&vm, 0.5, 4).unwrap();
             let x = noise(&[2, 13, 8], 5).unwrap().to_dtype(DType::F32).unwrap();
-            let full = m.forward(&x, None, false).unwrap();
+            let full = m.forward(&x, None, Mode::Eval).unwrap();
             // Token by token, and in random chunks.
             m.clear_cache();
             let steps: Vec<Tensor> = (0..13)
@@ -821,7 +1030,7 @@ mod tests {
         let mut vars = named_vars(&vm);
         vars.push(("input".into(), x.clone()));
         check_gradients(&vars, GradCheck::default(), || {
-            m.forward(x.as_tensor(), Some(&mask), false)
+            m.forward(x.as_tensor(), Some(&mask), Mode::Eval)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
         .unwrap();
@@ -839,7 +1048,7 @@ mod tests {
         vars.push(("input".into(), x.clone()));
         vars.push(("context".into(), ctx.clone()));
         check_gradients(&vars, GradCheck::default(), || {
-            m.forward_cross(x.as_tensor(), ctx.as_tensor(), Some(&cmask), false)
+            m.forward_cross(x.as_tensor(), ctx.as_tensor(), Some(&cmask), Mode::Eval)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
         .unwrap();
@@ -894,7 +1103,7 @@ mod tests {
             .forward(
                 &Tensor::zeros((2, 3, 6), DType::F32, &Device::Cpu).unwrap(),
                 None,
-                false,
+                Mode::Eval,
             )
             .unwrap_err();
         assert!(
@@ -906,7 +1115,7 @@ mod tests {
             .forward(
                 &Tensor::zeros((2, 3, 8), DType::F32, &Device::Cpu).unwrap(),
                 Some(&bad),
-                false,
+                Mode::Eval,
             )
             .unwrap_err();
         assert!(

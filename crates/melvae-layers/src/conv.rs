@@ -126,7 +126,12 @@ impl CausalBuffer {
         } else {
             0
         };
-        self.buf = Some(buf.narrow(dim, n * self.stride, len - n * self.stride)?);
+        // Carried state holds no autograd graph (the weights may be `Var`s):
+        // a stream of any length keeps a constant amount of memory.
+        self.buf = Some(
+            buf.narrow(dim, n * self.stride, len - n * self.stride)?
+                .detach(),
+        );
         if n == 0 {
             return Ok(None);
         }
@@ -707,7 +712,7 @@ impl Streaming for Upsample {
         };
         let n = chunk.dim(2)? * self.cfg.stride;
         if extra > 0 {
-            self.tail = Some(y.narrow(2, n, extra)?);
+            self.tail = Some(y.narrow(2, n, extra)?.detach());
         }
         Ok(Some(self.add_bias(y.narrow(2, 0, n)?)?))
     }

@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::error::ensure;
-use crate::{Error, Result};
+use crate::{Error, Mode, Result};
 
 /// Feed-forward nonlinearity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,7 @@ impl FeedForward {
     }
 
     /// `x` `[batch, time, dim]`, `mask` `[batch, time]` (non-zero = keep).
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         if x.dims().last() != Some(&self.cfg.dim) {
             return Err(Error::shape(
                 "ffn input",
@@ -128,9 +128,7 @@ impl FeedForward {
         if let Some(m) = mask {
             h = masked_fill_zero(&h, m)?;
         }
-        if train && self.cfg.dropout > 0.0 {
-            h = candle_nn::ops::dropout(&h, self.cfg.dropout as f32)?;
-        }
+        h = mode.dropout(&h, self.cfg.dropout)?;
         let y = self.fc2.forward(&h)?;
         match mask {
             Some(m) => masked_fill_zero(&y, m),
@@ -246,7 +244,7 @@ mod tests {
                 .unwrap();
             randomize(&vm, 0.7, 2).unwrap();
             let x = Var::from_tensor(&noise(&[2, 5, 4], 3).unwrap()).unwrap();
-            let y = f.forward(x.as_tensor(), Some(&mask), false).unwrap();
+            let y = f.forward(x.as_tensor(), Some(&mask), Mode::Eval).unwrap();
             let padded = y.narrow(0, 0, 1).unwrap().narrow(1, 3, 2).unwrap();
             assert_eq!(
                 padded
@@ -261,7 +259,7 @@ mod tests {
             let mut vars = named_vars(&vm);
             vars.push(("input".into(), x.clone()));
             check_gradients(&vars, GradCheck::default(), || {
-                f.forward(x.as_tensor(), Some(&mask), false)
+                f.forward(x.as_tensor(), Some(&mask), Mode::Eval)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             })
             .unwrap_or_else(|e| panic!("{act:?}: {e}"));
@@ -278,11 +276,16 @@ mod tests {
         let f =
             FeedForward::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = noise(&[2, 16, 8], 1).unwrap().to_dtype(DType::F32).unwrap();
-        let a = f.forward(&x, None, false).unwrap();
-        let b = f.forward(&x, None, false).unwrap();
+        let a = f.forward(&x, None, Mode::Eval).unwrap();
+        let b = f.forward(&x, None, Mode::Eval).unwrap();
         assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
-        let c = f.forward(&x, None, true).unwrap();
+        let r = crate::DropoutRng::new(5);
+        let c = f.forward(&x, None, Mode::Train(&r)).unwrap();
         assert_ne!(a.to_vec3::<f32>().unwrap(), c.to_vec3::<f32>().unwrap());
+        // The same seed draws the same masks.
+        let r2 = crate::DropoutRng::new(5);
+        let d = f.forward(&x, None, Mode::Train(&r2)).unwrap();
+        assert_eq!(c.to_vec3::<f32>().unwrap(), d.to_vec3::<f32>().unwrap());
     }
 
     #[test]

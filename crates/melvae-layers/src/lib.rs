@@ -32,6 +32,7 @@
 pub mod act;
 pub mod attention;
 pub mod conv;
+pub mod dropout;
 mod error;
 pub mod ffn;
 pub mod flops;
@@ -53,6 +54,7 @@ pub use attention::{
 pub use conv::{
     CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, Upsample, UpsampleConfig,
 };
+pub use dropout::{DropoutRng, Mode};
 pub use error::{Error, Result};
 pub use ffn::{
     masked_fill_zero, sinusoidal_positions, time_dtype, timestep_embedding, FeedForward,

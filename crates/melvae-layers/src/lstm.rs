@@ -107,7 +107,12 @@ impl Streaming for LstmStack {
     /// carried from chunk to chunk.
     fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
         let (y, s) = self.forward(chunk, self.state.as_deref())?;
-        self.state = Some(s);
+        // The carried state holds no autograd graph.
+        self.state = Some(
+            s.into_iter()
+                .map(|s| LSTMState::new(s.h.detach(), s.c.detach()))
+                .collect(),
+        );
         Ok(Some(y))
     }
 

@@ -7,15 +7,7 @@ use candle_nn::VarBuilder;
 use crate::attention::{AttentionConfig, MultiHeadAttention};
 use crate::ffn::{FeedForward, FeedForwardConfig};
 use crate::norm::{modulate, AdaLnZero, LayerNorm};
-use crate::Result;
-
-fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
-    Ok(if train && p > 0.0 {
-        candle_nn::ops::dropout(&x, p as f32)?
-    } else {
-        x
-    })
-}
+use crate::{Mode, Result};
 
 /// Configuration shared by the blocks.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,11 +61,11 @@ impl EncoderLayer {
 
     /// `mask` `[batch, time]` (non-zero = valid) masks keys and zeroes the
     /// feed-forward at padded positions.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let h = self.attn.forward(&self.norm1.forward(x)?, mask, train)?;
-        let x = (x + dropout(h, self.dropout, train)?)?;
-        let h = self.ffn.forward(&self.norm2.forward(&x)?, mask, train)?;
-        Ok((&x + dropout(h, self.dropout, train)?)?)
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        let h = self.attn.forward(&self.norm1.forward(x)?, mask, mode)?;
+        let x = (x + mode.dropout(&h, self.dropout)?)?;
+        let h = self.ffn.forward(&self.norm2.forward(&x)?, mask, mode)?;
+        Ok((&x + mode.dropout(&h, self.dropout)?)?)
     }
 }
 
@@ -131,12 +123,12 @@ impl DecoderLayer {
         x: Tensor,
         context: Option<(&Tensor, Option<&Tensor>)>,
         mask: Option<&Tensor>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         let x = match (&self.cross, context) {
             (Some((norm, attn)), Some((ctx, ctx_mask))) => {
-                let h = attn.forward_cross(&norm.forward(&x)?, ctx, ctx_mask, train)?;
-                (&x + dropout(h, self.dropout, train)?)?
+                let h = attn.forward_cross(&norm.forward(&x)?, ctx, ctx_mask, mode)?;
+                (&x + mode.dropout(&h, self.dropout)?)?
             }
             (None, None) => x,
             (Some(_), None) => {
@@ -152,8 +144,8 @@ impl DecoderLayer {
                 ))
             }
         };
-        let h = self.ffn.forward(&self.norm2.forward(&x)?, mask, train)?;
-        Ok((&x + dropout(h, self.dropout, train)?)?)
+        let h = self.ffn.forward(&self.norm2.forward(&x)?, mask, mode)?;
+        Ok((&x + mode.dropout(&h, self.dropout)?)?)
     }
 
     /// Whole sequence: `x` `[batch, time, dim]`, `mask` `[batch, time]`,
@@ -163,13 +155,13 @@ impl DecoderLayer {
         x: &Tensor,
         mask: Option<&Tensor>,
         context: Option<(&Tensor, Option<&Tensor>)>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.norm1.forward(x)?, mask, train)?;
-        let x = (x + dropout(h, self.dropout, train)?)?;
-        self.tail(x, context, mask, train)
+            .forward(&self.norm1.forward(x)?, mask, mode)?;
+        let x = (x + mode.dropout(&h, self.dropout)?)?;
+        self.tail(x, context, mask, mode)
     }
 
     /// Incremental decoding with the self-attention KV cache: the next
@@ -181,7 +173,7 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = self.self_attn.forward_cached(&self.norm1.forward(x_new)?)?;
         let x = (x_new + h)?;
-        self.tail(x, context, None, false)
+        self.tail(x, context, None, Mode::Eval)
     }
 
     /// Forgets the KV cache.
@@ -224,21 +216,21 @@ impl DitBlock {
         x: &Tensor,
         c: &Tensor,
         mask: Option<&Tensor>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         let m = self.ada.forward(c)?;
         let h = self.attn.forward(
             &modulate(&self.norm1.forward(x)?, &m[0], &m[1])?,
             mask,
-            train,
+            mode,
         )?;
-        let x = (x + dropout(h.broadcast_mul(&m[2])?, self.dropout, train)?)?;
+        let x = (x + mode.dropout(&h.broadcast_mul(&m[2])?, self.dropout)?)?;
         let h = self.mlp.forward(
             &modulate(&self.norm2.forward(&x)?, &m[3], &m[4])?,
             mask,
-            train,
+            mode,
         )?;
-        Ok((&x + dropout(h.broadcast_mul(&m[5])?, self.dropout, train)?)?)
+        Ok((&x + mode.dropout(&h.broadcast_mul(&m[5])?, self.dropout)?)?)
     }
 }
 
@@ -275,16 +267,16 @@ mod tests {
         let x = Var::from_tensor(&noise(&[2, 5, 8], 1).unwrap()).unwrap();
         let mask = lengths_to_mask(&[3, 5], 5, &Device::Cpu).unwrap();
         check(&vm, &[("input", &x)], || {
-            l.forward(x.as_tensor(), Some(&mask), false)
+            l.forward(x.as_tensor(), Some(&mask), Mode::Eval)
         });
         // Valid positions do not see what sits in padded positions.
-        let y1 = l.forward(x.as_tensor(), Some(&mask), false).unwrap();
+        let y1 = l.forward(x.as_tensor(), Some(&mask), Mode::Eval).unwrap();
         let junk = noise(&[1, 2, 8], 7).unwrap();
         let x2 = x
             .as_tensor()
             .slice_assign(&[0..1, 3..5, 0..8], &junk)
             .unwrap();
-        let y2 = l.forward(&x2, Some(&mask), false).unwrap();
+        let y2 = l.forward(&x2, Some(&mask), Mode::Eval).unwrap();
         let valid = |y: &Tensor| y.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap();
         assert!(max_abs_diff(&valid(&y1), &valid(&y2)).unwrap() < 1e-12);
     }
@@ -306,7 +298,7 @@ mod tests {
                 x.as_tensor(),
                 None,
                 Some((ctx.as_tensor(), Some(&cmask))),
-                false,
+                Mode::Eval,
             )
         });
         let full = l
@@ -314,7 +306,7 @@ mod tests {
                 x.as_tensor(),
                 None,
                 Some((ctx.as_tensor(), Some(&cmask))),
-                false,
+                Mode::Eval,
             )
             .unwrap();
         l.clear_cache();
@@ -329,7 +321,7 @@ mod tests {
             .collect();
         assert!(max_abs_diff(&full, &Tensor::cat(&steps, 1).unwrap()).unwrap() < 1e-10);
         let e = l
-            .forward(x.as_tensor(), None, None, false)
+            .forward(x.as_tensor(), None, None, Mode::Eval)
             .unwrap_err()
             .to_string();
         assert!(e.contains("decoder context"), "{e}");
@@ -347,11 +339,11 @@ mod tests {
         let x = Var::from_tensor(&noise(&[2, 4, 8], 1).unwrap()).unwrap();
         let c = Var::from_tensor(&noise(&[2, 3], 2).unwrap()).unwrap();
         let y = b
-            .forward(x.as_tensor(), c.as_tensor(), None, false)
+            .forward(x.as_tensor(), c.as_tensor(), None, Mode::Eval)
             .unwrap();
         assert_eq!(max_abs_diff(&y, x.as_tensor()).unwrap(), 0.0);
         check(&vm, &[("input", &x), ("cond", &c)], || {
-            b.forward(x.as_tensor(), c.as_tensor(), None, false)
+            b.forward(x.as_tensor(), c.as_tensor(), None, Mode::Eval)
         });
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use melvae_layers::{
     flops, ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
-    FeedForwardConfig, FfnActivation, LayerNorm, ResidualUnit2d, Streaming,
+    FeedForwardConfig, FfnActivation, LayerNorm, Mode, ResidualUnit2d, Streaming,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,13 @@ pub struct ConvformerConfig {
     pub tf_heads: usize,
     /// Layers of the tail.
     pub tf_layers: usize,
+    /// Past positions of the tail's causal attention, itself included
+    /// (latent frames, `frames / C`): each latent frame attends to at most
+    /// this many, in training, offline and streaming alike, so a stream
+    /// costs constant memory and time per chunk. The default 256 is 21.8 s
+    /// of audio at C = 8 (`vocos-24k`).
+    #[serde(default = "default_tf_context")]
+    pub tf_context: usize,
     /// Dropout of the tail (training).
     pub drop_p: f64,
     /// Latent size.
@@ -42,6 +49,10 @@ pub struct ConvformerConfig {
     /// Steps of the linear KL warm-up from 0.
     #[serde(default = "default_kl_warmup")]
     pub kl_loss_warmup_steps: u64,
+}
+
+fn default_tf_context() -> usize {
+    256
 }
 
 fn default_kl_weight() -> f64 {
@@ -64,6 +75,7 @@ impl Default for ConvformerConfig {
             tf_dim: 512,
             tf_heads: 8,
             tf_layers: 4,
+            tf_context: 256,
             drop_p: 0.1,
             latent_dim: 64,
             kl_loss_weight: 1e-3,
@@ -86,6 +98,7 @@ impl ConvformerConfig {
             (self.channels, "convformer.channels"),
             (self.tf_dim, "convformer.tf_dim"),
             (self.tf_layers, "convformer.tf_layers"),
+            (self.tf_context, "convformer.tf_context"),
             (self.latent_dim, "convformer.latent_dim"),
         ] {
             ensure(v > 0, f, || "must be > 0".into())?;
@@ -123,6 +136,7 @@ impl ConvformerConfig {
         BlockConfig {
             attention: AttentionConfig {
                 causal: true,
+                window: Some(self.tf_context),
                 bias: true,
                 rotary_base: Some(10000.0),
                 dropout: self.drop_p,
@@ -291,8 +305,10 @@ impl ConvformerEncoder {
 
     /// `mel` `[batch, mel_channels, frames]` (frames a multiple of C) to
     /// `(mean, logvar)`, each `[batch, frames / C, latent_dim]`. Latent `t`
-    /// depends only on frames `< (t + 1) C`.
-    pub fn forward(&self, mel: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    /// depends only on frames `< (t + 1) C` (and, through the tail's
+    /// window, on frames `>= (t + 1 - tf_context) C` minus the conv stack's
+    /// receptive field). `mode` switches dropout on in training.
+    pub fn forward(&self, mel: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         self.check(mel)?;
         let t = mel.dim(2)?;
         let c = self.cfg.compress_factor;
@@ -315,7 +331,7 @@ impl ConvformerEncoder {
         }
         let mut x = self.collapse(&h)?;
         for l in &self.tail {
-            x = l.forward(&x, None, None, train)?;
+            x = l.forward(&x, None, None, mode)?;
         }
         self.head(&x)
     }
@@ -396,6 +412,7 @@ mod tests {
             tf_dim: 8,
             tf_heads: 2,
             tf_layers: 1,
+            tf_context: 256,
             drop_p: 0.0,
             latent_dim: 4,
             kl_loss_weight: 1e-3,
@@ -422,7 +439,7 @@ mod tests {
     fn shapes_for_every_c() {
         for c in [4, 8, 16, 32] {
             let (_, e) = build(tiny(c), DType::F32);
-            let (m, v) = e.forward(&mel(2 * c, 1), false).unwrap();
+            let (m, v) = e.forward(&mel(2 * c, 1), Mode::Eval).unwrap();
             assert_eq!(m.dims(), &[2, 2, 4], "C={c}");
             assert_eq!(v.dims(), &[2, 2, 4]);
         }
@@ -432,7 +449,7 @@ mod tests {
     fn causal_in_time() {
         let (_, e) = build(tiny(8), DType::F32);
         let x = mel(40, 2);
-        let (m, _) = e.forward(&x, false).unwrap();
+        let (m, _) = e.forward(&x, Mode::Eval).unwrap();
         // Change frames from 24 on: latents 0..3 (frames < 24) must not move.
         let junk = (noise(&[2, 12, 16], 9)
             .unwrap()
@@ -441,7 +458,7 @@ mod tests {
             * 5.0)
             .unwrap();
         let y = x.slice_assign(&[0..2, 0..12, 24..40], &junk).unwrap();
-        let (m2, _) = e.forward(&y, false).unwrap();
+        let (m2, _) = e.forward(&y, Mode::Eval).unwrap();
         let first = |t: &Tensor| t.narrow(1, 0, 3).unwrap();
         assert!(max_abs_diff(&first(&m), &first(&m2)).unwrap() < 1e-6);
         assert!(
@@ -455,7 +472,7 @@ mod tests {
         for c in [4, 8] {
             let (_, mut e) = build(tiny(c), DType::F32);
             let x = mel(8 * c, 3);
-            let (m, v) = e.forward(&x, false).unwrap();
+            let (m, v) = e.forward(&x, Mode::Eval).unwrap();
             let offline = Tensor::cat(&[m, v], D::Minus1).unwrap();
             for seed in 0..3 {
                 let streamed = stream_in_chunks_to(&mut e, &x, 2, 1, 7, seed).unwrap();
@@ -464,6 +481,43 @@ mod tests {
                     "C={c} seed {seed}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn streams_longer_than_the_window_hold_no_graph_and_reset() {
+        // A tail window of 3 latent frames, inputs of 8: chunked == offline.
+        let cfg = ConvformerConfig {
+            tf_context: 3,
+            ..tiny(4)
+        };
+        let (_, mut e) = build(cfg, DType::F32);
+        let x = mel(32, 3);
+        let (m, v) = e.forward(&x, Mode::Eval).unwrap();
+        let offline = Tensor::cat(&[m, v], D::Minus1).unwrap();
+        let streamed = stream_in_chunks_to(&mut e, &x, 2, 1, 5, 1).unwrap();
+        assert!(max_abs_diff(&offline, &streamed).unwrap() < 1e-5);
+        // The window matters: without it, the last latents differ.
+        let (_, unbounded) = build(tiny(4), DType::F32);
+        let (m2, _) = unbounded.forward(&x, Mode::Eval).unwrap();
+        let last = |t: &Tensor| t.narrow(1, 7, 1).unwrap();
+        let (m, _) = e.forward(&x, Mode::Eval).unwrap();
+        assert!(max_abs_diff(&last(&m), &last(&m2)).unwrap() > 1e-6);
+        // Outputs of a stream from variables are tracked, the carried state
+        // is not: after a step, nothing the encoder holds tracks an op.
+        let y = e.step(&x.narrow(2, 0, 8).unwrap()).unwrap().unwrap();
+        assert!(y.track_op());
+        // Reset forgets everything: a new stream equals a fresh offline run,
+        // and each item of a batch of streams equals its own offline run.
+        e.reset();
+        let other = mel(16, 9);
+        let s = stream_in_chunks_to(&mut e, &other, 2, 1, 3, 2).unwrap();
+        for b in 0..2 {
+            let (m1, v1) = e
+                .forward(&other.narrow(0, b, 1).unwrap(), Mode::Eval)
+                .unwrap();
+            let alone = Tensor::cat(&[m1, v1], D::Minus1).unwrap();
+            assert!(max_abs_diff(&alone, &s.narrow(0, b, 1).unwrap()).unwrap() < 1e-5);
         }
     }
 
@@ -477,12 +531,12 @@ mod tests {
         .unwrap();
         let x = Var::from_tensor(&noise(&[2, 12, 8], 4).unwrap()).unwrap();
         check_module(&vm, 0.3, 5, &[("mel", &x)], || {
-            let (m, v) =
-                e.forward(x.as_tensor(), false)
-                    .map_err(|e| melvae_layers::Error::Invalid {
-                        what: "fwd".into(),
-                        reason: e.to_string(),
-                    })?;
+            let (m, v) = e.forward(x.as_tensor(), Mode::Eval).map_err(|e| {
+                melvae_layers::Error::Invalid {
+                    what: "fwd".into(),
+                    reason: e.to_string(),
+                }
+            })?;
             Ok(Tensor::cat(&[m, v], D::Minus1)?)
         })
         .unwrap();
@@ -532,7 +586,7 @@ mod tests {
         }
         ConvformerConfig::default().validate().unwrap();
         let (_, e) = build(tiny(8), DType::F32);
-        let err = e.forward(&mel(20, 1), false).unwrap_err().to_string();
+        let err = e.forward(&mel(20, 1), Mode::Eval).unwrap_err().to_string();
         assert!(
             err.contains("multiple of compress_factor_C = 8") && err.contains("20 frames"),
             "{err}"
@@ -543,7 +597,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap(),
-                false,
+                Mode::Eval,
             )
             .unwrap_err()
             .to_string();

@@ -8,7 +8,7 @@ use candle_nn::{Init, Linear, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
 use melvae_layers::{
     flops, modulate, time_dtype, AdaLnZero, AttentionConfig, BlockConfig, DitBlock,
-    FeedForwardConfig, FfnActivation, LayerNorm, TimestepEmbedder,
+    FeedForwardConfig, FfnActivation, LayerNorm, Mode, TimestepEmbedder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -250,7 +250,7 @@ impl DitDecoder {
     /// The velocity at `x_t` (`[batch, mel, frames]`) and flow time `t`
     /// (`[batch]`), given the latent `cond` (`[batch, frames / C, latent]`;
     /// zeros mean "unconditional"). Returns `[batch, mel, frames]`.
-    pub fn forward(&self, x_t: &Tensor, t: &Tensor, cond: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x_t: &Tensor, t: &Tensor, cond: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, m, frames) = x_t.dims3()?;
         if m != self.cfg.mel_channels {
             return Err(Error::Shape {
@@ -279,7 +279,7 @@ impl DitDecoder {
         let mut h = self.in_proj.forward(&h)?;
         let c = self.time.forward(t)?;
         for blk in &self.blocks {
-            h = blk.forward(&h, &c, None, train)?;
+            h = blk.forward(&h, &c, None, mode)?;
         }
         let m = self.final_ada.forward(&c)?;
         let h = modulate(&self.final_norm.forward(&h)?, &m[0], &m[1])?;
@@ -297,14 +297,14 @@ impl DitDecoder {
         guidance_scale: f64,
     ) -> Result<Tensor> {
         if guidance_scale == 1.0 {
-            return self.forward(x, t, cond, false);
+            return self.forward(x, t, cond, Mode::Eval);
         }
         let b = x.dim(0)?;
         let v = self.forward(
             &Tensor::cat(&[x, x], 0)?,
             &Tensor::cat(&[t, t], 0)?,
             &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?,
-            false,
+            Mode::Eval,
         )?;
         let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
         Ok((&vu + ((vc - &vu)? * guidance_scale)?)?)
@@ -407,10 +407,13 @@ mod tests {
         let cond = noise(&[2, 3, 3], 1).unwrap().to_dtype(DType::F32).unwrap();
         let x = noise(&[2, 6, 12], 2).unwrap().to_dtype(DType::F32).unwrap();
         let t = Tensor::new(&[0.3f32, 0.7], &Device::Cpu).unwrap();
-        assert_eq!(d.forward(&x, &t, &cond, false).unwrap().dims(), &[2, 6, 12]);
-        let vc = d.forward(&x, &t, &cond, false).unwrap();
+        assert_eq!(
+            d.forward(&x, &t, &cond, Mode::Eval).unwrap().dims(),
+            &[2, 6, 12]
+        );
+        let vc = d.forward(&x, &t, &cond, Mode::Eval).unwrap();
         let vu = d
-            .forward(&x, &t, &cond.zeros_like().unwrap(), false)
+            .forward(&x, &t, &cond.zeros_like().unwrap(), Mode::Eval)
             .unwrap();
         assert!(
             max_abs_diff(&vc, &vu).unwrap() > 1e-4,
@@ -422,7 +425,7 @@ mod tests {
         assert!(max_abs_diff(&d.guided(&x, &t, &cond, 3.0).unwrap(), &g3).unwrap() < 1e-5);
         let s = d.sample(&cond, 4, 1.0, 2.0, Solver::Midpoint, 9).unwrap();
         assert_eq!(s.dims(), &[2, 6, 12]);
-        assert!(d.forward(&x, &t, &cond, false).unwrap().track_op());
+        assert!(d.forward(&x, &t, &cond, Mode::Eval).unwrap().track_op());
         assert!(
             !s.track_op(),
             "sampling must not keep every step's autograd graph alive"
@@ -455,7 +458,7 @@ mod tests {
         let c = Var::from_tensor(&noise(&[2, 2, 3], 2).unwrap()).unwrap();
         let t = Tensor::new(&[0.2f64, 0.6], &Device::Cpu).unwrap();
         check_module(&vm, 0.4, 4, &[("x_t", &x), ("cond", &c)], || {
-            d.forward(x.as_tensor(), &t, c.as_tensor(), false)
+            d.forward(x.as_tensor(), &t, c.as_tensor(), Mode::Eval)
                 .map_err(|e| melvae_layers::Error::Invalid {
                     what: "fwd".into(),
                     reason: e.to_string(),
@@ -474,7 +477,7 @@ mod tests {
                 &x,
                 &t,
                 &Tensor::zeros((2, 2, 3), DType::F32, &Device::Cpu).unwrap(),
-                false,
+                Mode::Eval,
             )
             .unwrap_err()
             .to_string();
@@ -487,7 +490,7 @@ mod tests {
                 &Tensor::zeros((2, 5, 12), DType::F32, &Device::Cpu).unwrap(),
                 &t,
                 &x,
-                false,
+                Mode::Eval,
             )
             .unwrap_err()
             .to_string();

@@ -21,6 +21,14 @@ pub enum Error {
         /// The shape that was given.
         got: String,
     },
+    /// A model file is missing, unreadable, or does not fit the model.
+    #[error("{}: {reason}", path.display())]
+    ModelFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong (names the tensor or metadata key).
+        reason: String,
+    },
     /// From melvae-layers.
     #[error(transparent)]
     Layers(#[from] melvae_layers::Error),

@@ -9,6 +9,7 @@
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
+//! use melvae_layers::Mode;
 //! use melvae_models::{ConvformerConfig, ConvformerEncoder};
 //!
 //! let vm = VarMap::new();
@@ -16,7 +17,7 @@
 //! let cfg = ConvformerConfig { channels: 4, tf_dim: 32, tf_heads: 4, tf_layers: 1, ..Default::default() };
 //! let enc = ConvformerEncoder::new(cfg, vb)?;
 //! let mel = Tensor::randn(0f32, 1.0, (1, 100, 64), &Device::Cpu)?; // [batch, mels, frames]
-//! let (mean, logvar) = enc.forward(&mel, false)?;
+//! let (mean, logvar) = enc.forward(&mel, Mode::Eval)?;
 //! assert_eq!(mean.dims(), &[1, 8, 64]); // 64 frames / C = 8 latent frames
 //! # let _ = logvar;
 //! # Ok::<(), melvae_models::Error>(())
@@ -28,8 +29,10 @@ pub mod convformer;
 pub mod dit_cfm;
 mod error;
 pub mod mel_vae;
+pub mod model_file;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};
 pub use mel_vae::{mel_to_array, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions};
+pub use model_file::{Family, ModelFileInfo};

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use melvae_dsp::{resample, MelConfig, MelExtractor, ResampleQuality, SplitMix64};
-use melvae_layers::time_dtype;
+use melvae_layers::{time_dtype, DropoutRng, Mode};
 use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::convformer::{ConvformerConfig, ConvformerEncoder};
 use crate::dit_cfm::{normal_noise, CfmConfig, DitDecoder, Solver};
 use crate::error::ensure;
+use crate::model_file::{self, Family};
 use crate::{Error, Result};
 
 /// The mel VAE's configuration: the `convformer:` and `cfm:` sections.
@@ -181,7 +182,7 @@ impl MelVae {
     /// Log-mel `[batch, mel, frames]` (frames a multiple of C) to the
     /// latent Gaussian `(mean, logvar)`, each `[batch, frames / C, latent]`.
     pub fn encode(&self, mel: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.encoder.forward(&self.normalize(mel)?, false)
+        self.encoder.forward(&self.normalize(mel)?, Mode::Eval)
     }
 
     /// Decodes latents `[batch, k, latent]` to log-mels `[batch, mel, k C]`.
@@ -281,21 +282,34 @@ impl MelVae {
         Ok((Tensor::from_vec(data, (1, m, padded), device)?, t))
     }
 
-    /// The training loss of `mel` (`[batch, mel, frames]`, frames a multiple
-    /// of C) at `step`. All randomness comes from `rng`: the
-    /// reparameterisation noise, the per-example condition drop (probability
-    /// `cfm.cond_drop_prob`, for classifier-free guidance), the flow noise
-    /// and the flow times.
-    pub fn loss(&self, mel: &Tensor, step: u64, rng: &mut SplitMix64) -> Result<MelVaeLoss> {
+    /// The loss of `mel` (`[batch, mel, frames]`, frames a multiple of C)
+    /// at `step`. All randomness comes from `rng`: the reparameterisation
+    /// noise, the flow noise and times and, in training (`train`), the
+    /// dropout masks and the per-example condition drop (probability
+    /// `cfm.cond_drop_prob`, for classifier-free guidance). In evaluation
+    /// (`train` false) dropout is off and every condition kept.
+    pub fn loss(
+        &self,
+        mel: &Tensor,
+        step: u64,
+        rng: &mut SplitMix64,
+        train: bool,
+    ) -> Result<MelVaeLoss> {
+        let dropout = DropoutRng::new(rng.next_u64());
+        let mode = if train {
+            Mode::Train(&dropout)
+        } else {
+            Mode::Eval
+        };
         let x1 = self.normalize(mel)?;
         let (b, _, _) = x1.dims3()?;
-        let (mean, logvar) = self.encoder.forward(&x1, true)?;
+        let (mean, logvar) = self.encoder.forward(&x1, mode)?;
         let dev = mel.device();
         let dt = mel.dtype();
         let eps = normal_noise(mean.dims(), rng, dev)?.to_dtype(dt)?;
         let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
         let keep: Vec<f32> = (0..b)
-            .map(|_| (rng.next_f64() >= self.cfg.cfm.cond_drop_prob) as u8 as f32)
+            .map(|_| (!train || rng.next_f64() >= self.cfg.cfm.cond_drop_prob) as u8 as f32)
             .collect();
         let keep = Tensor::from_vec(keep, (b, 1, 1), dev)?.to_dtype(dt)?;
         let cond = z.broadcast_mul(&keep)?;
@@ -303,7 +317,7 @@ impl MelVae {
         let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
         let t = Tensor::from_vec(t, b, dev)?.to_dtype(time_dtype(dt))?;
         let (xt, u) = flow_matching_target(&x0, &x1, &t, self.cfg.cfm.sigma)?;
-        let v = self.decoder.forward(&xt, &t, &cond, true)?;
+        let v = self.decoder.forward(&xt, &t, &cond, mode)?;
         let cfm = flow_matching_loss(&v, &u, None)?;
         let kl = kl_loss(&mean, &logvar, FreeBits::None)?;
         let kl_weight = self.cfg.kl_schedule().weight(step);
@@ -325,6 +339,12 @@ impl MelVae {
             .to_scalar::<f64>()?)
     }
 
+    /// Loads a mel VAE model file (see [`crate::model_file`]) on `device`
+    /// in `dtype` (f32 anywhere; bf16/f16 on CUDA), as plain tensors.
+    pub fn load(path: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(model_file::load::<Self>(path, device, dtype)?.0)
+    }
+
     /// Latent dimension.
     pub fn latent_dim(&self) -> usize {
         self.cfg.convformer.latent_dim
@@ -334,6 +354,15 @@ impl MelVae {
     /// (`[batch, n, 2 * latent]`) to the mean.
     pub fn stream_mean(&self, stacked: &Tensor) -> Result<Tensor> {
         Ok(stacked.narrow(D::Minus1, 0, self.latent_dim())?)
+    }
+}
+
+impl Family for MelVae {
+    const NAME: &'static str = "mel_vae";
+    type Config = MelVaeConfig;
+
+    fn build(cfg: MelVaeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
     }
 }
 
@@ -354,6 +383,7 @@ mod tests {
                 tf_dim: 8,
                 tf_heads: 2,
                 tf_layers: 1,
+                tf_context: 256,
                 drop_p: 0.0,
                 latent_dim: 4,
                 kl_loss_weight: 1e-3,
@@ -445,8 +475,12 @@ mod tests {
             .dims(),
             &[2, 12, 16]
         );
-        let l1 = vae.loss(&mels(1), 5, &mut SplitMix64::new(3)).unwrap();
-        let l2 = vae.loss(&mels(1), 5, &mut SplitMix64::new(3)).unwrap();
+        let l1 = vae
+            .loss(&mels(1), 5, &mut SplitMix64::new(3), true)
+            .unwrap();
+        let l2 = vae
+            .loss(&mels(1), 5, &mut SplitMix64::new(3), true)
+            .unwrap();
         assert_eq!(
             l1.total.to_scalar::<f32>().unwrap(),
             l2.total.to_scalar::<f32>().unwrap(),
@@ -532,7 +566,7 @@ mod tests {
         let eval = |vae: &MelVae| -> f32 {
             (0..8)
                 .map(|s| {
-                    vae.loss(&data, 1000, &mut SplitMix64::new(100 + s))
+                    vae.loss(&data, 1000, &mut SplitMix64::new(100 + s), false)
                         .unwrap()
                         .cfm
                         .to_scalar::<f32>()
@@ -544,7 +578,7 @@ mod tests {
         let before = eval(&vae);
         let mut rng = SplitMix64::new(5);
         for step in 0..60 {
-            let l = vae.loss(&data, step, &mut rng).unwrap();
+            let l = vae.loss(&data, step, &mut rng, true).unwrap();
             opt.backward_step(&l.total).unwrap();
         }
         let after = eval(&vae);

@@ -43,6 +43,7 @@ mod error;
 pub mod optim;
 pub mod prefetch;
 pub mod tasks;
+pub mod tensorboard;
 pub mod tokens;
 pub mod trainer;
 

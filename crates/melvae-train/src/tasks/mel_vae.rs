@@ -216,7 +216,12 @@ impl TrainTask for MelVaeTask {
     fn losses(&mut self, batch: &MelBatch, ctx: StepContext) -> Result<Losses> {
         let l = self
             .model
-            .loss(&batch.mel, ctx.step, &mut SplitMix64::new(batch.seed))
+            .loss(
+                &batch.mel,
+                ctx.step,
+                &mut SplitMix64::new(batch.seed),
+                ctx.train,
+            )
             .map_err(model_err)?;
         Ok(Losses {
             total: l.total,
@@ -228,7 +233,7 @@ impl TrainTask for MelVaeTask {
         let mel = self.val_mels()?;
         let l = self
             .model
-            .loss(&mel, ctx.step, &mut SplitMix64::new(0xE7A1))
+            .loss(&mel, ctx.step, &mut SplitMix64::new(0xE7A1), false)
             .map_err(model_err)?;
         let scalar =
             |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };

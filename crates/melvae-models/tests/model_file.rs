@@ -1,0 +1,264 @@
+//! Model files as a downstream crate uses them: this test depends on
+//! `melvae-models` (and the `melvae-dsp`/`melvae-layers` it re-uses), never
+//! on `melvae-train`. It writes a quickstart-sized mel VAE, loads it back,
+//! encodes, streams and decodes, and checks that bad files are named.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use melvae_layers::testing::max_abs_diff;
+use melvae_layers::{seeded_var_builder, Streaming};
+use melvae_models::model_file::{self, FORMAT};
+use melvae_models::{CfmConfig, ConvformerConfig, MelVae, MelVaeConfig, SampleOptions};
+
+/// The quickstart's model (`configs/settings/tiny.yaml`).
+fn quickstart_config() -> MelVaeConfig {
+    MelVaeConfig {
+        convformer: ConvformerConfig {
+            compress_factor: 8,
+            channels: 8,
+            n_residual_blocks: 1,
+            tf_dim: 64,
+            tf_heads: 4,
+            tf_layers: 2,
+            drop_p: 0.0,
+            latent_dim: 32,
+            kl_loss_warmup_steps: 200,
+            ..Default::default()
+        },
+        cfm: CfmConfig {
+            unet_dim: 128,
+            unet_depth: 3,
+            unet_heads: 4,
+            ..Default::default()
+        },
+    }
+}
+
+/// A trained-looking model: seeded random weights (the zero-initialised
+/// heads perturbed so that outputs depend on the input).
+fn weights(cfg: &MelVaeConfig) -> HashMap<String, Tensor> {
+    let vm = VarMap::new();
+    MelVae::new(
+        cfg.clone(),
+        seeded_var_builder(&vm, 7, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    melvae_layers::testing::randomize(&vm, 0.05, 3).unwrap();
+    let data = vm.data().lock().unwrap();
+    data.iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect()
+}
+
+fn write(path: &Path, cfg: &MelVaeConfig, w: &HashMap<String, Tensor>) {
+    let extra = BTreeMap::from([("weights".to_string(), "raw".to_string())]);
+    model_file::save::<MelVae>(path, cfg, w, &extra, Path::new("test weights")).unwrap();
+}
+
+fn speech() -> Vec<f32> {
+    // 1.5 s of a gliding two-tone signal at 24 kHz.
+    (0..36_000)
+        .map(|i| {
+            let t = i as f32 / 24_000.0;
+            0.3 * (2.0 * std::f32::consts::PI * (150.0 + 40.0 * t) * t * 8.0).sin()
+                + 0.1 * (2.0 * std::f32::consts::PI * 900.0 * t).sin()
+        })
+        .collect()
+}
+
+#[test]
+fn a_downstream_crate_loads_encodes_streams_and_decodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mel_vae.safetensors");
+    let cfg = quickstart_config();
+    let w = weights(&cfg);
+    write(&path, &cfg, &w);
+
+    // The file says what it is.
+    let info = model_file::read_info(&path).unwrap();
+    assert_eq!(info.family, "mel_vae");
+    assert_eq!(info.metadata["format"], FORMAT);
+    assert_eq!(info.metadata["weights"], "raw");
+    assert_eq!(info.melvae_version, env!("CARGO_PKG_VERSION"));
+
+    // Loading works from a read-only file and never writes beside it.
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let dev = Device::Cpu;
+    let mut model = MelVae::load(&path, &dev, DType::F32).unwrap();
+    assert_eq!(model.config(), &cfg);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    // Encode: the loaded model equals one built from the same tensors.
+    let audio = speech();
+    let mel = model.audio_to_mel(&audio, 24_000, &dev).unwrap();
+    let (mean, logvar) = model.encode(&mel).unwrap();
+    assert!(!mean.track_op(), "plain tensors track no gradients");
+    let direct =
+        model_file::from_tensors::<MelVae>(cfg.clone(), &w, Path::new("w"), &dev, DType::F32)
+            .unwrap();
+    assert_eq!(
+        max_abs_diff(&mean, &direct.encode(&mel).unwrap().0).unwrap(),
+        0.0
+    );
+
+    // Stream the encoder in chunks of mel frames: equal to the offline latents.
+    let normalised = mel
+        .affine(1.0 / cfg.cfm.mel_std, -cfg.cfm.mel_mean / cfg.cfm.mel_std)
+        .unwrap();
+    model.encoder.reset();
+    let mut outs = Vec::new();
+    let frames = normalised.dim(2).unwrap();
+    let mut pos = 0;
+    for n in [5, 13, 1, 30, 8].iter().cycle() {
+        if pos >= frames {
+            break;
+        }
+        let n = (*n).min(frames - pos);
+        if let Some(y) = model
+            .encoder
+            .step(&normalised.narrow(2, pos, n).unwrap())
+            .unwrap()
+        {
+            outs.push(y);
+        }
+        pos += n;
+    }
+    let streamed = model.stream_mean(&Tensor::cat(&outs, 1).unwrap()).unwrap();
+    assert!(max_abs_diff(&streamed, &mean).unwrap() < 1e-5);
+    let _ = logvar;
+
+    // Decode: a mel of the input's shape, finite.
+    let opts = SampleOptions {
+        num_steps: 2,
+        ..Default::default()
+    };
+    let out = model.sample(&mean, &opts).unwrap();
+    assert_eq!(out.dims(), mel.dims());
+    let total = out.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(total.is_finite());
+    let r = model.reconstruct(&audio, 24_000, &opts, &dev).unwrap();
+    assert_eq!(r.output.dims(), r.input.dims());
+    let _ = D::Minus1;
+}
+
+#[test]
+fn bad_model_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = quickstart_config();
+    let w = weights(&cfg);
+    let err = |p: &Path| {
+        MelVae::load(p, &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string()
+    };
+
+    // A missing tensor (checked when writing, and when loading a file made
+    // by hand).
+    let mut missing = w.clone();
+    missing.remove("encoder.out.bias");
+    let e = model_file::save::<MelVae>(
+        &dir.path().join("x.safetensors"),
+        &cfg,
+        &missing,
+        &BTreeMap::new(),
+        Path::new("my checkpoint"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("my checkpoint") && e.contains("encoder.out.bias"),
+        "{e}"
+    );
+
+    let good = dir.path().join("good.safetensors");
+    write(&good, &cfg, &w);
+    let info = model_file::read_info(&good).unwrap();
+    let raw = |name: &str, tensors: &HashMap<String, Tensor>, meta: &BTreeMap<String, String>| {
+        let p = dir.path().join(name);
+        let bytes = safetensors::serialize(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(meta.clone().into_iter().collect()),
+        )
+        .unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let p = raw("missing.safetensors", &missing, &info.metadata);
+    let e = err(&p);
+    assert!(
+        e.contains("missing.safetensors") && e.contains("encoder.out.bias"),
+        "{e}"
+    );
+
+    // A tensor of the wrong shape.
+    let mut wrong = w.clone();
+    wrong.insert(
+        "encoder.out.bias".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = err(&raw("shape.safetensors", &wrong, &info.metadata));
+    assert!(
+        e.contains("shape.safetensors") && e.contains("encoder.out.bias") && e.contains("[3]"),
+        "{e}"
+    );
+
+    // A tensor the model does not use.
+    let mut extra = w.clone();
+    extra.insert(
+        "encoder.stray".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = err(&raw("extra.safetensors", &extra, &info.metadata));
+    assert!(
+        e.contains("extra.safetensors") && e.contains("encoder.stray"),
+        "{e}"
+    );
+
+    // Another family, a config that does not parse, no metadata at all.
+    let mut meta = info.metadata.clone();
+    meta.insert("family".into(), "wave_vae".into());
+    let e = err(&raw("family.safetensors", &w, &meta));
+    assert!(
+        e.contains("family.safetensors") && e.contains("`wave_vae` model"),
+        "{e}"
+    );
+    let mut meta = info.metadata.clone();
+    meta.insert("config".into(), "{\"convformer\": 3}".into());
+    let e = err(&raw("config.safetensors", &w, &meta));
+    assert!(
+        e.contains("config.safetensors") && e.contains("config"),
+        "{e}"
+    );
+    let e = err(&raw("plain.safetensors", &w, &BTreeMap::new()));
+    assert!(
+        e.contains("plain.safetensors") && e.contains("not a melvae model file"),
+        "{e}"
+    );
+
+    // Not a file, not safetensors, truncated.
+    let e = err(&dir.path().join("absent.safetensors"));
+    assert!(e.contains("absent.safetensors"), "{e}");
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"RIFF....WAVEfmt ").unwrap();
+    let e = err(&junk);
+    assert!(
+        e.contains("junk.safetensors") && e.contains("not a safetensors file"),
+        "{e}"
+    );
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&cut);
+    assert!(e.contains("cut.safetensors"), "{e}");
+
+    // Half precision needs CUDA.
+    let e = MelVae::load(&good, &Device::Cpu, DType::BF16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dtype") && e.contains("CUDA"), "{e}");
+}
