@@ -17,28 +17,27 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use melvae::dsp::{
     mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
     SpectrogramImage, WavFormat,
 };
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
-use melvae::train::tasks::mel_vae::{load_trained, mel_vae_config, MelVaeTask};
-use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, RunDir, Trainer, TrainerConfig};
+use melvae::train::run::{export, open_run, Start, Weights, Which};
+use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
+use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
 
 fn run() -> anyhow::Result<()> {
     let overrides: Vec<String> = std::env::args().skip(1).collect();
     let root = PathBuf::from("runs/quickstart");
     if root.exists() {
         println!("replacing {}", root.display());
-        std::fs::remove_dir_all(&root)?;
     }
     let resolved = ResolvedConfig::load(Path::new("configs/settings/tiny.yaml"), &overrides)?;
     let training: TrainerConfig = resolved.get("training")?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     let model_cfg = mel_vae_config(&resolved)?;
-    let run = RunDir::create(&root)?;
-    run.write_config(&resolved)?;
+    let run = open_run(&root, &resolved, Start::Overwrite)?;
     let data = AudioFolder::open(&data_cfg)?;
     println!(
         "training the tiny mel VAE on {} ({} clips, {} held out) for {} steps",
@@ -65,8 +64,12 @@ fn run() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    // Evaluate the checkpoint as a user would: reload it from the run.
-    let (model, _) = load_trained(&root, &Device::Cpu)?;
+    // Evaluate the model as a user would: export the run's final weights as
+    // a model file and load it with melvae-models alone.
+    let model_path = root.join("model.safetensors");
+    export(&root, &Which::Latest, Weights::Auto, &model_path)?;
+    println!("model file: {}", model_path.display());
+    let model = MelVae::load(&model_path, &Device::Cpu, DType::F32)?;
     let eval = root.join("eval");
     std::fs::create_dir_all(&eval)?;
     let ex = MelExtractor::new(MelConfig::vocos_24k())?;

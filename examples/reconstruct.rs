@@ -1,7 +1,8 @@
 //! Encodes and decodes an audio file with a trained mel VAE.
 //!
 //! ```text
-//! cargo run --release --example reconstruct -- --run RUN_DIR IN_AUDIO -o OUT.wav [--steps N] [--guidance G] [--temperature T] [--latents OUT.npy] [--png OUT.png]
+//! cargo run --release --example reconstruct -- --model MODEL.safetensors IN_AUDIO -o OUT.wav [--steps N] [--guidance G] [--temperature T] [--latents OUT.npy] [--png OUT.png]
+//! cargo run --release --example reconstruct -- --model runs/tiny IN_AUDIO -o OUT.wav
 //! ```
 //!
 //! Vocodes with Griffin-Lim; the PNG shows the input mel above the
@@ -12,7 +13,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::Parser;
 use melvae::dsp::{
     mel_to_audio, save_wav, write_npy, Audio, GriffinLimConfig, MelConfig, MelExtractor,
@@ -24,9 +25,11 @@ use melvae::train::tasks::mel_vae::load_trained;
 #[derive(Parser)]
 #[command(about = "Reconstruct audio through a trained mel VAE")]
 struct Args {
-    /// Run directory (or a checkpoint directory inside it).
-    #[arg(long)]
-    run: PathBuf,
+    /// A model file (from `export`, or `export.safetensors` in a best
+    /// checkpoint), or a run directory (its latest checkpoint, EMA weights
+    /// if kept) or checkpoint directory.
+    #[arg(long, alias = "run")]
+    model: PathBuf,
     /// Input audio.
     input: PathBuf,
     /// Output WAV.
@@ -51,7 +54,11 @@ struct Args {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let (model, _) = load_trained(&args.run, &dev)?;
+    let model = if args.model.is_file() {
+        MelVae::load(&args.model, &dev, DType::F32)?
+    } else {
+        load_trained(&args.model, &dev)?.0
+    };
     let audio = common::load_for_mel(&args.input, &MelConfig::vocos_24k())?;
     let opts = SampleOptions {
         num_steps: args.steps,

@@ -1,9 +1,16 @@
-//! Trains a mel VAE.
+//! Trains a model; the family comes from the config's sections (today the
+//! mel VAE: `convformer:` + `cfm:`).
 //!
 //! ```text
 //! cargo run --release --example train -- --config configs/settings/tiny.yaml [key=value ...] [--run-dir DIR]
-//! cargo run --release --example train -- --resume runs/tiny [key=value ...]
+//! cargo run --release --example train -- --resume runs/tiny [training.steps=800]
+//! cargo run --release --example train -- --config configs/settings/tiny.yaml --resume   # the run in runs/tiny, config checked
+//! cargo run --release --example train -- --config configs/settings/tiny.yaml --overwrite
 //! ```
+//!
+//! An existing run directory is never reused silently: `--resume` continues
+//! it (a config that differs in more than run length and logging is refused
+//! unless `--force`), `--overwrite` starts over.
 
 mod common;
 
@@ -11,18 +18,29 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use melvae::train::run::{open_run, read_run_config, Start};
+use melvae::train::tasks::family_of;
 use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
-use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, RunDir, Trainer, TrainerConfig};
+use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
 
 #[derive(Parser)]
-#[command(about = "Train a mel VAE (causal Convformer + DiT flow matching)")]
+#[command(about = "Train a model (the family comes from the config)")]
 struct Args {
     /// Experiment config (configs/settings/*.yaml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Resume the run in this directory (its config.yaml is used).
-    #[arg(long)]
+    /// Continue a run: the given directory (its config.yaml is used), or
+    /// with --config the config's run directory (the configs must agree).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
     resume: Option<PathBuf>,
+    /// Start over in an existing run directory (deletes its checkpoints,
+    /// samples, metrics and TensorBoard files).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: accept a config that differs from the run's in more
+    /// than run length and logging.
+    #[arg(long, requires = "resume")]
+    force: bool,
     /// Run directory (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -31,29 +49,25 @@ struct Args {
 }
 
 fn run(args: &Args) -> melvae::train::Result<()> {
-    let (resolved, run_dir, resume) = match (&args.resume, &args.config) {
-        (Some(dir), _) => {
-            let p = dir.join("config.yaml");
-            let text = std::fs::read_to_string(&p).map_err(|e| melvae::train::Error::File {
-                path: p.clone(),
-                reason: e.to_string(),
-            })?;
-            let mut r = ResolvedConfig::from_yaml(&text, &p.display().to_string())?;
+    let resume_dir = args.resume.as_ref().filter(|p| !p.as_os_str().is_empty());
+    let (resolved, run_dir) = match (resume_dir, &args.config) {
+        (Some(dir), None) => {
+            let mut r = read_run_config(dir)?;
             for o in &args.overrides {
                 r.override_key(o)?;
             }
-            (r, dir.clone(), true)
+            (r, dir.clone())
         }
-        (None, Some(cfg)) => {
+        (dir, Some(cfg)) => {
             let name = cfg
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into());
-            let dir = args
-                .run_dir
-                .clone()
+            let dir = dir
+                .cloned()
+                .or_else(|| args.run_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("runs").join(name));
-            (ResolvedConfig::load(cfg, &args.overrides)?, dir, false)
+            (ResolvedConfig::load(cfg, &args.overrides)?, dir)
         }
         (None, None) => {
             return Err(melvae::train::Error::Invalid {
@@ -62,14 +76,19 @@ fn run(args: &Args) -> melvae::train::Result<()> {
             })
         }
     };
+    let start = match (&args.resume, args.overwrite) {
+        (Some(_), _) => Start::Resume { force: args.force },
+        (None, true) => Start::Overwrite,
+        (None, false) => Start::New,
+    };
+    let family = family_of(&resolved)?;
     let training: TrainerConfig = resolved.get("training")?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     let model_cfg = mel_vae_config(&resolved)?;
-    let run = RunDir::create(&run_dir)?;
-    run.write_config(&resolved)?;
+    let run = open_run(&run_dir, &resolved, start)?;
     let data = AudioFolder::open(&data_cfg)?;
     println!(
-        "{}: {} training and {} validation clips",
+        "{family} on {}: {} training and {} validation clips",
         data_cfg.dir.display(),
         data.train.len(),
         data.val.len()
@@ -85,6 +104,7 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         &training.device()?,
         training.dtype()?,
     )?;
+    let resume = matches!(start, Start::Resume { .. });
     let s = Trainer::new(training, &run)?.fit(&mut task, resume)?;
     println!(
         "{}: {} steps ({} skipped){}",
@@ -98,7 +118,13 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         }
     );
     if let Some((v, name)) = s.best {
-        println!("best validation loss {v:.4} at {name}");
+        println!(
+            "best validation metric {v:.4} at {name}; its model file: {}",
+            run.checkpoints()
+                .join(&name)
+                .join(melvae::train::run::CHECKPOINT_MODEL_FILE)
+                .display()
+        );
     }
     Ok(())
 }

@@ -164,3 +164,216 @@ fn mel_vae_throughput_rejects_bad_arguments() {
     );
     assert_one_line_error(&run("mel_vae_throughput", &["--seconds", "0"]), "--seconds");
 }
+
+/// A settings file for a very small mel VAE with dropout on, over a folder
+/// of tones, built on copies of the bundled defaults.
+fn tiny_experiment(dir: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let defaults = dir.join("configs/defaults");
+    std::fs::create_dir_all(&defaults).unwrap();
+    for f in ["train", "data", "convformer", "cfm"] {
+        std::fs::copy(
+            repo.join(format!("configs/defaults/{f}.yaml")),
+            defaults.join(format!("{f}.yaml")),
+        )
+        .unwrap();
+    }
+    let audio = dir.join("audio");
+    std::fs::create_dir_all(&audio).unwrap();
+    for i in 0..5 {
+        let f = 150.0 + 70.0 * i as f32;
+        let x: Vec<f32> = (0..12000)
+            .map(|n| (2.0 * std::f32::consts::PI * f * n as f32 / 24000.0).sin() * 0.3)
+            .collect();
+        melvae::dsp::save_wav(
+            audio.join(format!("tone{i}.wav")),
+            &melvae::dsp::Audio::new(24000, vec![x]).unwrap(),
+            melvae::dsp::WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+    let settings = dir.join("configs/settings");
+    std::fs::create_dir_all(&settings).unwrap();
+    let path = settings.join("det.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "defaults: [train, data, convformer, cfm]
+data: {{dir: {}, crop_seconds: 0.3, batch_size: 2, val_fraction: 0.2}}
+convformer: {{compress_factor_C: 4, channels: 2, n_residual_blocks: 1, tf_dim: 16, tf_heads: 2,
+  tf_layers: 1, drop_p: 0.1, latent_dim: 4, kl_loss_warmup_steps: 5}}
+cfm: {{unet_dim: 16, unet_depth: 1, unet_heads: 2, unet_dropout_rate: 0.1}}
+training: {{steps: 12, learning_rate: 1.0e-3, log_every: 1, val_every: 6, ckpt_every: 6,
+  sample_every: 0, ema_decay: 0.9, seed: 3,
+  schedule: {{kind: warmup_cosine, warmup_steps: 2, total_steps: 12, min_lr: 1.0e-5}}}}
+",
+            audio.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn train(args: &[&str]) -> Output {
+    let out = run("train", args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Per-step training losses of a run (without timings).
+fn losses(run_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("elapsed_s");
+            v.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn training_with_dropout_is_reproducible_and_resumes_exactly_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path());
+    let exp = exp.to_str().unwrap();
+    let run_dir = |n: &str| dir.path().join(n);
+    let arg = |n: &str| run_dir(n).to_str().unwrap().to_string();
+    // Two fresh runs with the same seed, in separate processes.
+    train(&["--config", exp, "--run-dir", &arg("a")]);
+    train(&["--config", exp, "--run-dir", &arg("b")]);
+    let weights = |n: &str, step: &str| {
+        std::fs::read(run_dir(n).join(format!("checkpoints/step-{step}/model.safetensors")))
+            .unwrap()
+    };
+    assert_eq!(weights("a", "00000012"), weights("b", "00000012"));
+    assert_eq!(losses(&run_dir("a")), losses(&run_dir("b")));
+    // 6 steps, then a resume in a new process to 12, equal 12 straight.
+    train(&["--config", exp, "--run-dir", &arg("c"), "training.steps=6"]);
+    train(&["--resume", &arg("c"), "training.steps=12"]);
+    assert_eq!(weights("a", "00000012"), weights("c", "00000012"));
+    assert_eq!(losses(&run_dir("a")), losses(&run_dir("c")));
+    // A different seed differs (the comparison can fail).
+    train(&["--config", exp, "--run-dir", &arg("d"), "training.seed=4"]);
+    assert_ne!(weights("a", "00000012"), weights("d", "00000012"));
+
+    // TensorBoard events sit beside metrics.jsonl, and the best checkpoint
+    // carries a model file with the EMA weights.
+    assert!(std::fs::read_dir(run_dir("a")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents.")));
+    let best = melvae::train::run::locate(&run_dir("a"), &melvae::train::run::Which::Best).unwrap();
+    let info =
+        melvae::models::model_file::read_info(&best.checkpoint.join("export.safetensors")).unwrap();
+    assert_eq!(
+        (info.family.as_str(), info.metadata["weights"].as_str()),
+        ("mel_vae", "ema")
+    );
+
+    // Export, then reconstruct from the model file.
+    let model = dir.path().join("model.safetensors");
+    let out = run(
+        "export",
+        &["--run", &arg("a"), "-o", model.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wav = dir.path().join("recon.wav");
+    let tone = dir.path().join("audio/tone1.wav");
+    let out = run(
+        "reconstruct",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            tone.to_str().unwrap(),
+            "-o",
+            wav.to_str().unwrap(),
+            "--steps",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(melvae::dsp::load_audio(&wav).unwrap().n_samples(), 12000);
+}
+
+#[test]
+fn train_and_export_refuse_what_would_lose_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path());
+    let exp = exp.to_str().unwrap();
+    let r = dir.path().join("r");
+    let r = r.to_str().unwrap();
+    train(&["--config", exp, "--run-dir", r, "training.steps=2"]);
+    let before = losses(Path::new(r));
+    // An existing run is not clobbered without --resume or --overwrite.
+    assert_one_line_error(
+        &run("train", &["--config", exp, "--run-dir", r]),
+        "--overwrite",
+    );
+    assert_eq!(losses(Path::new(r)), before);
+    // Resuming with a different learning rate is refused, naming the key.
+    assert_one_line_error(
+        &run("train", &["--resume", r, "training.learning_rate=0.5"]),
+        "training.learning_rate",
+    );
+    // An unknown section names it.
+    assert_one_line_error(
+        &run(
+            "train",
+            &[
+                "--config",
+                exp,
+                "--run-dir",
+                r,
+                "--overwrite",
+                "convformr.channels=3",
+            ],
+        ),
+        "convformr",
+    );
+    // --overwrite starts over.
+    train(&[
+        "--config",
+        exp,
+        "--run-dir",
+        r,
+        "--overwrite",
+        "training.steps=1",
+    ]);
+    assert_eq!(losses(Path::new(r)).len(), 1);
+    // Export: not a run, no best checkpoint.
+    let out = dir.path().join("m.safetensors");
+    assert_one_line_error(
+        &run("export", &["--run", exp, "-o", out.to_str().unwrap()]),
+        "det.yaml",
+    );
+    assert_one_line_error(
+        &run(
+            "export",
+            &[
+                "--run",
+                r,
+                "--checkpoint",
+                "best",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        ),
+        "no best checkpoint",
+    );
+    assert!(!out.exists());
+}

@@ -24,6 +24,9 @@ pub enum Error {
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An error from melvae-dsp.
+    #[error(transparent)]
+    Dsp(#[from] melvae_dsp::Error),
 }
 
 /// `Result` with [`Error`].

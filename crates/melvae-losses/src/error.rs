@@ -27,6 +27,9 @@ pub enum Error {
     /// An error from melvae-dsp (tensor STFT / mel).
     #[error(transparent)]
     Dsp(#[from] melvae_dsp::Error),
+    /// An error from melvae-layers.
+    #[error(transparent)]
+    Layers(#[from] melvae_layers::Error),
 }
 
 /// `Result` with [`Error`].

@@ -95,6 +95,12 @@ impl RunDir {
         Ok(Self { root })
     }
 
+    /// The run directory `root` as it is, creating nothing (for reading a
+    /// finished run).
+    pub fn open(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     /// The run's root directory.
     pub fn root(&self) -> &Path {
         &self.root

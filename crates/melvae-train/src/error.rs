@@ -38,6 +38,15 @@ pub enum Error {
     /// An error from melvae-dsp.
     #[error(transparent)]
     Dsp(#[from] melvae_dsp::Error),
+    /// An error from melvae-layers.
+    #[error(transparent)]
+    Layers(#[from] melvae_layers::Error),
+    /// An error from melvae-losses.
+    #[error(transparent)]
+    Losses(#[from] melvae_losses::Error),
+    /// An error from melvae-models (model files, configs, shapes).
+    #[error(transparent)]
+    Models(#[from] melvae_models::Error),
 }
 
 /// `Result` with [`Error`].

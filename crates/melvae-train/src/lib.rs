@@ -9,6 +9,9 @@
 //!   safetensors shards, batched with padding masks.
 //! - [`tasks`]: the `TrainTask`s of melvae's model families (the mel VAE).
 //! - [`prefetch`]: background batch production, resumable by batch index.
+//! - [`run`]: opening run directories without clobbering them, resuming
+//!   with config checks, locating checkpoints, exporting model files.
+//! - [`tensorboard`]: TensorBoard event files (written by the trainer).
 //! - [`optim`]: AdamW with saveable state, global-norm clipping, gradient
 //!   accumulation, learning-rate schedules, EMA of the weights.
 //! - [`trainer`]: the [`TrainTask`] trait and the loop: validation, early
@@ -42,6 +45,7 @@ pub mod data;
 mod error;
 pub mod optim;
 pub mod prefetch;
+pub mod run;
 pub mod tasks;
 pub mod tensorboard;
 pub mod tokens;

@@ -199,6 +199,21 @@ impl EventWriter {
         self.write_record(&encode_event(wall_time, step, None, values)?)
     }
 
+    /// Marks a (re)start of training at `step` (a `SessionLog` START
+    /// event): TensorBoard then discards what earlier files logged at
+    /// `step` and after, so a resumed run shows one trajectory.
+    pub fn add_session_start(&mut self, step: u64) -> Result<()> {
+        let step = i64::try_from(step)
+            .map_err(|_| Error::invalid("TensorBoard step", format!("{step} exceeds i64")))?;
+        let mut buf = Vec::new();
+        put_key(&mut buf, 1, 1);
+        buf.extend_from_slice(&now().to_le_bytes());
+        put_int(&mut buf, 2, step);
+        // Event.session_log (6) = SessionLog { status (1): START (1) }.
+        put_len(&mut buf, 6, &[0x08, 0x01]);
+        self.write_record(&buf)
+    }
+
     /// Flushes the buffer and syncs the file to disk.
     pub fn flush(&mut self) -> Result<()> {
         let synced = self

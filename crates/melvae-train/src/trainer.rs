@@ -1,6 +1,7 @@
 //! The training loop every model family shares.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -54,12 +55,26 @@ pub trait TrainTask {
     fn disc_losses(&mut self, _batch: &Self::Batch, _ctx: StepContext) -> Result<Option<Losses>> {
         Ok(None)
     }
-    /// Validation metrics (means over the validation set); the trainer tracks
-    /// `"total"` for the best checkpoint and early stopping.
+    /// Validation metrics (means over the validation set), computed in
+    /// evaluation mode (`ctx.train` is false: no dropout), with the EMA
+    /// weights when the run keeps an EMA.
     fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>>;
-    /// Writes sample artefacts (WAV, PNG) into `dir`.
-    fn samples(&mut self, _ctx: StepContext, _dir: &Path) -> Result<()> {
-        Ok(())
+    /// The validation metric (lower is better) that picks the best
+    /// checkpoint and drives early stopping unless `training.best_metric`
+    /// names another; it should be free of schedule weights.
+    fn best_metric(&self) -> &str {
+        "total"
+    }
+    /// Writes sample artefacts (WAV, PNG) into `dir` and returns their
+    /// paths (logged to TensorBoard too). EMA weights, evaluation mode.
+    fn samples(&mut self, _ctx: StepContext, _dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(Vec::new())
+    }
+    /// Writes a model file (see `melvae_models::model_file`) of the current
+    /// weights at `path` with `metadata`; `Ok(false)` when the family has
+    /// no model file. Called with the EMA weights swapped in.
+    fn save_model_file(&self, _path: &Path, _metadata: &BTreeMap<String, String>) -> Result<bool> {
+        Ok(false)
     }
     /// Task state a resumed run needs (beyond variables and the RNG).
     fn state(&self) -> serde_json::Value {
@@ -127,9 +142,17 @@ pub struct TrainerConfig {
     /// Micro-batches per update.
     #[serde(default = "one_usize")]
     pub grad_accum: usize,
-    /// EMA of the weights with this decay.
+    /// EMA of the weights with this decay: validation, samples, the best
+    /// checkpoint's model file and exports use the EMA weights.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// The validation metric that picks the best checkpoint and drives
+    /// early stopping (default: the task's, e.g. the mel VAE's `loss`).
+    #[serde(default)]
+    pub best_metric: Option<String>,
+    /// Write TensorBoard event files into the run directory.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
     /// Seed of the run's generator (data order, crops, restarts).
     #[serde(default)]
     pub seed: u64,
@@ -169,7 +192,8 @@ pub struct TrainerConfig {
     /// `f32`, `bf16` or `f16` (half precision on CUDA only).
     #[serde(default = "f32")]
     pub dtype: String,
-    /// Show a progress bar on a terminal.
+    /// Report progress: a progress bar on a terminal, otherwise one line
+    /// per log interval on stdout; and a parameter count at the start.
     #[serde(default = "yes")]
     pub progress: bool,
 }
@@ -210,6 +234,8 @@ impl TrainerConfig {
             grad_clip: None,
             grad_accum: 1,
             ema_decay: None,
+            best_metric: None,
+            tensorboard: true,
             seed: 0,
             log_every: 10,
             val_every: 0,
@@ -513,8 +539,26 @@ impl<'a> Trainer<'a> {
         let mut early_stopped = false;
         let started = Instant::now();
         let start_step = state.step;
-        let bar = (cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        let best_key = cfg
+            .best_metric
+            .clone()
+            .unwrap_or_else(|| task.best_metric().to_string());
+        let mut tb = if cfg.tensorboard {
+            let mut w = crate::tensorboard::EventWriter::create(self.run.root())?;
+            w.add_session_start(state.step)?;
+            Some(w)
+        } else {
+            None
+        };
+        let bar = (cfg.progress && std::io::stderr().is_terminal())
             .then(|| progress_bar(cfg.steps, state.step));
+        let lines = cfg.progress && !std::io::stdout().is_terminal();
+        if cfg.progress {
+            println!(
+                "{}",
+                parameter_summary(&all_vars, vars.len(), &disc_vars, state.step)
+            );
+        }
 
         while state.step < cfg.steps {
             let step = state.step;
@@ -619,6 +663,28 @@ impl<'a> Trainer<'a> {
                     rec[k] = serde_json::json!(v);
                 }
                 self.run.log_metrics(&rec)?;
+                if let Some(w) = &mut tb {
+                    w.add_scalar("lr", lr, state.step)?;
+                    w.add_scalar("grad_norm", grad_norm, state.step)?;
+                    for (k, v) in &logged {
+                        w.add_scalar(&format!("train/{k}"), *v, state.step)?;
+                    }
+                    w.flush()?;
+                }
+                if lines {
+                    let done = (state.step - start_step) as f64;
+                    let rate = done / started.elapsed().as_secs_f64().max(1e-9);
+                    let eta = (cfg.steps - state.step) as f64 / rate.max(1e-9);
+                    let terms: Vec<String> =
+                        logged.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                    println!(
+                        "step {}/{}  {}  lr {lr:.2e}  {rate:.2} steps/s  ETA {}",
+                        state.step,
+                        cfg.steps,
+                        terms.join("  "),
+                        format_duration(eta)
+                    );
+                }
             }
             if let Some(b) = &bar {
                 b.set_position(state.step);
@@ -629,38 +695,65 @@ impl<'a> Trainer<'a> {
                     done / started.elapsed().as_secs_f64().max(1e-9)
                 ));
             }
-            if cfg.sample_every > 0 && state.step % cfg.sample_every == 0 {
-                task.samples(
-                    StepContext {
-                        step: state.step,
-                        train: false,
-                        adversarial,
-                    },
-                    &self.run.samples(),
-                )?;
+            let sample_now = cfg.sample_every > 0 && state.step % cfg.sample_every == 0;
+            let val_now = cfg.val_every > 0 && state.step % cfg.val_every == 0;
+            let eval_ctx = StepContext {
+                step: state.step,
+                train: false,
+                adversarial,
+            };
+            // Samples and validation see the EMA weights (swapped in and
+            // back; exact resume is unaffected).
+            let (written, metrics) = if sample_now || val_now {
+                let raw = swap_in(ema.as_ref(), &vars)?;
+                let out = (|| -> Result<_> {
+                    let written = match sample_now {
+                        true => task.samples(eval_ctx, &self.run.samples())?,
+                        false => Vec::new(),
+                    };
+                    let metrics = val_now.then(|| task.validate(eval_ctx)).transpose()?;
+                    Ok((written, metrics))
+                })();
+                swap_out(&vars, raw)?;
+                out?
+            } else {
+                (Vec::new(), None)
+            };
+            if let Some(w) = &mut tb {
+                log_samples(w, &written, state.step)?;
             }
             let mut save_now = cfg.ckpt_every > 0 && state.step % cfg.ckpt_every == 0;
-            if cfg.val_every > 0 && state.step % cfg.val_every == 0 {
-                let metrics = task.validate(StepContext {
-                    step: state.step,
-                    train: false,
-                    adversarial,
-                })?;
+            let mut new_best = false;
+            if let Some(metrics) = metrics {
                 let mut rec = serde_json::json!({"step": state.step});
                 for (k, v) in &metrics {
                     rec[format!("val/{k}")] = serde_json::json!(v);
                 }
                 self.run.log_metrics(&rec)?;
-                if let Some(&v) = metrics.get("total") {
-                    if v.is_finite() && state.best.as_ref().is_none_or(|(b, _)| v < *b) {
-                        state.best = Some((v, checkpoint_name(state.step)));
-                        state.stale_validations = 0;
-                        save_now = true;
-                    } else {
-                        state.stale_validations += 1;
+                if let Some(w) = &mut tb {
+                    for (k, v) in &metrics {
+                        w.add_scalar(&format!("val/{k}"), *v, state.step)?;
                     }
+                    w.flush()?;
                 }
-                self.run.plot_losses(&["total", "val/total"])?;
+                let v = *metrics.get(&best_key).ok_or_else(|| Error::Config {
+                    origin: "training config".into(),
+                    key: "training.best_metric".into(),
+                    reason: format!(
+                        "`{best_key}` is not a validation metric of this task (it has: {})",
+                        metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                })?;
+                if v.is_finite() && state.best.as_ref().is_none_or(|(b, _)| v < *b) {
+                    state.best = Some((v, checkpoint_name(state.step)));
+                    state.stale_validations = 0;
+                    save_now = true;
+                    new_best = true;
+                } else {
+                    state.stale_validations += 1;
+                }
+                self.run
+                    .plot_losses(&["total", &format!("val/{best_key}")])?;
                 if cfg
                     .early_stopping_patience
                     .is_some_and(|p| state.stale_validations >= p)
@@ -669,7 +762,7 @@ impl<'a> Trainer<'a> {
                 }
             }
             if save_now || state.step == cfg.steps || early_stopped {
-                self.save(
+                let dir = self.save(
                     task,
                     &all_vars,
                     &disc_vars,
@@ -679,6 +772,23 @@ impl<'a> Trainer<'a> {
                     &vars,
                     &state,
                 )?;
+                if new_best {
+                    // The model file that leaves the run, beside the best
+                    // checkpoint, with the weights validation saw.
+                    let meta = BTreeMap::from([
+                        (
+                            "weights".to_string(),
+                            if ema.is_some() { "ema" } else { "raw" }.to_string(),
+                        ),
+                        ("step".to_string(), state.step.to_string()),
+                        ("source".to_string(), dir.display().to_string()),
+                    ]);
+                    let raw = swap_in(ema.as_ref(), &vars)?;
+                    let out =
+                        task.save_model_file(&dir.join(crate::run::CHECKPOINT_MODEL_FILE), &meta);
+                    swap_out(&vars, raw)?;
+                    out?;
+                }
             }
             if early_stopped {
                 break;
@@ -687,7 +797,11 @@ impl<'a> Trainer<'a> {
         if let Some(b) = bar {
             b.finish();
         }
-        self.run.plot_losses(&["total", "val/total"])?;
+        self.run
+            .plot_losses(&["total", &format!("val/{best_key}")])?;
+        if let Some(w) = &mut tb {
+            w.flush()?;
+        }
         Ok(TrainSummary {
             steps: state.step,
             skipped,
@@ -707,7 +821,7 @@ impl<'a> Trainer<'a> {
         ema: Option<&Ema>,
         vars: &[(String, Var)],
         state: &TrainState,
-    ) -> Result<()> {
+    ) -> Result<PathBuf> {
         let mut model = HashMap::new();
         for (name, var) in all_vars.iter().chain(disc_vars) {
             let t = var.as_tensor().copy()?;
@@ -738,7 +852,7 @@ impl<'a> Trainer<'a> {
         let mut state = state.clone();
         state.extra =
             serde_json::json!({"task": task.state(), "disc_steps": dopt.map(|d| d.step_count())});
-        self.run.save_checkpoint(&Checkpoint {
+        let dir = self.run.save_checkpoint(&Checkpoint {
             model,
             optimizer,
             state: state.clone(),
@@ -746,7 +860,115 @@ impl<'a> Trainer<'a> {
         self.run.prune(
             self.cfg.keep_last,
             state.best.as_ref().map(|(_, n)| n.as_str()),
-        )
+        )?;
+        Ok(dir)
+    }
+}
+
+/// Copies of the variables' values, and the EMA's values put in their
+/// place (`None` without an EMA).
+fn swap_in(ema: Option<&Ema>, vars: &[(String, Var)]) -> Result<Option<Vec<Tensor>>> {
+    let Some(e) = ema else {
+        return Ok(None);
+    };
+    let raw = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    e.copy_to(vars)?;
+    Ok(Some(raw))
+}
+
+/// Puts back what [`swap_in`] saved.
+fn swap_out(vars: &[(String, Var)], raw: Option<Vec<Tensor>>) -> Result<()> {
+    for ((_, v), t) in vars.iter().zip(raw.into_iter().flatten()) {
+        v.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Logs sample PNGs and WAVs to TensorBoard, tagged `samples/<name>` (the
+/// file name without its `stepNNNNNNNN_` prefix).
+fn log_samples(
+    w: &mut crate::tensorboard::EventWriter,
+    files: &[PathBuf],
+    step: u64,
+) -> Result<()> {
+    for path in files {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tag = format!(
+            "samples/{}",
+            name.split_once('_').map_or(name.as_str(), |(_, rest)| rest)
+        );
+        let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("png") if bytes.len() > 25 && &bytes[12..16] == b"IHDR" => {
+                let be = |i: usize| {
+                    u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
+                };
+                let channels = match bytes[25] {
+                    0 => 1,
+                    4 => 2,
+                    6 => 4,
+                    _ => 3,
+                };
+                w.add_image_png(&tag, &bytes, be(16), be(20), channels, step)?;
+            }
+            Some("wav") => {
+                let audio = melvae_dsp::load_audio(path)?;
+                w.add_audio_wav(
+                    &tag,
+                    &bytes,
+                    audio.sample_rate as f32,
+                    audio.channels.len() as i64,
+                    audio.n_samples() as i64,
+                    step,
+                )?;
+            }
+            _ => {}
+        }
+    }
+    w.flush()
+}
+
+/// `1.12 M parameters (1.12 M trainable)`, and the discriminator's.
+fn parameter_summary(
+    all: &[(String, Var)],
+    trainable: usize,
+    disc: &[(String, Var)],
+    step: u64,
+) -> String {
+    let count = |v: &[(String, Var)]| v.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+    let m = |n: usize| format!("{:.2} M", n as f64 / 1e6);
+    let mut s = format!(
+        "model: {} parameters in {} tensors ({} trainable)",
+        m(count(all)),
+        all.len(),
+        if trainable == all.len() {
+            "all".to_string()
+        } else {
+            format!("{trainable} tensors")
+        }
+    );
+    if !disc.is_empty() {
+        s.push_str(&format!("; discriminator: {} parameters", m(count(disc))));
+    }
+    if step > 0 {
+        s.push_str(&format!("; resuming at step {step}"));
+    }
+    s
+}
+
+/// `1h02m03s`, `4m05s`, `6s`.
+fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m{sec:02}s"),
+        (h, min, sec) => format!("{h}h{min:02}m{sec:02}s"),
     }
 }
 

@@ -21,6 +21,8 @@ struct Toy {
     seen_ctx: Vec<StepContext>,
     disc: Option<Var>,
     disc_calls: Vec<u64>,
+    /// The weights each validation saw, by step.
+    val_seen: Vec<(u64, Vec<Vec<f32>>)>,
 }
 
 impl Toy {
@@ -42,6 +44,7 @@ impl Toy {
             seen_ctx: vec![],
             disc: None,
             disc_calls: vec![],
+            val_seen: vec![],
         }
     }
 
@@ -99,7 +102,9 @@ impl TrainTask for Toy {
         }))
     }
 
-    fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+    fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        assert!(!ctx.train, "validation runs in evaluation mode");
+        self.val_seen.push((ctx.step, self.weights()));
         let v = if self.val_constant {
             1.0
         } else {
@@ -173,6 +178,83 @@ fn trains_and_writes_the_run() {
     assert!(
         run.checkpoints().join(&best.1).exists(),
         "best checkpoint {best:?} kept"
+    );
+
+    // Validation saw the EMA weights; the checkpoint keeps the raw ones,
+    // and training went on from them.
+    let ck =
+        RunDir::load_checkpoint(&run.checkpoints().join("step-00000040"), &Device::Cpu).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let names: Vec<String> = task.vars().into_iter().map(|(n, _)| n).collect();
+    let (step, seen) = task.val_seen.iter().rev().nth(1).unwrap(); // before the last manual call
+    assert_eq!(*step, 40);
+    for (name, w) in names.iter().zip(seen) {
+        assert_eq!(&flat(&ck.optimizer[&format!("ema.{name}")]), w, "{name}");
+        assert_ne!(&flat(&ck.model[name]), w, "{name}");
+    }
+    assert_eq!(
+        task.weights(),
+        names.iter().map(|n| flat(&ck.model[n])).collect::<Vec<_>>()
+    );
+
+    // TensorBoard: the logged scalars, as metrics.jsonl has them.
+    let events: Vec<_> = std::fs::read_dir(run.root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(events.len(), 1);
+    let ev = tensorboard::read_events(&events[0]).unwrap();
+    assert_eq!(ev[0].file_version.as_deref(), Some("brain.Event:2"));
+    let scalar = |tag: &str, step: i64| -> Option<f32> {
+        ev.iter().filter(|e| e.step == step).find_map(|e| {
+            e.values.iter().find_map(|v| match (&v.tag, &v.data) {
+                (t, tensorboard::ValueData::Scalar(x)) if t == tag => Some(*x),
+                _ => None,
+            })
+        })
+    };
+    // (serde_json parses floats to within an ulp, hence the tolerance.)
+    let close = |tag: &str, step: i64, x: f64| {
+        let got = scalar(tag, step).unwrap_or_else(|| panic!("no {tag} at {step}"));
+        assert!(
+            (got as f64 - x).abs() <= 1e-6 * x.abs().max(1e-12),
+            "{tag} {step}: {got} vs {x}"
+        );
+    };
+    for r in &m {
+        let step = r["step"].as_i64().unwrap();
+        if let Some(x) = r.get("total").and_then(|v| v.as_f64()) {
+            close("train/total", step, x);
+            close("lr", step, r["lr"].as_f64().unwrap());
+        }
+        if let Some(x) = r.get("val/total").and_then(|v| v.as_f64()) {
+            close("val/total", step, x);
+        }
+    }
+}
+
+#[test]
+fn the_best_metric_must_be_a_validation_metric() {
+    let d = tempfile::tempdir().unwrap();
+    let run = run_dir(d.path());
+    let c = TrainerConfig {
+        best_metric: Some("nope".into()),
+        ..cfg(10)
+    };
+    let e = Trainer::new(c, &run)
+        .unwrap()
+        .fit(&mut Toy::new(1), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training.best_metric") && e.contains("`nope`") && e.contains("total"),
+        "{e}"
     );
 }
 

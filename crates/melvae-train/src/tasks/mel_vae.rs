@@ -1,7 +1,7 @@
 //! Training the mel VAE on a folder of audio.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -69,8 +69,7 @@ impl MelVaeTask {
         let model = MelVae::new(
             cfg,
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
-        )
-        .map_err(model_err)?;
+        )?;
         let task = Self {
             varmap,
             model,
@@ -185,10 +184,6 @@ pub fn mel_vae_config(cfg: &crate::ResolvedConfig) -> Result<MelVaeConfig> {
     Ok(c)
 }
 
-fn model_err(e: melvae_models::Error) -> Error {
-    Error::invalid("mel VAE", e.to_string())
-}
-
 impl TrainTask for MelVaeTask {
     type Batch = MelBatch;
 
@@ -214,48 +209,72 @@ impl TrainTask for MelVaeTask {
     }
 
     fn losses(&mut self, batch: &MelBatch, ctx: StepContext) -> Result<Losses> {
-        let l = self
-            .model
-            .loss(
-                &batch.mel,
-                ctx.step,
-                &mut SplitMix64::new(batch.seed),
-                ctx.train,
-            )
-            .map_err(model_err)?;
+        let l = self.model.loss(
+            &batch.mel,
+            ctx.step,
+            &mut SplitMix64::new(batch.seed),
+            ctx.train,
+        )?;
         Ok(Losses {
             total: l.total,
             terms: BTreeMap::from([("cfm".to_string(), l.cfm), ("kl".to_string(), l.kl)]),
         })
     }
 
+    /// In evaluation mode (no dropout, no condition drop), with fixed
+    /// noise: `cfm`, `kl`, `total` (as trained: the KL at its scheduled
+    /// weight) and `loss`, the flow loss plus the KL at its final weight,
+    /// which is free of the warm-up and picks the best checkpoint.
     fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>> {
         let mel = self.val_mels()?;
         let l = self
             .model
-            .loss(&mel, ctx.step, &mut SplitMix64::new(0xE7A1), false)
-            .map_err(model_err)?;
+            .loss(&mel, ctx.step, &mut SplitMix64::new(0xE7A1), false)?;
         let scalar =
             |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let (cfm, kl) = (scalar(&l.cfm)?, scalar(&l.kl)?);
         Ok(BTreeMap::from([
             ("total".to_string(), scalar(&l.total)?),
-            ("cfm".to_string(), scalar(&l.cfm)?),
-            ("kl".to_string(), scalar(&l.kl)?),
+            ("cfm".to_string(), cfm),
+            ("kl".to_string(), kl),
+            (
+                "loss".to_string(),
+                cfm + self.model.config().convformer.kl_loss_weight * kl,
+            ),
         ]))
     }
 
-    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<()> {
+    fn best_metric(&self) -> &str {
+        "loss"
+    }
+
+    fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
+        let tensors = self
+            .vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        melvae_models::model_file::save::<MelVae>(
+            path,
+            self.model.config(),
+            &tensors,
+            metadata,
+            Path::new("the training run"),
+        )?;
+        Ok(true)
+    }
+
+    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
         let mel = self.val_mels()?.narrow(0, 0, 1)?;
-        let (latent, _) = self.model.encode(&mel).map_err(model_err)?;
-        let recon = self
-            .model
-            .sample(&latent, &SampleOptions::default())
-            .map_err(model_err)?;
-        let input = mel_to_array(&mel).map_err(model_err)?;
-        let output = mel_to_array(&recon).map_err(model_err)?;
+        let (latent, _) = self.model.encode(&mel)?;
+        let recon = self.model.sample(&latent, &SampleOptions::default())?;
+        let input = mel_to_array(&mel)?;
+        let output = mel_to_array(&recon)?;
         let img = SpectrogramImage::for_mel(self.extractor.config());
-        img.save_png(dir.join(format!("step{:08}_input.png", ctx.step)), &input)?;
-        img.save_png(dir.join(format!("step{:08}_recon.png", ctx.step)), &output)?;
+        let path = |what: &str| dir.join(format!("step{:08}_{what}", ctx.step));
+        let written = [path("input.png"), path("recon.png"), path("recon.wav")];
+        img.save_png(&written[0], &input)?;
+        img.save_png(&written[1], &output)?;
         let gl = GriffinLimConfig {
             n_iter: 16,
             ..Default::default()
@@ -268,11 +287,11 @@ impl TrainTask for MelVaeTask {
             &gl,
         )?;
         save_wav(
-            dir.join(format!("step{:08}_recon.wav", ctx.step)),
+            &written[2],
             &Audio::new(24000, vec![wav])?,
             WavFormat::Pcm16,
         )?;
-        Ok(())
+        Ok(written.to_vec())
     }
 
     fn state(&self) -> serde_json::Value {
@@ -293,50 +312,13 @@ impl TrainTask for MelVaeTask {
     }
 }
 
-/// A trained mel VAE, rebuilt from a run directory: its `config.yaml` and
-/// the weights of its latest checkpoint (or the checkpoint directory given).
+/// A trained mel VAE, rebuilt from a run directory (its `config.yaml` and
+/// latest checkpoint) or from a checkpoint directory, with the EMA weights
+/// when the run kept an EMA, as plain f32 tensors; reads only. A thin
+/// wrapper of [`super::load_mel_vae`]; for models that leave the run, export
+/// a model file and use `MelVae::load` (melvae-models alone).
 pub fn load_trained(run_or_checkpoint: &Path, device: &Device) -> Result<(MelVae, MelVaeConfig)> {
-    let (run_root, ckpt) = if run_or_checkpoint.join("state.json").exists() {
-        let root = run_or_checkpoint
-            .parent()
-            .and_then(Path::parent)
-            .ok_or_else(|| Error::file(run_or_checkpoint, "is not inside a run directory"))?;
-        (root.to_path_buf(), run_or_checkpoint.to_path_buf())
-    } else {
-        let run = crate::RunDir::create(run_or_checkpoint)?;
-        let latest = run
-            .latest()?
-            .ok_or_else(|| Error::file(run_or_checkpoint, "has no checkpoint (train first)"))?;
-        (run_or_checkpoint.to_path_buf(), latest)
-    };
-    let cfg_path = run_root.join("config.yaml");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
-    let resolved = crate::ResolvedConfig::from_yaml(&text, &cfg_path.display().to_string())?;
-    let cfg = mel_vae_config(&resolved)?;
-    let vm = VarMap::new();
-    let model = MelVae::new(
-        cfg.clone(),
-        melvae_layers::seeded_var_builder(&vm, 0, DType::F32, device),
-    )
-    .map_err(model_err)?;
-    let weights = ckpt.join("model.safetensors");
-    let tensors =
-        candle_core::safetensors::load(&weights, device).map_err(|e| Error::file(&weights, e))?;
-    for (name, var) in vm.data().lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let t = tensors
-            .get(name)
-            .ok_or_else(|| Error::file(&weights, format!("has no tensor `{name}`")))?;
-        if t.dims() != var.dims() {
-            return Err(Error::file(
-                &weights,
-                format!(
-                    "`{name}` has shape {:?}, the model {:?}",
-                    t.dims(),
-                    var.dims()
-                ),
-            ));
-        }
-        var.set(&t.to_dtype(DType::F32)?)?;
-    }
+    let model = super::load_mel_vae(run_or_checkpoint, &crate::run::Which::Latest, device)?;
+    let cfg = model.config().clone();
     Ok((model, cfg))
 }
