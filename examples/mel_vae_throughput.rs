@@ -37,14 +37,6 @@ struct Args {
     cuda: bool,
 }
 
-/// Peak resident set size of this process in MiB (Linux `VmHWM`).
-fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
@@ -113,7 +105,7 @@ fn run() -> anyhow::Result<()> {
             secs / s
         );
     }
-    if let Some(mib) = peak_rss_mib() {
+    if let Some(mib) = common::proc_status_mib("VmHWM") {
         println!("peak resident memory: {mib:.0} MiB");
     }
     Ok(())

@@ -13,14 +13,13 @@ mod common;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Parser;
 use melvae::dsp::{
     mel_to_audio, save_wav, write_npy, Audio, GriffinLimConfig, MelConfig, MelExtractor,
     MelInversion, SpectrogramImage, WavFormat,
 };
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
-use melvae::train::tasks::mel_vae::load_trained;
 
 #[derive(Parser)]
 #[command(about = "Reconstruct audio through a trained mel VAE")]
@@ -54,11 +53,7 @@ struct Args {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let model = if args.model.is_file() {
-        MelVae::load(&args.model, &dev, DType::F32)?
-    } else {
-        load_trained(&args.model, &dev)?.0
-    };
+    let model = common::load_mel_vae(&args.model)?;
     let audio = common::load_for_mel(&args.input, &MelConfig::vocos_24k())?;
     let opts = SampleOptions {
         num_steps: args.steps,

@@ -308,6 +308,86 @@ fn training_with_dropout_is_reproducible_and_resumes_exactly_across_processes() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(melvae::dsp::load_audio(&wav).unwrap().n_samples(), 12000);
+
+    // Streaming encode of a file and of raw PCM on stdin: the offline
+    // latents (reconstruct --latents).
+    let offline = dir.path().join("offline.npy");
+    let m = model.to_str().unwrap();
+    let t = tone.to_str().unwrap();
+    let w = wav.to_str().unwrap();
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(run(
+        "reconstruct",
+        &[
+            "--model",
+            m,
+            t,
+            "-o",
+            w,
+            "--steps",
+            "1",
+            "--latents",
+            offline.to_str().unwrap(),
+        ],
+    ));
+    let (shape, want) = melvae::dsp::read_npy(&offline).unwrap();
+    let streamed = dir.path().join("streamed.npy");
+    let s = streamed.to_str().unwrap();
+    let out = ok(run(
+        "encode",
+        &["--model", m, t, "-o", s, "--chunk-ms", "37"],
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("real-time factor") && stdout.contains("latency"),
+        "{stdout}"
+    );
+    let close = |p: &Path| {
+        let (sh, got) = melvae::dsp::read_npy(p).unwrap();
+        assert_eq!(sh, shape);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "{d}");
+    };
+    close(&streamed);
+    let pcm: Vec<u8> = melvae::dsp::load_audio(&tone).unwrap().channels[0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::remove_file(&streamed).unwrap();
+    let mut child = Command::new(example("encode"))
+        .args(["--model", m, "-", "-o", s])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &pcm).unwrap();
+    ok(child.wait_with_output().unwrap());
+    close(&streamed);
+    // Bad input names the culprit.
+    assert_one_line_error(
+        &run("encode", &["--model", m, "nope.wav", "-o", s]),
+        "nope.wav",
+    );
+    assert_one_line_error(
+        &run("encode", &["--model", m, t, "-o", s, "--chunk-ms", "0"]),
+        "--chunk-ms",
+    );
+    assert_one_line_error(
+        &run("encode", &["--model", "missing.safetensors", t, "-o", s]),
+        "missing.safetensors",
+    );
 }
 
 #[test]
@@ -376,4 +456,10 @@ fn train_and_export_refuse_what_would_lose_data() {
         "no best checkpoint",
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn stream_bench_rejects_bad_arguments() {
+    assert_one_line_error(&run("stream_bench", &["--minutes", "1"]), "--minutes");
+    assert_one_line_error(&run("stream_bench", &["--chunk-ms=0"]), "--chunk-ms");
 }

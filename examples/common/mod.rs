@@ -27,6 +27,27 @@ pub fn load_for_mel(path: &Path, cfg: &MelConfig) -> melvae::dsp::Result<Audio> 
     load_audio_with(path, &opts)
 }
 
+/// A mel VAE from a model file (`export`'s output, or `export.safetensors`
+/// in a best checkpoint), or from a run or checkpoint directory (EMA
+/// weights when the run kept them), in f32 on the CPU.
+pub fn load_mel_vae(path: &Path) -> anyhow::Result<melvae::models::MelVae> {
+    let dev = candle_core::Device::Cpu;
+    Ok(if path.is_file() {
+        melvae::models::MelVae::load(path, &dev, candle_core::DType::F32)?
+    } else {
+        melvae::train::tasks::mel_vae::load_trained(path, &dev)?.0
+    })
+}
+
+/// A memory figure of this process from /proc/self/status in MiB (Linux):
+/// `VmRSS` (resident now) or `VmHWM` (peak resident).
+pub fn proc_status_mib(key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(&format!("{key}:")))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// Deterministic uniform noise in [-0.5, 0.5) (xorshift64), for benchmarks.
 pub fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -147,12 +147,9 @@ pub struct LoadOptions {
 /// header declares ([`AudioErrorKind::Truncated`]), bytes that are not audio
 /// ([`AudioErrorKind::NotAudio`]), a codec melvae-dsp cannot decode
 /// ([`AudioErrorKind::Unsupported`]) or a packet that fails to decode
-/// ([`AudioErrorKind::Corrupt`]). No packet is ever skipped silently.
-///
-/// Lengths: decoding is gapless where the container says how (MP3 with a
-/// LAME/Xing header), and output never runs past the length the stream
-/// declares. AAC's encoder priming (typically 1024 or 2112 samples at the
-/// start) is not removed: symphonia 0.5 does not read MP4 edit lists.
+/// ([`AudioErrorKind::Corrupt`]), or samples that are NaN or infinite (a
+/// float WAV can hold them; [`AudioErrorKind::NonFinite`]). No packet is
+/// ever skipped silently.
 ///
 /// Lengths: decoding is gapless where the container says how (MP3 with a
 /// LAME/Xing header), and output never runs past the length the stream
@@ -346,6 +343,15 @@ fn decode(path: &Path) -> Result<Audio> {
             "stream has no sample rate",
         )
     })?;
+    for (c, ch) in channels.iter().enumerate() {
+        if let Some(i) = ch.iter().position(|v| !v.is_finite()) {
+            return Err(Error::audio(
+                path,
+                AudioErrorKind::NonFinite,
+                format!("sample {i} of channel {c} is {}", ch[i]),
+            ));
+        }
+    }
     Ok(Audio {
         sample_rate: rate,
         channels,

@@ -15,6 +15,8 @@ pub enum AudioErrorKind {
     Unsupported,
     /// A supported stream that fails to decode part-way.
     Corrupt,
+    /// Samples that are NaN or infinite (float WAV).
+    NonFinite,
 }
 
 impl std::fmt::Display for AudioErrorKind {
@@ -25,6 +27,7 @@ impl std::fmt::Display for AudioErrorKind {
             Self::NotAudio => "not an audio file",
             Self::Unsupported => "unsupported",
             Self::Corrupt => "corrupt",
+            Self::NonFinite => "non-finite samples",
         })
     }
 }

@@ -43,6 +43,7 @@ mod fsutil;
 mod griffin_lim;
 mod image;
 mod mel;
+mod mel_stream;
 mod midside;
 mod npy;
 mod resample;
@@ -64,6 +65,7 @@ pub use image::{line_plot, line_plot_png, Series, SpectrogramImage};
 pub use mel::{
     hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,
 };
+pub use mel_stream::MelStream;
 pub use midside::{from_mid_side, from_mid_side_tensor, to_mid_side, to_mid_side_tensor};
 pub use npy::{read_npy, write_npy};
 pub use realfft::num_complex::Complex32;

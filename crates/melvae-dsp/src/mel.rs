@@ -2,6 +2,7 @@
 
 use ndarray::Array2;
 use rayon::prelude::*;
+use realfft::num_complex::Complex32;
 
 use crate::stft::{apply_power, PadMode, Padding, Stft, StftConfig};
 use crate::window::WindowKind;
@@ -406,24 +407,34 @@ impl MelExtractor {
         let mut by_frame = vec![0.0f32; n_frames * n_mels];
         let mut scratch = self.stft.scratch();
         let mut mag = vec![0.0f32; self.cfg.stft.n_bins()];
-        let (power, eps) = (self.cfg.power, self.cfg.power_eps);
         self.stft.for_each_frame(audio, &mut scratch, |t, spec| {
-            let mags = mag.iter_mut().zip(spec);
-            if power == 1.0 {
-                mags.for_each(|(m, v)| *m = (v.norm_sqr() + eps).sqrt());
-            } else if power == 2.0 {
-                mags.for_each(|(m, v)| *m = v.norm_sqr() + eps);
-            } else {
-                mags.for_each(|(m, v)| *m = apply_power(v.norm_sqr() + eps, power));
-            }
-            let row = &mut by_frame[t * n_mels..(t + 1) * n_mels];
-            self.sparse.apply(&mag, |m, v| row[m] = v);
+            self.mel_frame(spec, &mut mag, &mut by_frame[t * n_mels..(t + 1) * n_mels]);
         })?;
+        self.frames_to_mel(by_frame, n_frames)
+    }
+
+    /// One frame's spectrum to its (log-)mel values in `row` (`n_mels`);
+    /// `mag` is scratch of `n_bins`.
+    pub(crate) fn mel_frame(&self, spec: &[Complex32], mag: &mut [f32], row: &mut [f32]) {
+        let (power, eps) = (self.cfg.power, self.cfg.power_eps);
+        let mags = mag.iter_mut().zip(spec);
+        if power == 1.0 {
+            mags.for_each(|(m, v)| *m = (v.norm_sqr() + eps).sqrt());
+        } else if power == 2.0 {
+            mags.for_each(|(m, v)| *m = v.norm_sqr() + eps);
+        } else {
+            mags.for_each(|(m, v)| *m = apply_power(v.norm_sqr() + eps, power));
+        }
+        self.sparse.apply(mag, |m, v| row[m] = v);
         let log = self.cfg.log;
         if log != LogScale::None {
-            by_frame.iter_mut().for_each(|v| *v = log.apply(*v));
+            row.iter_mut().for_each(|v| *v = log.apply(*v));
         }
-        let by_frame = Array2::from_shape_vec((n_frames, n_mels), by_frame)
+    }
+
+    /// Frame-major values `[frames][n_mels]` as `[n_mels, frames]`.
+    pub(crate) fn frames_to_mel(&self, by_frame: Vec<f32>, n_frames: usize) -> Result<Array2<f32>> {
+        let by_frame = Array2::from_shape_vec((n_frames, self.cfg.n_mels), by_frame)
             .map_err(|e| Error::invalid("mel output", e.to_string()))?;
         Ok(by_frame.t().as_standard_layout().into_owned())
     }

@@ -188,7 +188,7 @@ impl std::fmt::Debug for Stft {
 /// Per-thread buffers for [`Stft::for_each_frame`].
 pub(crate) struct FrameScratch {
     frame: Vec<f32>,
-    spectrum: Vec<Complex32>,
+    pub(crate) spectrum: Vec<Complex32>,
     fft: Vec<Complex32>,
 }
 
@@ -233,25 +233,44 @@ impl Stft {
         let len = signal.len();
         for t in 0..n_frames {
             let start = (t * self.cfg.hop_length) as isize - pad;
-            if start >= 0 && start as usize + n_fft <= len {
-                let src = &signal[start as usize..start as usize + n_fft];
-                for ((d, s), w) in scratch.frame.iter_mut().zip(src).zip(&self.window) {
-                    *d = s * w;
-                }
-            } else {
-                for (k, (d, w)) in scratch.frame.iter_mut().zip(&self.window).enumerate() {
-                    *d = match source_index(start + k as isize, len, mode) {
-                        Some(j) => signal[j] * w,
-                        None => 0.0,
-                    };
-                }
-            }
-            self.forward
-                .process_with_scratch(&mut scratch.frame, &mut scratch.spectrum, &mut scratch.fft)
-                .map_err(|e| Error::invalid("stft", e.to_string()))?;
+            self.frame_at(signal, 0, start, len, mode, scratch)?;
             f(t, &scratch.spectrum);
         }
         Ok(n_frames)
+    }
+
+    /// The spectrum of the frame starting at padded position `start`
+    /// (signal index, may be negative) of a signal of `len` samples of which
+    /// `part` holds samples `offset..offset + part.len()` (every sample the
+    /// frame and its padding read must be there), into `scratch.spectrum`.
+    pub(crate) fn frame_at(
+        &self,
+        part: &[f32],
+        offset: usize,
+        start: isize,
+        len: usize,
+        mode: PadMode,
+        scratch: &mut FrameScratch,
+    ) -> Result<()> {
+        let n_fft = self.cfg.n_fft;
+        let at = |j: usize| part[j - offset];
+        if start >= offset as isize && start as usize + n_fft <= offset + part.len() {
+            let s0 = start as usize - offset;
+            let src = &part[s0..s0 + n_fft];
+            for ((d, s), w) in scratch.frame.iter_mut().zip(src).zip(&self.window) {
+                *d = s * w;
+            }
+        } else {
+            for (k, (d, w)) in scratch.frame.iter_mut().zip(&self.window).enumerate() {
+                *d = match source_index(start + k as isize, len, mode) {
+                    Some(j) => at(j) * w,
+                    None => 0.0,
+                };
+            }
+        }
+        self.forward
+            .process_with_scratch(&mut scratch.frame, &mut scratch.spectrum, &mut scratch.fft)
+            .map_err(|e| Error::invalid("stft", e.to_string()))
     }
 
     /// Complex STFT of `signal`: `[n_bins, frames]`.

@@ -242,6 +242,23 @@ fn bad_files_name_the_path_and_the_cause() {
     std::fs::write(&empty, b"").unwrap();
     assert_error(&empty, AudioErrorKind::Empty, "0 bytes");
 
+    // Float WAVs can hold NaN and infinities: rejected, naming the sample.
+    for (name, bad) in [("nan.wav", f32::NAN), ("inf.wav", f32::NEG_INFINITY)] {
+        let p = d.join(name);
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 8000,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut w = hound::WavWriter::create(&p, spec).unwrap();
+        for i in 0..200 {
+            w.write_sample(if i == 151 { bad } else { 0.1f32 }).unwrap();
+        }
+        w.finalize().unwrap();
+        assert_error(&p, AudioErrorKind::NonFinite, "sample 75 of channel 1");
+    }
+
     let text = d.join("notes.wav");
     std::fs::write(
         &text,

@@ -276,6 +276,11 @@ impl ConvformerEncoder {
         &self.cfg
     }
 
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.collapse.weight().dtype()
+    }
+
     fn check(&self, mel: &Tensor) -> Result<()> {
         match mel.dims() {
             [_, m, _] if *m == self.cfg.mel_channels => Ok(()),

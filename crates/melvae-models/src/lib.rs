@@ -34,5 +34,8 @@ pub mod model_file;
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};
-pub use mel_vae::{mel_to_array, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions};
+pub use mel_vae::{
+    mel_to_array, EncoderStream, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions,
+    StreamedLatents,
+};
 pub use model_file::{Family, ModelFileInfo};

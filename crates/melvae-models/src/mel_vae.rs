@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use melvae_dsp::{resample, MelConfig, MelExtractor, ResampleQuality, SplitMix64};
+use melvae_dsp::{resample, MelConfig, MelExtractor, MelStream, ResampleQuality, SplitMix64};
+use melvae_layers::Streaming;
 use melvae_layers::{time_dtype, DropoutRng, Mode};
 use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
 use ndarray::Array2;
@@ -345,6 +346,34 @@ impl MelVae {
         Ok(model_file::load::<Self>(path, device, dtype)?.0)
     }
 
+    /// A stream that turns `vocos-24k` audio (mono, 24 kHz), fed in
+    /// chunks of any size, into latents as they become final; see
+    /// [`EncoderStream`].
+    pub fn encoder_stream(&self) -> Result<EncoderStream> {
+        let mc = MelConfig::vocos_24k();
+        ensure(
+            mc.n_mels == self.cfg.convformer.mel_channels,
+            "convformer.mel_channels",
+            || {
+                format!(
+                    "must be {} to stream audio with the vocos-24k preset",
+                    mc.n_mels
+                )
+            },
+        )?;
+        let mut encoder = self.encoder.clone();
+        encoder.reset();
+        Ok(EncoderStream {
+            mel: MelStream::new(mc)?,
+            encoder,
+            mel_mean: self.cfg.cfm.mel_mean,
+            mel_std: self.cfg.cfm.mel_std,
+            latent_dim: self.latent_dim(),
+            compress: self.compress(),
+            frames: 0,
+        })
+    }
+
     /// Latent dimension.
     pub fn latent_dim(&self) -> usize {
         self.cfg.convformer.latent_dim
@@ -354,6 +383,112 @@ impl MelVae {
     /// (`[batch, n, 2 * latent]`) to the mean.
     pub fn stream_mean(&self, stacked: &Tensor) -> Result<Tensor> {
         Ok(stacked.narrow(D::Minus1, 0, self.latent_dim())?)
+    }
+}
+
+/// Audio to latents as it arrives: the `vocos-24k` mel frontend
+/// ([`MelStream`]) and the causal encoder, both streaming, with state that
+/// stays bounded however long the stream (the encoder's tail attends to
+/// `convformer.tf_context` latent frames). The latents of all
+/// [`EncoderStream::push`] calls and [`EncoderStream::finish`] equal
+/// [`MelVae::encode`] of [`MelVae::audio_to_mel`] on the whole signal (to
+/// float rounding): the end is padded with silence frames to a multiple of
+/// C, as offline.
+#[derive(Debug)]
+pub struct EncoderStream {
+    mel: MelStream,
+    encoder: ConvformerEncoder,
+    mel_mean: f64,
+    mel_std: f64,
+    latent_dim: usize,
+    compress: usize,
+    /// Mel frames fed to the encoder.
+    frames: usize,
+}
+
+/// Latents from an [`EncoderStream`]: posterior means and log-variances,
+/// each `[1, n, latent]`.
+#[derive(Debug, Clone)]
+pub struct StreamedLatents {
+    /// Posterior means.
+    pub mean: Tensor,
+    /// Posterior log-variances.
+    pub logvar: Tensor,
+}
+
+impl EncoderStream {
+    /// Samples between the first sample a latent covers and the moment it
+    /// is final: `C - 1` hops plus the STFT's half window (2304 samples,
+    /// 96 ms, at C = 8).
+    pub fn latency_samples(&self) -> usize {
+        (self.compress - 1) * self.mel.config().stft.hop_length + self.mel.latency_samples()
+    }
+
+    /// Audio samples per latent frame (`C * hop`).
+    pub fn samples_per_latent(&self) -> usize {
+        self.compress * self.mel.config().stft.hop_length
+    }
+
+    fn encode_frames(
+        &mut self,
+        mel: ndarray::Array2<f32>,
+        device: &Device,
+    ) -> Result<Option<StreamedLatents>> {
+        let (m, n) = mel.dim();
+        if n == 0 {
+            return Ok(None);
+        }
+        self.frames += n;
+        let data: Vec<f32> = mel.iter().copied().collect();
+        let x = Tensor::from_vec(data, (1, m, n), device)?
+            .affine(1.0 / self.mel_std, -self.mel_mean / self.mel_std)?;
+        let dtype = self.encoder_dtype();
+        let x = x.to_dtype(dtype)?;
+        Ok(match self.encoder.step(&x)? {
+            Some(y) => {
+                let l = self.latent_dim;
+                Some(StreamedLatents {
+                    mean: y.narrow(D::Minus1, 0, l)?.detach(),
+                    logvar: y.narrow(D::Minus1, l, l)?.detach(),
+                })
+            }
+            None => None,
+        })
+    }
+
+    fn encoder_dtype(&self) -> DType {
+        self.encoder.dtype()
+    }
+
+    /// Feeds the next mono 24 kHz samples; returns the latents that became
+    /// final (`None` when none did), on `device`.
+    pub fn push(&mut self, audio: &[f32], device: &Device) -> Result<Option<StreamedLatents>> {
+        let mel = self.mel.push(audio)?;
+        self.encode_frames(mel, device)
+    }
+
+    /// Ends the stream: the remaining latents (the last mel frames, padded
+    /// with silence to a multiple of C), then resets for a new stream.
+    pub fn finish(&mut self, device: &Device) -> Result<Option<StreamedLatents>> {
+        let mut mel = self.mel.finish()?;
+        let total = self.frames + mel.ncols();
+        let padded = total.div_ceil(self.compress) * self.compress;
+        if padded > total {
+            let floor = (1e-7f32).ln();
+            let pad = ndarray::Array2::from_elem((mel.nrows(), padded - total), floor);
+            mel = ndarray::concatenate(ndarray::Axis(1), &[mel.view(), pad.view()])
+                .map_err(|e| Error::invalid("mel stream", e.to_string()))?;
+        }
+        let out = self.encode_frames(mel, device);
+        self.reset();
+        out
+    }
+
+    /// Forgets the stream, as if nothing had been pushed.
+    pub fn reset(&mut self) {
+        self.mel.reset();
+        self.encoder.reset();
+        self.frames = 0;
     }
 }
 

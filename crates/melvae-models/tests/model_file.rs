@@ -132,6 +132,30 @@ fn a_downstream_crate_loads_encodes_streams_and_decodes() {
     assert!(max_abs_diff(&streamed, &mean).unwrap() < 1e-5);
     let _ = logvar;
 
+    // Stream raw audio (mel frontend + encoder) in uneven chunks: the same
+    // latents as offline, and the stream restarts after finish.
+    let mut stream = model.encoder_stream().unwrap();
+    assert_eq!(stream.latency_samples(), 7 * 256 + 512);
+    for _ in 0..2 {
+        let mut means = Vec::new();
+        let mut pos = 0;
+        for n in [1000usize, 3, 4800, 777, 12000].iter().cycle() {
+            if pos >= audio.len() {
+                break;
+            }
+            let n = (*n).min(audio.len() - pos);
+            if let Some(l) = stream.push(&audio[pos..pos + n], &dev).unwrap() {
+                assert!(!l.mean.track_op());
+                means.push(l.mean);
+            }
+            pos += n;
+        }
+        means.extend(stream.finish(&dev).unwrap().map(|l| l.mean));
+        let streamed = Tensor::cat(&means, 1).unwrap();
+        assert_eq!(streamed.dims(), mean.dims());
+        assert!(max_abs_diff(&streamed, &mean).unwrap() < 1e-5);
+    }
+
     // Decode: a mel of the input's shape, finite.
     let opts = SampleOptions {
         num_steps: 2,

@@ -767,6 +767,35 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_audio_is_a_bad_file_in_both_paths() {
+        let d = folder();
+        let p = d.path().join("spk1/nan.wav");
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut w = hound::WavWriter::create(&p, spec).unwrap();
+        for i in 0..16000 {
+            w.write_sample(if i == 9000 { f32::NAN } else { 0.25f32 })
+                .unwrap();
+        }
+        w.finalize().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let mem = AudioFolder::load(&cfg(d.path())).unwrap();
+        let (mapped, _) = AudioFolder::load_cached(&cfg(d.path()), cache.path()).unwrap();
+        for f in [&mem, &mapped] {
+            assert_eq!(f.train.len() + f.val.len(), 12, "the NaN file is not used");
+            let report = f.skipped.to_string();
+            assert!(
+                report.contains("nan.wav") && report.contains("non-finite"),
+                "{report}"
+            );
+        }
+    }
+
+    #[test]
     fn cache_round_trip_reuse_and_invalidation() {
         let d = folder();
         let cache = tempfile::tempdir().unwrap();
