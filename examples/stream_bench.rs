@@ -119,8 +119,8 @@ fn run() -> anyhow::Result<()> {
         args.chunk_ms,
         model.config().convformer.tf_context
     );
-    println!("| minute | RSS MiB | mean ms / chunk | max ms / chunk | latents |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| minute | RSS MiB | state (numbers) | mean ms / chunk | max ms / chunk | latents |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let (mut pos, mut latents) = (0usize, 0usize);
     let (mut rss, mut means) = (Vec::new(), Vec::new());
     let started = Instant::now();
@@ -141,8 +141,9 @@ fn run() -> anyhow::Result<()> {
         let max = times.iter().copied().fold(0.0, f64::max);
         let r = common::proc_status_mib("VmRSS").unwrap_or(f64::NAN);
         println!(
-            "| {} | {r:.1} | {mean:.2} | {max:.2} | {latents} |",
-            minute + 1
+            "| {} | {r:.1} | {} | {mean:.2} | {max:.2} | {latents} |",
+            minute + 1,
+            stream.state_elements()
         );
         rss.push(r);
         means.push(mean);

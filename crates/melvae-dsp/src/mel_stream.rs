@@ -66,6 +66,11 @@ impl MelStream {
         s.n_fft - s.padding.amount(s.n_fft)
     }
 
+    /// Samples held for frames still to come (about one window).
+    pub fn buffered_samples(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Frames emitted so far.
     pub fn frames_emitted(&self) -> usize {
         self.next

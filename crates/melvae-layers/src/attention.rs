@@ -712,6 +712,12 @@ impl Streaming for MultiHeadAttention {
     fn reset(&mut self) {
         self.clear_cache();
     }
+
+    fn state_elements(&self) -> usize {
+        self.cache
+            .as_ref()
+            .map_or(0, |(k, v)| k.elem_count() + v.elem_count())
+    }
 }
 
 /// A `[batch, keys]` u8 key mask on `device` with the first `lengths[b]`

@@ -145,6 +145,10 @@ impl CausalBuffer {
     pub(crate) fn reset(&mut self) {
         self.buf = None;
     }
+
+    pub(crate) fn elements(&self) -> usize {
+        self.buf.as_ref().map_or(0, Tensor::elem_count)
+    }
 }
 
 /// Convolution as a gather (im2col through `index_select`) and one batched
@@ -392,6 +396,10 @@ impl Streaming for Conv1d {
             s.reset();
         }
     }
+
+    fn state_elements(&self) -> usize {
+        self.stream.as_ref().map_or(0, CausalBuffer::elements)
+    }
 }
 
 /// Configuration of [`CausalConv2d`]: 2-D conv over `[batch, channels,
@@ -541,6 +549,10 @@ impl Streaming for CausalConv2d {
 
     fn reset(&mut self) {
         self.stream.reset();
+    }
+
+    fn state_elements(&self) -> usize {
+        self.stream.elements()
     }
 }
 
@@ -719,6 +731,10 @@ impl Streaming for Upsample {
 
     fn reset(&mut self) {
         self.tail = None;
+    }
+
+    fn state_elements(&self) -> usize {
+        self.tail.as_ref().map_or(0, Tensor::elem_count)
     }
 }
 

@@ -119,6 +119,12 @@ impl Streaming for LstmStack {
     fn reset(&mut self) {
         self.state = None;
     }
+
+    fn state_elements(&self) -> usize {
+        self.state.as_ref().map_or(0, |s| {
+            s.iter().map(|s| s.h.elem_count() + s.c.elem_count()).sum()
+        })
+    }
 }
 
 #[cfg(test)]

@@ -140,6 +140,12 @@ impl Streaming for ResidualUnit {
             s.reset();
         }
     }
+
+    fn state_elements(&self) -> usize {
+        self.conv1.state_elements()
+            + self.conv2.state_elements()
+            + self.shortcut.as_ref().map_or(0, Streaming::state_elements)
+    }
 }
 
 /// Residual units in sequence, one per dilation (SEANet: 1, 3, 9).
@@ -188,6 +194,10 @@ impl Streaming for ResidualStack {
 
     fn reset(&mut self) {
         self.units.iter_mut().for_each(Streaming::reset);
+    }
+
+    fn state_elements(&self) -> usize {
+        self.units.iter().map(Streaming::state_elements).sum()
     }
 }
 
@@ -257,6 +267,10 @@ impl Streaming for ResidualUnit2d {
     fn reset(&mut self) {
         self.conv1.reset();
         self.conv2.reset();
+    }
+
+    fn state_elements(&self) -> usize {
+        self.conv1.state_elements() + self.conv2.state_elements()
     }
 }
 

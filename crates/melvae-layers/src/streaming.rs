@@ -17,4 +17,8 @@ pub trait Streaming {
     fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>>;
     /// Forgets the streaming state.
     fn reset(&mut self);
+    /// Numbers held as streaming state (buffers, caches). For a stream to
+    /// run for hours this must stop growing once the stream is past its
+    /// receptive field; tests compare it along long streams.
+    fn state_elements(&self) -> usize;
 }

@@ -180,6 +180,11 @@ impl DecoderLayer {
     pub fn clear_cache(&mut self) {
         self.self_attn.clear_cache();
     }
+
+    /// Numbers held in the KV cache.
+    pub fn cache_elements(&self) -> usize {
+        crate::Streaming::state_elements(&self.self_attn)
+    }
 }
 
 /// DiT block over `[batch, time, dim]` conditioned on `c` `[batch, cond_dim]`:

@@ -397,6 +397,31 @@ impl Streaming for ConvformerEncoder {
             l.clear_cache();
         }
     }
+
+    fn state_elements(&self) -> usize {
+        self.input.state_elements()
+            + self
+                .context
+                .iter()
+                .map(Streaming::state_elements)
+                .sum::<usize>()
+            + self
+                .stages
+                .iter()
+                .map(|s| {
+                    s.down.state_elements()
+                        + s.blocks
+                            .iter()
+                            .map(Streaming::state_elements)
+                            .sum::<usize>()
+                })
+                .sum::<usize>()
+            + self
+                .tail
+                .iter()
+                .map(DecoderLayer::cache_elements)
+                .sum::<usize>()
+    }
 }
 
 #[cfg(test)]
@@ -524,6 +549,29 @@ mod tests {
             let alone = Tensor::cat(&[m1, v1], D::Minus1).unwrap();
             assert!(max_abs_diff(&alone, &s.narrow(0, b, 1).unwrap()).unwrap() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_long_stream_holds_a_constant_state() {
+        // 300 latent frames through a tail window of 5: after the warm-up
+        // (the window and the conv stack's receptive field) the state is
+        // the same size at every chunk.
+        let cfg = ConvformerConfig {
+            tf_context: 5,
+            ..tiny(4)
+        };
+        let (_, mut e) = build(cfg, DType::F32);
+        let x = mel(1200, 4).narrow(0, 0, 1).unwrap();
+        let mut sizes = Vec::new();
+        for i in 0..(1200 / 12) {
+            e.step(&x.narrow(2, 12 * i, 12).unwrap()).unwrap();
+            sizes.push(e.state_elements());
+        }
+        let settled = &sizes[10..];
+        assert!(settled.iter().all(|&n| n == settled[0]), "{sizes:?}");
+        assert!(settled[0] > 0);
+        e.reset();
+        assert_eq!(e.state_elements(), 0);
     }
 
     #[test]

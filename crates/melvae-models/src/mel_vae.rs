@@ -484,6 +484,12 @@ impl EncoderStream {
         out
     }
 
+    /// Numbers held as stream state (mel frontend samples, encoder buffers
+    /// and KV caches): bounded, whatever the stream's length.
+    pub fn state_elements(&self) -> usize {
+        self.mel.buffered_samples() + self.encoder.state_elements()
+    }
+
     /// Forgets the stream, as if nothing had been pushed.
     pub fn reset(&mut self) {
         self.mel.reset();
