@@ -9,7 +9,7 @@
 //! - [`griffin_lim`], [`mel_to_audio`]: phase reconstruction.
 //! - [`TensorStft`], [`TensorMel`]: differentiable STFT and mel on candle
 //!   tensors, for spectral losses.
-//! - [`to_mid_side`] and friends; [`write_npy`] / [`read_npy`];
+//! - [`to_mid_side`] and friends; [`write_npy`] / [`read_npy`] (ndarray-npy);
 //!   [`SpectrogramImage`] for PNG pictures; [`atomic_write`].
 //!
 //! Layouts: audio is planar `[channels][samples]` on the host and
