@@ -65,7 +65,12 @@ pub fn line_plot(series: &[Series], log_y: bool) -> Result<(u32, u32, Vec<u8>)> 
     }
     let pad = 0.04 * (y1 - y0);
     let (y0, y1) = (y0 - pad, y1 + pad);
-    let x = Axis::new(x0..x1, Warp::Linear, linear_ticks(x0, x1, 6), step_label);
+    // Whole-numbered steps get whole-numbered ticks only.
+    let mut xt = linear_ticks(x0, x1, 6);
+    if all.iter().all(|p| p.0.fract() == 0.0) {
+        xt.retain(|t| t.fract() == 0.0);
+    }
+    let x = Axis::new(x0..x1, Warp::Linear, xt, step_label);
     let y = if log_y {
         let (lo, hi) = (10f64.powf(y0), 10f64.powf(y1));
         Axis::new(lo..hi, Warp::Log10, log_ticks(lo, hi, 8), tick_label)
