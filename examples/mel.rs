@@ -35,11 +35,7 @@ fn run(args: &Args) -> melvae::dsp::Result<()> {
     let cfg = MelConfig::preset(&args.preset)?;
     let audio = common::load_for_mel(&args.input, &cfg)?;
     let mel = MelExtractor::new(cfg)?.extract(&audio.channels[0])?;
-    write_npy(
-        &args.output,
-        &[mel.nrows(), mel.ncols()],
-        mel.as_slice().unwrap_or_default(),
-    )?;
+    write_npy(&args.output, &mel)?;
     if let Some(png) = &args.png {
         SpectrogramImage::for_mel(&cfg).save_png(png, &mel)?;
     }

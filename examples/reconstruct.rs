@@ -78,7 +78,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     if let Some(p) = &args.latents {
         let (_, k, d) = r.latent.dims3()?;
-        write_npy(p, &[k, d], &r.latent.flatten_all()?.to_vec1::<f32>()?)?;
+        let latent = r.latent.flatten_all()?.to_vec1::<f32>()?;
+        write_npy(p, &ndarray::Array2::from_shape_vec((k, d), latent)?)?;
     }
     if let Some(p) = &args.png {
         SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &[&mi, &mr])?;

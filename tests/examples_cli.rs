@@ -57,9 +57,9 @@ fn mel_writes_npy_and_png() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (shape, data) = melvae::dsp::read_npy(&npy).unwrap();
-    assert_eq!(shape[0], 100);
-    assert!(shape[1] > 500 && data.iter().all(|v| v.is_finite()));
+    let mel = melvae::dsp::read_npy(&npy).unwrap();
+    assert_eq!(mel.shape()[0], 100);
+    assert!(mel.shape()[1] > 500 && mel.iter().all(|v| v.is_finite()));
     assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
 
     let out = run(
@@ -73,7 +73,7 @@ fn mel_writes_npy_and_png() {
         ],
     );
     assert!(out.status.success());
-    assert_eq!(melvae::dsp::read_npy(&npy).unwrap().0[0], 80);
+    assert_eq!(melvae::dsp::read_npy(&npy).unwrap().shape()[0], 80);
 }
 
 #[test]

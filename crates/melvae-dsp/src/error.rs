@@ -73,6 +73,14 @@ pub enum Error {
         /// The shape that was given.
         got: String,
     },
+    /// Drawing a picture failed; `what` names it.
+    #[error("drawing {what}: {reason}")]
+    Plot {
+        /// The picture concerned.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -99,6 +107,14 @@ impl Error {
 
     pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[cfg_attr(not(feature = "plot"), allow(dead_code))]
+    pub(crate) fn plot(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Plot {
             what: what.into(),
             reason: reason.into(),
         }

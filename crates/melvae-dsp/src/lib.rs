@@ -9,8 +9,10 @@
 //! - [`griffin_lim`], [`mel_to_audio`]: phase reconstruction.
 //! - [`TensorStft`], [`TensorMel`]: differentiable STFT and mel on candle
 //!   tensors, for spectral losses.
-//! - [`to_mid_side`] and friends; [`write_npy`] / [`read_npy`];
-//!   [`SpectrogramImage`] for PNG pictures; [`atomic_write`].
+//! - [`to_mid_side`] and friends; [`write_npy`] / [`read_npy`] (ndarray-npy);
+//!   [`atomic_write`].
+//! - With the `plot` feature: `SpectrogramImage` and `line_plot_png`, PNG
+//!   pictures drawn with plotters.
 //!
 //! Layouts: audio is planar `[channels][samples]` on the host and
 //! `[batch, samples]` (or `[batch, channels, samples]`) as tensors;
@@ -41,11 +43,12 @@ mod audio;
 mod error;
 mod fsutil;
 mod griffin_lim;
-mod image;
 mod mel;
 mod mel_stream;
 mod midside;
 mod npy;
+#[cfg(feature = "plot")]
+mod plot;
 mod resample;
 mod rng;
 mod stft;
@@ -61,13 +64,14 @@ pub use fsutil::atomic_write;
 pub use griffin_lim::{
     griffin_lim, mel_to_audio, mel_to_linear, GriffinLimConfig, MelInversion, PhaseInit,
 };
-pub use image::{line_plot, line_plot_png, Series, SpectrogramImage};
 pub use mel::{
     hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,
 };
 pub use mel_stream::MelStream;
 pub use midside::{from_mid_side, from_mid_side_tensor, to_mid_side, to_mid_side_tensor};
 pub use npy::{read_npy, write_npy};
+#[cfg(feature = "plot")]
+pub use plot::{line_plot, line_plot_png, Series, SpectrogramImage};
 pub use realfft::num_complex::Complex32;
 pub use resample::{resample, ResampleQuality};
 pub use rng::SplitMix64;

@@ -1,160 +1,125 @@
-//! Reading and writing `.npy` files (NumPy format 1.0-3.0, little-endian
-//! `float32` or `float64`, C order).
+//! Reading and writing `.npy` files through `ndarray-npy` (NumPy format
+//! 1.0-3.0, little-endian `float32`; `float64` is read too).
 
-use std::io::Write;
+use std::io::ErrorKind;
 use std::path::Path;
+
+use ndarray::{ArrayBase, ArrayD, Data, Dimension};
+use ndarray_npy::{ReadNpyError, ReadNpyExt, WriteNpyError, WriteNpyExt};
 
 use crate::fsutil::atomic_write;
 use crate::{Error, Result};
 
-/// Writes `data` (row-major, `shape.iter().product()` values) as a float32
-/// `.npy`, atomically.
-pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
-    let path = path.as_ref();
-    let n: usize = shape.iter().product();
-    if n != data.len() {
-        return Err(Error::shape(
-            "npy data",
-            format!("{n} values for shape {shape:?}"),
-            format!("{} values", data.len()),
-        ));
-    }
-    let dims = match shape {
-        [d] => format!("({d},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
-    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let header_len =
-        u16::try_from(header.len()).map_err(|_| Error::invalid("npy shape", "header too long"))?;
-    atomic_write(path, |w| {
-        w.write_all(b"\x93NUMPY\x01\x00")?;
-        w.write_all(&header_len.to_le_bytes())?;
-        w.write_all(header.as_bytes())?;
-        for v in data {
-            w.write_all(&v.to_le_bytes())?;
-        }
-        Ok(())
+/// Writes `array` as a float32 `.npy` (any dimension; C order, or Fortran
+/// order for a Fortran-layout array), atomically.
+pub fn write_npy<S, D>(path: impl AsRef<Path>, array: &ArrayBase<S, D>) -> Result<()>
+where
+    S: Data<Elem = f32>,
+    D: Dimension,
+{
+    atomic_write(path.as_ref(), |w| {
+        array.write_npy(w).map_err(|e| match e {
+            WriteNpyError::Io(e) => e,
+            other => std::io::Error::other(other),
+        })
     })
 }
 
-/// Reads a float32 or float64 `.npy` as `(shape, values)`; values are f32.
-pub fn read_npy(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
+/// Reads a float32 or float64 `.npy` of any dimension (values as f32).
+/// Errors name the file and what is wrong with it.
+pub fn read_npy(path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |why: &str| Error::invalid(format!("npy file {}", path.display()), why.to_string());
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("missing the \\x93NUMPY magic"));
+    let bad = |e: ReadNpyError| {
+        let why = match e {
+            ReadNpyError::Io(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                "truncated header".to_string()
+            }
+            ReadNpyError::WrongDescriptor(d) => format!("dtype {d} is not '<f4' or '<f8'"),
+            e => e.to_string(),
+        };
+        Error::invalid(format!("npy file {}", path.display()), why)
+    };
+    match ArrayD::<f32>::read_npy(bytes.as_slice()) {
+        Ok(a) => Ok(a),
+        Err(ReadNpyError::WrongDescriptor(_)) => ArrayD::<f64>::read_npy(bytes.as_slice())
+            .map(|a| a.mapv(|v| v as f32))
+            .map_err(bad),
+        Err(e) => Err(bad(e)),
     }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => return Err(bad(&format!("unsupported format version {v}"))),
-    };
-    let header = bytes
-        .get(start..start + hlen)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| bad("truncated or non-UTF-8 header"))?;
-    let field = |key: &str| -> Option<&str> {
-        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
-        Some(header[at..].trim_start().strip_prefix(':')?.trim_start())
-    };
-    let descr = field("descr").ok_or_else(|| bad("no 'descr' in header"))?;
-    let width = if descr.starts_with("'<f4'") {
-        4
-    } else if descr.starts_with("'<f8'") {
-        8
-    } else {
-        return Err(bad(&format!(
-            "dtype {} is not '<f4' or '<f8'",
-            descr.split(',').next().unwrap_or("")
-        )));
-    };
-    if field("fortran_order").is_some_and(|v| v.starts_with("True")) {
-        return Err(bad("Fortran order is not supported"));
-    }
-    let shape_str = field("shape").ok_or_else(|| bad("no 'shape' in header"))?;
-    let inner = shape_str
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("malformed shape"))?;
-    let shape = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| bad("malformed shape")))
-        .collect::<Result<Vec<_>>>()?;
-    let n: usize = shape.iter().product();
-    let body = &bytes[start + hlen..];
-    if body.len() != n * width {
-        return Err(bad(&format!(
-            "shape {shape:?} needs {} data bytes, file has {}",
-            n * width,
-            body.len()
-        )));
-    }
-    let values = if width == 4 {
-        body.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    } else {
-        body.chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect()
-    };
-    Ok((shape, values))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::{Array, Array2, IxDyn, ShapeBuilder};
 
     #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        for shape in [vec![3usize, 4], vec![5], vec![2, 1, 3]] {
+        for shape in [vec![3usize, 4], vec![5], vec![2, 1, 3], vec![]] {
             let p = dir.path().join("a.npy");
-            let data: Vec<f32> = (0..shape.iter().product::<usize>())
-                .map(|i| i as f32 * 0.5 - 1.0)
-                .collect();
-            write_npy(&p, &shape, &data).unwrap();
+            let n = shape.iter().product::<usize>();
+            let data = (0..n).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let a = Array::from_shape_vec(IxDyn(&shape), data).unwrap();
+            write_npy(&p, &a).unwrap();
             let bytes = std::fs::read(&p).unwrap();
-            assert_eq!((bytes.len() - data.len() * 4) % 64, 0);
-            assert_eq!(read_npy(&p).unwrap(), (shape, data));
+            // Header padded to a multiple of 64 bytes, as NumPy writes it.
+            assert_eq!((bytes.len() - n * 4) % 64, 0);
+            assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+            assert_eq!(read_npy(&p).unwrap(), a);
         }
+        // A Fortran-layout array reads back with the same logical values.
+        let f = Array2::from_shape_vec((2, 3).f(), vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let p = dir.path().join("f.npy");
+        write_npy(&p, &f).unwrap();
+        assert_eq!(read_npy(&p).unwrap(), f.into_dyn());
+    }
+
+    #[test]
+    fn reads_float64() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.npy");
+        let a = ndarray::array![[0.5f64, -2.0], [1e-3, 7.0]];
+        a.write_npy(std::fs::File::create(&p).unwrap()).unwrap();
+        assert_eq!(read_npy(&p).unwrap(), a.mapv(|v| v as f32).into_dyn());
     }
 
     #[test]
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.npy");
-        std::fs::write(&p, b"hello").unwrap();
+        std::fs::write(&p, b"hello, this is not a numpy file").unwrap();
         let e = read_npy(&p).unwrap_err().to_string();
         assert!(e.contains("bad.npy") && e.contains("magic"), "{e}");
-        write_npy(&p, &[4], &[1.0; 4]).unwrap();
+        std::fs::write(&p, b"hello").unwrap();
+        let e = read_npy(&p).unwrap_err().to_string();
+        assert!(e.contains("bad.npy") && e.contains("truncated"), "{e}");
+
+        write_npy(&p, &ndarray::arr1(&[1.0f32; 4])).unwrap();
         let mut bytes = std::fs::read(&p).unwrap();
         bytes.truncate(bytes.len() - 3);
-        std::fs::write(&p, bytes).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
         let e = read_npy(&p).unwrap_err().to_string();
-        assert!(
-            e.contains("bad.npy") && e.contains("needs 16 data bytes"),
-            "{e}"
-        );
-        let e = write_npy(&p, &[2, 2], &[1.0; 3]).unwrap_err().to_string();
-        assert!(e.contains("4 values"), "{e}");
+        assert!(e.contains("bad.npy") && e.contains("EOF"), "{e}");
+
+        let i = dir.path().join("int.npy");
+        ndarray::arr1(&[1i32, 2])
+            .write_npy(std::fs::File::create(&i).unwrap())
+            .unwrap();
+        let e = read_npy(&i).unwrap_err().to_string();
+        assert!(e.contains("int.npy") && e.contains("<i4"), "{e}");
+
+        let e = read_npy(dir.path().join("missing.npy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.npy"), "{e}");
+        let e = write_npy(
+            dir.path().join("no/such/dir.npy"),
+            &ndarray::arr1(&[1.0f32]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dir.npy") || e.contains("no/such"), "{e}");
     }
 }

@@ -13,7 +13,8 @@ fn fixture(name: &str) -> (Vec<usize>, Vec<f32>) {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(format!("{name}.npy"));
-    read_npy(&p).unwrap_or_else(|e| panic!("{e}"))
+    let a = read_npy(&p).unwrap_or_else(|e| panic!("{e}"));
+    (a.shape().to_vec(), a.iter().copied().collect())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -13,8 +13,8 @@ fn fixture(name: &str) -> Tensor {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(format!("{name}.npy"));
-    let (shape, data) = melvae_dsp::read_npy(&p).unwrap_or_else(|e| panic!("{e}"));
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    let a = melvae_dsp::read_npy(&p).unwrap_or_else(|e| panic!("{e}"));
+    Tensor::from_vec(a.iter().copied().collect(), a.shape(), &Device::Cpu).unwrap()
 }
 
 fn values(name: &str) -> Vec<f32> {
