@@ -128,11 +128,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     busy += t.elapsed().as_secs_f64();
     let latents = Tensor::cat(&latents, 1)?.squeeze(0)?;
     let (n, d) = latents.dims2()?;
-    write_npy(
-        &args.output,
-        &[n, d],
-        &latents.flatten_all()?.to_vec1::<f32>()?,
-    )?;
+    let array = ndarray::Array2::from_shape_vec((n, d), latents.flatten_all()?.to_vec1::<f32>()?)?;
+    write_npy(&args.output, &array)?;
     let secs = samples as f64 / rate as f64;
     let mean_ms = 1000.0 * chunk_times.iter().sum::<f64>() / chunk_times.len().max(1) as f64;
     let max_ms = 1000.0 * chunk_times.iter().copied().fold(0.0, f64::max);

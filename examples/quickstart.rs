@@ -37,8 +37,8 @@ fn run() -> anyhow::Result<()> {
     let training: TrainerConfig = resolved.get("training")?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     let model_cfg = mel_vae_config(&resolved)?;
-    let run = open_run(&root, &resolved, Start::Overwrite)?;
     let data = AudioFolder::open(&data_cfg)?;
+    let run = open_run(&root, &resolved, Start::Overwrite)?;
     println!(
         "training the tiny mel VAE on {} ({} clips, {} held out) for {} steps",
         data_cfg.dir.display(),

@@ -114,10 +114,13 @@ fn run() -> anyhow::Result<()> {
     let per_minute = 60 * rate;
     let total = args.minutes * per_minute;
     println!(
-        "streaming {} min in {:.0} ms chunks; tail window {} latent frames",
+        "streaming {} min in {:.0} ms chunks; tail window {}",
         args.minutes,
         args.chunk_ms,
-        model.config().convformer.tf_context
+        match model.config().convformer.tf_context {
+            Some(w) => format!("{w} latent frames"),
+            None => "unbounded (the state grows)".into(),
+        }
     );
     println!("| minute | RSS MiB | state (numbers) | mean ms / chunk | max ms / chunk | latents |");
     println!("|---:|---:|---:|---:|---:|---:|");

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use melvae::train::run::{open_run, read_run_config, Start};
+use melvae::train::run::{check_start, open_run, read_run_config, Start};
 use melvae::train::tasks::family_of;
 use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
@@ -85,8 +85,11 @@ fn run(args: &Args) -> melvae::train::Result<()> {
     let training: TrainerConfig = resolved.get("training")?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     let model_cfg = mel_vae_config(&resolved)?;
-    let run = open_run(&run_dir, &resolved, start)?;
+    // Refusals first, then the (possibly slow) data, then the directory:
+    // a bad data folder leaves an existing run untouched.
+    check_start(&run_dir, &resolved, start)?;
     let data = AudioFolder::open(&data_cfg)?;
+    let run = open_run(&run_dir, &resolved, start)?;
     println!(
         "{family} on {}: {} training and {} validation clips",
         data_cfg.dir.display(),

@@ -332,7 +332,7 @@ fn mel_vae_config() -> MelVaeConfig {
             tf_dim: 16,
             tf_heads: 2,
             tf_layers: 1,
-            tf_context: 256,
+            tf_context: Some(256),
             drop_p: 0.0,
             latent_dim: 4,
             kl_loss_weight: 1e-3,

@@ -337,7 +337,7 @@ fn training_with_dropout_is_reproducible_and_resumes_exactly_across_processes() 
             offline.to_str().unwrap(),
         ],
     ));
-    let (shape, want) = melvae::dsp::read_npy(&offline).unwrap();
+    let want = melvae::dsp::read_npy(&offline).unwrap();
     let streamed = dir.path().join("streamed.npy");
     let s = streamed.to_str().unwrap();
     let out = ok(run(
@@ -350,8 +350,8 @@ fn training_with_dropout_is_reproducible_and_resumes_exactly_across_processes() 
         "{stdout}"
     );
     let close = |p: &Path| {
-        let (sh, got) = melvae::dsp::read_npy(p).unwrap();
-        assert_eq!(sh, shape);
+        let got = melvae::dsp::read_npy(p).unwrap();
+        assert_eq!(got.shape(), want.shape());
         let d = got
             .iter()
             .zip(&want)

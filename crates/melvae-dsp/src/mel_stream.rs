@@ -108,13 +108,13 @@ impl MelStream {
         self.ex.frames_to_mel(by_frame, n)
     }
 
-    /// Drops samples no future frame reads: the next frame's start, and
-    /// what the end's reflection may read (`n_fft` before the end).
+    /// Drops samples no future frame reads: from the next frame's start,
+    /// and from what the end's reflection may read (the last `pad + 1`
+    /// samples).
     fn trim(&mut self) {
-        let n_fft = self.ex.config().stft.n_fft;
         let keep_from = self
             .frame_start(self.next)
-            .min(self.total as isize - n_fft as isize)
+            .min(self.total as isize - 1 - self.pad())
             .max(0) as usize;
         if keep_from > self.buf_start {
             self.buf.drain(..keep_from - self.buf_start);
@@ -155,8 +155,8 @@ impl MelStream {
         let out = if self.total == 0 {
             Ok(Array2::zeros((self.ex.config().n_mels, 0)))
         } else {
-            let n = self.ex.n_frames(self.total)?;
-            self.emit(n, self.total)
+            let total = self.total;
+            self.ex.n_frames(total).and_then(|n| self.emit(n, total))
         };
         self.reset();
         out
@@ -210,6 +210,37 @@ mod tests {
                 assert!(held <= cfg.stft.n_fft + 2 * 900, "{held}");
             }
         }
+    }
+
+    #[test]
+    fn any_padding_streams_like_offline() {
+        use crate::{PadMode, Padding};
+        for padding in [
+            Padding::None,
+            Padding::Both(384, PadMode::Reflect),
+            Padding::Both(1500, PadMode::Reflect),
+            Padding::Center(PadMode::Constant),
+        ] {
+            let mut cfg = MelConfig::vocos_24k();
+            cfg.stft.padding = padding;
+            let ex = MelExtractor::new(cfg).unwrap();
+            let mut stream = MelStream::new(cfg).unwrap();
+            let x = signal(6000, 5);
+            let mut parts: Vec<Array2<f32>> =
+                x.chunks(700).map(|c| stream.push(c).unwrap()).collect();
+            parts.push(stream.finish().unwrap());
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            let streamed = ndarray::concatenate(ndarray::Axis(1), &views).unwrap();
+            assert_eq!(streamed, ex.extract(&x).unwrap(), "{padding:?}");
+        }
+        // Too short for one frame: the offline error, and the stream resets.
+        let mut cfg = MelConfig::vocos_24k();
+        cfg.stft.padding = Padding::None;
+        let mut stream = MelStream::new(cfg).unwrap();
+        stream.push(&signal(100, 1)).unwrap();
+        let e = stream.finish().unwrap_err().to_string();
+        assert!(e.contains("100 samples"), "{e}");
+        assert_eq!((stream.buffered_samples(), stream.frames_emitted()), (0, 0));
     }
 
     #[test]

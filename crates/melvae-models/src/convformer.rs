@@ -35,10 +35,13 @@ pub struct ConvformerConfig {
     /// Past positions of the tail's causal attention, itself included
     /// (latent frames, `frames / C`): each latent frame attends to at most
     /// this many, in training, offline and streaming alike, so a stream
-    /// costs constant memory and time per chunk. The default 256 is 21.8 s
-    /// of audio at C = 8 (`vocos-24k`).
-    #[serde(default = "default_tf_context")]
-    pub tf_context: usize,
+    /// costs constant memory and time per chunk. The reference value (and
+    /// `configs/defaults/convformer.yaml`) is 256, 21.8 s of audio at C = 8
+    /// (`vocos-24k`); `None`, also what a config without the key means,
+    /// attends to the whole past (as models trained before the key existed;
+    /// their streams grow without bound).
+    #[serde(default)]
+    pub tf_context: Option<usize>,
     /// Dropout of the tail (training).
     pub drop_p: f64,
     /// Latent size.
@@ -49,10 +52,6 @@ pub struct ConvformerConfig {
     /// Steps of the linear KL warm-up from 0.
     #[serde(default = "default_kl_warmup")]
     pub kl_loss_warmup_steps: u64,
-}
-
-fn default_tf_context() -> usize {
-    256
 }
 
 fn default_kl_weight() -> f64 {
@@ -75,7 +74,7 @@ impl Default for ConvformerConfig {
             tf_dim: 512,
             tf_heads: 8,
             tf_layers: 4,
-            tf_context: 256,
+            tf_context: Some(256),
             drop_p: 0.1,
             latent_dim: 64,
             kl_loss_weight: 1e-3,
@@ -98,7 +97,6 @@ impl ConvformerConfig {
             (self.channels, "convformer.channels"),
             (self.tf_dim, "convformer.tf_dim"),
             (self.tf_layers, "convformer.tf_layers"),
-            (self.tf_context, "convformer.tf_context"),
             (self.latent_dim, "convformer.latent_dim"),
         ] {
             ensure(v > 0, f, || "must be > 0".into())?;
@@ -113,6 +111,9 @@ impl ConvformerConfig {
             "convformer.tf_heads",
             || "the head size tf_dim / tf_heads must be even (rotary positions)".into(),
         )?;
+        ensure(self.tf_context != Some(0), "convformer.tf_context", || {
+            "must be > 0 (or null for an unbounded past)".into()
+        })?;
         ensure(
             (0.0..1.0).contains(&self.drop_p),
             "convformer.drop_p",
@@ -136,7 +137,7 @@ impl ConvformerConfig {
         BlockConfig {
             attention: AttentionConfig {
                 causal: true,
-                window: Some(self.tf_context),
+                window: self.tf_context,
                 bias: true,
                 rotary_base: Some(10000.0),
                 dropout: self.drop_p,
@@ -442,7 +443,7 @@ mod tests {
             tf_dim: 8,
             tf_heads: 2,
             tf_layers: 1,
-            tf_context: 256,
+            tf_context: Some(256),
             drop_p: 0.0,
             latent_dim: 4,
             kl_loss_weight: 1e-3,
@@ -518,7 +519,7 @@ mod tests {
     fn streams_longer_than_the_window_hold_no_graph_and_reset() {
         // A tail window of 3 latent frames, inputs of 8: chunked == offline.
         let cfg = ConvformerConfig {
-            tf_context: 3,
+            tf_context: Some(3),
             ..tiny(4)
         };
         let (_, mut e) = build(cfg, DType::F32);
@@ -557,7 +558,7 @@ mod tests {
         // (the window and the conv stack's receptive field) the state is
         // the same size at every chunk.
         let cfg = ConvformerConfig {
-            tf_context: 5,
+            tf_context: Some(5),
             ..tiny(4)
         };
         let (_, mut e) = build(cfg, DType::F32);
@@ -572,6 +573,20 @@ mod tests {
         assert!(settled[0] > 0);
         e.reset();
         assert_eq!(e.state_elements(), 0);
+        // Without a window the KV cache, and so the state, keeps growing.
+        let (_, mut unbounded) = build(
+            ConvformerConfig {
+                tf_context: None,
+                ..tiny(4)
+            },
+            DType::F32,
+        );
+        let mut grown = Vec::new();
+        for i in 0..20 {
+            unbounded.step(&x.narrow(2, 12 * i, 12).unwrap()).unwrap();
+            grown.push(unbounded.state_elements());
+        }
+        assert!(grown.windows(2).skip(10).all(|w| w[1] > w[0]), "{grown:?}");
     }
 
     #[test]
@@ -632,6 +647,13 @@ mod tests {
                     ..tiny(8)
                 },
                 "latent_dim",
+            ),
+            (
+                ConvformerConfig {
+                    tf_context: Some(0),
+                    ..tiny(8)
+                },
+                "tf_context",
             ),
         ] {
             let e = cfg.validate().unwrap_err().to_string();

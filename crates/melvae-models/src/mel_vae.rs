@@ -470,6 +470,12 @@ impl EncoderStream {
     /// Ends the stream: the remaining latents (the last mel frames, padded
     /// with silence to a multiple of C), then resets for a new stream.
     pub fn finish(&mut self, device: &Device) -> Result<Option<StreamedLatents>> {
+        let out = self.finish_inner(device);
+        self.reset();
+        out
+    }
+
+    fn finish_inner(&mut self, device: &Device) -> Result<Option<StreamedLatents>> {
         let mut mel = self.mel.finish()?;
         let total = self.frames + mel.ncols();
         let padded = total.div_ceil(self.compress) * self.compress;
@@ -479,9 +485,7 @@ impl EncoderStream {
             mel = ndarray::concatenate(ndarray::Axis(1), &[mel.view(), pad.view()])
                 .map_err(|e| Error::invalid("mel stream", e.to_string()))?;
         }
-        let out = self.encode_frames(mel, device);
-        self.reset();
-        out
+        self.encode_frames(mel, device)
     }
 
     /// Numbers held as stream state (mel frontend samples, encoder buffers
@@ -524,7 +528,7 @@ mod tests {
                 tf_dim: 8,
                 tf_heads: 2,
                 tf_layers: 1,
-                tf_context: 256,
+                tf_context: Some(256),
                 drop_p: 0.0,
                 latent_dim: 4,
                 kl_loss_weight: 1e-3,

@@ -246,7 +246,8 @@ fn build<F: Family>(
     let model = match (built, failure) {
         (Ok(m), _) => m,
         (Err(_), Some(reason)) => return Err(file_err(origin, reason)),
-        (Err(e), None) => return Err(e),
+        // Anything else (an invalid config, say) is still this file's.
+        (Err(e), None) => return Err(file_err(origin, e)),
     };
     let used = source.used.lock().map(|u| u.clone()).unwrap_or_default();
     if !allow_unused {

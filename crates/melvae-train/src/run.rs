@@ -45,6 +45,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "training.ckpt_every",
     "training.keep_last",
     "training.sample_every",
+    "training.tensorboard",
 ];
 
 /// What a run writes into its directory (removed by [`Start::Overwrite`]).
@@ -66,8 +67,10 @@ fn run_entries(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// A run directory has both the config and the checkpoints folder a run
+/// writes; a project folder with a `config.yaml` of its own is not one.
 fn is_run(root: &Path) -> bool {
-    root.join("config.yaml").exists() || root.join("checkpoints").exists()
+    root.join("config.yaml").is_file() && root.join("checkpoints").is_dir()
 }
 
 /// The dotted leaf keys where `a` and `b` differ (present in one only, or
@@ -107,39 +110,28 @@ fn resumable(key: &str) -> bool {
         .any(|k| key == *k || key.starts_with(&format!("{k}.")))
 }
 
-/// Opens the run directory `root` for training with `resolved`, as `start`
-/// says (see [`Start`]), and writes the config into it. On resume, a
-/// `resolved` that differs from the stored `config.yaml` only in
-/// [`RESUMABLE_KEYS`] replaces it.
-pub fn open_run(root: &Path, resolved: &ResolvedConfig, start: Start) -> Result<RunDir> {
+/// Checks, without touching anything, that `root` may be opened for
+/// training with `resolved` as `start` says (see [`Start`]): the refusals
+/// of [`open_run`], for a program to report before it does slow work.
+pub fn check_start(root: &Path, resolved: &ResolvedConfig, start: Start) -> Result<()> {
     let exists = root.exists();
     match start {
-        Start::New if exists && is_run(root) => {
-            return Err(Error::file(
-                root,
-                "holds a run already: pass --resume to continue it or --overwrite to start over",
-            ))
-        }
+        Start::New if exists && is_run(root) => Err(Error::file(
+            root,
+            "holds a run already: pass --resume to continue it or --overwrite to start over",
+        )),
         Start::New | Start::Overwrite if exists && !is_run(root) => {
             let empty = fs::read_dir(root)
                 .map_err(|e| Error::file(root, e))?
                 .next()
                 .is_none();
-            if !empty {
-                return Err(Error::file(
+            if empty {
+                Ok(())
+            } else {
+                Err(Error::file(
                     root,
                     "exists, is not empty and is not a run directory: choose another run directory",
-                ));
-            }
-        }
-        Start::Overwrite if exists => {
-            for p in run_entries(root)? {
-                let r = if p.is_dir() {
-                    fs::remove_dir_all(&p)
-                } else {
-                    fs::remove_file(&p)
-                };
-                r.map_err(|e| Error::file(&p, e))?;
+                ))
             }
         }
         Start::Resume { force } => {
@@ -148,8 +140,10 @@ pub fn open_run(root: &Path, resolved: &ResolvedConfig, start: Start) -> Result<
                 .into_iter()
                 .filter(|k| !resumable(k))
                 .collect();
-            if !diff.is_empty() && !force {
-                return Err(Error::file(
+            if diff.is_empty() || force {
+                Ok(())
+            } else {
+                Err(Error::file(
                     root.join("config.yaml"),
                     format!(
                         "the run was trained with a different config: {} differ (a resumed run \
@@ -158,10 +152,29 @@ pub fn open_run(root: &Path, resolved: &ResolvedConfig, start: Start) -> Result<
                         diff.join(", "),
                         RESUMABLE_KEYS.join(", ")
                     ),
-                ));
+                ))
             }
         }
-        _ => {}
+        _ => Ok(()),
+    }
+}
+
+/// Opens the run directory `root` for training with `resolved`, as `start`
+/// says (see [`Start`]; refusals as [`check_start`]), and writes the config
+/// into it. [`Start::Overwrite`] deletes the run's files first. On resume,
+/// a `resolved` that differs from the stored `config.yaml` only in
+/// [`RESUMABLE_KEYS`] replaces it.
+pub fn open_run(root: &Path, resolved: &ResolvedConfig, start: Start) -> Result<RunDir> {
+    check_start(root, resolved, start)?;
+    if start == Start::Overwrite && is_run(root) {
+        for p in run_entries(root)? {
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.map_err(|e| Error::file(&p, e))?;
+        }
     }
     let run = RunDir::create(root)?;
     run.write_config(resolved)?;
@@ -206,16 +219,36 @@ pub struct Located {
     pub checkpoint: PathBuf,
 }
 
+/// The run directory holding the checkpoint directory `ckpt`
+/// (`RUN/checkpoints/step-N`).
+fn run_of_checkpoint(ckpt: &Path) -> Result<PathBuf> {
+    let parent = ckpt
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"));
+    parent
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            Error::file(
+                ckpt,
+                "is not a checkpoint inside a run's checkpoints/ folder",
+            )
+        })
+}
+
 /// Finds the checkpoint `which` of the run at `path` (a run directory, or a
-/// checkpoint directory inside one). Reads only.
+/// checkpoint directory inside one, which then must be asked for as
+/// [`Which::Latest`], meaning itself). Reads only.
 pub fn locate(path: &Path, which: &Which) -> Result<Located> {
     if path.join("state.json").exists() {
-        let root = path
-            .parent()
-            .and_then(Path::parent)
-            .ok_or_else(|| Error::file(path, "is not inside a run directory"))?;
+        if *which != Which::Latest {
+            return Err(Error::file(
+                path,
+                "is a checkpoint directory: give the run directory to choose a checkpoint",
+            ));
+        }
         return Ok(Located {
-            root: root.to_path_buf(),
+            root: run_of_checkpoint(path)?,
             checkpoint: path.to_path_buf(),
         });
     }
@@ -234,6 +267,16 @@ pub fn locate(path: &Path, which: &Which) -> Result<Located> {
         Which::Path(p) => {
             if !p.join("state.json").exists() {
                 return Err(Error::file(p, "is not a checkpoint (no state.json)"));
+            }
+            let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if !same(&run_of_checkpoint(p)?, path) {
+                return Err(Error::file(
+                    p,
+                    format!("is not a checkpoint of the run {}", path.display()),
+                ));
             }
             p.clone()
         }
@@ -346,6 +389,42 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_are_located_within_their_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str| {
+            let root = dir.path().join(name);
+            open_run(&root, &cfg("training: {steps: 2}\n"), Start::New).unwrap();
+            let ck = root.join("checkpoints/step-00000002");
+            std::fs::create_dir_all(&ck).unwrap();
+            let state = serde_json::to_string(&TrainState {
+                step: 2,
+                ..Default::default()
+            })
+            .unwrap();
+            std::fs::write(ck.join("state.json"), state).unwrap();
+            std::fs::write(root.join("checkpoints/latest"), "step-00000002").unwrap();
+            (root, ck)
+        };
+        let (a, ck_a) = make("a");
+        let (_, ck_b) = make("b");
+        assert_eq!(locate(&a, &Which::Latest).unwrap().checkpoint, ck_a);
+        let l = locate(&ck_a, &Which::Latest).unwrap();
+        assert_eq!((l.root, l.checkpoint), (a.clone(), ck_a.clone()));
+        let e = locate(&a, &Which::Best).unwrap_err().to_string();
+        assert!(e.contains("no best checkpoint"), "{e}");
+        let e = locate(&ck_a, &Which::Best).unwrap_err().to_string();
+        assert!(e.contains("give the run directory"), "{e}");
+        let e = locate(&a, &Which::Path(ck_b.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a checkpoint of the run"), "{e}");
+        assert_eq!(
+            locate(&a, &Which::Path(ck_a.clone())).unwrap().checkpoint,
+            ck_a
+        );
+    }
+
+    #[test]
     fn runs_are_not_clobbered() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("run");
@@ -384,6 +463,15 @@ mod tests {
             assert!(e.contains("not a run directory"), "{e}");
         }
         assert!(other_dir.join("a.wav").exists());
+        // Nor a project folder that happens to have a config.yaml.
+        let project = dir.path().join("project");
+        std::fs::create_dir_all(project.join("samples")).unwrap();
+        std::fs::write(project.join("config.yaml"), "mine: 1\n").unwrap();
+        let e = open_run(&project, &c, Start::Overwrite)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a run directory"), "{e}");
+        assert!(project.join("config.yaml").exists() && project.join("samples").exists());
 
         // Resuming what is not a run names it.
         let e = open_run(&dir.path().join("nope"), &c, Start::Resume { force: false })

@@ -38,6 +38,8 @@ pub struct Event {
     pub file_version: Option<String>,
     /// The summary values (empty on a file-version event).
     pub values: Vec<Value>,
+    /// A `SessionLog` START event (see [`EventWriter::add_session_start`]).
+    pub session_start: bool,
 }
 
 /// One tagged summary value.
@@ -201,7 +203,8 @@ impl EventWriter {
 
     /// Marks a (re)start of training at `step` (a `SessionLog` START
     /// event): TensorBoard then discards what earlier files logged at
-    /// `step` and after, so a resumed run shows one trajectory.
+    /// `step` and after, so a resumed run shows one trajectory. A run
+    /// resumed from the checkpoint of step `s` passes `s + 1`.
     pub fn add_session_start(&mut self, step: u64) -> Result<()> {
         let step = i64::try_from(step)
             .map_err(|_| Error::invalid("TensorBoard step", format!("{step} exceeds i64")))?;
@@ -209,8 +212,8 @@ impl EventWriter {
         put_key(&mut buf, 1, 1);
         buf.extend_from_slice(&now().to_le_bytes());
         put_int(&mut buf, 2, step);
-        // Event.session_log (6) = SessionLog { status (1): START (1) }.
-        put_len(&mut buf, 6, &[0x08, 0x01]);
+        // Event.session_log (7) = SessionLog { status (1): START (1) }.
+        put_len(&mut buf, 7, &[0x08, 0x01]);
         self.write_record(&buf)
     }
 
@@ -491,6 +494,12 @@ fn decode_event(data: &[u8]) -> PbResult<Event> {
                 }
                 Ok(())
             })?,
+            (7, Field::Len(b)) => fields(b, |number, field| {
+                if let (1, Field::Varint(1)) = (number, field) {
+                    event.session_start = true;
+                }
+                Ok(())
+            })?,
             _ => {}
         }
         Ok(())
@@ -611,6 +620,22 @@ mod tests {
             EventWriter::create_file(&out, 0.0).is_err(),
             "never overwrites"
         );
+    }
+
+    #[test]
+    fn session_start_is_a_session_log_start_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.out.tfevents.1.test");
+        let mut w = EventWriter::create_file(&p, 1.0).unwrap();
+        w.add_session_start(21).unwrap();
+        w.add_scalar("x", 1.0, 21).unwrap();
+        w.flush().unwrap();
+        let events = read_events(&p).unwrap();
+        assert!(events[1].session_start && events[1].step == 21 && events[1].values.is_empty());
+        assert!(!events[2].session_start);
+        // Event field 7 (session_log), length 2: SessionLog { status: START }.
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(bytes.windows(4).any(|b| b == [0x3a, 0x02, 0x08, 0x01]));
     }
 
     #[test]

@@ -545,11 +545,23 @@ impl<'a> Trainer<'a> {
             .unwrap_or_else(|| task.best_metric().to_string());
         let mut tb = if cfg.tensorboard {
             let mut w = crate::tensorboard::EventWriter::create(self.run.root())?;
-            w.add_session_start(state.step)?;
+            // The checkpoint's own step was logged by the process that
+            // wrote it: purge only what came after.
+            w.add_session_start(state.step + 1)?;
             Some(w)
         } else {
             None
         };
+        if cfg.best_metric.is_some() && cfg.val_every > 0 && state.step < cfg.steps {
+            // A metric the task does not report fails now, not after
+            // `val_every` steps of training.
+            let ctx = StepContext {
+                step: state.step,
+                train: false,
+                adversarial: false,
+            };
+            best_of(&task.validate(ctx)?, &best_key)?;
+        }
         let bar = (cfg.progress && std::io::stderr().is_terminal())
             .then(|| progress_bar(cfg.steps, state.step));
         let lines = cfg.progress && !std::io::stdout().is_terminal();
@@ -736,14 +748,7 @@ impl<'a> Trainer<'a> {
                     }
                     w.flush()?;
                 }
-                let v = *metrics.get(&best_key).ok_or_else(|| Error::Config {
-                    origin: "training config".into(),
-                    key: "training.best_metric".into(),
-                    reason: format!(
-                        "`{best_key}` is not a validation metric of this task (it has: {})",
-                        metrics.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                })?;
+                let v = best_of(&metrics, &best_key)?;
                 if v.is_finite() && state.best.as_ref().is_none_or(|(b, _)| v < *b) {
                     state.best = Some((v, checkpoint_name(state.step)));
                     state.stale_validations = 0;
@@ -865,6 +870,19 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// The best-checkpoint metric `key` of validation `metrics`, or an error
+/// naming `training.best_metric` and the metrics there are.
+fn best_of(metrics: &BTreeMap<String, f64>, key: &str) -> Result<f64> {
+    metrics.get(key).copied().ok_or_else(|| Error::Config {
+        origin: "training config".into(),
+        key: "training.best_metric".into(),
+        reason: format!(
+            "`{key}` is not a validation metric of this task (it has: {})",
+            metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
 /// Copies of the variables' values, and the EMA's values put in their
 /// place (`None` without an EMA).
 fn swap_in(ema: Option<&Ema>, vars: &[(String, Var)]) -> Result<Option<Vec<Tensor>>> {
@@ -918,15 +936,19 @@ fn log_samples(
                 w.add_image_png(&tag, &bytes, be(16), be(20), channels, step)?;
             }
             Some("wav") => {
-                let audio = melvae_dsp::load_audio(path)?;
-                w.add_audio_wav(
-                    &tag,
-                    &bytes,
-                    audio.sample_rate as f32,
-                    audio.channels.len() as i64,
-                    audio.n_samples() as i64,
-                    step,
-                )?;
+                // A sample that does not decode (say, non-finite samples
+                // from a diverging model) is left out of TensorBoard; it
+                // must not stop training.
+                if let Ok(audio) = melvae_dsp::load_audio(path) {
+                    w.add_audio_wav(
+                        &tag,
+                        &bytes,
+                        audio.sample_rate as f32,
+                        audio.channels.len() as i64,
+                        audio.n_samples() as i64,
+                        step,
+                    )?;
+                }
             }
             _ => {}
         }

@@ -247,15 +247,17 @@ fn the_best_metric_must_be_a_validation_metric() {
         best_metric: Some("nope".into()),
         ..cfg(10)
     };
+    let mut toy = Toy::new(1);
     let e = Trainer::new(c, &run)
         .unwrap()
-        .fit(&mut Toy::new(1), false)
+        .fit(&mut toy, false)
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("training.best_metric") && e.contains("`nope`") && e.contains("total"),
         "{e}"
     );
+    assert!(toy.seen_ctx.is_empty(), "refused before any training step");
 }
 
 #[test]
