@@ -5,6 +5,9 @@
 //!   midpoint sampling and classifier-free guidance.
 //! - [`mel_vae`]: the two joined: encode, sample, encode-and-sample from
 //!   audio, and the training loss (flow matching + KL with warm-up).
+//! - [`wave_vae`]: the Encodec-style waveform VAE (SEANet encoder and
+//!   decoder, Gaussian bottleneck, mono or stereo, streaming when causal).
+//! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -30,6 +33,7 @@ pub mod dit_cfm;
 mod error;
 pub mod mel_vae;
 pub mod model_file;
+pub mod wave_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
@@ -39,3 +43,6 @@ pub use mel_vae::{
     StreamedLatents,
 };
 pub use model_file::{Family, ModelFileInfo};
+pub use wave_vae::{
+    WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveVae, WaveVaeConfig,
+};

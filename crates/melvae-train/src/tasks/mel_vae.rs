@@ -139,7 +139,7 @@ impl MelVaeTask {
 
 /// Maps a model config error (`<section>.<field>: reason`) to the field
 /// relative to its section, for [`crate::Validate`].
-fn section_err(e: melvae_models::Error, section: &str) -> (String, String) {
+pub(crate) fn section_err(e: melvae_models::Error, section: &str) -> (String, String) {
     match e {
         melvae_models::Error::Invalid { what, reason } => {
             let field = what

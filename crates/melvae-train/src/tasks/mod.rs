@@ -13,6 +13,7 @@ use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
 pub mod mel_vae;
+pub mod wave_vae;
 
 /// Top-level config sections every run may have.
 pub const COMMON_SECTIONS: &[&str] = &["training", "data"];

@@ -1,0 +1,905 @@
+//! The waveform VAE: an Encodec-style (SEANet) convolutional encoder and
+//! decoder on raw audio, mono or stereo, with a Gaussian bottleneck.
+//!
+//! Audio `[batch, audio_channels, samples]` (samples a multiple of the hop,
+//! the product of `strides`) to latents `[batch, latent_dim, samples / hop]`
+//! (posterior mean and log-variance) and back. In causal mode both halves
+//! stream: chunks of audio become latents as they are final, and chunks of
+//! latents become audio, each equal to the offline pass.
+
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
+use melvae_layers::{
+    Activation, ActivationKind, Conv1d, Conv1dConfig, ConvPadding, LstmStack, ResidualUnit,
+    ResidualUnitConfig, Streaming, Upsample, UpsampleConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::model_file::Family;
+use crate::{Error, Result};
+
+/// The activation of the encoder and decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaveActivation {
+    /// ELU with alpha 1 (Encodec).
+    Elu,
+    /// Snake with a learned per-channel frequency (DAC, BigVGAN).
+    Snake,
+}
+
+impl WaveActivation {
+    fn kind(self) -> ActivationKind {
+        match self {
+            Self::Elu => ActivationKind::Elu { alpha: 1.0 },
+            Self::Snake => ActivationKind::Snake,
+        }
+    }
+}
+
+/// An optional sequence model at the bottleneck (both halves), with a skip
+/// connection: `x + f(x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WaveBottleneck {
+    /// Nothing.
+    #[default]
+    None,
+    /// A stacked LSTM as wide as the bottleneck (Encodec: 2 layers).
+    Lstm {
+        /// LSTM layers.
+        layers: usize,
+    },
+}
+
+/// The `wave_vae:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveVaeConfig {
+    /// Sample rate the model is trained at (Hz).
+    pub sample_rate: u32,
+    /// Audio channels: 1 (mono) or 2 (stereo).
+    pub audio_channels: usize,
+    /// Width after the input conv.
+    pub channels: usize,
+    /// Width after stage `i` is `channels * channel_mults[i]`; one entry per
+    /// stride.
+    pub channel_mults: Vec<usize>,
+    /// Downsampling factor of each stage (the hop is their product), e.g.
+    /// `[2, 4, 5, 8]` at 24 kHz (75 Hz latents), `[2, 4, 4, 8, 8]` at 44.1 kHz.
+    pub strides: Vec<usize>,
+    /// Dilations of the residual units of each stage.
+    #[serde(default = "default_dilations")]
+    pub dilations: Vec<usize>,
+    /// Kernel of the input and output convs.
+    #[serde(default = "seven")]
+    pub kernel_size: usize,
+    /// Kernel of the residual units' dilated convs.
+    #[serde(default = "three")]
+    pub residual_kernel_size: usize,
+    /// `elu` or `snake`.
+    #[serde(default = "elu")]
+    pub activation: WaveActivation,
+    /// Causal convolutions (the model streams) or centred ones.
+    #[serde(default = "yes")]
+    pub causal: bool,
+    /// Weight-norm parameterisation of every conv.
+    #[serde(default = "yes")]
+    pub weight_norm: bool,
+    /// Sequence model at the bottleneck.
+    #[serde(default)]
+    pub bottleneck: WaveBottleneck,
+    /// Latent channels.
+    pub latent_dim: usize,
+}
+
+fn default_dilations() -> Vec<usize> {
+    vec![1, 3, 9]
+}
+fn seven() -> usize {
+    7
+}
+fn three() -> usize {
+    3
+}
+fn elu() -> WaveActivation {
+    WaveActivation::Elu
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for WaveVaeConfig {
+    /// 24 kHz mono speech: 32 channels doubling over strides [2, 4, 5, 8]
+    /// (hop 320, 75 latent frames per second), ELU, causal, weight norm, a
+    /// 2-layer LSTM, 64 latent channels.
+    fn default() -> Self {
+        Self {
+            sample_rate: 24_000,
+            audio_channels: 1,
+            channels: 32,
+            channel_mults: vec![2, 4, 8, 16],
+            strides: vec![2, 4, 5, 8],
+            dilations: default_dilations(),
+            kernel_size: 7,
+            residual_kernel_size: 3,
+            activation: WaveActivation::Elu,
+            causal: true,
+            weight_norm: true,
+            bottleneck: WaveBottleneck::Lstm { layers: 2 },
+            latent_dim: 64,
+        }
+    }
+}
+
+impl WaveVaeConfig {
+    /// Checks every field; the error names it (`wave_vae.<field>`).
+    pub fn validate(&self) -> Result<()> {
+        ensure(
+            matches!(self.audio_channels, 1 | 2),
+            "wave_vae.audio_channels",
+            || format!("must be 1 or 2, got {}", self.audio_channels),
+        )?;
+        for (v, f) in [
+            (self.sample_rate as usize, "wave_vae.sample_rate"),
+            (self.channels, "wave_vae.channels"),
+            (self.latent_dim, "wave_vae.latent_dim"),
+            (self.kernel_size, "wave_vae.kernel_size"),
+            (self.residual_kernel_size, "wave_vae.residual_kernel_size"),
+        ] {
+            ensure(v > 0, f, || "must be > 0".into())?;
+        }
+        ensure(!self.strides.is_empty(), "wave_vae.strides", || {
+            "needs at least one stage".into()
+        })?;
+        ensure(
+            self.strides.iter().all(|&s| s > 0),
+            "wave_vae.strides",
+            || format!("must all be > 0, got {:?}", self.strides),
+        )?;
+        ensure(
+            self.channel_mults.len() == self.strides.len(),
+            "wave_vae.channel_mults",
+            || {
+                format!(
+                    "needs one entry per stride ({}), got {}",
+                    self.strides.len(),
+                    self.channel_mults.len()
+                )
+            },
+        )?;
+        ensure(
+            self.channel_mults.iter().all(|&m| m > 0),
+            "wave_vae.channel_mults",
+            || format!("must all be > 0, got {:?}", self.channel_mults),
+        )?;
+        ensure(
+            self.dilations.iter().all(|&d| d > 0),
+            "wave_vae.dilations",
+            || format!("must all be > 0, got {:?}", self.dilations),
+        )?;
+        // The residual units halve the width.
+        ensure(
+            self.widths().iter().all(|w| w % 2 == 0),
+            "wave_vae.channels",
+            || {
+                format!(
+                    "every stage width must be even (residual units halve it), got {:?}",
+                    self.widths()
+                )
+            },
+        )?;
+        if let WaveBottleneck::Lstm { layers } = self.bottleneck {
+            ensure(layers > 0, "wave_vae.bottleneck.layers", || {
+                "must be > 0".into()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Samples per latent frame: the product of the strides.
+    pub fn hop(&self) -> usize {
+        self.strides.iter().product()
+    }
+
+    /// Latent frames per second.
+    pub fn frame_rate(&self) -> f64 {
+        self.sample_rate as f64 / self.hop() as f64
+    }
+
+    /// Widths: before stage 0 (`channels`) and after each stage.
+    pub fn widths(&self) -> Vec<usize> {
+        std::iter::once(self.channels)
+            .chain(self.channel_mults.iter().map(|m| self.channels * m))
+            .collect()
+    }
+
+    fn padding(&self) -> ConvPadding {
+        if self.causal {
+            ConvPadding::Causal
+        } else {
+            ConvPadding::Same
+        }
+    }
+
+    fn conv(&self, i: usize, o: usize, k: usize, stride: usize) -> Conv1dConfig {
+        Conv1dConfig {
+            stride,
+            weight_norm: self.weight_norm,
+            padding: self.padding(),
+            ..Conv1dConfig::causal(i, o, k)
+        }
+    }
+
+    fn unit(&self, width: usize, dilation: usize) -> ResidualUnitConfig {
+        ResidualUnitConfig {
+            kernel_size: self.residual_kernel_size,
+            activation: self.activation.kind(),
+            causal: self.causal,
+            weight_norm: self.weight_norm,
+            ..ResidualUnitConfig::seanet(width, dilation)
+        }
+    }
+}
+
+/// `x + lstm(x)` over `[batch, channels, time]`; parameters `lstm.*`.
+#[derive(Debug, Clone)]
+struct SkipLstm {
+    lstm: LstmStack,
+}
+
+impl SkipLstm {
+    fn new(width: usize, layers: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            lstm: LstmStack::new(width, width, layers, vb.pp("lstm"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, _) = self.lstm.forward(&x.transpose(1, 2)?.contiguous()?, None)?;
+        Ok((x + y.transpose(1, 2)?)?)
+    }
+
+    fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        let y = Streaming::step(&mut self.lstm, &x.transpose(1, 2)?.contiguous()?)?
+            .ok_or_else(|| Error::invalid("wave_vae stream", "the LSTM emitted nothing"))?;
+        Ok((x + y.transpose(1, 2)?)?)
+    }
+}
+
+/// One encoder stage: residual units, activation, strided conv.
+#[derive(Debug, Clone)]
+struct DownStage {
+    units: Vec<ResidualUnit>,
+    act: Activation,
+    down: Conv1d,
+}
+
+/// One decoder stage: activation, upsampler, residual units.
+#[derive(Debug, Clone)]
+struct UpStage {
+    act: Activation,
+    up: Upsample,
+    units: Vec<ResidualUnit>,
+}
+
+/// Passes `x` through one streaming layer; `None` ends the chain.
+fn step_opt(m: &mut impl Streaming, x: Option<Tensor>) -> melvae_layers::Result<Option<Tensor>> {
+    match x {
+        Some(x) => m.step(&x),
+        None => Ok(None),
+    }
+}
+
+/// The SEANet encoder: audio `[batch, audio_channels, samples]` to
+/// `(mean, logvar)`, each `[batch, latent_dim, samples / hop]`.
+///
+/// Parameters: `input`, `stages.{i}.units.{j}`, `stages.{i}.act`,
+/// `stages.{i}.down`, `bottleneck.lstm`, `act_out`, `out`.
+#[derive(Debug, Clone)]
+pub struct WaveEncoder {
+    cfg: WaveVaeConfig,
+    input: Conv1d,
+    stages: Vec<DownStage>,
+    bottleneck: Option<SkipLstm>,
+    act_out: Activation,
+    out: Conv1d,
+}
+
+impl WaveEncoder {
+    /// Builds the encoder; fails on an invalid config, naming the field.
+    pub fn new(cfg: WaveVaeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let w = cfg.widths();
+        let input = Conv1d::new(
+            cfg.conv(cfg.audio_channels, w[0], cfg.kernel_size, 1),
+            vb.pp("input"),
+        )?;
+        let stages = cfg
+            .strides
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| -> Result<DownStage> {
+                let vs = vb.pp("stages").pp(i);
+                Ok(DownStage {
+                    units: cfg
+                        .dilations
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &d)| ResidualUnit::new(cfg.unit(w[i], d), vs.pp("units").pp(j)))
+                        .collect::<melvae_layers::Result<_>>()?,
+                    act: Activation::new(cfg.activation.kind(), w[i], vs.pp("act"))?,
+                    down: Conv1d::new(cfg.conv(w[i], w[i + 1], 2 * s, s), vs.pp("down"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let last = w[w.len() - 1];
+        let bottleneck = match cfg.bottleneck {
+            WaveBottleneck::None => None,
+            WaveBottleneck::Lstm { layers } => {
+                Some(SkipLstm::new(last, layers, vb.pp("bottleneck"))?)
+            }
+        };
+        Ok(Self {
+            act_out: Activation::new(cfg.activation.kind(), last, vb.pp("act_out"))?,
+            out: Conv1d::new(
+                cfg.conv(last, 2 * cfg.latent_dim, cfg.kernel_size, 1),
+                vb.pp("out"),
+            )?,
+            input,
+            stages,
+            bottleneck,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WaveVaeConfig {
+        &self.cfg
+    }
+
+    fn check(&self, audio: &Tensor, offline: bool) -> Result<()> {
+        let (c, hop) = (self.cfg.audio_channels, self.cfg.hop());
+        match audio.dims() {
+            [_, ch, t] if *ch == c && (!offline || (*t > 0 && t % hop == 0)) => Ok(()),
+            d => {
+                Err(Error::Shape {
+                    what: "wave_vae encoder input".into(),
+                    expected: if offline {
+                        format!("[batch, {c}, samples] with samples a positive multiple of the hop {hop}")
+                    } else {
+                        format!("[batch, {c}, samples]")
+                    },
+                    got: format!("{d:?}"),
+                })
+            }
+        }
+    }
+
+    fn split(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = self.cfg.latent_dim;
+        Ok((
+            h.narrow(1, 0, l)?.contiguous()?,
+            h.narrow(1, l, l)?.contiguous()?,
+        ))
+    }
+
+    /// `audio` `[batch, audio_channels, samples]` (samples a multiple of the
+    /// hop) to `(mean, logvar)`, each `[batch, latent_dim, samples / hop]`.
+    pub fn forward(&self, audio: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check(audio, true)?;
+        let mut h = self.input.forward(audio)?;
+        for s in &self.stages {
+            for u in &s.units {
+                h = u.forward(&h)?;
+            }
+            h = s.down.forward(&s.act.forward(&h)?)?;
+        }
+        if let Some(b) = &self.bottleneck {
+            h = b.forward(&h)?;
+        }
+        let h = self.out.forward(&self.act_out.forward(&h)?)?;
+        self.split(&h)
+    }
+}
+
+impl Streaming for WaveEncoder {
+    /// Audio chunks `[batch, audio_channels, t]` (any `t >= 1`) to the latent
+    /// frames that became final, mean and log-variance stacked on the
+    /// channel axis: `[batch, 2 * latent_dim, n]` (causal models only).
+    fn step(&mut self, chunk: &Tensor) -> melvae_layers::Result<Option<Tensor>> {
+        let err = |e: Error| melvae_layers::Error::Invalid {
+            what: "wave_vae encoder stream".into(),
+            reason: e.to_string(),
+        };
+        self.check(chunk, false).map_err(err)?;
+        let mut h = self.input.step(chunk)?;
+        for s in &mut self.stages {
+            for u in &mut s.units {
+                h = step_opt(u, h)?;
+            }
+            let a = h.map(|x| s.act.forward(&x)).transpose()?;
+            h = step_opt(&mut s.down, a)?;
+        }
+        let Some(mut h) = h else { return Ok(None) };
+        if let Some(b) = &mut self.bottleneck {
+            h = b.step(&h).map_err(err)?;
+        }
+        let a = self.act_out.forward(&h)?;
+        self.out.step(&a)
+    }
+
+    fn reset(&mut self) {
+        self.input.reset();
+        for s in &mut self.stages {
+            s.units.iter_mut().for_each(Streaming::reset);
+            s.down.reset();
+        }
+        if let Some(b) = &mut self.bottleneck {
+            b.lstm.reset();
+        }
+        self.out.reset();
+    }
+
+    fn state_elements(&self) -> usize {
+        self.input.state_elements()
+            + self
+                .stages
+                .iter()
+                .map(|s| {
+                    s.units.iter().map(Streaming::state_elements).sum::<usize>()
+                        + s.down.state_elements()
+                })
+                .sum::<usize>()
+            + self
+                .bottleneck
+                .as_ref()
+                .map_or(0, |b| b.lstm.state_elements())
+            + self.out.state_elements()
+    }
+}
+
+/// The mirrored decoder: latents `[batch, latent_dim, frames]` to audio
+/// `[batch, audio_channels, frames * hop]`.
+///
+/// Parameters: `input`, `bottleneck.lstm`, `stages.{i}.act`,
+/// `stages.{i}.up`, `stages.{i}.units.{j}`, `act_out`, `out` (stage 0 is the
+/// coarsest).
+#[derive(Debug, Clone)]
+pub struct WaveDecoder {
+    cfg: WaveVaeConfig,
+    input: Conv1d,
+    bottleneck: Option<SkipLstm>,
+    stages: Vec<UpStage>,
+    act_out: Activation,
+    out: Conv1d,
+}
+
+impl WaveDecoder {
+    /// Builds the decoder; fails on an invalid config, naming the field.
+    pub fn new(cfg: WaveVaeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let w = cfg.widths();
+        let n = cfg.strides.len();
+        let input = Conv1d::new(
+            cfg.conv(cfg.latent_dim, w[n], cfg.kernel_size, 1),
+            vb.pp("input"),
+        )?;
+        let bottleneck = match cfg.bottleneck {
+            WaveBottleneck::None => None,
+            WaveBottleneck::Lstm { layers } => {
+                Some(SkipLstm::new(w[n], layers, vb.pp("bottleneck"))?)
+            }
+        };
+        let stages = (0..n)
+            .map(|i| -> Result<UpStage> {
+                // Stage i undoes encoder stage n - 1 - i.
+                let k = n - 1 - i;
+                let (win, wout, s) = (w[k + 1], w[k], cfg.strides[k]);
+                let vs = vb.pp("stages").pp(i);
+                Ok(UpStage {
+                    act: Activation::new(cfg.activation.kind(), win, vs.pp("act"))?,
+                    up: Upsample::new(
+                        UpsampleConfig {
+                            in_channels: win,
+                            out_channels: wout,
+                            kernel_size: 2 * s,
+                            stride: s,
+                            bias: true,
+                            weight_norm: cfg.weight_norm,
+                            causal: cfg.causal,
+                        },
+                        vs.pp("up"),
+                    )?,
+                    units: cfg
+                        .dilations
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &d)| ResidualUnit::new(cfg.unit(wout, d), vs.pp("units").pp(j)))
+                        .collect::<melvae_layers::Result<_>>()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            act_out: Activation::new(cfg.activation.kind(), w[0], vb.pp("act_out"))?,
+            out: Conv1d::new(
+                cfg.conv(w[0], cfg.audio_channels, cfg.kernel_size, 1),
+                vb.pp("out"),
+            )?,
+            input,
+            bottleneck,
+            stages,
+            cfg,
+        })
+    }
+
+    fn check(&self, z: &Tensor) -> Result<()> {
+        match z.dims() {
+            [_, l, t] if *l == self.cfg.latent_dim && *t > 0 => Ok(()),
+            d => Err(Error::Shape {
+                what: "wave_vae decoder input".into(),
+                expected: format!("[batch, {}, frames]", self.cfg.latent_dim),
+                got: format!("{d:?}"),
+            }),
+        }
+    }
+
+    /// Latents `[batch, latent_dim, frames]` to audio
+    /// `[batch, audio_channels, frames * hop]`.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.check(z)?;
+        let mut h = self.input.forward(z)?;
+        if let Some(b) = &self.bottleneck {
+            h = b.forward(&h)?;
+        }
+        for s in &self.stages {
+            h = s.up.forward(&s.act.forward(&h)?)?;
+            for u in &s.units {
+                h = u.forward(&h)?;
+            }
+        }
+        Ok(self.out.forward(&self.act_out.forward(&h)?)?)
+    }
+}
+
+impl Streaming for WaveDecoder {
+    /// Latent chunks `[batch, latent_dim, t]` to audio `[batch,
+    /// audio_channels, t * hop]` (causal models only).
+    fn step(&mut self, chunk: &Tensor) -> melvae_layers::Result<Option<Tensor>> {
+        let err = |e: Error| melvae_layers::Error::Invalid {
+            what: "wave_vae decoder stream".into(),
+            reason: e.to_string(),
+        };
+        self.check(chunk).map_err(err)?;
+        let mut h = self.input.step(chunk)?;
+        if let (Some(b), Some(x)) = (&mut self.bottleneck, &h) {
+            h = Some(b.step(x).map_err(err)?);
+        }
+        for s in &mut self.stages {
+            let a = h.map(|x| s.act.forward(&x)).transpose()?;
+            h = step_opt(&mut s.up, a)?;
+            for u in &mut s.units {
+                h = step_opt(u, h)?;
+            }
+        }
+        let a = h.map(|x| self.act_out.forward(&x)).transpose()?;
+        step_opt(&mut self.out, a)
+    }
+
+    fn reset(&mut self) {
+        self.input.reset();
+        if let Some(b) = &mut self.bottleneck {
+            b.lstm.reset();
+        }
+        for s in &mut self.stages {
+            s.up.reset();
+            s.units.iter_mut().for_each(Streaming::reset);
+        }
+        self.out.reset();
+    }
+
+    fn state_elements(&self) -> usize {
+        self.input.state_elements()
+            + self
+                .bottleneck
+                .as_ref()
+                .map_or(0, |b| b.lstm.state_elements())
+            + self
+                .stages
+                .iter()
+                .map(|s| {
+                    s.up.state_elements()
+                        + s.units.iter().map(Streaming::state_elements).sum::<usize>()
+                })
+                .sum::<usize>()
+            + self.out.state_elements()
+    }
+}
+
+/// The waveform VAE. Parameters `encoder.*` and `decoder.*`.
+#[derive(Debug, Clone)]
+pub struct WaveVae {
+    cfg: WaveVaeConfig,
+    /// The encoder.
+    pub encoder: WaveEncoder,
+    /// The decoder.
+    pub decoder: WaveDecoder,
+}
+
+impl WaveVae {
+    /// Builds both halves; fails on an invalid config, naming the field.
+    pub fn new(cfg: WaveVaeConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            encoder: WaveEncoder::new(cfg.clone(), vb.pp("encoder"))?,
+            decoder: WaveDecoder::new(cfg.clone(), vb.pp("decoder"))?,
+            cfg,
+        })
+    }
+
+    /// Loads a waveform VAE model file (see [`crate::model_file`]).
+    pub fn load(
+        path: &std::path::Path,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> Result<Self> {
+        Ok(crate::model_file::load::<Self>(path, device, dtype)?.0)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WaveVaeConfig {
+        &self.cfg
+    }
+
+    /// Samples per latent frame.
+    pub fn hop(&self) -> usize {
+        self.cfg.hop()
+    }
+
+    /// Audio `[batch, audio_channels, samples]` (a multiple of the hop) to
+    /// `(mean, logvar)`, each `[batch, latent_dim, samples / hop]`.
+    pub fn encode(&self, audio: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encoder.forward(audio)
+    }
+
+    /// Latents `[batch, latent_dim, frames]` to audio
+    /// `[batch, audio_channels, frames * hop]`.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(z)
+    }
+
+    /// Pads audio `[batch, channels, samples]` with zeros at the end to a
+    /// multiple of the hop; returns it and the original length.
+    pub fn pad_to_hop(&self, audio: &Tensor) -> Result<(Tensor, usize)> {
+        let t = audio.dim(D::Minus1)?;
+        let padded = t.div_ceil(self.hop()).max(1) * self.hop();
+        Ok((audio.pad_with_zeros(D::Minus1, 0, padded - t)?, t))
+    }
+}
+
+impl Family for WaveVae {
+    const NAME: &'static str = "wave_vae";
+    type Config = WaveVaeConfig;
+
+    fn build(cfg: WaveVaeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+    use melvae_layers::testing::{check_module, max_abs_diff, noise, randomize, stream_in_chunks};
+
+    fn tiny(audio_channels: usize, bottleneck: WaveBottleneck) -> WaveVaeConfig {
+        WaveVaeConfig {
+            sample_rate: 8000,
+            audio_channels,
+            channels: 4,
+            channel_mults: vec![2, 4],
+            strides: vec![2, 3],
+            dilations: vec![1, 3],
+            kernel_size: 5,
+            residual_kernel_size: 3,
+            activation: WaveActivation::Elu,
+            causal: true,
+            weight_norm: true,
+            bottleneck,
+            latent_dim: 3,
+        }
+    }
+
+    fn build(cfg: WaveVaeConfig, dtype: DType) -> (VarMap, WaveVae) {
+        let vm = VarMap::new();
+        let m = WaveVae::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+        randomize(&vm, 0.3, 5).unwrap();
+        (vm, m)
+    }
+
+    fn audio(c: usize, t: usize, seed: u64) -> Tensor {
+        noise(&[2, c, t], seed)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn shapes_mono_and_stereo() {
+        for (c, b) in [
+            (1, WaveBottleneck::None),
+            (2, WaveBottleneck::Lstm { layers: 2 }),
+        ] {
+            let (_, m) = build(tiny(c, b), DType::F32);
+            let x = audio(c, 60, 1);
+            let (mean, logvar) = m.encode(&x).unwrap();
+            assert_eq!(mean.dims(), &[2, 3, 10]);
+            assert_eq!(logvar.dims(), &[2, 3, 10]);
+            assert_eq!(m.decode(&mean).unwrap().dims(), &[2, c, 60]);
+            let (p, t) = m.pad_to_hop(&audio(c, 61, 2)).unwrap();
+            assert_eq!((p.dim(2).unwrap(), t), (66, 61));
+        }
+        // Snake and centred convs build and keep the shapes.
+        let cfg = WaveVaeConfig {
+            activation: WaveActivation::Snake,
+            causal: false,
+            ..tiny(1, WaveBottleneck::None)
+        };
+        let (_, m) = build(cfg, DType::F32);
+        let (mean, _) = m.encode(&audio(1, 36, 3)).unwrap();
+        assert_eq!(m.decode(&mean).unwrap().dims(), &[2, 1, 36]);
+    }
+
+    #[test]
+    fn causal_encoder_and_decoder_stream_like_offline() {
+        for b in [WaveBottleneck::None, WaveBottleneck::Lstm { layers: 1 }] {
+            let (_, mut m) = build(tiny(2, b), DType::F32);
+            let x = audio(2, 120, 4);
+            let (mean, logvar) = m.encode(&x).unwrap();
+            let offline = Tensor::cat(&[&mean, &logvar], 1).unwrap();
+            let z = (mean * 3.0).unwrap();
+            let y = m.decode(&z).unwrap();
+            for seed in 0..3 {
+                let s = stream_in_chunks(&mut m.encoder, &x, 2, 17, seed).unwrap();
+                assert!(max_abs_diff(&s, &offline).unwrap() < 1e-5, "{b:?} {seed}");
+                let s = stream_in_chunks(&mut m.decoder, &z, 2, 4, seed).unwrap();
+                assert!(max_abs_diff(&s, &y).unwrap() < 1e-5, "{b:?} {seed}");
+            }
+            assert!(m.encoder.state_elements() > 0);
+            m.encoder.reset();
+            assert_eq!(m.encoder.state_elements(), 0);
+        }
+    }
+
+    #[test]
+    fn causal_in_time() {
+        let (_, m) = build(tiny(1, WaveBottleneck::Lstm { layers: 1 }), DType::F32);
+        let x = audio(1, 60, 5);
+        let (a, _) = m.encode(&x).unwrap();
+        let junk = (audio(1, 24, 9).narrow(0, 0, 2).unwrap() * 5.0).unwrap();
+        let y = x.slice_assign(&[0..2, 0..1, 36..60], &junk).unwrap();
+        let (b, _) = m.encode(&y).unwrap();
+        // Latent frames 0..6 cover samples < 36.
+        let first = |t: &Tensor| t.narrow(2, 0, 6).unwrap();
+        assert!(max_abs_diff(&first(&a), &first(&b)).unwrap() < 1e-6);
+        assert!(max_abs_diff(&a, &b).unwrap() > 1e-4);
+    }
+
+    #[test]
+    fn gradients() {
+        // The smallest model with every kind of block (Snake, weight-norm
+        // convs, strided down, upsampler, LSTM with skip), stereo.
+        {
+            let cfg = WaveVaeConfig {
+                activation: WaveActivation::Snake,
+                channels: 2,
+                channel_mults: vec![1, 2],
+                strides: vec![2, 2],
+                dilations: vec![2],
+                kernel_size: 3,
+                latent_dim: 2,
+                ..tiny(2, WaveBottleneck::Lstm { layers: 1 })
+            };
+            let vm = VarMap::new();
+            let m =
+                WaveVae::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
+            let x = Var::from_tensor(&noise(&[1, 2, 8], 6).unwrap()).unwrap();
+            check_module(&vm, 0.3, 7, &[("audio", &x)], || {
+                let e = |e: Error| melvae_layers::Error::Invalid {
+                    what: "fwd".into(),
+                    reason: e.to_string(),
+                };
+                let (mean, logvar) = m.encode(x.as_tensor()).map_err(e)?;
+                let y = m.decode(&mean).map_err(e)?;
+                Ok(Tensor::cat(&[y.flatten_all()?, logvar.flatten_all()?], 0)?)
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn model_file_round_trip() {
+        let cfg = tiny(2, WaveBottleneck::Lstm { layers: 1 });
+        let (vm, m) = build(cfg.clone(), DType::F32);
+        let tensors = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.safetensors");
+        crate::model_file::save::<WaveVae>(&p, &cfg, &tensors, &Default::default(), &p).unwrap();
+        let loaded = WaveVae::load(&p, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.config(), &cfg);
+        let x = audio(2, 30, 8);
+        let (a, _) = m.encode(&x).unwrap();
+        let (b, _) = loaded.encode(&x).unwrap();
+        assert_eq!(max_abs_diff(&a, &b).unwrap(), 0.0);
+        assert!(!b.track_op());
+        // A mel VAE file is not a waveform VAE.
+        let e = crate::MelVae::load(&p, &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`wave_vae` model, not a `mel_vae`"), "{e}");
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_named() {
+        for (cfg, field) in [
+            (
+                WaveVaeConfig {
+                    audio_channels: 3,
+                    ..tiny(1, WaveBottleneck::None)
+                },
+                "audio_channels",
+            ),
+            (
+                WaveVaeConfig {
+                    channel_mults: vec![2],
+                    ..tiny(1, WaveBottleneck::None)
+                },
+                "channel_mults",
+            ),
+            (
+                WaveVaeConfig {
+                    strides: vec![2, 0],
+                    ..tiny(1, WaveBottleneck::None)
+                },
+                "strides",
+            ),
+            (
+                WaveVaeConfig {
+                    channels: 3,
+                    channel_mults: vec![1, 1],
+                    ..tiny(1, WaveBottleneck::None)
+                },
+                "channels",
+            ),
+            (
+                tiny(1, WaveBottleneck::Lstm { layers: 0 }),
+                "bottleneck.layers",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("wave_vae.{field}")), "{e}");
+        }
+        WaveVaeConfig::default().validate().unwrap();
+        assert_eq!(WaveVaeConfig::default().hop(), 320);
+        let (_, m) = build(tiny(2, WaveBottleneck::None), DType::F32);
+        let e = m.encode(&audio(2, 61, 1)).unwrap_err().to_string();
+        assert!(
+            e.contains("multiple of the hop 6") && e.contains("61"),
+            "{e}"
+        );
+        let e = m.encode(&audio(1, 60, 1)).unwrap_err().to_string();
+        assert!(e.contains("[batch, 2, samples]"), "{e}");
+        let e = m
+            .decode(&Tensor::zeros((1, 4, 5), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[batch, 3, frames]"), "{e}");
+    }
+}
