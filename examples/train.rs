@@ -1,5 +1,5 @@
-//! Trains a model; the family comes from the config's sections (today the
-//! mel VAE: `convformer:` + `cfm:`).
+//! Trains a model; the family comes from the config's sections (the mel
+//! VAE: `convformer:` + `cfm:`; the waveform VAE: `wave_vae:`).
 //!
 //! ```text
 //! cargo run --release --example train -- --config configs/settings/tiny.yaml [key=value ...] [--run-dir DIR]
@@ -19,9 +19,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use melvae::train::run::{check_start, open_run, read_run_config, Start};
-use melvae::train::tasks::family_of;
-use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
-use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
+use melvae::train::tasks::{family_of, train};
+use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig};
 
 #[derive(Parser)]
 #[command(about = "Train a model (the family comes from the config)")]
@@ -82,14 +81,11 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         (None, false) => Start::New,
     };
     let family = family_of(&resolved)?;
-    let training: TrainerConfig = resolved.get("training")?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
-    let model_cfg = mel_vae_config(&resolved)?;
     // Refusals first, then the (possibly slow) data, then the directory:
     // a bad data folder leaves an existing run untouched.
     check_start(&run_dir, &resolved, start)?;
     let data = AudioFolder::open(&data_cfg)?;
-    let run = open_run(&run_dir, &resolved, start)?;
     println!(
         "{family} on {}: {} training and {} validation clips",
         data_cfg.dir.display(),
@@ -99,16 +95,9 @@ fn run(args: &Args) -> melvae::train::Result<()> {
     if !data.skipped.is_empty() {
         print!("{}", data.skipped);
     }
-    let mut task = MelVaeTask::new(
-        model_cfg,
-        data,
-        data_cfg,
-        training.seed,
-        &training.device()?,
-        training.dtype()?,
-    )?;
+    let run = open_run(&run_dir, &resolved, start)?;
     let resume = matches!(start, Start::Resume { .. });
-    let s = Trainer::new(training, &run)?.fit(&mut task, resume)?;
+    let s = train(&resolved, data, &run, resume)?;
     println!(
         "{}: {} steps ({} skipped){}",
         run.root().display(),

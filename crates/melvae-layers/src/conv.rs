@@ -52,6 +52,13 @@ impl Weight {
     }
 
     /// The effective weight (differentiable in `g` and `v`).
+    pub(crate) fn dtype(&self) -> candle_core::DType {
+        match self {
+            Self::Plain(w) => w.dtype(),
+            Self::Norm { v, .. } => v.dtype(),
+        }
+    }
+
     pub(crate) fn get(&self) -> Result<Tensor> {
         match self {
             Self::Plain(w) => Ok(w.clone()),
@@ -328,6 +335,11 @@ impl Conv1d {
     /// The configuration.
     pub fn config(&self) -> &Conv1dConfig {
         &self.cfg
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.weight.dtype()
     }
 
     /// The convolution without padding, on an already padded input.

@@ -44,5 +44,6 @@ pub use mel_vae::{
 };
 pub use model_file::{Family, ModelFileInfo};
 pub use wave_vae::{
-    WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveVae, WaveVaeConfig,
+    FreeBitsConfig, StereoWeights, WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder,
+    WaveVae, WaveVaeConfig, WaveVaeLoss, WaveVaeLossConfig, WaveVaeObjective,
 };

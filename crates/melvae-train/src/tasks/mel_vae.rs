@@ -188,10 +188,7 @@ impl TrainTask for MelVaeTask {
     type Batch = MelBatch;
 
     fn vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        super::sorted_vars(&self.varmap)
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<MelBatch> {
@@ -249,11 +246,7 @@ impl TrainTask for MelVaeTask {
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
-        let tensors = self
-            .vars()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let tensors = super::var_tensors(&self.vars());
         melvae_models::model_file::save::<MelVae>(
             path,
             self.model.config(),
@@ -295,19 +288,11 @@ impl TrainTask for MelVaeTask {
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::json!({"epoch": self.cursor.epoch, "pos": self.cursor.pos})
+        super::cursor_state(&self.cursor)
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        if let (Some(e), Some(p)) = (
-            state.get("epoch").and_then(|v| v.as_u64()),
-            state.get("pos").and_then(|v| v.as_u64()),
-        ) {
-            self.cursor = EpochCursor {
-                epoch: e,
-                pos: p as usize,
-            };
-        }
+        super::load_cursor(&mut self.cursor, state);
         Ok(())
     }
 }

@@ -6,8 +6,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, MelVae};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_models::{model_file, MelVae, WaveVae};
+
+use crate::data::EpochCursor;
 
 use crate::config::ResolvedConfig;
 use crate::{Error, Result};
@@ -20,7 +23,44 @@ pub const COMMON_SECTIONS: &[&str] = &["training", "data"];
 
 /// The model families `train` knows and the config sections that select
 /// and configure each.
-pub const FAMILIES: &[(&str, &[&str])] = &[("mel_vae", &["convformer", "cfm"])];
+pub const FAMILIES: &[(&str, &[&str])] = &[
+    ("mel_vae", &["convformer", "cfm"]),
+    ("wave_vae", &["wave_vae", "wave_vae_loss"]),
+];
+
+/// The variables of `varmap` with their names, sorted by name (a stable
+/// order for the optimiser and checkpoints).
+pub(crate) fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The current values of `vars` by name.
+pub(crate) fn var_tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// A task's data position as checkpoint state.
+pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
+    serde_json::json!({"epoch": cursor.epoch, "pos": cursor.pos})
+}
+
+/// Restores [`cursor_state`]; an absent state leaves `cursor` as it is.
+pub(crate) fn load_cursor(cursor: &mut EpochCursor, state: &serde_json::Value) {
+    if let (Some(e), Some(p)) = (
+        state.get("epoch").and_then(|v| v.as_u64()),
+        state.get("pos").and_then(|v| v.as_u64()),
+    ) {
+        *cursor = EpochCursor {
+            epoch: e,
+            pos: p as usize,
+        };
+    }
+}
 
 /// The model family a resolved config trains, after checking that every
 /// top-level section is known (an unknown one is an error naming it and
@@ -93,6 +133,10 @@ pub fn save_model_file(
             let c = mel_vae::mel_vae_config(cfg)?;
             model_file::save::<MelVae>(out, &c, tensors, metadata, origin)?;
         }
+        "wave_vae" => {
+            let (c, _) = wave_vae::wave_vae_config(cfg)?;
+            model_file::save::<WaveVae>(out, &c, tensors, metadata, origin)?;
+        }
         other => {
             return Err(Error::invalid(
                 "model family",
@@ -121,4 +165,38 @@ pub fn load_mel_vae(
         device,
         DType::F32,
     )?)
+}
+
+/// Trains the family of `cfg` (see [`family_of`]) on `data` in `run`,
+/// resuming from its latest checkpoint if `resume`: builds the task from
+/// the config's sections and runs the [`crate::Trainer`].
+pub fn train(
+    cfg: &ResolvedConfig,
+    data: crate::AudioFolder,
+    run: &crate::RunDir,
+    resume: bool,
+) -> Result<crate::TrainSummary> {
+    let training: crate::TrainerConfig = cfg.get("training")?;
+    let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
+    let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
+    let trainer = crate::Trainer::new(training, run)?;
+    match family_of(cfg)? {
+        "wave_vae" => {
+            let (model, loss) = wave_vae::wave_vae_config(cfg)?;
+            let mut task =
+                wave_vae::WaveVaeTask::new(model, loss, data, data_cfg, seed, &device, dtype)?;
+            trainer.fit(&mut task, resume)
+        }
+        _ => {
+            let mut task = mel_vae::MelVaeTask::new(
+                mel_vae::mel_vae_config(cfg)?,
+                data,
+                data_cfg,
+                seed,
+                &device,
+                dtype,
+            )?;
+            trainer.fit(&mut task, resume)
+        }
+    }
 }

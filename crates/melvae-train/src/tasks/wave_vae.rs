@@ -1,10 +1,270 @@
-//! The waveform VAE's config sections (its training task follows).
+//! Training the waveform VAE on a folder of audio (mono or stereo).
 
-use melvae_models::WaveVaeConfig;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_dsp::{
+    save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
+};
+use melvae_models::{WaveVae, WaveVaeConfig, WaveVaeLossConfig, WaveVaeObjective};
+
+use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::trainer::{Losses, StepContext, TrainTask};
+use crate::{Error, Result};
 
 impl crate::Validate for WaveVaeConfig {
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         WaveVaeConfig::validate(self).map_err(|e| super::mel_vae::section_err(e, "wave_vae"))
+    }
+}
+
+impl crate::Validate for WaveVaeLossConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        WaveVaeLossConfig::validate(self)
+            .map_err(|e| super::mel_vae::section_err(e, "wave_vae_loss"))
+    }
+}
+
+/// The waveform VAE's sections of a resolved config: `wave_vae:` and
+/// `wave_vae_loss:` (the loss section may be omitted: defaults).
+pub fn wave_vae_config(cfg: &crate::ResolvedConfig) -> Result<(WaveVaeConfig, WaveVaeLossConfig)> {
+    let model: WaveVaeConfig = cfg.get("wave_vae")?;
+    let loss = if cfg.value.get("wave_vae_loss").is_some() {
+        cfg.get("wave_vae_loss")?
+    } else {
+        WaveVaeLossConfig::default()
+    };
+    Ok((model, loss))
+}
+
+/// A training batch: audio `[batch, audio_channels, crop]` (the crop cut to
+/// a multiple of the hop) and the seed of the batch's noise.
+#[derive(Debug, Clone)]
+pub struct WaveBatch {
+    /// The audio.
+    pub audio: Tensor,
+    /// Seed of the reparameterisation noise.
+    pub seed: u64,
+}
+
+/// The waveform VAE as a [`TrainTask`]: random crops of an [`AudioFolder`]
+/// at the model's rate and channel count, the [`WaveVae`] loss, validation
+/// on fixed held-out crops, input and reconstruction WAVs and spectrogram
+/// PNGs as samples.
+pub struct WaveVaeTask {
+    /// The parameters (`encoder.*`, `decoder.*`).
+    pub varmap: VarMap,
+    /// The model.
+    pub model: WaveVae,
+    /// The reconstruction and KL objective.
+    pub objective: WaveVaeObjective,
+    /// The data.
+    pub data: AudioFolder,
+    data_cfg: AudioDataConfig,
+    cursor: EpochCursor,
+    seed: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl WaveVaeTask {
+    /// Builds the model on `device` in `dtype` (seeded initialisation) for
+    /// `data`, whose rate and channels must be the model's.
+    pub fn new(
+        cfg: WaveVaeConfig,
+        loss: WaveVaeLossConfig,
+        data: AudioFolder,
+        data_cfg: AudioDataConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        for (ok, key, got, want) in [
+            (
+                data_cfg.sample_rate == cfg.sample_rate,
+                "data.sample_rate",
+                data_cfg.sample_rate as usize,
+                cfg.sample_rate as usize,
+            ),
+            (
+                data_cfg.channels == cfg.audio_channels,
+                "data.channels",
+                data_cfg.channels,
+                cfg.audio_channels,
+            ),
+        ] {
+            if !ok {
+                return Err(Error::Config {
+                    origin: "data config".into(),
+                    key: key.into(),
+                    reason: format!("is {got}, the wave_vae model's is {want}"),
+                });
+            }
+        }
+        if data_cfg.crop_samples() < cfg.hop() {
+            return Err(Error::invalid(
+                "data.crop_seconds",
+                format!(
+                    "crops of {} samples are shorter than one latent frame ({} samples)",
+                    data_cfg.crop_samples(),
+                    cfg.hop()
+                ),
+            ));
+        }
+        let varmap = VarMap::new();
+        let model = WaveVae::new(
+            cfg.clone(),
+            melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
+        )?;
+        Ok(Self {
+            objective: WaveVaeObjective::new(loss, &cfg, device)?,
+            varmap,
+            model,
+            data,
+            data_cfg,
+            cursor: EpochCursor { epoch: 0, pos: 0 },
+            seed,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A batch of `indices` of `set`, cut to a multiple of the hop.
+    fn crops(&self, set: &AudioSet, indices: &[usize], rng: &mut SplitMix64) -> Result<Tensor> {
+        let x = set.batch(indices, rng, &self.device)?;
+        let t = x.dim(2)? / self.model.hop() * self.model.hop();
+        Ok(x.narrow(2, 0, t)?.to_dtype(self.dtype)?)
+    }
+
+    /// Fixed validation crops: each held-out clip from a seeded offset (or
+    /// the first training clips when nothing is held out), at most 8.
+    fn val_audio(&self) -> Result<Tensor> {
+        let set = if self.data.val.is_empty() {
+            &self.data.train
+        } else {
+            &self.data.val
+        };
+        let n = set.len().min(8);
+        let crops: Vec<Tensor> = (0..n)
+            .map(|i| self.crops(set, &[i], &mut SplitMix64::new(i as u64)))
+            .collect::<Result<_>>()?;
+        Ok(Tensor::cat(&crops, 0)?)
+    }
+}
+
+impl TrainTask for WaveVaeTask {
+    type Batch = WaveBatch;
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        super::sorted_vars(&self.varmap)
+    }
+
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<WaveBatch> {
+        let idx = self
+            .cursor
+            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let audio = self.crops(&self.data.train, &idx, rng)?;
+        Ok(WaveBatch {
+            audio,
+            seed: rng.next_u64(),
+        })
+    }
+
+    fn losses(&mut self, batch: &WaveBatch, ctx: StepContext) -> Result<Losses> {
+        let l = self.model.loss(
+            &batch.audio,
+            ctx.step,
+            &self.objective,
+            &mut SplitMix64::new(batch.seed),
+            ctx.train,
+        )?;
+        Ok(Losses {
+            total: l.total,
+            terms: l.terms,
+        })
+    }
+
+    /// In evaluation mode (the posterior mean is decoded): `stft`, `mel`,
+    /// `l1`, `kl`, `total` (as trained) and `loss`, the reconstruction plus
+    /// the KL at its final weight, which picks the best checkpoint.
+    fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let audio = self.val_audio()?;
+        let l = self.model.loss(
+            &audio,
+            ctx.step,
+            &self.objective,
+            &mut SplitMix64::new(0),
+            false,
+        )?;
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let mut out = BTreeMap::new();
+        for (k, v) in &l.terms {
+            out.insert(k.clone(), scalar(v)?);
+        }
+        let total = scalar(&l.total)?;
+        let kl = out.get("kl").copied().unwrap_or(0.0);
+        out.insert(
+            "loss".into(),
+            total + (self.objective.config().kl_weight - l.kl_weight) * kl,
+        );
+        out.insert("total".into(), total);
+        Ok(out)
+    }
+
+    fn best_metric(&self) -> &str {
+        "loss"
+    }
+
+    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
+        let audio = self.val_audio()?.narrow(0, 0, 1)?;
+        let (recon, _) = self.model.reconstruct(&audio)?;
+        let rate = self.model.config().sample_rate;
+        let path = |what: &str| dir.join(format!("step{:08}_{what}", ctx.step));
+        let written = [
+            path("input.wav"),
+            path("recon.wav"),
+            path("input.png"),
+            path("recon.png"),
+        ];
+        let host = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
+            Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        };
+        let (x, y) = (host(&audio)?, host(&recon)?);
+        save_wav(&written[0], &Audio::new(rate, x.clone())?, WavFormat::Pcm16)?;
+        save_wav(&written[1], &Audio::new(rate, y.clone())?, WavFormat::Pcm16)?;
+        // Log-mel pictures of the first channel (the vocos-24k analysis at
+        // the model's rate).
+        let ex = MelExtractor::new(MelConfig {
+            sample_rate: rate,
+            ..MelConfig::vocos_24k()
+        })?;
+        let img = SpectrogramImage::for_mel(ex.config());
+        img.save_png(&written[2], &ex.extract(&x[0])?)?;
+        img.save_png(&written[3], &ex.extract(&y[0])?)?;
+        Ok(written.to_vec())
+    }
+
+    fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
+        melvae_models::model_file::save::<WaveVae>(
+            path,
+            self.model.config(),
+            &super::var_tensors(&self.vars()),
+            metadata,
+            Path::new("the training run"),
+        )?;
+        Ok(true)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        super::cursor_state(&self.cursor)
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        super::load_cursor(&mut self.cursor, state);
+        Ok(())
     }
 }
 
@@ -20,15 +280,16 @@ mod tests {
             let p = dir.join(file);
             let text = std::fs::read_to_string(&p).unwrap();
             let r = ResolvedConfig::from_yaml(&text, &p.display().to_string()).unwrap();
-            let c: WaveVaeConfig = r.get("wave_vae").unwrap();
+            let (c, l) = wave_vae_config(&r).unwrap();
             assert_eq!((c.audio_channels, c.hop()), (channels, hop), "{file}");
+            assert_eq!(l, WaveVaeLossConfig::default());
         }
         let r = ResolvedConfig::from_yaml(
             "wave_vae: {sample_rate: 24000, audio_channels: 3, channels: 4, channel_mults: [2], strides: [2], latent_dim: 2}\n",
             "exp.yaml",
         )
         .unwrap();
-        let e = r.get::<WaveVaeConfig>("wave_vae").unwrap_err().to_string();
+        let e = wave_vae_config(&r).unwrap_err().to_string();
         assert!(
             e.contains("exp.yaml") && e.contains("wave_vae.audio_channels"),
             "{e}"
@@ -38,10 +299,17 @@ mod tests {
             "exp.yaml",
         )
         .unwrap();
-        let e = r.get::<WaveVaeConfig>("wave_vae").unwrap_err().to_string();
+        let e = wave_vae_config(&r).unwrap_err().to_string();
         assert!(
             e.contains("wave_vae.bottleneck") && e.contains("gru"),
             "{e}"
         );
+        let r = ResolvedConfig::from_yaml(
+            "wave_vae: {sample_rate: 24000, audio_channels: 1, channels: 4, channel_mults: [2], strides: [2], latent_dim: 2}\nwave_vae_loss: {stft_weight: 1, mel_weight: -2, l1_weight: 0, stereo: {mid: 1, side: 1, left: 0, right: 0}, kl_weight: 0, kl_warmup_steps: 0}\n",
+            "exp.yaml",
+        )
+        .unwrap();
+        let e = wave_vae_config(&r).unwrap_err().to_string();
+        assert!(e.contains("wave_vae_loss.mel_weight"), "{e}");
     }
 }

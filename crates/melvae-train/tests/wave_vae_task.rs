@@ -1,0 +1,213 @@
+//! The waveform VAE through the real trainer on tiny synthetic data, mono
+//! and stereo: it learns, writes samples, resumes exactly.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use melvae_dsp::{save_wav, Audio, WavFormat};
+use melvae_models::{WaveBottleneck, WaveVaeConfig, WaveVaeLossConfig};
+use melvae_train::tasks::wave_vae::WaveVaeTask;
+use melvae_train::*;
+
+/// Tone pairs, 0.4 s at 24 kHz; stereo files pan the two tones.
+fn folder(dir: &Path, channels: usize) {
+    for i in 0..5 {
+        let f = 150.0 + 60.0 * i as f32;
+        let tone = |f: f32| -> Vec<f32> {
+            (0..9600)
+                .map(|n| (2.0 * std::f32::consts::PI * f * n as f32 / 24000.0).sin() * 0.3)
+                .collect()
+        };
+        let ch = if channels == 1 {
+            vec![tone(f)]
+        } else {
+            vec![tone(f), tone(1.5 * f)]
+        };
+        save_wav(
+            dir.join(format!("tone{i}.wav")),
+            &Audio::new(24000, ch).unwrap(),
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+}
+
+fn tiny(channels: usize) -> WaveVaeConfig {
+    WaveVaeConfig {
+        sample_rate: 24000,
+        audio_channels: channels,
+        channels: 4,
+        channel_mults: vec![2, 4],
+        strides: vec![4, 5],
+        dilations: vec![1, 3],
+        bottleneck: WaveBottleneck::Lstm { layers: 1 },
+        latent_dim: 4,
+        ..Default::default()
+    }
+}
+
+fn task(dir: &Path, channels: usize) -> WaveVaeTask {
+    let data_cfg = AudioDataConfig {
+        dir: dir.to_path_buf(),
+        sample_rate: 24000,
+        channels,
+        crop_seconds: 0.1,
+        batch_size: 2,
+        val_fraction: 0.0,
+        cache_dir: None,
+    };
+    let data = AudioFolder::load(&data_cfg).unwrap();
+    let loss = WaveVaeLossConfig {
+        kl_warmup_steps: 5,
+        ..Default::default()
+    };
+    WaveVaeTask::new(
+        tiny(channels),
+        loss,
+        data,
+        data_cfg,
+        3,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn cfg(steps: u64) -> TrainerConfig {
+    TrainerConfig {
+        log_every: 1,
+        val_every: 6,
+        sample_every: 12,
+        seed: 5,
+        grad_clip: Some(1.0),
+        ema_decay: Some(0.5),
+        ..TrainerConfig::new(steps, 5e-3)
+    }
+}
+
+fn eval(t: &mut WaveVaeTask) -> std::collections::BTreeMap<String, f64> {
+    t.validate(StepContext {
+        step: 1000,
+        train: false,
+        adversarial: false,
+    })
+    .unwrap()
+}
+
+#[test]
+fn trains_writes_samples_and_resumes_exactly() {
+    for channels in [1, 2] {
+        let d = tempfile::tempdir().unwrap();
+        let audio = d.path().join("audio");
+        std::fs::create_dir(&audio).unwrap();
+        folder(&audio, channels);
+
+        let run = RunDir::create(d.path().join("a")).unwrap();
+        let mut a = task(&audio, channels);
+        let before = eval(&mut a);
+        Trainer::new(cfg(12), &run)
+            .unwrap()
+            .fit(&mut a, false)
+            .unwrap();
+        let after = eval(&mut a);
+        for k in ["stft", "mel"] {
+            assert!(
+                after[k] < before[k],
+                "{channels} ch {k}: {before:?} -> {after:?}"
+            );
+        }
+        let samples: Vec<String> = std::fs::read_dir(run.samples())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for want in ["input.wav", "recon.wav", "input.png", "recon.png"] {
+            let name = format!("step00000012_{want}");
+            assert!(samples.contains(&name), "{name} in {samples:?}");
+        }
+        let recon = melvae_dsp::load_audio(run.samples().join("step00000012_recon.wav")).unwrap();
+        assert_eq!(recon.channels.len(), channels);
+        // The best checkpoint carries a wave_vae model file.
+        let state: TrainState = serde_json::from_str(
+            &std::fs::read_to_string(run.latest().unwrap().unwrap().join("state.json")).unwrap(),
+        )
+        .unwrap();
+        let best = run.checkpoints().join(state.best.unwrap().1);
+        let m = melvae_models::WaveVae::load(
+            &best.join("export.safetensors"),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(m.config(), &tiny(channels));
+
+        if channels == 2 {
+            continue;
+        }
+        // 6 steps, then a resumed process to 12: the same weights.
+        let split = RunDir::create(d.path().join("b")).unwrap();
+        let mut b = task(&audio, channels);
+        Trainer::new(cfg(6), &split)
+            .unwrap()
+            .fit(&mut b, false)
+            .unwrap();
+        let mut b2 = task(&audio, channels);
+        Trainer::new(cfg(12), &split)
+            .unwrap()
+            .fit(&mut b2, true)
+            .unwrap();
+        let weights = |t: &WaveVaeTask| -> Vec<Vec<f32>> {
+            t.vars()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            weights(&a),
+            weights(&b2),
+            "{channels} ch: resumed == straight"
+        );
+    }
+}
+
+#[test]
+fn data_must_match_the_model() {
+    let d = tempfile::tempdir().unwrap();
+    folder(d.path(), 1);
+    let data_cfg = AudioDataConfig {
+        dir: d.path().to_path_buf(),
+        sample_rate: 24000,
+        channels: 1,
+        crop_seconds: 0.1,
+        batch_size: 2,
+        val_fraction: 0.0,
+        cache_dir: None,
+    };
+    let data = AudioFolder::load(&data_cfg).unwrap();
+    let e = WaveVaeTask::new(
+        tiny(2),
+        WaveVaeLossConfig::default(),
+        data,
+        data_cfg,
+        0,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("data.channels") && e.contains("is 1"), "{e}");
+}
+
+#[test]
+fn the_tiny_experiment_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    let r = ResolvedConfig::load(&root.join("wave_vae_tiny.yaml"), &[]).unwrap();
+    assert_eq!(melvae_train::tasks::family_of(&r).unwrap(), "wave_vae");
+    let (m, l) = melvae_train::tasks::wave_vae::wave_vae_config(&r).unwrap();
+    let data: AudioDataConfig = r.get("data").unwrap();
+    assert_eq!(
+        (m.sample_rate, m.audio_channels),
+        (data.sample_rate, data.channels)
+    );
+    assert_eq!(l.kl_warmup_steps, 200);
+}
