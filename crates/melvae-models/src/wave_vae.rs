@@ -862,36 +862,47 @@ impl WaveVaeObjective {
     }
 
     /// Reconstruction terms of `pred` against `target` (both `[batch,
-    /// audio_channels, samples]`): `stft`, `mel`, `l1` (unweighted) and
-    /// their weighted sum.
+    /// audio_channels, samples]`): `stft`, `mel`, `l1` (unweighted; a term
+    /// whose weight is 0 is not computed) and their weighted sum.
     pub fn reconstruction(
         &self,
         pred: &Tensor,
         target: &Tensor,
     ) -> Result<(Tensor, BTreeMap<String, Tensor>)> {
-        let stft = if self.stereo {
-            let w = self.cfg.stereo;
-            StereoLoss {
-                inner: self.stft.clone(),
-                w_mid: w.mid,
-                w_side: w.side,
-                w_left: w.left,
-                w_right: w.right,
+        let c = &self.cfg;
+        let mut terms = BTreeMap::new();
+        let mut total: Option<Tensor> = None;
+        let mut add = |name: &str, weight: f64, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+            if weight > 0.0 {
+                let l = f()?;
+                let w = (&l * weight)?;
+                total = Some(match total.take() {
+                    Some(t) => (t + w)?,
+                    None => w,
+                });
+                terms.insert(name.to_string(), l);
             }
-            .loss(pred, target)?
-        } else {
-            self.stft.loss(pred, target)?
+            Ok(())
         };
-        let mel = self.mel.loss(pred, target)?;
-        let l1 = l1_loss(pred, target)?;
-        let total = ((&stft * self.cfg.stft_weight)?
-            + (&mel * self.cfg.mel_weight)?
-            + (&l1 * self.cfg.l1_weight)?)?;
-        let terms = BTreeMap::from([
-            ("stft".to_string(), stft),
-            ("mel".to_string(), mel),
-            ("l1".to_string(), l1),
-        ]);
+        add("stft", c.stft_weight, &|| {
+            Ok(if self.stereo {
+                let w = c.stereo;
+                StereoLoss {
+                    inner: self.stft.clone(),
+                    w_mid: w.mid,
+                    w_side: w.side,
+                    w_left: w.left,
+                    w_right: w.right,
+                }
+                .loss(pred, target)?
+            } else {
+                self.stft.loss(pred, target)?
+            })
+        })?;
+        add("mel", c.mel_weight, &|| Ok(self.mel.loss(pred, target)?))?;
+        add("l1", c.l1_weight, &|| Ok(l1_loss(pred, target)?))?;
+        let total = total
+            .ok_or_else(|| Error::invalid("wave_vae_loss", "every reconstruction weight is 0"))?;
         Ok((total, terms))
     }
 }

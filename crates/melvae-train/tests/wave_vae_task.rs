@@ -57,7 +57,10 @@ fn task(dir: &Path, channels: usize) -> WaveVaeTask {
         cache_dir: None,
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
+    // The multi-scale mel loss (7 scales) costs most of a step on tiny
+    // crops: off here; it is tested in melvae-models.
     let loss = WaveVaeLossConfig {
+        mel_weight: 0.0,
         kl_warmup_steps: 5,
         ..Default::default()
     };
@@ -110,7 +113,7 @@ fn trains_writes_samples_and_resumes_exactly() {
             .fit(&mut a, false)
             .unwrap();
         let after = eval(&mut a);
-        for k in ["stft", "mel"] {
+        for k in ["stft", "l1"] {
             assert!(
                 after[k] < before[k],
                 "{channels} ch {k}: {before:?} -> {after:?}"
