@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use melvae_dsp::{load_audio_with, Audio, ChannelMode, LoadOptions, SplitMix64, AUDIO_EXTENSIONS};
+use melvae_dsp::{Audio, ChannelMode, LoadOptions, SplitMix64, AUDIO_EXTENSIONS};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{check, Validate};
@@ -92,6 +92,22 @@ impl AudioDataConfig {
         }
     }
 
+    /// Decodes `path` as `load_options` says; also tells whether a mono
+    /// file was duplicated to both channels of a stereo dataset.
+    fn decode(&self, path: &Path) -> melvae_dsp::Result<(Audio, bool)> {
+        let opts = self.load_options();
+        let raw = melvae_dsp::load_audio(path)?;
+        let upmixed = self.channels == 2 && raw.channels.len() == 1;
+        let a = raw.with_channels(opts.channels)?;
+        Ok((
+            match opts.sample_rate {
+                Some(rate) => a.resampled(rate, opts.quality)?,
+                None => a,
+            },
+            upmixed,
+        ))
+    }
+
     /// Samples per crop.
     pub fn crop_samples(&self) -> usize {
         (self.crop_seconds * self.sample_rate as f64).round() as usize
@@ -133,19 +149,22 @@ fn stable_fraction(rel: &Path) -> f64 {
     (h % 1_000_000) as f64 / 1_000_000.0
 }
 
-/// Files left out of a dataset and why, reported once.
+/// Files left out of a dataset and why, and files used in a converted
+/// form, reported once.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SkipReport {
     /// Files that failed to decode, with the error.
     pub unreadable: Vec<(PathBuf, String)>,
     /// Files shorter than one crop, with their length in seconds.
     pub too_short: Vec<(PathBuf, f64)>,
+    /// Mono files in a stereo dataset, used with the channel duplicated.
+    pub upmixed: Vec<PathBuf>,
 }
 
 impl SkipReport {
-    /// True when nothing was skipped.
+    /// True when there is nothing to report.
     pub fn is_empty(&self) -> bool {
-        self.unreadable.is_empty() && self.too_short.is_empty()
+        self.unreadable.is_empty() && self.too_short.is_empty() && self.upmixed.is_empty()
     }
 }
 
@@ -162,6 +181,16 @@ impl std::fmt::Display for SkipReport {
         }
         for (p, s) in &self.too_short {
             writeln!(f, "  too short ({s:.2} s): {}", p.display())?;
+        }
+        if !self.upmixed.is_empty() {
+            writeln!(
+                f,
+                "{} mono files in a stereo dataset, used with the channel duplicated:",
+                self.upmixed.len()
+            )?;
+            for p in &self.upmixed {
+                writeln!(f, "  mono: {}", p.display())?;
+            }
         }
         Ok(())
     }
@@ -241,14 +270,18 @@ impl AudioFolder {
         cfg.check()?;
         let files = discover_audio(&cfg.dir)?;
         let crop = cfg.crop_samples();
-        let opts = cfg.load_options();
         let mut skipped = SkipReport::default();
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for path in files {
-            match load_audio_with(&path, &opts) {
+            match cfg.decode(&path) {
                 Err(e) => skipped.unreadable.push((path, e.to_string())),
-                Ok(a) if a.n_samples() < crop => skipped.too_short.push((path, a.duration_secs())),
-                Ok(a) => {
+                Ok((a, _)) if a.n_samples() < crop => {
+                    skipped.too_short.push((path, a.duration_secs()))
+                }
+                Ok((a, upmixed)) => {
+                    if upmixed {
+                        skipped.upmixed.push(path.clone());
+                    }
                     let rel = path.strip_prefix(&cfg.dir).unwrap_or(&path).to_path_buf();
                     let side = if stable_fraction(&rel) < cfg.val_fraction {
                         &mut val
@@ -315,6 +348,9 @@ impl AudioFolder {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for e in &index.entries {
             let path = cfg.dir.join(&e.rel);
+            if e.upmixed && e.len >= crop {
+                skipped.upmixed.push(path.clone());
+            }
             if e.len < crop {
                 skipped
                     .too_short
@@ -447,6 +483,9 @@ struct CacheEntry {
     shard: usize,
     offset: usize,
     len: usize,
+    /// A mono file stored with its channel duplicated (stereo caches).
+    #[serde(default)]
+    upmixed: bool,
 }
 
 /// A file that could not be decoded (kept so a re-run does not retry it
@@ -534,7 +573,6 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
         entries: Vec::new(),
         skipped: Vec::new(),
     });
-    let opts = cfg.load_options();
     let mut report = PrepareReport::default();
     let (mut entries, mut skipped) = (Vec::new(), Vec::new());
     let shard_id = index.shards.len();
@@ -565,7 +603,7 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
             report.unreadable += 1;
             continue;
         }
-        match load_audio_with(&path, &opts) {
+        match cfg.decode(&path) {
             Err(e) => {
                 skipped.push(CacheSkip {
                     rel,
@@ -575,7 +613,7 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
                 });
                 report.unreadable += 1;
             }
-            Ok(a) => {
+            Ok((a, upmixed)) => {
                 let offset = bytes.len();
                 for ch in &a.channels {
                     for &v in ch {
@@ -590,6 +628,7 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
                     shard: shard_id,
                     offset,
                     len: a.n_samples(),
+                    upmixed,
                 });
                 report.added += 1;
             }
@@ -764,6 +803,43 @@ mod tests {
             e.contains("no usable training audio") && e.contains("x.wav"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mono_files_in_a_stereo_dataset_are_duplicated_and_reported_once() {
+        let d = folder();
+        let c = AudioDataConfig {
+            channels: 2,
+            ..cfg(d.path())
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let mem = AudioFolder::load(&c).unwrap();
+        let (mapped, _) = AudioFolder::load_cached(&c, cache.path()).unwrap();
+        let (again, _) = AudioFolder::load_cached(&c, cache.path()).unwrap();
+        for f in [&mem, &mapped, &again] {
+            // utt0, 2, 4, ... are mono (tiny.wav is too short and not counted).
+            assert_eq!(f.skipped.upmixed.len(), 6, "{}", f.skipped);
+            let report = f.skipped.to_string();
+            assert!(
+                report.contains("6 mono files") && report.contains("utt0.wav"),
+                "{report}"
+            );
+            let (set, i) = [&f.train, &f.val]
+                .into_iter()
+                .find_map(|set| {
+                    let i = set.paths().position(|p| p.ends_with("spk0/utt0.wav"))?;
+                    Some((set, i))
+                })
+                .unwrap();
+            let crop = set.crop(i, &mut SplitMix64::new(1));
+            assert_eq!(crop[0], crop[1], "the channel is duplicated");
+        }
+        // A mono dataset reports nothing of the kind.
+        assert!(AudioFolder::load(&cfg(d.path()))
+            .unwrap()
+            .skipped
+            .upmixed
+            .is_empty());
     }
 
     #[test]
