@@ -7,6 +7,7 @@
 //!   audio, and the training loss (flow matching + KL with warm-up).
 //! - [`wave_vae`]: the Encodec-style waveform VAE (SEANet encoder and
 //!   decoder, Gaussian bottleneck, mono or stereo, streaming when causal).
+//! - [`discriminators`]: discriminators for adversarial training (MSD, MPD).
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod convformer;
+pub mod discriminators;
 pub mod dit_cfm;
 mod error;
 pub mod mel_vae;
@@ -36,6 +38,10 @@ pub mod model_file;
 pub mod wave_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
+pub use discriminators::{
+    DiscOutput, Discriminators, DiscriminatorsConfig, MpdConfig, MsdConfig,
+    MultiPeriodDiscriminator, MultiScaleDiscriminator,
+};
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use error::{Error, Result};
 pub use mel_vae::{
