@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use melvae::train::run::{check_start, open_run, read_run_config, Start};
-use melvae::train::tasks::{family_of, train};
+use melvae::train::tasks::{check_config, train};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig};
 
 #[derive(Parser)]
@@ -80,7 +80,7 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         (None, true) => Start::Overwrite,
         (None, false) => Start::New,
     };
-    let family = family_of(&resolved)?;
+    let family = check_config(&resolved)?;
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     // Refusals first, then the (possibly slow) data, then the directory:
     // a bad data folder leaves an existing run untouched.

@@ -410,6 +410,26 @@ fn train_and_export_refuse_what_would_lose_data() {
         &run("train", &["--resume", r, "training.learning_rate=0.5"]),
         "training.learning_rate",
     );
+    // Discriminators without training.gan: refused before anything is written.
+    let gan_cfg = format!(
+        "{}/configs/settings/wave_vae_tiny_gan.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let g = dir.path().join("g");
+    assert_one_line_error(
+        &run(
+            "train",
+            &[
+                "--config",
+                &gan_cfg,
+                "--run-dir",
+                g.to_str().unwrap(),
+                "training.gan=null",
+            ],
+        ),
+        "training.gan",
+    );
+    assert!(!g.exists());
     // An unknown section names it.
     assert_one_line_error(
         &run(

@@ -50,6 +50,7 @@ pub use mel_vae::{
 };
 pub use model_file::{Family, ModelFileInfo};
 pub use wave_vae::{
-    FreeBitsConfig, StereoWeights, WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder,
-    WaveVae, WaveVaeConfig, WaveVaeLoss, WaveVaeLossConfig, WaveVaeObjective,
+    AdversarialWeights, FreeBitsConfig, GanLossKind, StereoWeights, WaveActivation, WaveBottleneck,
+    WaveDecoder, WaveEncoder, WaveVae, WaveVaeConfig, WaveVaeLoss, WaveVaeLossConfig,
+    WaveVaeObjective,
 };

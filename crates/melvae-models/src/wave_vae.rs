@@ -751,6 +751,66 @@ pub struct WaveVaeLossConfig {
     /// Free bits of the KL.
     #[serde(default)]
     pub free_bits: FreeBitsConfig,
+    /// Adversarial terms (used when the run has `discriminators:` and
+    /// `training.gan`).
+    #[serde(default)]
+    pub adversarial: AdversarialWeights,
+}
+
+/// The generator's adversarial terms and the GAN loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdversarialWeights {
+    /// `hinge` or `least_squares`.
+    #[serde(default = "hinge")]
+    pub loss: GanLossKind,
+    /// Weight of the generator's adversarial loss.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Weight of feature matching (L1 between the discriminators' feature
+    /// maps of real and reconstructed audio; HiFi-GAN: 2).
+    #[serde(default = "two")]
+    pub feature_matching: f64,
+}
+
+/// The GAN loss of the discriminators and the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GanLossKind {
+    /// Hinge (MelGAN, EnCodec).
+    Hinge,
+    /// Least squares (HiFi-GAN).
+    LeastSquares,
+}
+
+impl From<GanLossKind> for melvae_losses::GanLoss {
+    fn from(k: GanLossKind) -> Self {
+        match k {
+            GanLossKind::Hinge => Self::Hinge,
+            GanLossKind::LeastSquares => Self::LeastSquares,
+        }
+    }
+}
+
+fn hinge() -> GanLossKind {
+    GanLossKind::Hinge
+}
+fn one() -> f64 {
+    1.0
+}
+fn two() -> f64 {
+    2.0
+}
+
+impl Default for AdversarialWeights {
+    /// Hinge loss, adversarial weight 1, feature matching 2.
+    fn default() -> Self {
+        Self {
+            loss: GanLossKind::Hinge,
+            weight: 1.0,
+            feature_matching: 2.0,
+        }
+    }
 }
 
 impl Default for WaveVaeLossConfig {
@@ -770,6 +830,7 @@ impl Default for WaveVaeLossConfig {
             kl_weight: 1e-4,
             kl_warmup_steps: 5000,
             free_bits: FreeBitsConfig::None,
+            adversarial: AdversarialWeights::default(),
         }
     }
 }
@@ -788,6 +849,11 @@ impl WaveVaeLossConfig {
             (s.side, "wave_vae_loss.stereo.side"),
             (s.left, "wave_vae_loss.stereo.left"),
             (s.right, "wave_vae_loss.stereo.right"),
+            (self.adversarial.weight, "wave_vae_loss.adversarial.weight"),
+            (
+                self.adversarial.feature_matching,
+                "wave_vae_loss.adversarial.feature_matching",
+            ),
         ] {
             ensure(v.is_finite() && v >= 0.0, f, || {
                 format!("must be a finite weight >= 0, got {v}")
@@ -922,14 +988,7 @@ impl WaveVae {
         rng: &mut SplitMix64,
         train: bool,
     ) -> Result<WaveVaeLoss> {
-        let (mean, logvar) = self.encode(audio)?;
-        let z = if train {
-            let eps = normal_noise(mean.dims(), rng, mean.device())?.to_dtype(mean.dtype())?;
-            (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?
-        } else {
-            mean.clone()
-        };
-        let reconstruction = self.decode(&z)?;
+        let (reconstruction, mean, logvar) = self.pass(audio, rng, train)?;
         let (recon, mut terms) = objective.reconstruction(&reconstruction, audio)?;
         // [batch, latent, frames] -> [batch, frames, latent] for the KL.
         let kl = kl_loss(
@@ -946,6 +1005,26 @@ impl WaveVae {
             reconstruction,
             kl_weight,
         })
+    }
+
+    /// The training pass: encode `audio`, sample the posterior (noise from
+    /// `rng`; the mean when not `train`) and decode. Returns the
+    /// reconstruction, the mean and the log-variance. [`WaveVae::loss`]
+    /// uses it; a discriminator step replays it from the same seed.
+    pub fn pass(
+        &self,
+        audio: &Tensor,
+        rng: &mut SplitMix64,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (mean, logvar) = self.encode(audio)?;
+        let z = if train {
+            let eps = normal_noise(mean.dims(), rng, mean.device())?.to_dtype(mean.dtype())?;
+            (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?
+        } else {
+            mean.clone()
+        };
+        Ok((self.decode(&z)?, mean, logvar))
     }
 
     /// Encodes and decodes a clip `[audio_channels, samples]` of any

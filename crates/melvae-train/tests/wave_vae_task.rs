@@ -5,8 +5,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use melvae_dsp::{save_wav, Audio, WavFormat};
-use melvae_models::{WaveBottleneck, WaveVaeConfig, WaveVaeLossConfig};
-use melvae_train::tasks::wave_vae::WaveVaeTask;
+use melvae_models::{
+    DiscriminatorsConfig, MpdConfig, MsdConfig, WaveBottleneck, WaveVaeConfig, WaveVaeLossConfig,
+};
+use melvae_train::tasks::wave_vae::{WaveVaeSections, WaveVaeTask};
 use melvae_train::*;
 
 /// Tone pairs, 0.4 s at 24 kHz; stereo files pan the two tones.
@@ -46,7 +48,7 @@ fn tiny(channels: usize) -> WaveVaeConfig {
     }
 }
 
-fn task(dir: &Path, channels: usize) -> WaveVaeTask {
+fn task(dir: &Path, channels: usize, discriminators: Option<DiscriminatorsConfig>) -> WaveVaeTask {
     let data_cfg = AudioDataConfig {
         dir: dir.to_path_buf(),
         sample_rate: 24000,
@@ -64,16 +66,12 @@ fn task(dir: &Path, channels: usize) -> WaveVaeTask {
         kl_warmup_steps: 5,
         ..Default::default()
     };
-    WaveVaeTask::new(
-        tiny(channels),
+    let sections = WaveVaeSections {
+        model: tiny(channels),
         loss,
-        data,
-        data_cfg,
-        3,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap()
+        discriminators,
+    };
+    WaveVaeTask::new(sections, data, data_cfg, 3, &Device::Cpu, DType::F32).unwrap()
 }
 
 fn cfg(steps: u64) -> TrainerConfig {
@@ -106,7 +104,7 @@ fn trains_writes_samples_and_resumes_exactly() {
         folder(&audio, channels);
 
         let run = RunDir::create(d.path().join("a")).unwrap();
-        let mut a = task(&audio, channels);
+        let mut a = task(&audio, channels, None);
         let before = eval(&mut a);
         Trainer::new(cfg(12), &run)
             .unwrap()
@@ -148,12 +146,12 @@ fn trains_writes_samples_and_resumes_exactly() {
         }
         // 6 steps, then a resumed process to 12: the same weights.
         let split = RunDir::create(d.path().join("b")).unwrap();
-        let mut b = task(&audio, channels);
+        let mut b = task(&audio, channels, None);
         Trainer::new(cfg(6), &split)
             .unwrap()
             .fit(&mut b, false)
             .unwrap();
-        let mut b2 = task(&audio, channels);
+        let mut b2 = task(&audio, channels, None);
         Trainer::new(cfg(12), &split)
             .unwrap()
             .fit(&mut b2, true)
@@ -186,18 +184,15 @@ fn data_must_match_the_model() {
         cache_dir: None,
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
-    let e = WaveVaeTask::new(
-        tiny(2),
-        WaveVaeLossConfig::default(),
-        data,
-        data_cfg,
-        0,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let sections = WaveVaeSections {
+        model: tiny(2),
+        loss: WaveVaeLossConfig::default(),
+        discriminators: None,
+    };
+    let e = WaveVaeTask::new(sections, data, data_cfg, 0, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("data.channels") && e.contains("is 1"), "{e}");
 }
 
@@ -206,11 +201,106 @@ fn the_tiny_experiment_parses() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
     let r = ResolvedConfig::load(&root.join("wave_vae_tiny.yaml"), &[]).unwrap();
     assert_eq!(melvae_train::tasks::family_of(&r).unwrap(), "wave_vae");
-    let (m, l) = melvae_train::tasks::wave_vae::wave_vae_config(&r).unwrap();
+    let w = melvae_train::tasks::wave_vae::wave_vae_config(&r).unwrap();
     let data: AudioDataConfig = r.get("data").unwrap();
     assert_eq!(
-        (m.sample_rate, m.audio_channels),
+        (w.model.sample_rate, w.model.audio_channels),
         (data.sample_rate, data.channels)
     );
-    assert_eq!(l.kl_warmup_steps, 200);
+    assert_eq!(w.loss.kl_warmup_steps, 200);
+    assert_eq!(w.discriminators, None);
+    // The adversarial tiny run and the seed's 44.1 kHz stereo setup.
+    for (name, channels) in [("wave_vae_tiny_gan.yaml", 1), ("wave_vae_music.yaml", 2)] {
+        let r = ResolvedConfig::load(&root.join(name), &[]).unwrap();
+        let w = melvae_train::tasks::wave_vae::wave_vae_config(&r).unwrap();
+        let t: TrainerConfig = r.get("training").unwrap();
+        let data: AudioDataConfig = r.get("data").unwrap();
+        assert!(w.discriminators.is_some() && t.gan.is_some(), "{name}");
+        assert_eq!(
+            (w.model.audio_channels, data.channels),
+            (channels, channels),
+            "{name}"
+        );
+        assert_eq!(w.model.sample_rate, data.sample_rate, "{name}");
+    }
+}
+
+#[test]
+fn adversarial_phase_trains_the_discriminators_and_resumes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio, 1);
+    let disc = DiscriminatorsConfig {
+        msd: Some(MsdConfig {
+            scales: 2,
+            channels: 4,
+            max_channels: 8,
+            downsamples: 1,
+        }),
+        mpd: Some(MpdConfig {
+            periods: vec![2, 3],
+            channels: 2,
+            max_channels: 4,
+            layers: 1,
+        }),
+    };
+    let gan = |steps| TrainerConfig {
+        gan: Some(GanConfig {
+            disc_learning_rate: 1e-3,
+            disc_adamw: Default::default(),
+            disc_every: 1,
+            adversarial_start_step: 2,
+            disc_grad_clip: None,
+        }),
+        ..cfg(steps)
+    };
+    let run = RunDir::create(d.path().join("a")).unwrap();
+    let mut a = task(&audio, 1, Some(disc.clone()));
+    let before: Vec<Vec<f32>> = a
+        .disc_vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert!(!before.is_empty() && a.disc_vars()[0].0.starts_with("disc."));
+    Trainer::new(gan(6), &run)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+    let logged = run.read_metrics().unwrap();
+    let has = |step: u64, key: &str| {
+        logged
+            .iter()
+            .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
+    };
+    // Steps 1-2 are before the adversarial start, 3-6 after.
+    assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
+    let disc_weights = |t: &WaveVaeTask| -> Vec<Vec<f32>> {
+        t.disc_vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    assert_ne!(disc_weights(&a), before, "the discriminators trained");
+
+    // 3 steps, then a resumed process to 6: generator and discriminators equal.
+    let split = RunDir::create(d.path().join("b")).unwrap();
+    let mut b = task(&audio, 1, Some(disc.clone()));
+    Trainer::new(gan(3), &split)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    let mut b2 = task(&audio, 1, Some(disc));
+    Trainer::new(gan(6), &split)
+        .unwrap()
+        .fit(&mut b2, true)
+        .unwrap();
+    assert_eq!(disc_weights(&a), disc_weights(&b2));
+    let gen = |t: &WaveVaeTask| -> Vec<Vec<f32>> {
+        t.vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    assert_eq!(gen(&a), gen(&b2));
 }

@@ -25,7 +25,7 @@ pub const COMMON_SECTIONS: &[&str] = &["training", "data"];
 /// and configure each.
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vae", &["convformer", "cfm"]),
-    ("wave_vae", &["wave_vae", "wave_vae_loss"]),
+    ("wave_vae", &["wave_vae", "wave_vae_loss", "discriminators"]),
 ];
 
 /// The variables of `varmap` with their names, sorted by name (a stable
@@ -134,7 +134,7 @@ pub fn save_model_file(
             model_file::save::<MelVae>(out, &c, tensors, metadata, origin)?;
         }
         "wave_vae" => {
-            let (c, _) = wave_vae::wave_vae_config(cfg)?;
+            let c = wave_vae::wave_vae_config(cfg)?.model;
             model_file::save::<WaveVae>(out, &c, tensors, metadata, origin)?;
         }
         other => {
@@ -167,6 +167,40 @@ pub fn load_mel_vae(
     )?)
 }
 
+/// Checks a whole training config before anything is written: the family
+/// ([`family_of`]), its sections, the trainer's and the data's, and that
+/// they agree (adversarial training needs both `discriminators:` and
+/// `training.gan`). Errors name the file and key. Returns the family.
+pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
+    let family = family_of(cfg)?;
+    let training: crate::TrainerConfig = cfg.get("training")?;
+    let _: crate::AudioDataConfig = cfg.get("data")?;
+    match family {
+        "wave_vae" => {
+            let sections = wave_vae::wave_vae_config(cfg)?;
+            let gan = training.gan.is_some();
+            if sections.discriminators.is_some() != gan {
+                let key = if gan {
+                    "training.gan"
+                } else {
+                    "discriminators"
+                };
+                return Err(Error::Config {
+                    origin: cfg.origin_of(key),
+                    key: key.into(),
+                    reason: "adversarial training needs both a discriminators: section and \
+                             training.gan (the discriminators' optimiser and schedule)"
+                        .into(),
+                });
+            }
+        }
+        _ => {
+            mel_vae::mel_vae_config(cfg)?;
+        }
+    }
+    Ok(family)
+}
+
 /// Trains the family of `cfg` (see [`family_of`]) on `data` in `run`,
 /// resuming from its latest checkpoint if `resume`: builds the task from
 /// the config's sections and runs the [`crate::Trainer`].
@@ -179,12 +213,13 @@ pub fn train(
     let training: crate::TrainerConfig = cfg.get("training")?;
     let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
+    let family = check_config(cfg)?;
     let trainer = crate::Trainer::new(training, run)?;
-    match family_of(cfg)? {
+    match family {
         "wave_vae" => {
-            let (model, loss) = wave_vae::wave_vae_config(cfg)?;
+            let sections = wave_vae::wave_vae_config(cfg)?;
             let mut task =
-                wave_vae::WaveVaeTask::new(model, loss, data, data_cfg, seed, &device, dtype)?;
+                wave_vae::WaveVaeTask::new(sections, data, data_cfg, seed, &device, dtype)?;
             trainer.fit(&mut task, resume)
         }
         _ => {

@@ -8,7 +8,11 @@ use candle_nn::VarMap;
 use melvae_dsp::{
     save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
 };
-use melvae_models::{WaveVae, WaveVaeConfig, WaveVaeLossConfig, WaveVaeObjective};
+use melvae_losses::{discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching};
+use melvae_models::{
+    Discriminators, DiscriminatorsConfig, WaveVae, WaveVaeConfig, WaveVaeLossConfig,
+    WaveVaeObjective,
+};
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
 use crate::trainer::{Losses, StepContext, TrainTask};
@@ -27,16 +31,36 @@ impl crate::Validate for WaveVaeLossConfig {
     }
 }
 
-/// The waveform VAE's sections of a resolved config: `wave_vae:` and
-/// `wave_vae_loss:` (the loss section may be omitted: defaults).
-pub fn wave_vae_config(cfg: &crate::ResolvedConfig) -> Result<(WaveVaeConfig, WaveVaeLossConfig)> {
-    let model: WaveVaeConfig = cfg.get("wave_vae")?;
-    let loss = if cfg.value.get("wave_vae_loss").is_some() {
-        cfg.get("wave_vae_loss")?
-    } else {
-        WaveVaeLossConfig::default()
-    };
-    Ok((model, loss))
+impl crate::Validate for DiscriminatorsConfig {}
+
+/// The waveform VAE's sections of a resolved config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaveVaeSections {
+    /// `wave_vae:`.
+    pub model: WaveVaeConfig,
+    /// `wave_vae_loss:` (defaults when absent).
+    pub loss: WaveVaeLossConfig,
+    /// `discriminators:` (none when absent: no adversarial phase).
+    pub discriminators: Option<DiscriminatorsConfig>,
+}
+
+/// The waveform VAE's sections of a resolved config, validated with errors
+/// naming file and key.
+pub fn wave_vae_config(cfg: &crate::ResolvedConfig) -> Result<WaveVaeSections> {
+    let optional = |name: &str| cfg.value.get(name).is_some();
+    Ok(WaveVaeSections {
+        model: cfg.get("wave_vae")?,
+        loss: if optional("wave_vae_loss") {
+            cfg.get("wave_vae_loss")?
+        } else {
+            WaveVaeLossConfig::default()
+        },
+        discriminators: if optional("discriminators") {
+            Some(cfg.get("discriminators")?)
+        } else {
+            None
+        },
+    })
 }
 
 /// A training batch: audio `[batch, audio_channels, crop]` (the crop cut to
@@ -62,6 +86,9 @@ pub struct WaveVaeTask {
     pub objective: WaveVaeObjective,
     /// The data.
     pub data: AudioFolder,
+    /// The discriminators and their parameters (`disc.*`), when the run
+    /// trains adversarially.
+    pub discriminators: Option<(VarMap, Discriminators)>,
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
@@ -70,17 +97,22 @@ pub struct WaveVaeTask {
 }
 
 impl WaveVaeTask {
-    /// Builds the model on `device` in `dtype` (seeded initialisation) for
-    /// `data`, whose rate and channels must be the model's.
+    /// Builds the model (and the discriminators, if configured) on `device`
+    /// in `dtype` (seeded initialisation) for `data`, whose rate and
+    /// channels must be the model's.
     pub fn new(
-        cfg: WaveVaeConfig,
-        loss: WaveVaeLossConfig,
+        sections: WaveVaeSections,
         data: AudioFolder,
         data_cfg: AudioDataConfig,
         seed: u64,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let WaveVaeSections {
+            model: cfg,
+            loss,
+            discriminators,
+        } = sections;
         for (ok, key, got, want) in [
             (
                 data_cfg.sample_rate == cfg.sample_rate,
@@ -118,11 +150,23 @@ impl WaveVaeTask {
             cfg.clone(),
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
+        let discriminators = match discriminators {
+            Some(d) => {
+                let dmap = VarMap::new();
+                // Another seed than the generator's, so the two never share
+                // initial values by name.
+                let vb = melvae_layers::seeded_var_builder(&dmap, seed ^ 0xD15C, dtype, device);
+                let disc = Discriminators::new(&d, vb.pp("disc"))?;
+                Some((dmap, disc))
+            }
+            None => None,
+        };
         Ok(Self {
             objective: WaveVaeObjective::new(loss, &cfg, device)?,
             varmap,
             model,
             data,
+            discriminators,
             data_cfg,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
@@ -161,6 +205,31 @@ impl TrainTask for WaveVaeTask {
         super::sorted_vars(&self.varmap)
     }
 
+    fn disc_vars(&self) -> Vec<(String, Var)> {
+        self.discriminators
+            .as_ref()
+            .map_or_else(Vec::new, |(m, _)| super::sorted_vars(m))
+    }
+
+    /// The discriminators on real audio and on the reconstruction the
+    /// generator step makes from the same seed (detached).
+    fn disc_losses(&mut self, batch: &WaveBatch, ctx: StepContext) -> Result<Option<Losses>> {
+        let Some((_, disc)) = &self.discriminators else {
+            return Ok(None);
+        };
+        let (fake, _, _) =
+            self.model
+                .pass(&batch.audio, &mut SplitMix64::new(batch.seed), ctx.train)?;
+        let real = disc.forward(&batch.audio)?;
+        let fake = disc.forward(&fake.detach())?;
+        let kind = self.objective.config().adversarial.loss.into();
+        let d = discriminator_loss(kind, &real.logits, &fake.logits)?;
+        Ok(Some(Losses {
+            total: d.clone(),
+            terms: BTreeMap::from([("d".to_string(), d)]),
+        }))
+    }
+
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<WaveBatch> {
         let idx = self
             .cursor
@@ -172,6 +241,9 @@ impl TrainTask for WaveVaeTask {
         })
     }
 
+    /// The VAE loss; in the adversarial phase plus the generator's GAN
+    /// loss (`adv`) and feature matching (`fm`), weighted as
+    /// `wave_vae_loss.adversarial` says.
     fn losses(&mut self, batch: &WaveBatch, ctx: StepContext) -> Result<Losses> {
         let l = self.model.loss(
             &batch.audio,
@@ -180,10 +252,19 @@ impl TrainTask for WaveVaeTask {
             &mut SplitMix64::new(batch.seed),
             ctx.train,
         )?;
-        Ok(Losses {
-            total: l.total,
-            terms: l.terms,
-        })
+        let (mut total, mut terms) = (l.total, l.terms);
+        if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
+            let w = self.objective.config().adversarial;
+            let real = disc.forward(&batch.audio)?;
+            let fake = disc.forward(&l.reconstruction)?;
+            let adv = generator_loss(w.loss.into(), &fake.logits)?;
+            let fm =
+                feature_matching_loss(FeatureMatching::Absolute, &real.features, &fake.features)?;
+            total = (total + (&adv * w.weight)? + (&fm * w.feature_matching)?)?;
+            terms.insert("adv".into(), adv);
+            terms.insert("fm".into(), fm);
+        }
+        Ok(Losses { total, terms })
     }
 
     /// In evaluation mode (the posterior mean is decoded): `stft`, `mel`,
@@ -280,9 +361,14 @@ mod tests {
             let p = dir.join(file);
             let text = std::fs::read_to_string(&p).unwrap();
             let r = ResolvedConfig::from_yaml(&text, &p.display().to_string()).unwrap();
-            let (c, l) = wave_vae_config(&r).unwrap();
-            assert_eq!((c.audio_channels, c.hop()), (channels, hop), "{file}");
-            assert_eq!(l, WaveVaeLossConfig::default());
+            let w = wave_vae_config(&r).unwrap();
+            assert_eq!(
+                (w.model.audio_channels, w.model.hop()),
+                (channels, hop),
+                "{file}"
+            );
+            assert_eq!(w.loss, WaveVaeLossConfig::default());
+            assert_eq!(w.discriminators, None);
         }
         let r = ResolvedConfig::from_yaml(
             "wave_vae: {sample_rate: 24000, audio_channels: 3, channels: 4, channel_mults: [2], strides: [2], latent_dim: 2}\n",
