@@ -1,8 +1,10 @@
 //! Discriminators for adversarial training of waveform models, each usable
 //! alone or combined by config.
 //!
-//! Built so far: the multi-scale waveform discriminator (MelGAN's MSD) and
-//! the multi-period discriminator (HiFi-GAN's MPD). Every sub-discriminator
+//! The multi-scale waveform discriminator (MelGAN's MSD), the multi-period
+//! discriminator (HiFi-GAN's MPD), the multi-scale complex STFT
+//! discriminator (EnCodec's MS-STFTD) and the multi-band multi-resolution
+//! STFT discriminator (DAC's MRD). Every sub-discriminator
 //! returns its logits and the feature maps of its hidden layers, as the
 //! hinge / least-squares losses and feature matching of `melvae-losses`
 //! expect. Input audio `[batch, channels, samples]`; stereo channels are
@@ -10,6 +12,7 @@
 
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
+use melvae_dsp::{PadMode, Padding, StftConfig, TensorStft, WindowKind};
 use melvae_layers::{CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding};
 use serde::{Deserialize, Serialize};
 
@@ -330,6 +333,296 @@ impl MultiPeriodDiscriminator {
     }
 }
 
+/// A 2-D conv over a spectrogram `[batch, channels, freq, time]`:
+/// `kernel`, `stride` and `dilation` as `(freq, time)`, "same" padded in
+/// frequency and causal (left-padded) in time, weight norm.
+fn spec_conv(
+    i: usize,
+    o: usize,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    vb: VarBuilder,
+) -> Result<CausalConv2d> {
+    Ok(CausalConv2d::new(
+        Conv2dConfig {
+            stride,
+            dilation,
+            weight_norm: true,
+            ..Conv2dConfig::new(i, o, kernel)
+        },
+        vb,
+    )?)
+}
+
+/// The complex STFT of `x` `[b, 1, samples]` (Hann window of `n_fft`, hop
+/// `n_fft / 4`, centred with reflection, scaled by `1 / sqrt(sum w^2)` as
+/// torchaudio's `normalized=True`) as `[b, 2, bins, frames]` (real, imag).
+fn complex_spec(stft: &TensorStft, x: &Tensor) -> Result<Tensor> {
+    let n = stft.config().n_fft as f64;
+    // sum of a periodic Hann window squared = 3 n / 8.
+    let scale = 1.0 / (3.0 * n / 8.0).sqrt();
+    let (re, im) = stft.forward(&x.squeeze(1)?)?;
+    Ok((Tensor::stack(&[re, im], 1)? * scale)?)
+}
+
+fn spec_stft(n_fft: usize, vb: &VarBuilder) -> Result<TensorStft> {
+    let cfg = StftConfig {
+        n_fft,
+        hop_length: (n_fft / 4).max(1),
+        win_length: n_fft,
+        window: WindowKind::Hann,
+        periodic: true,
+        padding: Padding::Center(PadMode::Reflect),
+    };
+    Ok(TensorStft::new(cfg, vb.device())?)
+}
+
+/// The `ms_stft:` settings: EnCodec's multi-scale complex STFT
+/// discriminator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsStftConfig {
+    /// FFT sizes, one sub-discriminator each (EnCodec: 1024, 2048, 512,
+    /// 256, 128; hop a quarter, window the FFT size).
+    pub n_ffts: Vec<usize>,
+    /// Width of every conv (EnCodec: 32).
+    pub channels: usize,
+}
+
+impl Default for MsStftConfig {
+    /// EnCodec: FFT sizes 1024, 2048, 512, 256, 128, 32 channels.
+    fn default() -> Self {
+        Self {
+            n_ffts: vec![1024, 2048, 512, 256, 128],
+            channels: 32,
+        }
+    }
+}
+
+/// One EnCodec STFT discriminator: real and imaginary parts as 2 input
+/// channels; a (9 freq x 3 time) conv, three with stride 2 in frequency and
+/// time dilations 1, 2, 4, a 3 x 3 conv, and a 3 x 3 conv to 1 channel.
+#[derive(Debug, Clone)]
+struct StftDisc {
+    stft: TensorStft,
+    convs: Vec<CausalConv2d>,
+    out: CausalConv2d,
+}
+
+impl StftDisc {
+    fn new(n_fft: usize, ch: usize, vb: VarBuilder) -> Result<Self> {
+        let stft = spec_stft(n_fft, &vb)?;
+        let vc = vb.pp("convs");
+        let mut convs = vec![spec_conv(2, ch, (9, 3), (1, 1), (1, 1), vc.pp(0))?];
+        for (i, d) in [1, 2, 4].into_iter().enumerate() {
+            convs.push(spec_conv(ch, ch, (9, 3), (2, 1), (1, d), vc.pp(i + 1))?);
+        }
+        convs.push(spec_conv(ch, ch, (3, 3), (1, 1), (1, 1), vc.pp(4))?);
+        Ok(Self {
+            stft,
+            convs,
+            out: spec_conv(ch, 1, (3, 3), (1, 1), (1, 1), vb.pp("out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut h = complex_spec(&self.stft, x)?;
+        let mut feats = Vec::with_capacity(self.convs.len());
+        for c in &self.convs {
+            h = leaky(&c.forward(&h)?)?;
+            feats.push(h.clone());
+        }
+        Ok((self.out.forward(&h)?.flatten_from(1)?, feats))
+    }
+}
+
+/// EnCodec's multi-scale STFT discriminator. Parameters
+/// `scales.{k}.convs.{i}`, `scales.{k}.out`.
+#[derive(Debug, Clone)]
+pub struct MultiScaleStftDiscriminator {
+    discs: Vec<StftDisc>,
+}
+
+fn check_ffts(n_ffts: &[usize], what: &str) -> Result<()> {
+    ensure(
+        !n_ffts.is_empty() && n_ffts.iter().all(|&n| n >= 8),
+        what,
+        || format!("needs FFT sizes >= 8, got {n_ffts:?}"),
+    )
+}
+
+impl MultiScaleStftDiscriminator {
+    /// One discriminator per FFT size; errors name the field. Audio must be
+    /// longer than half the largest FFT.
+    pub fn new(cfg: &MsStftConfig, vb: VarBuilder) -> Result<Self> {
+        check_ffts(&cfg.n_ffts, "ms_stft.n_ffts")?;
+        ensure(cfg.channels > 0, "ms_stft.channels", || {
+            "must be > 0".into()
+        })?;
+        let discs = cfg
+            .n_ffts
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| StftDisc::new(n, cfg.channels, vb.pp("scales").pp(k)))
+            .collect::<Result<_>>()?;
+        Ok(Self { discs })
+    }
+
+    /// Logits and feature maps of every scale for `audio` `[batch,
+    /// channels, samples]`.
+    pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
+        let x = fold_channels(audio)?;
+        let mut out = DiscOutput {
+            logits: Vec::new(),
+            features: Vec::new(),
+        };
+        for d in &self.discs {
+            let (l, f) = d.forward(&x)?;
+            out.logits.push(l);
+            out.features.push(f);
+        }
+        Ok(out)
+    }
+}
+
+/// The `mrd:` settings: DAC's multi-band multi-resolution STFT
+/// discriminator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MrdConfig {
+    /// FFT sizes (DAC: 2048, 1024, 512; hop a quarter).
+    pub n_ffts: Vec<usize>,
+    /// Band edges as fractions of the bins, increasing from 0 to 1 (DAC:
+    /// 0, 0.1, 0.25, 0.5, 0.75, 1).
+    pub bands: Vec<f64>,
+    /// Width of every conv (DAC: 32).
+    pub channels: usize,
+}
+
+impl Default for MrdConfig {
+    /// DAC: FFT sizes 2048, 1024, 512; 5 bands; 32 channels.
+    fn default() -> Self {
+        Self {
+            n_ffts: vec![2048, 1024, 512],
+            bands: vec![0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
+            channels: 32,
+        }
+    }
+}
+
+/// One DAC resolution: the complex STFT split into frequency bands, each
+/// band through its own conv stack, the results joined along frequency
+/// before the output conv.
+#[derive(Debug, Clone)]
+struct BandDisc {
+    stft: TensorStft,
+    /// Bin ranges `[start, end)`.
+    bands: Vec<(usize, usize)>,
+    /// Per band: a (9, 3) conv, three with stride 2 in frequency, a 3 x 3.
+    stacks: Vec<Vec<CausalConv2d>>,
+    out: CausalConv2d,
+}
+
+impl BandDisc {
+    fn new(n_fft: usize, cfg: &MrdConfig, vb: VarBuilder) -> Result<Self> {
+        let stft = spec_stft(n_fft, &vb)?;
+        let bins = stft.config().n_bins();
+        let edges: Vec<usize> = cfg
+            .bands
+            .iter()
+            .map(|f| (f * bins as f64).floor() as usize)
+            .collect();
+        let bands: Vec<(usize, usize)> = edges.windows(2).map(|w| (w[0], w[1])).collect();
+        ensure(bands.iter().all(|(a, b)| b > a), "mrd.bands", || {
+            format!(
+                "band edges {:?} leave an empty band for FFT size {n_fft}",
+                cfg.bands
+            )
+        })?;
+        let ch = cfg.channels;
+        let stacks = (0..bands.len())
+            .map(|k| -> Result<Vec<CausalConv2d>> {
+                let vs = vb.pp("bands").pp(k);
+                let mut c = vec![spec_conv(2, ch, (9, 3), (1, 1), (1, 1), vs.pp(0))?];
+                for i in 0..3 {
+                    c.push(spec_conv(ch, ch, (9, 3), (2, 1), (1, 1), vs.pp(i + 1))?);
+                }
+                c.push(spec_conv(ch, ch, (3, 3), (1, 1), (1, 1), vs.pp(4))?);
+                Ok(c)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            stft,
+            bands,
+            stacks,
+            out: spec_conv(ch, 1, (3, 3), (1, 1), (1, 1), vb.pp("out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let spec = complex_spec(&self.stft, x)?;
+        let mut feats = Vec::new();
+        let mut outs = Vec::with_capacity(self.bands.len());
+        for (&(a, b), stack) in self.bands.iter().zip(&self.stacks) {
+            let mut h = spec.narrow(2, a, b - a)?;
+            for c in stack {
+                h = leaky(&c.forward(&h)?)?;
+                feats.push(h.clone());
+            }
+            outs.push(h);
+        }
+        let h = Tensor::cat(&outs, 2)?;
+        Ok((self.out.forward(&h)?.flatten_from(1)?, feats))
+    }
+}
+
+/// DAC's multi-band multi-resolution STFT discriminator. Parameters
+/// `resolutions.{k}.bands.{b}.{i}`, `resolutions.{k}.out`.
+#[derive(Debug, Clone)]
+pub struct MultiBandDiscriminator {
+    discs: Vec<BandDisc>,
+}
+
+impl MultiBandDiscriminator {
+    /// One discriminator per FFT size; errors name the field.
+    pub fn new(cfg: &MrdConfig, vb: VarBuilder) -> Result<Self> {
+        check_ffts(&cfg.n_ffts, "mrd.n_ffts")?;
+        ensure(cfg.channels > 0, "mrd.channels", || "must be > 0".into())?;
+        ensure(
+            cfg.bands.len() >= 2
+                && cfg.bands.first() == Some(&0.0)
+                && cfg.bands.last() == Some(&1.0)
+                && cfg.bands.windows(2).all(|w| w[1] > w[0]),
+            "mrd.bands",
+            || format!("needs increasing edges from 0 to 1, got {:?}", cfg.bands),
+        )?;
+        let discs = cfg
+            .n_ffts
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| BandDisc::new(n, cfg, vb.pp("resolutions").pp(k)))
+            .collect::<Result<_>>()?;
+        Ok(Self { discs })
+    }
+
+    /// Logits and feature maps of every resolution for `audio` `[batch,
+    /// channels, samples]`.
+    pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
+        let x = fold_channels(audio)?;
+        let mut out = DiscOutput {
+            logits: Vec::new(),
+            features: Vec::new(),
+        };
+        for d in &self.discs {
+            let (l, f) = d.forward(&x)?;
+            out.logits.push(l);
+            out.features.push(f);
+        }
+        Ok(out)
+    }
+}
+
 /// The `discriminators:` section: which discriminators, each optional.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -340,22 +633,31 @@ pub struct DiscriminatorsConfig {
     /// Multi-period discriminator.
     #[serde(default)]
     pub mpd: Option<MpdConfig>,
+    /// Multi-scale complex STFT discriminator.
+    #[serde(default)]
+    pub ms_stft: Option<MsStftConfig>,
+    /// Multi-band multi-resolution STFT discriminator.
+    #[serde(default)]
+    pub mrd: Option<MrdConfig>,
 }
 
-/// The configured discriminators together. Parameters `msd.*`, `mpd.*`.
+/// The configured discriminators together. Parameters `msd.*`, `mpd.*`,
+/// `ms_stft.*`, `mrd.*`.
 #[derive(Debug, Clone)]
 pub struct Discriminators {
     msd: Option<MultiScaleDiscriminator>,
     mpd: Option<MultiPeriodDiscriminator>,
+    ms_stft: Option<MultiScaleStftDiscriminator>,
+    mrd: Option<MultiBandDiscriminator>,
 }
 
 impl Discriminators {
     /// Builds the configured discriminators; at least one is needed.
     pub fn new(cfg: &DiscriminatorsConfig, vb: VarBuilder) -> Result<Self> {
         ensure(
-            cfg.msd.is_some() || cfg.mpd.is_some(),
+            cfg.msd.is_some() || cfg.mpd.is_some() || cfg.ms_stft.is_some() || cfg.mrd.is_some(),
             "discriminators",
-            || "configure at least one (msd, mpd)".into(),
+            || "configure at least one (msd, mpd, ms_stft, mrd)".into(),
         )?;
         Ok(Self {
             msd: cfg
@@ -368,11 +670,22 @@ impl Discriminators {
                 .as_ref()
                 .map(|c| MultiPeriodDiscriminator::new(c, vb.pp("mpd")))
                 .transpose()?,
+            ms_stft: cfg
+                .ms_stft
+                .as_ref()
+                .map(|c| MultiScaleStftDiscriminator::new(c, vb.pp("ms_stft")))
+                .transpose()?,
+            mrd: cfg
+                .mrd
+                .as_ref()
+                .map(|c| MultiBandDiscriminator::new(c, vb.pp("mrd")))
+                .transpose()?,
         })
     }
 
-    /// Logits and feature maps of every sub-discriminator (MSD scales, then
-    /// MPD periods) for `audio` `[batch, channels, samples]`.
+    /// Logits and feature maps of every sub-discriminator (MSD scales, MPD
+    /// periods, MS-STFT scales, MRD resolutions, in that order) for `audio`
+    /// `[batch, channels, samples]`.
     pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
         let mut out = DiscOutput {
             logits: Vec::new(),
@@ -382,6 +695,12 @@ impl Discriminators {
             out.extend(m.forward(audio)?);
         }
         if let Some(m) = &self.mpd {
+            out.extend(m.forward(audio)?);
+        }
+        if let Some(m) = &self.ms_stft {
+            out.extend(m.forward(audio)?);
+        }
+        if let Some(m) = &self.mrd {
             out.extend(m.forward(audio)?);
         }
         Ok(out)
@@ -408,6 +727,15 @@ mod tests {
                 channels: 2,
                 max_channels: 8,
                 layers: 2,
+            }),
+            ms_stft: Some(MsStftConfig {
+                n_ffts: vec![32, 16],
+                channels: 2,
+            }),
+            mrd: Some(MrdConfig {
+                n_ffts: vec![32],
+                bands: vec![0.0, 0.5, 1.0],
+                channels: 2,
             }),
         }
     }
@@ -444,11 +772,12 @@ mod tests {
             .to_dtype(DType::F32)
             .unwrap();
         let out = d.forward(&x).unwrap();
-        assert_eq!(out.logits.len(), 2 + 2);
+        assert_eq!(out.logits.len(), 2 + 2 + 2 + 1);
         // MSD: input conv, 2 strided, 1 wide = 4 feature maps per scale;
-        // MPD: 2 strided + 1 = 3 per period.
+        // MPD: 2 strided + 1 = 3 per period; MS-STFT: 5 convs per scale;
+        // MRD: 5 convs per band, 2 bands.
         let counts: Vec<usize> = out.features.iter().map(Vec::len).collect();
-        assert_eq!(counts, [4, 4, 3, 3]);
+        assert_eq!(counts, [4, 4, 3, 3, 5, 5, 10]);
         for l in &out.logits {
             assert_eq!(l.dim(0).unwrap(), 4);
             assert_eq!(l.rank(), 2);
@@ -458,8 +787,14 @@ mod tests {
         assert_eq!(out.logits[1].dims(), &[4, 19]);
         // Period 2: 300 rows -> 100 -> 34, times 2 phases.
         assert_eq!(out.logits[2].dims(), &[4, 34 * 2]);
-        // The reference sizes build (one scale and one period of them, to
-        // keep the test fast).
+        // MS-STFT n_fft 32: 17 bins -> 9 -> 5 -> 3, 76 frames; n_fft 16:
+        // 9 bins -> 2, 151 frames.
+        assert_eq!(out.logits[4].dims(), &[4, 3 * 76]);
+        assert_eq!(out.logits[5].dims(), &[4, 2 * 151]);
+        // MRD: bands of 8 and 9 bins -> 1 and 2, joined: 3 x 76.
+        assert_eq!(out.logits[6].dims(), &[4, 3 * 76]);
+        // The reference sizes build (one scale, period and resolution of
+        // each, to keep the test fast).
         let full = DiscriminatorsConfig {
             msd: Some(MsdConfig {
                 scales: 1,
@@ -468,6 +803,14 @@ mod tests {
             mpd: Some(MpdConfig {
                 periods: vec![11],
                 ..MpdConfig::default()
+            }),
+            ms_stft: Some(MsStftConfig {
+                n_ffts: vec![128],
+                ..MsStftConfig::default()
+            }),
+            mrd: Some(MrdConfig {
+                n_ffts: vec![512],
+                ..MrdConfig::default()
             }),
         };
         let vm = VarMap::new();
@@ -484,7 +827,7 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-        assert_eq!(out.logits.len(), 2);
+        assert_eq!(out.logits.len(), 4);
     }
 
     #[test]
@@ -501,6 +844,15 @@ mod tests {
                 channels: 2,
                 max_channels: 4,
                 layers: 1,
+            }),
+            ms_stft: Some(MsStftConfig {
+                n_ffts: vec![16],
+                channels: 2,
+            }),
+            mrd: Some(MrdConfig {
+                n_ffts: vec![16],
+                bands: vec![0.0, 0.5, 1.0],
+                channels: 2,
             }),
         };
         let vm = VarMap::new();
@@ -553,6 +905,24 @@ mod tests {
         };
         let e = Discriminators::new(&bad, vb(&vm)).unwrap_err().to_string();
         assert!(e.contains("msd.channels"), "{e}");
+        let bad = DiscriminatorsConfig {
+            mrd: Some(MrdConfig {
+                bands: vec![0.0, 0.6, 0.5, 1.0],
+                ..MrdConfig::default()
+            }),
+            ..Default::default()
+        };
+        let e = Discriminators::new(&bad, vb(&vm)).unwrap_err().to_string();
+        assert!(e.contains("mrd.bands"), "{e}");
+        let bad = DiscriminatorsConfig {
+            ms_stft: Some(MsStftConfig {
+                n_ffts: vec![4],
+                channels: 2,
+            }),
+            ..Default::default()
+        };
+        let e = Discriminators::new(&bad, vb(&vm)).unwrap_err().to_string();
+        assert!(e.contains("ms_stft.n_ffts"), "{e}");
         let d = Discriminators::new(&tiny(), vb(&VarMap::new())).unwrap();
         let e = d
             .forward(&Tensor::zeros((2, 100), DType::F32, &Device::Cpu).unwrap())

@@ -7,7 +7,8 @@
 //!   audio, and the training loss (flow matching + KL with warm-up).
 //! - [`wave_vae`]: the Encodec-style waveform VAE (SEANet encoder and
 //!   decoder, Gaussian bottleneck, mono or stereo, streaming when causal).
-//! - [`discriminators`]: discriminators for adversarial training (MSD, MPD).
+//! - [`discriminators`]: discriminators for adversarial training (MSD, MPD,
+//!   MS-STFT, multi-band MRD).
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```

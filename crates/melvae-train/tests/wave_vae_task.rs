@@ -244,6 +244,7 @@ fn adversarial_phase_trains_the_discriminators_and_resumes_exactly() {
             max_channels: 4,
             layers: 1,
         }),
+        ..Default::default()
     };
     let gan = |steps| TrainerConfig {
         gan: Some(GanConfig {
