@@ -53,6 +53,24 @@ fn fold_channels(audio: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Runs every sub-discriminator `f(d, x)` and gathers their outputs.
+fn each<T>(
+    discs: &[T],
+    x: &Tensor,
+    f: impl Fn(&T, &Tensor) -> Result<(Tensor, Vec<Tensor>)>,
+) -> Result<DiscOutput> {
+    let mut out = DiscOutput {
+        logits: Vec::with_capacity(discs.len()),
+        features: Vec::with_capacity(discs.len()),
+    };
+    for d in discs {
+        let (l, feats) = f(d, x)?;
+        out.logits.push(l);
+        out.features.push(feats);
+    }
+    Ok(out)
+}
+
 /// The `msd:` settings: MelGAN's multi-scale discriminator.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,17 +337,7 @@ impl MultiPeriodDiscriminator {
     /// Logits and feature maps of every period for `audio` `[batch,
     /// channels, samples]`.
     pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
-        let x = fold_channels(audio)?;
-        let mut out = DiscOutput {
-            logits: Vec::new(),
-            features: Vec::new(),
-        };
-        for d in &self.discs {
-            let (l, f) = d.forward(&x)?;
-            out.logits.push(l);
-            out.features.push(f);
-        }
-        Ok(out)
+        each(&self.discs, &fold_channels(audio)?, PeriodDisc::forward)
     }
 }
 
@@ -472,17 +480,7 @@ impl MultiScaleStftDiscriminator {
     /// Logits and feature maps of every scale for `audio` `[batch,
     /// channels, samples]`.
     pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
-        let x = fold_channels(audio)?;
-        let mut out = DiscOutput {
-            logits: Vec::new(),
-            features: Vec::new(),
-        };
-        for d in &self.discs {
-            let (l, f) = d.forward(&x)?;
-            out.logits.push(l);
-            out.features.push(f);
-        }
-        Ok(out)
+        each(&self.discs, &fold_channels(audio)?, StftDisc::forward)
     }
 }
 
@@ -609,17 +607,7 @@ impl MultiBandDiscriminator {
     /// Logits and feature maps of every resolution for `audio` `[batch,
     /// channels, samples]`.
     pub fn forward(&self, audio: &Tensor) -> Result<DiscOutput> {
-        let x = fold_channels(audio)?;
-        let mut out = DiscOutput {
-            logits: Vec::new(),
-            features: Vec::new(),
-        };
-        for d in &self.discs {
-            let (l, f) = d.forward(&x)?;
-            out.logits.push(l);
-            out.features.push(f);
-        }
-        Ok(out)
+        each(&self.discs, &fold_channels(audio)?, BandDisc::forward)
     }
 }
 
