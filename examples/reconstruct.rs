@@ -1,12 +1,18 @@
-//! Encodes and decodes an audio file with a trained mel VAE.
+//! Encodes and decodes an audio file with a trained model; the family (mel
+//! VAE or waveform VAE) comes from the model file or the run.
 //!
 //! ```text
 //! cargo run --release --example reconstruct -- --model MODEL.safetensors IN_AUDIO -o OUT.wav [--steps N] [--guidance G] [--temperature T] [--latents OUT.npy] [--png OUT.png]
 //! cargo run --release --example reconstruct -- --model runs/tiny IN_AUDIO -o OUT.wav
 //! ```
 //!
-//! Vocodes with Griffin-Lim; the PNG shows the input mel above the
-//! reconstruction.
+//! The mel VAE is vocoded with Griffin-Lim (`--steps`, `--guidance` and
+//! `--temperature` set its sampling); the waveform VAE decodes audio
+//! directly at its own rate and channel count (mono or stereo) from the
+//! posterior mean. The PNG shows the input log-mel above the
+//! reconstruction's; `--latents` writes the latents (`[frames / C,
+//! latent_dim]` for the mel VAE, `[latent_dim, frames]` for the waveform
+//! VAE).
 
 mod common;
 
@@ -51,7 +57,61 @@ struct Args {
     png: Option<PathBuf>,
 }
 
+/// The waveform VAE: encode and decode the file at the model's rate and
+/// channel count; the PNG stacks the log-mels of the first channel.
+fn run_wave(args: &Args) -> anyhow::Result<()> {
+    let model = common::load_wave_vae(&args.model)?;
+    let cfg = model.config().clone();
+    let audio = melvae::dsp::load_audio_with(
+        &args.input,
+        &melvae::dsp::LoadOptions {
+            channels: if cfg.audio_channels == 1 {
+                melvae::dsp::ChannelMode::Mono
+            } else {
+                melvae::dsp::ChannelMode::Stereo
+            },
+            sample_rate: Some(cfg.sample_rate),
+            ..Default::default()
+        },
+    )?;
+    let n = audio.n_samples();
+    let flat: Vec<f32> = audio.channels.iter().flatten().copied().collect();
+    let x = candle_core::Tensor::from_vec(flat, (audio.channels.len(), n), &Device::Cpu)?;
+    let (y, latent) = model.reconstruct(&x)?;
+    let y = y.squeeze(0)?.to_vec2::<f32>()?;
+    save_wav(
+        &args.output,
+        &Audio::new(cfg.sample_rate, y.clone())?,
+        WavFormat::Pcm16,
+    )?;
+    if let Some(p) = &args.latents {
+        let latent = latent.squeeze(0)?;
+        let (d, k) = latent.dims2()?;
+        let v = latent.flatten_all()?.to_vec1::<f32>()?;
+        write_npy(p, &ndarray::Array2::from_shape_vec((d, k), v)?)?;
+    }
+    let ex = MelExtractor::new(MelConfig {
+        sample_rate: cfg.sample_rate,
+        ..MelConfig::vocos_24k()
+    })?;
+    let (mi, mr) = (ex.extract(&audio.channels[0])?, ex.extract(&y[0])?);
+    if let Some(p) = &args.png {
+        SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &[&mi, &mr])?;
+    }
+    let l1 = (&mi - &mr).mapv(f32::abs).mean().unwrap_or(f32::NAN);
+    println!(
+        "{}: waveform VAE, {} latent frames, log-mel L1 {l1:.3} -> {}",
+        args.input.display(),
+        latent.dim(2)?,
+        args.output.display()
+    );
+    Ok(())
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
+    if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
+        return run_wave(args);
+    }
     let dev = Device::Cpu;
     let model = common::load_mel_vae(&args.model)?;
     let audio = common::load_for_mel(&args.input, &MelConfig::vocos_24k())?;

@@ -483,3 +483,76 @@ fn stream_bench_rejects_bad_arguments() {
     assert_one_line_error(&run("stream_bench", &["--minutes", "1"]), "--minutes");
     assert_one_line_error(&run("stream_bench", &["--chunk-ms=0"]), "--chunk-ms");
 }
+
+#[test]
+fn reconstruct_takes_the_family_from_the_model_file() {
+    use melvae::models::{model_file, WaveBottleneck, WaveVae, WaveVaeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    // A small stereo waveform VAE with seeded random weights.
+    let cfg = WaveVaeConfig {
+        audio_channels: 2,
+        channels: 4,
+        channel_mults: vec![2, 4],
+        strides: vec![4, 5],
+        dilations: vec![1],
+        bottleneck: WaveBottleneck::None,
+        latent_dim: 4,
+        ..Default::default()
+    };
+    let vm = candle_nn::VarMap::new();
+    WaveVae::new(
+        cfg.clone(),
+        melvae::layers::seeded_var_builder(
+            &vm,
+            1,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        ),
+    )
+    .unwrap();
+    let tensors = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let model = dir.path().join("wave.safetensors");
+    model_file::save::<WaveVae>(&model, &cfg, &tensors, &Default::default(), &model).unwrap();
+    // A mono 16 kHz input: resampled to 24 kHz and duplicated to stereo.
+    let clip = dir.path().join("in.wav");
+    let x: Vec<f32> = (0..8000).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
+    melvae::dsp::save_wav(
+        &clip,
+        &melvae::dsp::Audio::new(16000, vec![x]).unwrap(),
+        melvae::dsp::WavFormat::Pcm16,
+    )
+    .unwrap();
+    let out = dir.path().join("out.wav");
+    let lat = dir.path().join("lat.npy");
+    let png = dir.path().join("cmp.png");
+    let o = run(
+        "reconstruct",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            clip.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--latents",
+            lat.to_str().unwrap(),
+            "--png",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("waveform VAE"));
+    let y = melvae::dsp::load_audio(&out).unwrap();
+    assert_eq!(
+        (y.sample_rate, y.channels.len(), y.n_samples()),
+        (24000, 2, 12000)
+    );
+    // 12000 samples padded to the hop 20: 600 latent frames of 4 channels.
+    assert_eq!(melvae::dsp::read_npy(&lat).unwrap().shape(), &[4, 600]);
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+}

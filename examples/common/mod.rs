@@ -48,6 +48,17 @@ pub fn proc_status_mib(key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A waveform VAE from a model file or a run or checkpoint directory, as
+/// [`load_mel_vae`].
+pub fn load_wave_vae(path: &Path) -> anyhow::Result<melvae::models::WaveVae> {
+    let dev = candle_core::Device::Cpu;
+    Ok(if path.is_file() {
+        melvae::models::WaveVae::load(path, &dev, candle_core::DType::F32)?
+    } else {
+        melvae::train::tasks::load_wave_vae(path, &melvae::train::run::Which::Latest, &dev)?
+    })
+}
+
 /// Deterministic uniform noise in [-0.5, 0.5) (xorshift64), for benchmarks.
 pub fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

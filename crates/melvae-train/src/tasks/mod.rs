@@ -155,16 +155,50 @@ pub fn load_mel_vae(
     which: &crate::run::Which,
     device: &Device,
 ) -> Result<MelVae> {
+    load_from_run::<MelVae>(run_or_checkpoint, which, device, mel_vae::mel_vae_config)
+}
+
+/// A trained waveform VAE from a run or checkpoint directory, as
+/// [`load_mel_vae`].
+pub fn load_wave_vae(
+    run_or_checkpoint: &Path,
+    which: &crate::run::Which,
+    device: &Device,
+) -> Result<WaveVae> {
+    load_from_run::<WaveVae>(run_or_checkpoint, which, device, |c| {
+        Ok(wave_vae::wave_vae_config(c)?.model)
+    })
+}
+
+/// A model of family `F` from a run: its config (read by `config` from the
+/// run's `config.yaml`) and the checkpoint's EMA weights when kept, as
+/// plain f32 tensors. Reads only.
+fn load_from_run<F: model_file::Family>(
+    run_or_checkpoint: &Path,
+    which: &crate::run::Which,
+    device: &Device,
+    config: impl FnOnce(&ResolvedConfig) -> Result<F::Config>,
+) -> Result<F> {
     let loc = crate::run::locate(run_or_checkpoint, which)?;
-    let cfg = mel_vae::mel_vae_config(&crate::run::read_run_config(&loc.root)?)?;
+    let cfg = config(&crate::run::read_run_config(&loc.root)?)?;
     let (tensors, _) = crate::run::checkpoint_weights(&loc.checkpoint, crate::run::Weights::Auto)?;
-    Ok(model_file::from_tensors::<MelVae>(
+    Ok(model_file::from_tensors::<F>(
         cfg,
         &tensors,
         &loc.checkpoint,
         device,
         DType::F32,
     )?)
+}
+
+/// The model family of a model file (its metadata) or of a run or
+/// checkpoint directory (its config's sections).
+pub fn family_at(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return Ok(model_file::read_info(path)?.family);
+    }
+    let loc = crate::run::locate(path, &crate::run::Which::Latest)?;
+    Ok(family_of(&crate::run::read_run_config(&loc.root)?)?.to_string())
 }
 
 /// Checks a whole training config before anything is written: the family
