@@ -1,17 +1,19 @@
-//! Streams audio through a trained mel VAE's causal encoder and writes the
-//! latents (posterior means, `[frames / C, latent_dim]`) as `.npy`,
-//! printing the real-time factor and the latency.
+//! Streams audio through a trained model's causal encoder (the family comes
+//! from the model file or run) and writes the latents (posterior means: mel
+//! VAE `[frames / C, latent_dim]`, waveform VAE `[latent_dim, frames]`) as
+//! `.npy`, printing the real-time factor and the latency.
 //!
 //! ```text
 //! cargo run --release --example encode -- --model MODEL.safetensors IN_AUDIO -o latents.npy [--chunk-ms 500]
 //! sox in.wav -t raw -r 24000 -c 1 -e float -b 32 - | cargo run --release --example encode -- --model MODEL.safetensors - -o latents.npy
 //! ```
 //!
-//! A file (any format melvae reads; resampled to 24 kHz mono) is fed in
-//! chunks of `--chunk-ms` as if it arrived live; `-` reads raw mono PCM at
-//! 24 kHz from stdin (`--format f32le` or `s16le`) as it arrives. The mel
-//! frontend and the encoder both stream: the latents equal the offline
-//! encoding of the whole signal.
+//! A file (any format melvae reads; resampled to the model's rate and
+//! channel count: 24 kHz mono for the mel VAE) is fed in chunks of
+//! `--chunk-ms` as if it arrived live; `-` reads raw PCM at the model's rate
+//! from stdin (interleaved for stereo; `--format f32le` or `s16le`) as it
+//! arrives. The latents equal the offline encoding of the whole signal (the
+//! waveform VAE's zero-padded to its hop).
 
 mod common;
 
@@ -23,7 +25,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::{Parser, ValueEnum};
-use melvae::dsp::{write_npy, MelConfig};
+use melvae::dsp::{load_audio_with, write_npy, ChannelMode, LoadOptions, MelConfig};
+use melvae::models::{EncoderStream, WaveEncoderStream};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RawFormat {
@@ -83,58 +86,138 @@ fn read_raw(r: &mut impl Read, n: usize, format: RawFormat) -> anyhow::Result<Op
     Ok(Some(samples))
 }
 
+/// The streaming encoder of either family, fed planar chunks
+/// `[channels][t]`; latents come out in the family's layout (mel VAE
+/// `[1, n, latent]`, waveform VAE `[1, latent, n]`).
+enum Stream {
+    Mel(Box<EncoderStream>),
+    Wave(Box<WaveEncoderStream>),
+}
+
+impl Stream {
+    fn push(&mut self, chunk: &[Vec<f32>], dev: &Device) -> anyhow::Result<Option<Tensor>> {
+        Ok(match self {
+            Stream::Mel(s) => s.push(&chunk[0], dev)?.map(|l| l.mean),
+            Stream::Wave(s) => {
+                let flat: Vec<f32> = chunk.iter().flatten().copied().collect();
+                let x = Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), dev)?;
+                s.push(&x)?.map(|(mean, _)| mean)
+            }
+        })
+    }
+
+    fn finish(&mut self, dev: &Device) -> anyhow::Result<Option<Tensor>> {
+        Ok(match self {
+            Stream::Mel(s) => s.finish(dev)?.map(|l| l.mean),
+            Stream::Wave(s) => s.finish()?.map(|(mean, _)| mean),
+        })
+    }
+
+    fn latency_samples(&self) -> usize {
+        match self {
+            Stream::Mel(s) => s.latency_samples(),
+            Stream::Wave(s) => s.latency_samples(),
+        }
+    }
+
+    /// The time axis of the latents.
+    fn time_axis(&self) -> usize {
+        match self {
+            Stream::Mel(_) => 1,
+            Stream::Wave(_) => 2,
+        }
+    }
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
     if !(args.chunk_ms > 0.0 && args.chunk_ms.is_finite()) {
         bail!("--chunk-ms must be > 0, got {}", args.chunk_ms);
     }
-    let model = common::load_mel_vae(&args.model)?;
     let dev = Device::Cpu;
-    let rate = MelConfig::vocos_24k().sample_rate as usize;
+    // The family, rate and channel count come from the model.
+    let (mut stream, rate, channels) =
+        if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
+            let m = common::load_wave_vae(&args.model)?;
+            let c = m.config();
+            let (rate, ch) = (c.sample_rate, c.audio_channels);
+            (Stream::Wave(Box::new(m.encoder_stream()?)), rate, ch)
+        } else {
+            let m = common::load_mel_vae(&args.model)?;
+            (
+                Stream::Mel(Box::new(m.encoder_stream()?)),
+                MelConfig::vocos_24k().sample_rate,
+                1,
+            )
+        };
     let chunk = ((args.chunk_ms / 1000.0 * rate as f64).round() as usize).max(1);
-    let mut stream = model.encoder_stream()?;
     let stdin = args.input.as_os_str() == "-";
     let file_audio = if stdin {
         None
     } else {
-        let a = common::load_for_mel(&args.input, &MelConfig::vocos_24k())?;
-        Some(a.channels.into_iter().next().unwrap_or_default())
+        let opts = LoadOptions {
+            channels: if channels == 1 {
+                ChannelMode::Mono
+            } else {
+                ChannelMode::Stereo
+            },
+            sample_rate: Some(rate),
+            ..Default::default()
+        };
+        Some(load_audio_with(&args.input, &opts)?.channels)
     };
     let mut input = std::io::stdin().lock();
     let (mut latents, mut chunk_times) = (Vec::new(), Vec::new());
     let (mut samples, mut busy) = (0usize, 0f64);
     loop {
-        let next = match &file_audio {
-            Some(a) if samples < a.len() => {
-                Some(a[samples..(samples + chunk).min(a.len())].to_vec())
+        let next: Option<Vec<Vec<f32>>> = match &file_audio {
+            Some(a) if samples < a[0].len() => {
+                let end = (samples + chunk).min(a[0].len());
+                Some(a.iter().map(|c| c[samples..end].to_vec()).collect())
             }
             Some(_) => None,
-            None => read_raw(&mut input, chunk, args.format)?,
+            // Raw stdin: interleaved frames of `channels` samples.
+            None => match read_raw(&mut input, chunk * channels, args.format)? {
+                Some(x) if x.len() % channels != 0 => bail!(
+                    "stdin: {} samples is not a whole number of {channels}-channel frames \
+                     (the model is stereo: interleave left and right)",
+                    x.len()
+                ),
+                Some(x) => Some(
+                    (0..channels)
+                        .map(|c| x.iter().skip(c).step_by(channels).copied().collect())
+                        .collect(),
+                ),
+                None => None,
+            },
         };
         let Some(x) = next else { break };
+        if x[0].is_empty() {
+            break;
+        }
         let t = Instant::now();
         if let Some(l) = stream.push(&x, &dev)? {
-            latents.push(l.mean);
+            latents.push(l);
         }
         let dt = t.elapsed().as_secs_f64();
         busy += dt;
         chunk_times.push(dt);
-        samples += x.len();
+        samples += x[0].len();
     }
     if samples == 0 {
         bail!("{}: no audio", args.input.display());
     }
     let t = Instant::now();
-    latents.extend(stream.finish(&dev)?.map(|l| l.mean));
+    latents.extend(stream.finish(&dev)?);
     busy += t.elapsed().as_secs_f64();
-    let latents = Tensor::cat(&latents, 1)?.squeeze(0)?;
-    let (n, d) = latents.dims2()?;
-    let array = ndarray::Array2::from_shape_vec((n, d), latents.flatten_all()?.to_vec1::<f32>()?)?;
+    let latents = Tensor::cat(&latents, stream.time_axis())?.squeeze(0)?;
+    let (a, b) = latents.dims2()?;
+    let array = ndarray::Array2::from_shape_vec((a, b), latents.flatten_all()?.to_vec1::<f32>()?)?;
     write_npy(&args.output, &array)?;
     let secs = samples as f64 / rate as f64;
     let mean_ms = 1000.0 * chunk_times.iter().sum::<f64>() / chunk_times.len().max(1) as f64;
     let max_ms = 1000.0 * chunk_times.iter().copied().fold(0.0, f64::max);
     println!(
-        "{}: {secs:.2} s of audio -> latents [{n}, {d}] in {} ({busy:.3} s busy, real-time factor {:.4}, {:.0}x real time)",
+        "{}: {secs:.2} s of audio -> latents [{a}, {b}] in {} ({busy:.3} s busy, real-time factor {:.4}, {:.0}x real time)",
         args.input.display(),
         args.output.display(),
         busy / secs,

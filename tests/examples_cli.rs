@@ -21,6 +21,19 @@ fn run(name: &str, args: &[&str]) -> Output {
     Command::new(example(name)).args(args).output().unwrap()
 }
 
+/// `encode --model MODEL - -o OUT` with `pcm` on stdin.
+fn encode_stdin(model: &str, out: &str, pcm: &[u8]) -> Output {
+    let mut child = Command::new(example("encode"))
+        .args(["--model", model, "-", "-o", out])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pcm).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn sample() -> String {
     format!("{}/data/samples/speech_en.flac", env!("CARGO_MANIFEST_DIR"))
 }
@@ -365,15 +378,7 @@ fn training_with_dropout_is_reproducible_and_resumes_exactly_across_processes() 
         .flat_map(|v| v.to_le_bytes())
         .collect();
     std::fs::remove_file(&streamed).unwrap();
-    let mut child = Command::new(example("encode"))
-        .args(["--model", m, "-", "-o", s])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &pcm).unwrap();
-    ok(child.wait_with_output().unwrap());
+    ok(encode_stdin(m, s, &pcm));
     close(&streamed);
     // Bad input names the culprit.
     assert_one_line_error(
@@ -555,4 +560,54 @@ fn reconstruct_takes_the_family_from_the_model_file() {
     // 12000 samples padded to the hop 20: 600 latent frames of 4 channels.
     assert_eq!(melvae::dsp::read_npy(&lat).unwrap().shape(), &[4, 600]);
     assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    // encode streams the same latents, from the file and from raw
+    // interleaved stereo on stdin.
+    let want = melvae::dsp::read_npy(&lat).unwrap();
+    let streamed = dir.path().join("streamed.npy");
+    let close = || {
+        let got = melvae::dsp::read_npy(&streamed).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        let d = got
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "{d}");
+    };
+    let m = model.to_str().unwrap();
+    let s = streamed.to_str().unwrap();
+    let o = run(
+        "encode",
+        &[
+            "--model",
+            m,
+            clip.to_str().unwrap(),
+            "-o",
+            s,
+            "--chunk-ms",
+            "7",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    close();
+    // The reconstruct input as the model hears it: 24 kHz, both channels.
+    let heard = melvae::dsp::load_audio_with(
+        &clip,
+        &melvae::dsp::LoadOptions {
+            channels: melvae::dsp::ChannelMode::Stereo,
+            sample_rate: Some(24000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pcm: Vec<u8> = (0..heard.n_samples())
+        .flat_map(|i| [heard.channels[0][i], heard.channels[1][i]])
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::remove_file(&streamed).unwrap();
+    let o = encode_stdin(m, s, &pcm);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    close();
+    // Half a stereo frame on stdin is named.
+    assert_one_line_error(&encode_stdin(m, s, &pcm[..12]), "stereo");
 }

@@ -53,9 +53,18 @@ impl Weight {
 
     /// The effective weight (differentiable in `g` and `v`).
     pub(crate) fn dtype(&self) -> candle_core::DType {
+        self.stored().dtype()
+    }
+
+    pub(crate) fn device(&self) -> candle_core::Device {
+        self.stored().device().clone()
+    }
+
+    /// The stored tensor (`v` for weight norm).
+    fn stored(&self) -> &Tensor {
         match self {
-            Self::Plain(w) => w.dtype(),
-            Self::Norm { v, .. } => v.dtype(),
+            Self::Plain(w) => w,
+            Self::Norm { v, .. } => v,
         }
     }
 
@@ -340,6 +349,11 @@ impl Conv1d {
     /// The dtype of the weights.
     pub fn dtype(&self) -> candle_core::DType {
         self.weight.dtype()
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> candle_core::Device {
+        self.weight.device()
     }
 
     /// The convolution without padding, on an already padded input.

@@ -52,6 +52,6 @@ pub use mel_vae::{
 pub use model_file::{Family, ModelFileInfo};
 pub use wave_vae::{
     AdversarialWeights, FreeBitsConfig, GanLossKind, StereoWeights, WaveActivation, WaveBottleneck,
-    WaveDecoder, WaveEncoder, WaveVae, WaveVaeConfig, WaveVaeLoss, WaveVaeLossConfig,
-    WaveVaeObjective,
+    WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae, WaveVaeConfig, WaveVaeLoss,
+    WaveVaeLossConfig, WaveVaeObjective,
 };

@@ -1048,6 +1048,67 @@ impl WaveVae {
     }
 }
 
+impl WaveVae {
+    /// A stream that turns audio at the model's rate and channel count, fed
+    /// in chunks of any size, into latents as they become final (causal
+    /// models only); see [`WaveEncoderStream`].
+    pub fn encoder_stream(&self) -> Result<WaveEncoderStream> {
+        ensure(self.cfg.causal, "wave_vae.causal", || {
+            "only a causal model streams".into()
+        })?;
+        let mut encoder = self.encoder.clone();
+        encoder.reset();
+        Ok(WaveEncoderStream {
+            encoder,
+            samples: 0,
+        })
+    }
+}
+
+/// Audio to latents as it arrives, through a causal [`WaveEncoder`]. The
+/// latents of all [`WaveEncoderStream::push`] calls and
+/// [`WaveEncoderStream::finish`] equal [`WaveVae::encode`] of the whole
+/// signal zero-padded to the hop ([`WaveVae::pad_to_hop`]).
+#[derive(Debug)]
+pub struct WaveEncoderStream {
+    encoder: WaveEncoder,
+    samples: usize,
+}
+
+impl WaveEncoderStream {
+    /// Samples between the first sample a latent frame covers and the
+    /// moment it is final: one hop (the causal convs look no further).
+    pub fn latency_samples(&self) -> usize {
+        self.encoder.cfg.hop()
+    }
+
+    /// Feeds `[audio_channels, t]` samples; returns the latent frames that
+    /// became final, `(mean, logvar)` each `[1, latent_dim, n]`.
+    pub fn push(&mut self, audio: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        self.samples += audio.dim(D::Minus1)?;
+        let y = self.encoder.step(&audio.unsqueeze(0)?)?;
+        y.map(|y| self.encoder.split(&y.detach())).transpose()
+    }
+
+    /// Ends the stream: zero samples up to a multiple of the hop, the
+    /// remaining latents, then a reset.
+    pub fn finish(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+        let hop = self.encoder.cfg.hop();
+        let pad = self.samples.div_ceil(hop).max(1) * hop - self.samples;
+        let out = if pad > 0 {
+            let c = self.encoder.cfg.audio_channels;
+            let dev = self.encoder.out.device();
+            let zeros = Tensor::zeros((c, pad), self.encoder.out.dtype(), &dev)?;
+            self.push(&zeros)
+        } else {
+            Ok(None)
+        };
+        Streaming::reset(&mut self.encoder);
+        self.samples = 0;
+        out
+    }
+}
+
 impl Family for WaveVae {
     const NAME: &'static str = "wave_vae";
     type Config = WaveVaeConfig;
@@ -1141,6 +1202,39 @@ mod tests {
             m.encoder.reset();
             assert_eq!(m.encoder.state_elements(), 0);
         }
+    }
+
+    #[test]
+    fn encoder_stream_equals_offline_on_padded_audio() {
+        let (_, m) = build(tiny(2, WaveBottleneck::Lstm { layers: 1 }), DType::F32);
+        let x = audio(2, 100, 11)
+            .narrow(0, 0, 1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap(); // [2, 100]
+        let (p, _) = m.pad_to_hop(&x.unsqueeze(0).unwrap()).unwrap();
+        let (mean, _) = m.encode(&p).unwrap();
+        let mut s = m.encoder_stream().unwrap();
+        assert_eq!(s.latency_samples(), 6);
+        for _ in 0..2 {
+            let mut got = Vec::new();
+            for (a, n) in [(0, 7), (7, 50), (57, 43)] {
+                if let Some((l, _)) = s.push(&x.narrow(1, a, n).unwrap()).unwrap() {
+                    got.push(l);
+                }
+            }
+            got.extend(s.finish().unwrap().map(|(l, _)| l));
+            let got = Tensor::cat(&got, 2).unwrap();
+            assert_eq!(got.dims(), mean.dims());
+            assert!(max_abs_diff(&got, &mean).unwrap() < 1e-5);
+        }
+        let centred = WaveVaeConfig {
+            causal: false,
+            ..tiny(1, WaveBottleneck::None)
+        };
+        let (_, m) = build(centred, DType::F32);
+        let e = m.encoder_stream().unwrap_err().to_string();
+        assert!(e.contains("wave_vae.causal"), "{e}");
     }
 
     #[test]
