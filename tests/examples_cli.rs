@@ -515,13 +515,7 @@ fn reconstruct_takes_the_family_from_the_model_file() {
         ),
     )
     .unwrap();
-    let tensors = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors = melvae::layers::named_tensors(&vm);
     let model = dir.path().join("wave.safetensors");
     model_file::save::<WaveVae>(&model, &cfg, &tensors, &Default::default(), &model).unwrap();
     // A mono 16 kHz input: resampled to 24 kHz and duplicated to stereo.

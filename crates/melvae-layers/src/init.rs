@@ -108,6 +108,24 @@ pub fn seeded_var_builder(
     )
 }
 
+/// The variables of `varmap` with their names, sorted by name (a stable
+/// order for optimisers, checkpoints and gradient checks).
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// The current values of the variables of `varmap` by name (as a model
+/// file or checkpoint stores them).
+pub fn named_tensors(varmap: &VarMap) -> std::collections::HashMap<String, Tensor> {
+    named_vars(varmap)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,7 @@ pub use ffn::{
     masked_fill_zero, sinusoidal_positions, time_dtype, timestep_embedding, FeedForward,
     FeedForwardConfig, FfnActivation, TimestepEmbedder,
 };
-pub use init::seeded_var_builder;
+pub use init::{named_tensors, named_vars, seeded_var_builder};
 pub use lstm::LstmStack;
 pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use precision::{is_half, upcast};

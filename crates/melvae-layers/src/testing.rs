@@ -13,13 +13,7 @@ use melvae_dsp::SplitMix64;
 
 use crate::Streaming;
 
-/// Every variable of `varmap`, sorted by name.
-pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
-}
+pub use crate::init::named_vars;
 
 /// Sets every variable of `varmap` to uniform noise in `[-scale, scale]`, so
 /// that gradient checks do not sit on zero-initialised parameters.

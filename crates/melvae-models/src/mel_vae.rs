@@ -120,6 +120,23 @@ pub struct Reconstruction {
     pub latent: Tensor,
 }
 
+/// `mel` normalised for the flow and the encoder: `(mel - mel_mean) / mel_std`.
+fn normalize(cfm: &CfmConfig, mel: &Tensor) -> Result<Tensor> {
+    Ok(mel.affine(1.0 / cfm.mel_std, -cfm.mel_mean / cfm.mel_std)?)
+}
+
+/// `mel` `[n_mels, frames]` with `n` frames of silence (`ln(1e-7)`, the
+/// `vocos-24k` floor) appended: how clips are padded to a multiple of C,
+/// offline and streaming alike.
+fn pad_with_silence(mel: Array2<f32>, n: usize) -> Result<Array2<f32>> {
+    if n == 0 {
+        return Ok(mel);
+    }
+    let pad = Array2::from_elem((mel.nrows(), n), (1e-7f32).ln());
+    ndarray::concatenate(ndarray::Axis(1), &[mel.view(), pad.view()])
+        .map_err(|e| Error::invalid("mel padding", e.to_string()))
+}
+
 /// One log-mel `[1, mel, frames]` (any float dtype, any device) as a host
 /// array `[mel, frames]`, for images and vocoding.
 pub fn mel_to_array(mel: &Tensor) -> Result<Array2<f32>> {
@@ -174,10 +191,24 @@ impl MelVae {
     }
 
     fn normalize(&self, mel: &Tensor) -> Result<Tensor> {
-        Ok(mel.affine(
-            1.0 / self.cfg.cfm.mel_std,
-            -self.cfg.cfm.mel_mean / self.cfg.cfm.mel_std,
-        )?)
+        normalize(&self.cfg.cfm, mel)
+    }
+
+    /// The `vocos-24k` preset, checked against the encoder's mel bands
+    /// (`verb` says what the audio is for, in the error).
+    fn vocos_preset(&self, verb: &str) -> Result<MelConfig> {
+        let mc = MelConfig::vocos_24k();
+        ensure(
+            mc.n_mels == self.cfg.convformer.mel_channels,
+            "convformer.mel_channels",
+            || {
+                format!(
+                    "must be {} to {verb} audio with the vocos-24k preset",
+                    mc.n_mels
+                )
+            },
+        )?;
+        Ok(mc)
     }
 
     /// Log-mel `[batch, mel, frames]` (frames a multiple of C) to the
@@ -247,17 +278,7 @@ impl MelVae {
         sample_rate: u32,
         device: &Device,
     ) -> Result<(Tensor, usize)> {
-        let mc = MelConfig::vocos_24k();
-        ensure(
-            mc.n_mels == self.cfg.convformer.mel_channels,
-            "convformer.mel_channels",
-            || {
-                format!(
-                    "must be {} to encode audio with the vocos-24k preset",
-                    mc.n_mels
-                )
-            },
-        )?;
+        let mc = self.vocos_preset("encode")?;
         let audio = if sample_rate == mc.sample_rate {
             audio.to_vec()
         } else {
@@ -271,15 +292,9 @@ impl MelVae {
         };
         let mel = MelExtractor::new(mc)?.extract(&audio)?;
         let (m, t) = mel.dim();
-        let c = self.compress();
-        let padded = t.div_ceil(c) * c;
-        let floor = (1e-7f32).ln();
-        let mut data = vec![floor; m * padded];
-        for i in 0..m {
-            for j in 0..t {
-                data[i * padded + j] = mel[[i, j]];
-            }
-        }
+        let padded = t.div_ceil(self.compress()) * self.compress();
+        let mel = pad_with_silence(mel, padded - t)?;
+        let data: Vec<f32> = mel.iter().copied().collect();
         Ok((Tensor::from_vec(data, (1, m, padded), device)?, t))
     }
 
@@ -350,24 +365,13 @@ impl MelVae {
     /// chunks of any size, into latents as they become final; see
     /// [`EncoderStream`].
     pub fn encoder_stream(&self) -> Result<EncoderStream> {
-        let mc = MelConfig::vocos_24k();
-        ensure(
-            mc.n_mels == self.cfg.convformer.mel_channels,
-            "convformer.mel_channels",
-            || {
-                format!(
-                    "must be {} to stream audio with the vocos-24k preset",
-                    mc.n_mels
-                )
-            },
-        )?;
+        let mc = self.vocos_preset("stream")?;
         let mut encoder = self.encoder.clone();
         encoder.reset();
         Ok(EncoderStream {
             mel: MelStream::new(mc)?,
             encoder,
-            mel_mean: self.cfg.cfm.mel_mean,
-            mel_std: self.cfg.cfm.mel_std,
+            cfm: self.cfg.cfm.clone(),
             latent_dim: self.latent_dim(),
             compress: self.compress(),
             frames: 0,
@@ -398,8 +402,8 @@ impl MelVae {
 pub struct EncoderStream {
     mel: MelStream,
     encoder: ConvformerEncoder,
-    mel_mean: f64,
-    mel_std: f64,
+    /// Its `mel_mean` / `mel_std` normalise the frames.
+    cfm: CfmConfig,
     latent_dim: usize,
     compress: usize,
     /// Mel frames fed to the encoder.
@@ -440,8 +444,7 @@ impl EncoderStream {
         }
         self.frames += n;
         let data: Vec<f32> = mel.iter().copied().collect();
-        let x = Tensor::from_vec(data, (1, m, n), device)?
-            .affine(1.0 / self.mel_std, -self.mel_mean / self.mel_std)?;
+        let x = normalize(&self.cfm, &Tensor::from_vec(data, (1, m, n), device)?)?;
         let dtype = self.encoder_dtype();
         let x = x.to_dtype(dtype)?;
         Ok(match self.encoder.step(&x)? {
@@ -476,15 +479,10 @@ impl EncoderStream {
     }
 
     fn finish_inner(&mut self, device: &Device) -> Result<Option<StreamedLatents>> {
-        let mut mel = self.mel.finish()?;
+        let mel = self.mel.finish()?;
         let total = self.frames + mel.ncols();
         let padded = total.div_ceil(self.compress) * self.compress;
-        if padded > total {
-            let floor = (1e-7f32).ln();
-            let pad = ndarray::Array2::from_elem((mel.nrows(), padded - total), floor);
-            mel = ndarray::concatenate(ndarray::Axis(1), &[mel.view(), pad.view()])
-                .map_err(|e| Error::invalid("mel stream", e.to_string()))?;
-        }
+        let mel = pad_with_silence(mel, padded - total)?;
         self.encode_frames(mel, device)
     }
 

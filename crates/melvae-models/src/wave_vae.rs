@@ -1362,13 +1362,7 @@ mod tests {
     fn model_file_round_trip() {
         let cfg = tiny(2, WaveBottleneck::Lstm { layers: 1 });
         let (vm, m) = build(cfg.clone(), DType::F32);
-        let tensors = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors = melvae_layers::named_tensors(&vm);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.safetensors");
         crate::model_file::save::<WaveVae>(&p, &cfg, &tensors, &Default::default(), &p).unwrap();

@@ -47,10 +47,7 @@ fn weights(cfg: &MelVaeConfig) -> HashMap<String, Tensor> {
     )
     .unwrap();
     melvae_layers::testing::randomize(&vm, 0.05, 3).unwrap();
-    let data = vm.data().lock().unwrap();
-    data.iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-        .collect()
+    melvae_layers::named_tensors(&vm)
 }
 
 fn write(path: &Path, cfg: &MelVaeConfig, w: &HashMap<String, Tensor>) {

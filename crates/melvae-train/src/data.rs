@@ -79,6 +79,28 @@ impl AudioDataConfig {
         Ok(())
     }
 
+    /// Checks that the data is what a model takes (`sample_rate` Hz with
+    /// `channels` channels); the error names the `data.` key that differs
+    /// and the `model`.
+    pub fn require(&self, sample_rate: u32, channels: usize, model: &str) -> Result<()> {
+        let differs = |key: &str, got: usize, want: usize| Error::Config {
+            origin: "data config".into(),
+            key: key.into(),
+            reason: format!("is {got}, the {model} needs {want}"),
+        };
+        if self.sample_rate != sample_rate {
+            return Err(differs(
+                "data.sample_rate",
+                self.sample_rate as usize,
+                sample_rate as usize,
+            ));
+        }
+        if self.channels != channels {
+            return Err(differs("data.channels", self.channels, channels));
+        }
+        Ok(())
+    }
+
     /// How files are decoded: mono or stereo at `sample_rate`.
     fn load_options(&self) -> LoadOptions {
         LoadOptions {

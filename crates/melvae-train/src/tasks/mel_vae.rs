@@ -55,16 +55,7 @@ impl MelVaeTask {
         dtype: DType,
     ) -> Result<Self> {
         let mel = MelConfig::vocos_24k();
-        if data_cfg.sample_rate != mel.sample_rate || data_cfg.channels != 1 {
-            return Err(Error::Config {
-                origin: "data config".into(),
-                key: "data.sample_rate".into(),
-                reason: format!(
-                    "the mel VAE needs mono audio at {} Hz, got {} Hz x {} ch",
-                    mel.sample_rate, data_cfg.sample_rate, data_cfg.channels
-                ),
-            });
-        }
+        data_cfg.require(mel.sample_rate, 1, "mel VAE (vocos-24k, mono)")?;
         let varmap = VarMap::new();
         let model = MelVae::new(
             cfg,
@@ -188,7 +179,7 @@ impl TrainTask for MelVaeTask {
     type Batch = MelBatch;
 
     fn vars(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(&self.varmap)
+        melvae_layers::named_vars(&self.varmap)
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<MelBatch> {
@@ -246,7 +237,7 @@ impl TrainTask for MelVaeTask {
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
-        let tensors = super::var_tensors(&self.vars());
+        let tensors = melvae_layers::named_tensors(&self.varmap);
         melvae_models::model_file::save::<MelVae>(
             path,
             self.model.config(),

@@ -6,8 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Tensor};
 use melvae_models::{model_file, MelVae, WaveVae};
 
 use crate::data::EpochCursor;
@@ -27,22 +26,6 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vae", &["convformer", "cfm"]),
     ("wave_vae", &["wave_vae", "wave_vae_loss", "discriminators"]),
 ];
-
-/// The variables of `varmap` with their names, sorted by name (a stable
-/// order for the optimiser and checkpoints).
-pub(crate) fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// The current values of `vars` by name.
-pub(crate) fn var_tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
-}
 
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {

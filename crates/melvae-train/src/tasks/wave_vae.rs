@@ -10,8 +10,8 @@ use melvae_dsp::{
 };
 use melvae_losses::{discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching};
 use melvae_models::{
-    Discriminators, DiscriminatorsConfig, WaveVae, WaveVaeConfig, WaveVaeLossConfig,
-    WaveVaeObjective,
+    DiscOutput, Discriminators, DiscriminatorsConfig, WaveVae, WaveVaeConfig, WaveVaeLoss,
+    WaveVaeLossConfig, WaveVaeObjective,
 };
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
@@ -89,6 +89,10 @@ pub struct WaveVaeTask {
     /// The discriminators and their parameters (`disc.*`), when the run
     /// trains adversarially.
     pub discriminators: Option<(VarMap, Discriminators)>,
+    /// The generator pass and the discriminators' view of the real audio
+    /// of a discriminator step, kept for the generator step of the same
+    /// batch (step and seed), so neither is computed twice.
+    pending: Option<(u64, u64, WaveVaeLoss, DiscOutput)>,
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
@@ -113,28 +117,7 @@ impl WaveVaeTask {
             loss,
             discriminators,
         } = sections;
-        for (ok, key, got, want) in [
-            (
-                data_cfg.sample_rate == cfg.sample_rate,
-                "data.sample_rate",
-                data_cfg.sample_rate as usize,
-                cfg.sample_rate as usize,
-            ),
-            (
-                data_cfg.channels == cfg.audio_channels,
-                "data.channels",
-                data_cfg.channels,
-                cfg.audio_channels,
-            ),
-        ] {
-            if !ok {
-                return Err(Error::Config {
-                    origin: "data config".into(),
-                    key: key.into(),
-                    reason: format!("is {got}, the wave_vae model's is {want}"),
-                });
-            }
-        }
+        data_cfg.require(cfg.sample_rate, cfg.audio_channels, "wave_vae model")?;
         if data_cfg.crop_samples() < cfg.hop() {
             return Err(Error::invalid(
                 "data.crop_seconds",
@@ -167,6 +150,7 @@ impl WaveVaeTask {
             model,
             data,
             discriminators,
+            pending: None,
             data_cfg,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
@@ -198,17 +182,30 @@ impl WaveVaeTask {
     }
 }
 
+impl WaveVaeTask {
+    /// The VAE loss of a batch (noise from its seed).
+    fn vae_loss(&self, batch: &WaveBatch, ctx: StepContext) -> Result<WaveVaeLoss> {
+        Ok(self.model.loss(
+            &batch.audio,
+            ctx.step,
+            &self.objective,
+            &mut SplitMix64::new(batch.seed),
+            ctx.train,
+        )?)
+    }
+}
+
 impl TrainTask for WaveVaeTask {
     type Batch = WaveBatch;
 
     fn vars(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(&self.varmap)
+        melvae_layers::named_vars(&self.varmap)
     }
 
     fn disc_vars(&self) -> Vec<(String, Var)> {
         self.discriminators
             .as_ref()
-            .map_or_else(Vec::new, |(m, _)| super::sorted_vars(m))
+            .map_or_else(Vec::new, |(m, _)| melvae_layers::named_vars(m))
     }
 
     /// The discriminators on real audio and on the reconstruction the
@@ -217,13 +214,12 @@ impl TrainTask for WaveVaeTask {
         let Some((_, disc)) = &self.discriminators else {
             return Ok(None);
         };
-        let (fake, _, _) =
-            self.model
-                .pass(&batch.audio, &mut SplitMix64::new(batch.seed), ctx.train)?;
+        let l = self.vae_loss(batch, ctx)?;
         let real = disc.forward(&batch.audio)?;
-        let fake = disc.forward(&fake.detach())?;
+        let fake = disc.forward(&l.reconstruction.detach())?;
         let kind = self.objective.config().adversarial.loss.into();
         let d = discriminator_loss(kind, &real.logits, &fake.logits)?;
+        self.pending = Some((ctx.step, batch.seed, l, real));
         Ok(Some(Losses {
             total: d.clone(),
             terms: BTreeMap::from([("d".to_string(), d)]),
@@ -245,17 +241,19 @@ impl TrainTask for WaveVaeTask {
     /// loss (`adv`) and feature matching (`fm`), weighted as
     /// `wave_vae_loss.adversarial` says.
     fn losses(&mut self, batch: &WaveBatch, ctx: StepContext) -> Result<Losses> {
-        let l = self.model.loss(
-            &batch.audio,
-            ctx.step,
-            &self.objective,
-            &mut SplitMix64::new(batch.seed),
-            ctx.train,
-        )?;
+        let (l, real) = match self.pending.take() {
+            Some((step, seed, l, real)) if step == ctx.step && seed == batch.seed => {
+                (l, Some(real))
+            }
+            _ => (self.vae_loss(batch, ctx)?, None),
+        };
         let (mut total, mut terms) = (l.total, l.terms);
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = self.objective.config().adversarial;
-            let real = disc.forward(&batch.audio)?;
+            let real = match real {
+                Some(r) => r,
+                None => disc.forward(&batch.audio)?,
+            };
             let fake = disc.forward(&l.reconstruction)?;
             let adv = generator_loss(w.loss.into(), &fake.logits)?;
             let fm =
@@ -332,7 +330,7 @@ impl TrainTask for WaveVaeTask {
         melvae_models::model_file::save::<WaveVae>(
             path,
             self.model.config(),
-            &super::var_tensors(&self.vars()),
+            &melvae_layers::named_tensors(&self.varmap),
             metadata,
             Path::new("the training run"),
         )?;
