@@ -16,7 +16,7 @@ mod common;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Parser;
 use common::{MelVaeBench, MEL_FRAME_RATE};
 use melvae::models::SampleOptions;
@@ -26,29 +26,13 @@ struct Args {
     /// Settings file under configs/settings/ (without .yaml).
     #[arg(long, default_value = "tiny")]
     setting: String,
-    /// Timed training steps (after one warm-up step), at least 1.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-    steps: u64,
-    /// Seconds of audio to encode and sample (> 0).
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-    /// Run on CUDA device 0 (needs `--features cuda`).
-    #[arg(long)]
-    cuda: bool,
+    #[command(flatten)]
+    bench: common::BenchArgs,
 }
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        args.seconds > 0.0 && args.seconds.is_finite(),
-        "--seconds must be > 0, got {}",
-        args.seconds
-    );
-    let dev = if args.cuda {
-        Device::new_cuda(0)?
-    } else {
-        Device::Cpu
-    };
+    let dev = args.bench.device()?;
     let bench = MelVaeBench::new(&args.setting, DType::F32, &dev)?;
     let (model, batch, crop_frames) = (&bench.model, bench.batch, bench.frames);
     let c = model.compress();
@@ -60,7 +44,7 @@ fn run() -> anyhow::Result<()> {
         candle_core::utils::get_num_threads()
     );
 
-    let per_step = bench.time_train_steps(args.steps)?;
+    let per_step = bench.time_train_steps(args.bench.steps)?;
     let audio_per_step = batch as f64 * crop_frames as f64 / MEL_FRAME_RATE;
     println!(
         "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
@@ -70,19 +54,14 @@ fn run() -> anyhow::Result<()> {
     );
 
     // Encoding and sampling of one long clip.
-    let frames = ((args.seconds * MEL_FRAME_RATE) as usize).div_ceil(c) * c;
+    let frames = ((args.bench.seconds * MEL_FRAME_RATE) as usize).div_ceil(c) * c;
     let secs = frames as f64 / MEL_FRAME_RATE;
     let long = bench.random_mel(1, frames, 2)?;
     let (latent, _) = model.encode(&long)?;
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        drop(model.encode(&long)?);
-        dev.synchronize()?;
-        runs.push(t.elapsed().as_secs_f64());
-    }
-    runs.sort_by(f64::total_cmp);
-    let enc = runs[1];
+    let enc = common::median_of_3(&dev, || {
+        model.encode(&long)?;
+        Ok(())
+    })?;
     println!(
         "encode {secs:.2} s (median of 3): {:.1} ms, {:.0}x real time",
         enc * 1e3,

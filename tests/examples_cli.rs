@@ -489,11 +489,10 @@ fn stream_bench_rejects_bad_arguments() {
     assert_one_line_error(&run("stream_bench", &["--chunk-ms=0"]), "--chunk-ms");
 }
 
-#[test]
-fn reconstruct_takes_the_family_from_the_model_file() {
+/// A small stereo 24 kHz waveform VAE model file with seeded random
+/// weights, written into `dir`.
+fn tiny_stereo_wave_vae(dir: &Path) -> PathBuf {
     use melvae::models::{model_file, WaveBottleneck, WaveVae, WaveVaeConfig};
-    let dir = tempfile::tempdir().unwrap();
-    // A small stereo waveform VAE with seeded random weights.
     let cfg = WaveVaeConfig {
         audio_channels: 2,
         channels: 4,
@@ -516,8 +515,15 @@ fn reconstruct_takes_the_family_from_the_model_file() {
     )
     .unwrap();
     let tensors = melvae::layers::named_tensors(&vm);
-    let model = dir.path().join("wave.safetensors");
+    let model = dir.join("wave.safetensors");
     model_file::save::<WaveVae>(&model, &cfg, &tensors, &Default::default(), &model).unwrap();
+    model
+}
+
+#[test]
+fn reconstruct_takes_the_family_from_the_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_stereo_wave_vae(dir.path());
     // A mono 16 kHz input: resampled to 24 kHz and duplicated to stereo.
     let clip = dir.path().join("in.wav");
     let x: Vec<f32> = (0..8000).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
@@ -604,4 +610,98 @@ fn reconstruct_takes_the_family_from_the_model_file() {
     close();
     // Half a stereo frame on stdin is named.
     assert_one_line_error(&encode_stdin(m, s, &pcm[..12]), "stereo");
+}
+
+#[test]
+fn evaluate_reproduces_the_parity_fixtures_and_scores_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/melvae-models/tests/fixtures/eval");
+    let text = std::fs::read_to_string(fixtures.join("expected.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (refs, degs) = (dir.path().join("refs"), dir.path().join("degs"));
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::create_dir_all(&degs).unwrap();
+    for i in 0..3 {
+        let name = format!("clip{i}.wav");
+        std::fs::copy(fixtures.join(format!("ref_{i}.wav")), refs.join(&name)).unwrap();
+        std::fs::copy(fixtures.join(format!("deg_{i}.wav")), degs.join(&name)).unwrap();
+    }
+    let json = dir.path().join("report.json");
+    let (r, d, j) = (
+        refs.to_str().unwrap(),
+        degs.to_str().unwrap(),
+        json.to_str().unwrap(),
+    );
+    let o = run(
+        "evaluate",
+        &["--reference", r, "--degraded", d, "--json", j],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("| clip2.wav |") && table.contains("mean of 3"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for i in 0..3 {
+        let (got, want) = (&report["clips"][i], &expected["pairs"][i]);
+        for (key, tol) in [
+            ("mel_distance", 1e-4),
+            ("stft_distance", 1e-4),
+            ("si_sdr", 1e-3),
+            ("pesq_wb", 0.01),
+        ] {
+            let (g, w) = (got[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "clip{i} {key}: {g} vs {w}"
+            );
+        }
+    }
+
+    // A model: mono 16 kHz references become 24 kHz stereo for it.
+    let model = tiny_stereo_wave_vae(dir.path());
+    let m = model.to_str().unwrap();
+    let o = run(
+        "evaluate",
+        &[
+            "--reference",
+            r,
+            "--model",
+            m,
+            "--json",
+            j,
+            "--max-files",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["sample_rate"], 24000);
+    assert_eq!(report["clips"].as_array().unwrap().len(), 2);
+    assert!(report["mean"]["encode_rtf"].as_f64().unwrap() > 0.0);
+    assert!(report["mean"]["si_sdr"].as_f64().unwrap().is_finite());
+
+    // Bad input is named.
+    let missing = dir.path().join("nowhere");
+    assert_one_line_error(
+        &run(
+            "evaluate",
+            &["--reference", missing.to_str().unwrap(), "--model", m],
+        ),
+        "nowhere",
+    );
+    std::fs::remove_file(degs.join("clip1.wav")).unwrap();
+    assert_one_line_error(
+        &run("evaluate", &["--reference", r, "--degraded", d]),
+        "clip1.wav",
+    );
+    std::fs::write(refs.join("broken.wav"), b"RIFF1234WAVEjunk").unwrap();
+    assert_one_line_error(
+        &run("evaluate", &["--reference", r, "--model", m]),
+        "broken.wav",
+    );
 }

@@ -196,3 +196,45 @@ pub fn mean_seconds(
     dev.synchronize()?;
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
+
+/// The arguments every model throughput example takes.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Timed training steps (after one warm-up step), at least 1.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
+    /// Seconds of audio to encode and decode (> 0).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Run on CUDA device 0 (needs `--features cuda`).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+impl BenchArgs {
+    /// Checks `--seconds` and opens the device.
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        anyhow::ensure!(
+            self.seconds > 0.0 && self.seconds.is_finite(),
+            "--seconds must be > 0, got {}",
+            self.seconds
+        );
+        Ok(if self.cuda {
+            candle_core::Device::new_cuda(0)?
+        } else {
+            candle_core::Device::Cpu
+        })
+    }
+}
+
+/// The median of three timed calls of `f`, in seconds.
+pub fn median_of_3(
+    dev: &candle_core::Device,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut runs = (0..3)
+        .map(|_| mean_seconds(dev, 0, 1, &mut f))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}

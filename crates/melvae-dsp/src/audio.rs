@@ -21,6 +21,32 @@ pub const AUDIO_EXTENSIONS: [&str; 9] = [
     "wav", "wave", "flac", "mp3", "ogg", "oga", "m4a", "aac", "mp4",
 ];
 
+/// Every file under `dir` (recursively) whose extension [`load_audio`]
+/// handles (case-insensitive), sorted by path. Errors name the directory
+/// that could not be read.
+pub fn discover_audio(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    fn walk(d: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+        let entries = std::fs::read_dir(d).map_err(|e| Error::io(d, e))?;
+        for entry in entries {
+            let p = entry.map_err(|e| Error::io(d, e))?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| AUDIO_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 /// Planar audio: `channels[c][n]` is sample `n` of channel `c`, in [-1, 1]
 /// for decoded integer PCM.
 #[derive(Debug, Clone, PartialEq)]

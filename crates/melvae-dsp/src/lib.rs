@@ -56,8 +56,8 @@ mod tensor;
 mod window;
 
 pub use audio::{
-    load_audio, load_audio_with, save_wav, Audio, ChannelMode, LoadOptions, WavFormat,
-    AUDIO_EXTENSIONS,
+    discover_audio, load_audio, load_audio_with, save_wav, Audio, ChannelMode, LoadOptions,
+    WavFormat, AUDIO_EXTENSIONS,
 };
 pub use error::{AudioErrorKind, Error, Result};
 pub use fsutil::atomic_write;

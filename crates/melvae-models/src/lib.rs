@@ -9,6 +9,8 @@
 //!   decoder, Gaussian bottleneck, mono or stereo, streaming when causal).
 //! - [`discriminators`]: discriminators for adversarial training (MSD, MPD,
 //!   MS-STFT, multi-band MRD).
+//! - [`eval`]: codec metrics (mel and STFT distances, SI-SDR, wideband
+//!   PESQ, real-time factors) for clips, models and folders.
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
@@ -34,6 +36,7 @@ pub mod convformer;
 pub mod discriminators;
 pub mod dit_cfm;
 mod error;
+pub mod eval;
 pub mod mel_vae;
 pub mod model_file;
 pub mod wave_vae;

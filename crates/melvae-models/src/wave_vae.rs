@@ -1046,6 +1046,11 @@ impl WaveVae {
     pub fn dtype(&self) -> DType {
         self.encoder.out.dtype()
     }
+
+    /// The device of the weights.
+    pub fn device(&self) -> Device {
+        self.encoder.out.device()
+    }
 }
 
 impl WaveVae {

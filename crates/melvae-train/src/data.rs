@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use melvae_dsp::{Audio, ChannelMode, LoadOptions, SplitMix64, AUDIO_EXTENSIONS};
+use melvae_dsp::{Audio, ChannelMode, LoadOptions, SplitMix64};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{check, Validate};
@@ -136,29 +136,7 @@ impl AudioDataConfig {
     }
 }
 
-/// Every file under `dir` (recursively) whose extension `load_audio`
-/// handles, sorted by path.
-pub fn discover_audio(dir: &Path) -> Result<Vec<PathBuf>> {
-    fn walk(d: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(d)? {
-            let p = entry?.path();
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| AUDIO_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(p);
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out).map_err(|e| Error::file(dir, e))?;
-    out.sort();
-    Ok(out)
-}
+pub use melvae_dsp::discover_audio;
 
 /// FNV-1a of the path relative to the dataset root: a split that does not
 /// depend on the set of other files.

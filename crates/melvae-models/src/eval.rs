@@ -1,0 +1,664 @@
+//! Codec evaluation: the metrics codec papers report, for a pair of clips,
+//! a model over a folder, or two folders.
+//!
+//! - **mel distance**: DAC's multi-scale mel distance (its evaluation
+//!   settings, [`MEL_DISTANCE_SCALES`]), lower is better;
+//! - **STFT distance**: auraloss' multi-resolution STFT loss with its
+//!   defaults (spectral convergence + log magnitude), lower is better;
+//! - **SI-SDR** in dB, as descript-audiotools computes it (zero mean, the
+//!   channels of a clip joined into one signal), higher is better;
+//! - **PESQ** wideband (ITU-T P.862.2 MOS-LQO, 1.0 to 4.64) at 16 kHz
+//!   through the pure-Rust `pesq` crate, higher is better; meaningful for
+//!   speech only. The clips are resampled to 16 kHz and scored per channel
+//!   (the mean is reported); a clip PESQ cannot score (e.g. no speech
+//!   found) has no value and says why;
+//! - **real-time factors** of encoding and decoding (compute seconds per
+//!   second of audio, lower is faster) when a model is evaluated.
+//!
+//! Parity with the reference implementations is tested on fixtures written
+//! by `tools/make_eval_fixtures.py`. Layouts: clips are planar
+//! [`melvae_dsp::Audio`] (`channels[c][n]`); tensors fed to a [`Codec`]
+//! are `[1, channels, samples]`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use melvae_dsp::{
+    mel_to_audio, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion, ResampleQuality,
+};
+use melvae_losses::{MultiResolutionStftLoss, MultiScaleMelLoss, WaveformLoss};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::{mel_to_array, Error, MelVae, Result, SampleOptions, WaveVae};
+
+/// DAC's mel distance as its evaluation computes it: `(n_mels,
+/// window_length)` per scale (hop a quarter window), magnitudes floored at
+/// [`MEL_DISTANCE_CLAMP`], L1 of `log10` plus L1 of linear magnitudes,
+/// summed over scales.
+pub const MEL_DISTANCE_SCALES: [(usize, usize); 2] = [(150, 2048), (80, 512)];
+/// Floor of the mel magnitudes before the log in the mel distance.
+pub const MEL_DISTANCE_CLAMP: f64 = 1e-5;
+/// Power of the magnitudes inside the log in the mel distance.
+pub const MEL_DISTANCE_POW: f64 = 2.0;
+/// Weight of the linear-magnitude L1 in the mel distance.
+pub const MEL_DISTANCE_MAG_WEIGHT: f64 = 1.0;
+/// The rate wideband PESQ scores at.
+pub const PESQ_RATE: u32 = 16_000;
+
+/// The metrics of one clip against its reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    /// DAC's multi-scale mel distance (lower is better).
+    pub mel_distance: f64,
+    /// auraloss' multi-resolution STFT distance (lower is better).
+    pub stft_distance: f64,
+    /// Scale-invariant SDR in dB (higher is better).
+    pub si_sdr: f64,
+    /// Wideband PESQ MOS-LQO, `None` when not computed or not computable.
+    pub pesq_wb: Option<f64>,
+    /// Why `pesq_wb` is missing, when it was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pesq_error: Option<String>,
+}
+
+/// Scale-invariant signal-to-distortion ratio of `estimate` against
+/// `reference` in dB, as descript-audiotools' `SISDRLoss` (negated):
+/// both signals made zero-mean, `e_true = a * r` with `a = (<e, r> + eps) /
+/// (<r, r> + eps)`, `SI-SDR = -10 log10(|e_true|^2 / |e - e_true|^2 + eps)`
+/// negated, `eps = 1e-8`, in f64. The slices must have equal lengths.
+pub fn si_sdr(reference: &[f32], estimate: &[f32]) -> Result<f64> {
+    ensure(reference.len() == estimate.len(), "si_sdr", || {
+        format!(
+            "reference has {} samples, estimate {}",
+            reference.len(),
+            estimate.len()
+        )
+    })?;
+    ensure(!reference.is_empty(), "si_sdr", || "empty signals".into())?;
+    const EPS: f64 = 1e-8;
+    let n = reference.len() as f64;
+    let mr = reference.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let me = estimate.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let (mut rr, mut re) = (0.0, 0.0);
+    for (&r, &e) in reference.iter().zip(estimate) {
+        let (r, e) = (r as f64 - mr, e as f64 - me);
+        rr += r * r;
+        re += r * e;
+    }
+    let a = (re + EPS) / (rr + EPS);
+    let (mut signal, mut noise) = (0.0, 0.0);
+    for (&r, &e) in reference.iter().zip(estimate) {
+        let t = a * (r as f64 - mr);
+        let res = e as f64 - me - t;
+        signal += t * t;
+        noise += res * res;
+    }
+    Ok(10.0 * (signal / noise + EPS).log10())
+}
+
+/// Wideband PESQ (P.862.2 MOS-LQO) of `estimate` against `reference`,
+/// both mono at 16 kHz in [-1, 1] (converted to 16-bit PCM as a WAV file
+/// stores them). `Err` carries the reason PESQ gives (e.g. no utterance
+/// found in silence); a panic inside the scorer is caught and reported.
+pub fn pesq_wb(reference: &[f32], estimate: &[f32]) -> std::result::Result<f64, String> {
+    let pcm = |x: &[f32]| -> Vec<i16> {
+        x.iter()
+            .map(|&v| (v as f64 * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
+            .collect()
+    };
+    let (r, e) = (pcm(reference), pcm(estimate));
+    // P.862 normalises each signal's power: undefined for digital silence
+    // (the reference C code produces NaN there).
+    for (what, x) in [("reference", &r), ("estimate", &e)] {
+        if x.iter().all(|&v| v == 0) {
+            return Err(format!("the {what} is silent at 16-bit resolution"));
+        }
+    }
+    match std::panic::catch_unwind(|| pesq::pesq_wb(&r, &e)) {
+        Ok(Ok(v)) if v.is_finite() => Ok(v as f64),
+        Ok(Ok(v)) => Err(format!("PESQ returned {v}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the PESQ scorer failed on this pair".into()),
+    }
+}
+
+/// The spectral metrics at one sample rate (they hold DFT bases and
+/// filterbanks for it), plus SI-SDR and optionally PESQ.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    sample_rate: u32,
+    mel: MultiScaleMelLoss,
+    stft: MultiResolutionStftLoss,
+    pesq: bool,
+    device: Device,
+}
+
+impl Metrics {
+    /// Metrics of clips at `sample_rate`, computed on `device`; `pesq`
+    /// turns wideband PESQ on.
+    pub fn new(sample_rate: u32, pesq: bool, device: &Device) -> Result<Self> {
+        Ok(Self {
+            sample_rate,
+            mel: MultiScaleMelLoss::new(
+                sample_rate,
+                &MEL_DISTANCE_SCALES,
+                MEL_DISTANCE_CLAMP,
+                MEL_DISTANCE_POW,
+                1.0,
+                MEL_DISTANCE_MAG_WEIGHT,
+                device,
+            )?,
+            stft: MultiResolutionStftLoss::auraloss_default(device)?,
+            pesq,
+            device: device.clone(),
+        })
+    }
+
+    /// The rate the clips must have.
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    /// Scores `estimate` against `reference`: same rate (this one), same
+    /// channel count and length, else an error naming what differs.
+    pub fn score(&self, reference: &Audio, estimate: &Audio) -> Result<Scores> {
+        for (what, a) in [("reference", reference), ("estimate", estimate)] {
+            ensure(a.sample_rate == self.sample_rate, what, || {
+                format!(
+                    "is at {} Hz, the metrics at {} Hz",
+                    a.sample_rate, self.sample_rate
+                )
+            })?;
+        }
+        ensure(
+            reference.n_channels() == estimate.n_channels()
+                && reference.n_samples() == estimate.n_samples(),
+            "estimate",
+            || {
+                format!(
+                    "has {} channels x {} samples, the reference {} x {}",
+                    estimate.n_channels(),
+                    estimate.n_samples(),
+                    reference.n_channels(),
+                    reference.n_samples()
+                )
+            },
+        )?;
+        let (r, e) = (self.tensor(reference)?, self.tensor(estimate)?);
+        let mel_distance = self.mel.loss(&e, &r)?.to_scalar::<f32>()? as f64;
+        let stft_distance = self.stft.loss(&e, &r)?.to_scalar::<f32>()? as f64;
+        let joined = |a: &Audio| a.channels.concat();
+        let si_sdr = si_sdr(&joined(reference), &joined(estimate))?;
+        let (pesq_wb, pesq_error) = if self.pesq {
+            match self.pesq_of(reference, estimate) {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e)),
+            }
+        } else {
+            (None, None)
+        };
+        Ok(Scores {
+            mel_distance,
+            stft_distance,
+            si_sdr,
+            pesq_wb,
+            pesq_error,
+        })
+    }
+
+    /// Mean wideband PESQ over the channels, at 16 kHz.
+    fn pesq_of(&self, reference: &Audio, estimate: &Audio) -> std::result::Result<f64, String> {
+        let at16 = |a: &Audio| {
+            a.clone()
+                .resampled(PESQ_RATE, ResampleQuality::Sinc)
+                .map_err(|e| e.to_string())
+        };
+        let (r, e) = (at16(reference)?, at16(estimate)?);
+        let mut sum = 0.0;
+        for (rc, ec) in r.channels.iter().zip(&e.channels) {
+            sum += pesq_wb(rc, ec)?;
+        }
+        Ok(sum / r.n_channels() as f64)
+    }
+
+    /// `[1, channels, samples]` on the metrics' device.
+    fn tensor(&self, a: &Audio) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            a.channels.concat(),
+            (1, a.n_channels(), a.n_samples()),
+            &self.device,
+        )?)
+    }
+}
+
+/// A model that turns audio into latents and back, for evaluation.
+pub trait Codec {
+    /// The rate it works at.
+    fn sample_rate(&self) -> u32;
+    /// Its channel count.
+    fn audio_channels(&self) -> usize;
+    /// Audio `[1, audio_channels, samples]` (f32, on the model's device) to
+    /// latents (any layout [`Codec::decode`] takes).
+    fn encode(&self, audio: &Tensor) -> Result<Tensor>;
+    /// Latents to audio `[1, audio_channels, samples]`, cut to `samples`.
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor>;
+    /// The device it runs on.
+    fn device(&self) -> Device;
+}
+
+impl Codec for WaveVae {
+    fn sample_rate(&self) -> u32 {
+        self.config().sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        self.config().audio_channels
+    }
+    /// The posterior mean `[1, latent_dim, frames]` of the audio
+    /// zero-padded to the hop.
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let (padded, _) = self.pad_to_hop(audio)?;
+        Ok(WaveVae::encode(self, &padded.to_dtype(self.dtype())?)?.0)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let y = WaveVae::decode(self, latents)?;
+        Ok(y.narrow(D::Minus1, 0, samples)?
+            .to_dtype(candle_core::DType::F32)?)
+    }
+    fn device(&self) -> Device {
+        WaveVae::device(self)
+    }
+}
+
+/// The mel VAE as a [`Codec`]: audio to the `vocos-24k` log-mel and its
+/// latent (posterior mean, `[1, frames / C, latent]`), latents back to a
+/// log-mel with the given sampling options and to audio with Griffin-Lim
+/// (until a neural vocoder is given). Mono, 24 kHz.
+pub struct MelVaeGriffinLim<'a> {
+    /// The model.
+    pub model: &'a MelVae,
+    /// How latents are sampled back to mels.
+    pub sampling: SampleOptions,
+    /// The Griffin-Lim settings.
+    pub griffin_lim: GriffinLimConfig,
+    /// The device the model runs on.
+    pub device: Device,
+}
+
+impl Codec for MelVaeGriffinLim<'_> {
+    fn sample_rate(&self) -> u32 {
+        MelConfig::vocos_24k().sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        1
+    }
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let samples = audio
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let mel = self
+            .model
+            .audio_to_mel(&samples, self.sample_rate(), &self.device)?;
+        Ok(self.model.encode(&mel)?.0)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let extractor = MelExtractor::new(MelConfig::vocos_24k())?;
+        // The sampled mel covers the silence padding too: cut it to the clip.
+        let frames = extractor.n_frames(samples)?;
+        let mel = self.model.sample(latents, &self.sampling)?;
+        let mel = mel_to_array(&mel.narrow(2, 0, frames.min(mel.dim(2)?))?.contiguous()?)?;
+        let wav = mel_to_audio(
+            &extractor,
+            &mel,
+            Some(samples),
+            MelInversion::default(),
+            &self.griffin_lim,
+        )?;
+        Ok(Tensor::from_vec(wav, (1, 1, samples), &self.device)?)
+    }
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+}
+
+/// One evaluated clip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipReport {
+    /// The reference file, relative to the reference folder.
+    pub file: PathBuf,
+    /// Its duration in seconds (at the evaluation rate).
+    pub seconds: f64,
+    /// The metrics.
+    #[serde(flatten)]
+    pub scores: Scores,
+    /// Compute seconds per audio second of encoding (model evaluations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encode_rtf: Option<f64>,
+    /// Compute seconds per audio second of decoding (model evaluations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_rtf: Option<f64>,
+}
+
+/// The means over the clips (PESQ over the clips it scored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeanScores {
+    /// Number of clips.
+    pub clips: usize,
+    /// Mean mel distance.
+    pub mel_distance: f64,
+    /// Mean STFT distance.
+    pub stft_distance: f64,
+    /// Mean SI-SDR in dB.
+    pub si_sdr: f64,
+    /// Mean PESQ over the clips that have one.
+    pub pesq_wb: Option<f64>,
+    /// Number of clips with a PESQ value.
+    pub pesq_clips: usize,
+    /// Total encode compute seconds over total audio seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encode_rtf: Option<f64>,
+    /// Total decode compute seconds over total audio seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_rtf: Option<f64>,
+}
+
+/// An evaluation: what was compared, every clip and the means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The reference folder.
+    pub reference: PathBuf,
+    /// What was evaluated (a model file or a folder).
+    pub estimate: String,
+    /// The rate the metrics were computed at.
+    pub sample_rate: u32,
+    /// One entry per clip, in path order.
+    pub clips: Vec<ClipReport>,
+    /// The means.
+    pub mean: MeanScores,
+}
+
+impl EvalReport {
+    /// Collects `clips` with their means.
+    pub fn new(
+        reference: &Path,
+        estimate: String,
+        sample_rate: u32,
+        clips: Vec<ClipReport>,
+    ) -> Self {
+        let n = clips.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&ClipReport) -> f64| clips.iter().map(f).sum::<f64>() / n;
+        let pesq: Vec<f64> = clips.iter().filter_map(|c| c.scores.pesq_wb).collect();
+        let secs: f64 = clips.iter().map(|c| c.seconds).sum();
+        let rtf = |f: &dyn Fn(&ClipReport) -> Option<f64>| -> Option<f64> {
+            let total: Option<f64> = clips.iter().map(|c| f(c).map(|r| r * c.seconds)).sum();
+            total.filter(|_| secs > 0.0).map(|t| t / secs)
+        };
+        let mean = MeanScores {
+            clips: clips.len(),
+            mel_distance: mean(&|c| c.scores.mel_distance),
+            stft_distance: mean(&|c| c.scores.stft_distance),
+            si_sdr: mean(&|c| c.scores.si_sdr),
+            pesq_wb: (!pesq.is_empty()).then(|| pesq.iter().sum::<f64>() / pesq.len() as f64),
+            pesq_clips: pesq.len(),
+            encode_rtf: rtf(&|c| c.encode_rtf),
+            decode_rtf: rtf(&|c| c.decode_rtf),
+        };
+        Self {
+            reference: reference.to_path_buf(),
+            estimate,
+            sample_rate,
+            clips,
+            mean,
+        }
+    }
+
+    /// A markdown table: one row per clip and a last row of means.
+    pub fn to_markdown(&self) -> String {
+        let timed = self.mean.encode_rtf.is_some();
+        let mut s = String::from(
+            "| file | seconds | mel distance | STFT distance | SI-SDR (dB) | PESQ wb |",
+        );
+        s += if timed {
+            " encode RTF | decode RTF |\n"
+        } else {
+            "\n"
+        };
+        s += "|---|---:|---:|---:|---:|---:|";
+        s += if timed { "---:|---:|\n" } else { "\n" };
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        for c in &self.clips {
+            s += &format!(
+                "| {} | {:.2} | {:.3} | {:.3} | {:.2} | {} |",
+                c.file.display(),
+                c.seconds,
+                c.scores.mel_distance,
+                c.scores.stft_distance,
+                c.scores.si_sdr,
+                opt(c.scores.pesq_wb, 3)
+            );
+            if timed {
+                s += &format!(" {} | {} |", opt(c.encode_rtf, 4), opt(c.decode_rtf, 4));
+            }
+            s += "\n";
+        }
+        let m = &self.mean;
+        s += &format!(
+            "| **mean of {}** | | {:.3} | {:.3} | {:.2} | {} |",
+            m.clips,
+            m.mel_distance,
+            m.stft_distance,
+            m.si_sdr,
+            match m.pesq_wb {
+                Some(v) if m.pesq_clips < m.clips => format!("{v:.3} ({} clips)", m.pesq_clips),
+                v => opt(v, 3),
+            }
+        );
+        if timed {
+            s += &format!(" {} | {} |", opt(m.encode_rtf, 4), opt(m.decode_rtf, 4));
+        }
+        s + "\n"
+    }
+}
+
+/// Options of [`evaluate_codec`] and [`evaluate_folders`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalOptions {
+    /// Compute wideband PESQ.
+    pub pesq: bool,
+    /// Evaluate at most this many files (in path order).
+    pub max_files: Option<usize>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            pesq: true,
+            max_files: None,
+        }
+    }
+}
+
+/// The audio files under `dir`, at most `max` of them; an error naming the
+/// folder when there are none.
+fn files_of(dir: &Path, max: Option<usize>) -> Result<Vec<PathBuf>> {
+    let mut files = melvae_dsp::discover_audio(dir)?;
+    if files.is_empty() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            "no audio files (wav, flac, mp3, ogg, m4a, ...) in this folder",
+        ));
+    }
+    if let Some(m) = max {
+        files.truncate(m);
+    }
+    Ok(files)
+}
+
+/// Loads `path` at `rate` Hz with `channels` channels (mono is duplicated
+/// for two channels; two channels are averaged for one).
+fn load_as(path: &Path, rate: u32, channels: usize) -> Result<Audio> {
+    let mode = match channels {
+        1 => melvae_dsp::ChannelMode::Mono,
+        2 => melvae_dsp::ChannelMode::Stereo,
+        _ => melvae_dsp::ChannelMode::Keep,
+    };
+    Ok(melvae_dsp::load_audio_with(
+        path,
+        &melvae_dsp::LoadOptions {
+            channels: mode,
+            sample_rate: Some(rate),
+            quality: ResampleQuality::Sinc,
+        },
+    )?)
+}
+
+/// Evaluates `codec` on every audio file under `reference_dir`: each file
+/// is resampled to the codec's rate and channel count, encoded and decoded
+/// (both timed), and scored against itself at that rate. `on_clip` sees
+/// each clip's report as it is done (for progress).
+pub fn evaluate_codec(
+    codec: &dyn Codec,
+    name: String,
+    reference_dir: &Path,
+    opts: EvalOptions,
+    on_clip: &mut dyn FnMut(&ClipReport),
+) -> Result<EvalReport> {
+    let rate = codec.sample_rate();
+    let metrics = Metrics::new(rate, opts.pesq, &Device::Cpu)?;
+    let dev = codec.device();
+    let mut clips = Vec::new();
+    for path in files_of(reference_dir, opts.max_files)? {
+        let audio = load_as(&path, rate, codec.audio_channels())?;
+        let n = audio.n_samples();
+        let x = Tensor::from_vec(audio.channels.concat(), (1, audio.n_channels(), n), &dev)?;
+        let t0 = Instant::now();
+        let latents = codec.encode(&x)?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let y = codec.decode(&latents, n)?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        let estimate = Audio::new(
+            rate,
+            y.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?,
+        )?;
+        let scores = metrics.score(&audio, &estimate)?;
+        let seconds = n as f64 / rate as f64;
+        let clip = ClipReport {
+            file: relative(&path, reference_dir),
+            seconds,
+            scores,
+            encode_rtf: Some((t1 - t0).as_secs_f64() / seconds),
+            decode_rtf: Some((t2 - t1).as_secs_f64() / seconds),
+        };
+        on_clip(&clip);
+        clips.push(clip);
+    }
+    Ok(EvalReport::new(reference_dir, name, rate, clips))
+}
+
+/// Scores the files of `estimate_dir` against those of `reference_dir`,
+/// matched by relative path without the extension (`a/b.wav` matches
+/// `a/b.flac`). Each pair is compared at the reference's rate (the estimate
+/// is resampled to it) and must have the same channel count; lengths may
+/// differ by up to 1% (codec padding) and the common start is compared.
+/// Every reference without a counterpart is named in one error.
+pub fn evaluate_folders(
+    reference_dir: &Path,
+    estimate_dir: &Path,
+    opts: EvalOptions,
+    on_clip: &mut dyn FnMut(&ClipReport),
+) -> Result<EvalReport> {
+    let refs = files_of(reference_dir, opts.max_files)?;
+    let ests = melvae_dsp::discover_audio(estimate_dir)?;
+    let key = |p: &Path, root: &Path| relative(p, root).with_extension("");
+    let mut pairs = Vec::new();
+    let mut missing = Vec::new();
+    for r in &refs {
+        let k = key(r, reference_dir);
+        match ests.iter().find(|e| key(e, estimate_dir) == k) {
+            Some(e) => pairs.push((r.clone(), e.clone())),
+            None => missing.push(relative(r, reference_dir).display().to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::invalid(
+            estimate_dir.display().to_string(),
+            format!(
+                "no file matching {} of {}",
+                missing.join(", "),
+                reference_dir.display()
+            ),
+        ));
+    }
+    let mut metrics: Option<Metrics> = None;
+    let mut clips = Vec::new();
+    let mut rate0 = None;
+    for (r, e) in pairs {
+        let reference = melvae_dsp::load_audio(&r)?;
+        let rate = reference.sample_rate;
+        ensure(rate0.is_none_or(|r0| r0 == rate), "reference rate", || {
+            format!(
+                "{} is at {rate} Hz, the first reference at {} Hz: the folder must have one rate",
+                r.display(),
+                rate0.unwrap_or(0)
+            )
+        })?;
+        rate0 = Some(rate);
+        let m = match &metrics {
+            Some(m) => m,
+            None => metrics.insert(Metrics::new(rate, opts.pesq, &Device::Cpu)?),
+        };
+        let mut estimate = load_as(&e, rate, reference.n_channels())?;
+        let (nr, ne) = (reference.n_samples(), estimate.n_samples());
+        ensure(
+            nr.abs_diff(ne) * 100 <= nr.max(ne),
+            "estimate length",
+            || {
+                format!(
+                "{} has {ne} samples at {rate} Hz, its reference {} has {nr}: more than 1% apart",
+                e.display(),
+                r.display()
+            )
+            },
+        )?;
+        let n = nr.min(ne);
+        let cut = |a: Audio| {
+            Audio::new(
+                rate,
+                a.channels
+                    .into_iter()
+                    .map(|mut c| {
+                        c.truncate(n);
+                        c
+                    })
+                    .collect(),
+            )
+        };
+        let reference = cut(reference)?;
+        estimate = cut(estimate)?;
+        let scores = m.score(&reference, &estimate)?;
+        let clip = ClipReport {
+            file: relative(&r, reference_dir),
+            seconds: n as f64 / rate as f64,
+            scores,
+            encode_rtf: None,
+            decode_rtf: None,
+        };
+        on_clip(&clip);
+        clips.push(clip);
+    }
+    Ok(EvalReport::new(
+        reference_dir,
+        estimate_dir.display().to_string(),
+        rate0.unwrap_or(0),
+        clips,
+    ))
+}
+
+/// `path` relative to `root` (or as given when it is not under it).
+fn relative(path: &Path, root: &Path) -> PathBuf {
+    path.strip_prefix(root).unwrap_or(path).to_path_buf()
+}

@@ -1,0 +1,160 @@
+//! The codec metrics against the reference implementations (fixtures from
+//! `tools/make_eval_fixtures.py`: DAC's mel distance, auraloss' MR-STFT,
+//! audiotools' SI-SDR, the `pesq` package), and the folder evaluation's
+//! errors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use melvae_dsp::{load_audio, save_wav, Audio, WavFormat};
+use melvae_models::eval::{evaluate_folders, si_sdr, EvalOptions, Metrics};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval")
+}
+
+fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+#[test]
+fn metrics_match_the_reference_implementations() {
+    let exp = expected();
+    let metrics = Metrics::new(16_000, true, &Device::Cpu).unwrap();
+    let pairs = exp["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 3);
+    for p in pairs {
+        let r = load_audio(fixtures().join(p["reference"].as_str().unwrap())).unwrap();
+        let d = load_audio(fixtures().join(p["degraded"].as_str().unwrap())).unwrap();
+        let s = metrics.score(&r, &d).unwrap();
+        let want = |k: &str| p[k].as_f64().unwrap();
+        let name = p["degraded"].as_str().unwrap();
+        assert!(
+            rel(s.mel_distance, want("mel_distance")) < 1e-5,
+            "{name}: mel distance {} vs DAC {}",
+            s.mel_distance,
+            want("mel_distance")
+        );
+        assert!(
+            rel(s.stft_distance, want("stft_distance")) < 1e-5,
+            "{name}: STFT distance {} vs auraloss {}",
+            s.stft_distance,
+            want("stft_distance")
+        );
+        assert!(
+            (s.si_sdr - want("si_sdr")).abs() < 1e-4,
+            "{name}: SI-SDR {} vs audiotools {}",
+            s.si_sdr,
+            want("si_sdr")
+        );
+        let pesq = s
+            .pesq_wb
+            .unwrap_or_else(|| panic!("{name}: {:?}", s.pesq_error));
+        assert!(
+            (pesq - want("pesq_wb")).abs() < 0.005,
+            "{name}: PESQ wb {pesq} vs the pesq package {}",
+            want("pesq_wb")
+        );
+    }
+}
+
+#[test]
+fn si_sdr_is_scale_invariant_and_checks_lengths() {
+    let r: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.05).sin()).collect();
+    let noisy: Vec<f32> = r
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + 0.1 * ((i * 7919 % 101) as f32 / 101.0 - 0.5))
+        .collect();
+    let a = si_sdr(&r, &noisy).unwrap();
+    let scaled: Vec<f32> = noisy.iter().map(|x| 3.0 * x).collect();
+    assert!((si_sdr(&r, &scaled).unwrap() - a).abs() < 1e-6);
+    assert!(a > 10.0 && a < 40.0, "{a}");
+    assert!(si_sdr(&r, &r).unwrap() > 70.0);
+    let e = si_sdr(&r, &r[..999]).unwrap_err().to_string();
+    assert!(e.contains("1000") && e.contains("999"), "{e}");
+}
+
+#[test]
+fn pesq_of_silence_is_reported_not_a_panic() {
+    let r = load_audio(fixtures().join("ref_0.wav")).unwrap();
+    let zeros = Audio::new(16_000, vec![vec![0.0; r.n_samples()]]).unwrap();
+    let s = Metrics::new(16_000, true, &Device::Cpu)
+        .unwrap()
+        .score(&r, &zeros)
+        .unwrap();
+    assert!(s.pesq_wb.is_none());
+    assert!(!s.pesq_error.unwrap().is_empty());
+    assert!(s.mel_distance.is_finite() && s.stft_distance.is_finite());
+}
+
+#[test]
+fn score_names_what_differs() {
+    let m = Metrics::new(16_000, false, &Device::Cpu).unwrap();
+    let a = Audio::new(16_000, vec![vec![0.1; 1600]]).unwrap();
+    let b = Audio::new(16_000, vec![vec![0.1; 1500]]).unwrap();
+    let e = m.score(&a, &b).unwrap_err().to_string();
+    assert!(e.contains("1500") && e.contains("1600"), "{e}");
+    let c = Audio::new(24_000, vec![vec![0.1; 1600]]).unwrap();
+    let e = m.score(&a, &c).unwrap_err().to_string();
+    assert!(e.contains("24000 Hz"), "{e}");
+}
+
+#[test]
+fn folders_pair_by_name_and_name_the_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (refs, ests) = (dir.path().join("ref"), dir.path().join("est"));
+    std::fs::create_dir_all(refs.join("sub")).unwrap();
+    std::fs::create_dir_all(ests.join("sub")).unwrap();
+    for (i, name) in ["ref_0.wav", "ref_1.wav"].iter().enumerate() {
+        let r = load_audio(fixtures().join(name)).unwrap();
+        let d = load_audio(fixtures().join(format!("deg_{i}.wav"))).unwrap();
+        save_wav(
+            refs.join("sub").join(format!("clip{i}.wav")),
+            &r,
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+        save_wav(
+            ests.join("sub").join(format!("clip{i}.wav")),
+            &d,
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+    let opts = EvalOptions {
+        pesq: false,
+        max_files: None,
+    };
+    let report = evaluate_folders(&refs, &ests, opts, &mut |_| {}).unwrap();
+    assert_eq!(report.clips.len(), 2);
+    assert_eq!(report.clips[0].file, Path::new("sub/clip0.wav"));
+    let exp = expected();
+    let want = exp["pairs"][1]["si_sdr"].as_f64().unwrap();
+    assert!((report.clips[1].scores.si_sdr - want).abs() < 1e-3);
+    let md = report.to_markdown();
+    assert!(
+        md.contains("sub/clip1.wav") && md.contains("mean of 2"),
+        "{md}"
+    );
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(json.contains("\"si_sdr\""), "{json}");
+
+    std::fs::remove_file(ests.join("sub/clip1.wav")).unwrap();
+    let e = evaluate_folders(&refs, &ests, opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sub/clip1.wav") && e.contains("est"), "{e}");
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = evaluate_folders(&empty, &ests, opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty") && e.contains("no audio files"), "{e}");
+}
