@@ -685,6 +685,37 @@ fn evaluate_reproduces_the_parity_fixtures_and_scores_a_model() {
     assert!(report["mean"]["encode_rtf"].as_f64().unwrap() > 0.0);
     assert!(report["mean"]["si_sdr"].as_f64().unwrap().is_finite());
 
+    // The held-out files of a training config, with the baselines.
+    let o = run(
+        "evaluate",
+        &[
+            "--held-out",
+            &format!(
+                "{}/configs/settings/wave_vae_tiny.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            "--model",
+            m,
+            "--baselines",
+            "--max-files",
+            "1",
+            "--no-pesq",
+            "--json",
+            j,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let estimates: Vec<&str> = report["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["estimate"].as_str().unwrap())
+        .collect();
+    assert_eq!(estimates.len(), 4, "{estimates:?}");
+    assert!(estimates[1].starts_with("untrained") && estimates[3].contains("equal bandwidth"));
+
     // Bad input is named.
     let missing = dir.path().join("nowhere");
     assert_one_line_error(

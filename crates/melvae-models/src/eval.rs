@@ -25,7 +25,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
 use melvae_dsp::{
-    mel_to_audio, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion, ResampleQuality,
+    griffin_lim, mel_to_audio, resample, Audio, GriffinLimConfig, MelConfig, MelExtractor,
+    MelInversion, ResampleQuality, Stft, StftConfig,
 };
 use melvae_losses::{MultiResolutionStftLoss, MultiScaleMelLoss, WaveformLoss};
 use serde::{Deserialize, Serialize};
@@ -246,6 +247,9 @@ pub trait Codec {
     fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor>;
     /// The device it runs on.
     fn device(&self) -> Device;
+    /// Numbers per second of audio in its latents (for comparing codecs
+    /// and choosing an equal-bandwidth baseline).
+    fn latent_rate(&self) -> f64;
 }
 
 impl Codec for WaveVae {
@@ -269,15 +273,18 @@ impl Codec for WaveVae {
     fn device(&self) -> Device {
         WaveVae::device(self)
     }
+    fn latent_rate(&self) -> f64 {
+        self.config().frame_rate() * self.config().latent_dim as f64
+    }
 }
 
 /// The mel VAE as a [`Codec`]: audio to the `vocos-24k` log-mel and its
 /// latent (posterior mean, `[1, frames / C, latent]`), latents back to a
 /// log-mel with the given sampling options and to audio with Griffin-Lim
 /// (until a neural vocoder is given). Mono, 24 kHz.
-pub struct MelVaeGriffinLim<'a> {
+pub struct MelVaeGriffinLim {
     /// The model.
-    pub model: &'a MelVae,
+    pub model: MelVae,
     /// How latents are sampled back to mels.
     pub sampling: SampleOptions,
     /// The Griffin-Lim settings.
@@ -286,7 +293,7 @@ pub struct MelVaeGriffinLim<'a> {
     pub device: Device,
 }
 
-impl Codec for MelVaeGriffinLim<'_> {
+impl Codec for MelVaeGriffinLim {
     fn sample_rate(&self) -> u32 {
         MelConfig::vocos_24k().sample_rate
     }
@@ -320,6 +327,127 @@ impl Codec for MelVaeGriffinLim<'_> {
     }
     fn device(&self) -> Device {
         self.device.clone()
+    }
+    fn latent_rate(&self) -> f64 {
+        let mel = MelConfig::vocos_24k();
+        mel.sample_rate as f64 / mel.stft.hop_length as f64 / self.model.compress() as f64
+            * self.model.latent_dim() as f64
+    }
+}
+
+/// Naive baseline: each channel's clip-average magnitude spectrum (STFT
+/// 1024 / hop 256) at every frame, phases by Griffin-Lim. What a model
+/// that learned only the average spectrum (no time structure) produces;
+/// it knows each clip's spectrum, so it is not free of information.
+#[derive(Debug, Clone)]
+pub struct ClipMeanSpectrum {
+    /// The rate it works at.
+    pub sample_rate: u32,
+    /// Its channel count.
+    pub audio_channels: usize,
+    /// The Griffin-Lim settings.
+    pub griffin_lim: GriffinLimConfig,
+}
+
+impl ClipMeanSpectrum {
+    fn stft() -> Result<Stft> {
+        Ok(Stft::new(StftConfig::new(1024))?)
+    }
+}
+
+impl Codec for ClipMeanSpectrum {
+    fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        self.audio_channels
+    }
+    /// The mean magnitude `[1, channels, bins]`.
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let stft = Self::stft()?;
+        let x = audio
+            .squeeze(0)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let mut means = Vec::new();
+        for ch in &x {
+            let mag = stft.spectrogram(ch, 1.0)?;
+            means.extend(mag.mean_axis(ndarray::Axis(1)).into_iter().flatten());
+        }
+        let bins = stft.config().n_bins();
+        Ok(Tensor::from_vec(means, (1, x.len(), bins), &Device::Cpu)?)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let stft = Self::stft()?;
+        let frames = stft.config().n_frames(samples)?;
+        let means = latents.squeeze(0)?.to_vec2::<f32>()?;
+        let mut out = Vec::new();
+        for m in &means {
+            let mag = ndarray::Array2::from_shape_fn((m.len(), frames), |(b, _)| m[b]);
+            out.extend(griffin_lim(&stft, &mag, Some(samples), &self.griffin_lim)?);
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (1, means.len(), samples),
+            &Device::Cpu,
+        )?)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn latent_rate(&self) -> f64 {
+        0.0
+    }
+}
+
+/// Equal-bandwidth baseline: the audio resampled down to `rate` Hz (sinc,
+/// band-limited to `rate / 2`) and back up. At `rate` = a model's
+/// [`Codec::latent_rate`] per channel it keeps as many numbers per second as
+/// the model's latents (unquantised, like a VAE's).
+#[derive(Debug, Clone)]
+pub struct Resampled {
+    /// The rate it works at.
+    pub sample_rate: u32,
+    /// Its channel count.
+    pub audio_channels: usize,
+    /// The rate in between.
+    pub rate: u32,
+}
+
+impl Codec for Resampled {
+    fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        self.audio_channels
+    }
+    /// The audio at `rate`, `[1, channels, samples']`.
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let x = audio
+            .squeeze(0)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let y = resample(&x, self.sample_rate, self.rate, ResampleQuality::Sinc)?;
+        let n = y[0].len();
+        Ok(Tensor::from_vec(y.concat(), (1, x.len(), n), &Device::Cpu)?)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let x = latents.squeeze(0)?.to_vec2::<f32>()?;
+        let mut y = resample(&x, self.rate, self.sample_rate, ResampleQuality::Sinc)?;
+        for c in &mut y {
+            c.resize(samples, 0.0);
+        }
+        Ok(Tensor::from_vec(
+            y.concat(),
+            (1, x.len(), samples),
+            &Device::Cpu,
+        )?)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn latent_rate(&self) -> f64 {
+        self.rate as f64 * self.audio_channels as f64
     }
 }
 
@@ -373,6 +501,9 @@ pub struct EvalReport {
     pub estimate: String,
     /// The rate the metrics were computed at.
     pub sample_rate: u32,
+    /// Numbers per second in the codec's latents (model evaluations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_rate: Option<f64>,
     /// One entry per clip, in path order.
     pub clips: Vec<ClipReport>,
     /// The means.
@@ -409,6 +540,7 @@ impl EvalReport {
             reference: reference.to_path_buf(),
             estimate,
             sample_rate,
+            latent_rate: None,
             clips,
             mean,
         }
@@ -480,9 +612,9 @@ impl Default for EvalOptions {
     }
 }
 
-/// The audio files under `dir`, at most `max` of them; an error naming the
-/// folder when there are none.
-fn files_of(dir: &Path, max: Option<usize>) -> Result<Vec<PathBuf>> {
+/// The audio files under `dir` (recursively, sorted), at most `max` of
+/// them; an error naming the folder when there are none.
+pub fn audio_files(dir: &Path, max: Option<usize>) -> Result<Vec<PathBuf>> {
     let mut files = melvae_dsp::discover_audio(dir)?;
     if files.is_empty() {
         return Err(Error::invalid(
@@ -514,14 +646,16 @@ fn load_as(path: &Path, rate: u32, channels: usize) -> Result<Audio> {
     )?)
 }
 
-/// Evaluates `codec` on every audio file under `reference_dir`: each file
-/// is resampled to the codec's rate and channel count, encoded and decoded
-/// (both timed), and scored against itself at that rate. `on_clip` sees
-/// each clip's report as it is done (for progress).
+/// Evaluates `codec` on `files` (reported relative to `reference_dir`,
+/// e.g. from [`audio_files`]; `opts.max_files` is not applied here): each
+/// file is resampled to the codec's rate and channel count, encoded and
+/// decoded (both timed), and scored against itself at that rate. `on_clip`
+/// sees each clip's report as it is done (for progress).
 pub fn evaluate_codec(
     codec: &dyn Codec,
     name: String,
     reference_dir: &Path,
+    files: &[PathBuf],
     opts: EvalOptions,
     on_clip: &mut dyn FnMut(&ClipReport),
 ) -> Result<EvalReport> {
@@ -529,8 +663,9 @@ pub fn evaluate_codec(
     let metrics = Metrics::new(rate, opts.pesq, &Device::Cpu)?;
     let dev = codec.device();
     let mut clips = Vec::new();
-    for path in files_of(reference_dir, opts.max_files)? {
-        let audio = load_as(&path, rate, codec.audio_channels())?;
+    for path in files {
+        let path = path.as_path();
+        let audio = load_as(path, rate, codec.audio_channels())?;
         let n = audio.n_samples();
         let x = Tensor::from_vec(audio.channels.concat(), (1, audio.n_channels(), n), &dev)?;
         let t0 = Instant::now();
@@ -547,7 +682,7 @@ pub fn evaluate_codec(
         let scores = metrics.score(&audio, &estimate)?;
         let seconds = n as f64 / rate as f64;
         let clip = ClipReport {
-            file: relative(&path, reference_dir),
+            file: relative(path, reference_dir),
             seconds,
             scores,
             encode_rtf: Some((t1 - t0).as_secs_f64() / seconds),
@@ -556,7 +691,9 @@ pub fn evaluate_codec(
         on_clip(&clip);
         clips.push(clip);
     }
-    Ok(EvalReport::new(reference_dir, name, rate, clips))
+    let mut report = EvalReport::new(reference_dir, name, rate, clips);
+    report.latent_rate = Some(codec.latent_rate());
+    Ok(report)
 }
 
 /// Scores the files of `estimate_dir` against those of `reference_dir`,
@@ -571,7 +708,7 @@ pub fn evaluate_folders(
     opts: EvalOptions,
     on_clip: &mut dyn FnMut(&ClipReport),
 ) -> Result<EvalReport> {
-    let refs = files_of(reference_dir, opts.max_files)?;
+    let refs = audio_files(reference_dir, opts.max_files)?;
     let ests = melvae_dsp::discover_audio(estimate_dir)?;
     let key = |p: &Path, root: &Path| relative(p, root).with_extension("");
     let mut pairs = Vec::new();

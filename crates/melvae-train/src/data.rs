@@ -134,6 +134,22 @@ impl AudioDataConfig {
     pub fn crop_samples(&self) -> usize {
         (self.crop_seconds * self.sample_rate as f64).round() as usize
     }
+
+    /// Whether the file at `rel` (relative to `dir`) is held out for
+    /// validation: a stable hash of the path against `val_fraction`, so the
+    /// split does not depend on the other files.
+    pub fn is_held_out(&self, rel: &Path) -> bool {
+        stable_fraction(rel) < self.val_fraction
+    }
+
+    /// The audio files under `dir` held out for validation, sorted (before
+    /// decoding: a file training would skip as unreadable is listed too).
+    pub fn held_out_files(&self) -> Result<Vec<PathBuf>> {
+        Ok(discover_audio(&self.dir)?
+            .into_iter()
+            .filter(|p| self.is_held_out(p.strip_prefix(&self.dir).unwrap_or(p)))
+            .collect())
+    }
 }
 
 pub use melvae_dsp::discover_audio;
@@ -283,7 +299,7 @@ impl AudioFolder {
                         skipped.upmixed.push(path.clone());
                     }
                     let rel = path.strip_prefix(&cfg.dir).unwrap_or(&path).to_path_buf();
-                    let side = if stable_fraction(&rel) < cfg.val_fraction {
+                    let side = if cfg.is_held_out(&rel) {
                         &mut val
                     } else {
                         &mut train
@@ -369,7 +385,7 @@ impl AudioFolder {
                     format!("is truncated: entry {} runs past its end", e.rel),
                 ));
             }
-            let side = if stable_fraction(Path::new(&e.rel)) < cfg.val_fraction {
+            let side = if cfg.is_held_out(Path::new(&e.rel)) {
                 &mut val
             } else {
                 &mut train
@@ -730,6 +746,14 @@ mod tests {
             again.val.paths().collect::<Vec<_>>()
         );
         assert!(f.train.paths().all(|p| !f.val.paths().any(|q| q == p)));
+        // held_out_files lists the same files without decoding (plus any
+        // unreadable or too-short file the hash puts on that side).
+        let listed = cfg(d.path()).held_out_files().unwrap();
+        let val: Vec<&Path> = f.val.paths().collect();
+        assert!(val.iter().all(|p| listed.iter().any(|q| q == p)));
+        assert!(listed.iter().all(|p| val.contains(&p.as_path())
+            || p.ends_with("broken.wav")
+            || p.ends_with("tiny.wav")));
     }
 
     #[test]
