@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod balancer;
 mod error;
 pub mod flow;
 pub mod gan;
@@ -35,6 +36,7 @@ pub mod kl;
 pub mod spectral;
 pub mod token;
 
+pub use balancer::{Balanced, BalancerConfig, LossBalancer, NormAverage};
 pub use error::{Error, Result};
 pub use flow::{flow_matching_loss, flow_matching_target};
 pub use gan::{

@@ -54,7 +54,7 @@ pub use mel_vae::{
 };
 pub use model_file::{Family, ModelFileInfo};
 pub use wave_vae::{
-    AdversarialWeights, FreeBitsConfig, GanLossKind, StereoWeights, WaveActivation, WaveBottleneck,
-    WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae, WaveVaeConfig, WaveVaeLoss,
-    WaveVaeLossConfig, WaveVaeObjective,
+    AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,
+    WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae,
+    WaveVaeConfig, WaveVaeLoss, WaveVaeLossConfig, WaveVaeObjective,
 };

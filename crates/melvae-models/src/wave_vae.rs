@@ -755,6 +755,51 @@ pub struct WaveVaeLossConfig {
     /// `training.gan`).
     #[serde(default)]
     pub adversarial: AdversarialWeights,
+    /// EnCodec's loss balancer (off by default): the weights of `stft`,
+    /// `mel`, `l1` and the adversarial terms become shares of the gradient
+    /// reaching the decoder output; the KL keeps its weight.
+    #[serde(default)]
+    pub balancer: BalancerSection,
+}
+
+/// The `wave_vae_loss.balancer:` section ([`melvae_losses::LossBalancer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancerSection {
+    /// Balance the output losses' gradients.
+    pub enabled: bool,
+    /// Norm of the balanced gradient (EnCodec: 1).
+    pub total_norm: f64,
+    /// Decay of the moving average of gradient norms (EnCodec: 0.999).
+    pub ema_decay: f64,
+    /// Norms per batch item, averaged (EnCodec: true).
+    pub per_batch_item: bool,
+    /// Added to the averaged norm (EnCodec: 1e-12).
+    pub epsilon: f64,
+}
+
+impl Default for BalancerSection {
+    fn default() -> Self {
+        let d = melvae_losses::BalancerConfig::default();
+        Self {
+            enabled: false,
+            total_norm: d.total_norm,
+            ema_decay: d.ema_decay,
+            per_batch_item: d.per_batch_item,
+            epsilon: d.epsilon,
+        }
+    }
+}
+
+impl From<BalancerSection> for melvae_losses::BalancerConfig {
+    fn from(s: BalancerSection) -> Self {
+        Self {
+            total_norm: s.total_norm,
+            ema_decay: s.ema_decay,
+            per_batch_item: s.per_batch_item,
+            epsilon: s.epsilon,
+        }
+    }
 }
 
 /// The generator's adversarial terms and the GAN loss.
@@ -831,6 +876,7 @@ impl Default for WaveVaeLossConfig {
             kl_warmup_steps: 5000,
             free_bits: FreeBitsConfig::None,
             adversarial: AdversarialWeights::default(),
+            balancer: BalancerSection::default(),
         }
     }
 }
@@ -864,6 +910,14 @@ impl WaveVaeLossConfig {
             "wave_vae_loss.stft_weight",
             || "at least one reconstruction weight (stft, mel, l1) must be > 0".into(),
         )?;
+        melvae_losses::BalancerConfig::from(self.balancer)
+            .validate()
+            .map_err(|e| match e {
+                melvae_losses::Error::Invalid { what, reason } => {
+                    Error::invalid(format!("wave_vae_loss.{what}"), reason)
+                }
+                e => e.into(),
+            })?;
         if let FreeBitsConfig::Threshold { target } | FreeBitsConfig::PerDim { target } =
             self.free_bits
         {

@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_models::{
-    DiscriminatorsConfig, MpdConfig, MsdConfig, WaveBottleneck, WaveVaeConfig, WaveVaeLossConfig,
+    BalancerSection, DiscriminatorsConfig, MpdConfig, MsdConfig, WaveBottleneck, WaveVaeConfig,
+    WaveVaeLossConfig,
 };
 use melvae_train::tasks::wave_vae::{WaveVaeSections, WaveVaeTask};
 use melvae_train::*;
@@ -49,6 +50,16 @@ fn tiny(channels: usize) -> WaveVaeConfig {
 }
 
 fn task(dir: &Path, channels: usize, discriminators: Option<DiscriminatorsConfig>) -> WaveVaeTask {
+    task_with(dir, channels, discriminators, false)
+}
+
+/// [`task`], with EnCodec's loss balancer when `balancer`.
+fn task_with(
+    dir: &Path,
+    channels: usize,
+    discriminators: Option<DiscriminatorsConfig>,
+    balancer: bool,
+) -> WaveVaeTask {
     let data_cfg = AudioDataConfig {
         dir: dir.to_path_buf(),
         sample_rate: 24000,
@@ -64,6 +75,10 @@ fn task(dir: &Path, channels: usize, discriminators: Option<DiscriminatorsConfig
     let loss = WaveVaeLossConfig {
         mel_weight: 0.0,
         kl_warmup_steps: 5,
+        balancer: BalancerSection {
+            enabled: balancer,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let sections = WaveVaeSections {
@@ -227,6 +242,17 @@ fn the_tiny_experiment_parses() {
 
 #[test]
 fn adversarial_phase_trains_the_discriminators_and_resumes_exactly() {
+    adversarial_run(false);
+}
+
+/// The same with the loss balancer: its gradient-norm averages travel in
+/// the checkpoint, so the resumed run is still exact.
+#[test]
+fn loss_balancer_trains_and_resumes_exactly() {
+    adversarial_run(true);
+}
+
+fn adversarial_run(balancer: bool) {
     let d = tempfile::tempdir().unwrap();
     let audio = d.path().join("audio");
     std::fs::create_dir(&audio).unwrap();
@@ -257,7 +283,7 @@ fn adversarial_phase_trains_the_discriminators_and_resumes_exactly() {
         ..cfg(steps)
     };
     let run = RunDir::create(d.path().join("a")).unwrap();
-    let mut a = task(&audio, 1, Some(disc.clone()));
+    let mut a = task_with(&audio, 1, Some(disc.clone()), balancer);
     let before: Vec<Vec<f32>> = a
         .disc_vars()
         .iter()
@@ -283,15 +309,27 @@ fn adversarial_phase_trains_the_discriminators_and_resumes_exactly() {
             .collect()
     };
     assert_ne!(disc_weights(&a), before, "the discriminators trained");
+    let state = a.state();
+    assert_eq!(state.get("balancer").is_some(), balancer, "{state}");
+    if balancer {
+        // Every balanced term has an average; adv and fm since step 3.
+        let b = state["balancer"].as_object().unwrap();
+        assert!(
+            ["stft", "l1", "adv", "fm"]
+                .iter()
+                .all(|k| b.contains_key(*k)),
+            "{state}"
+        );
+    }
 
     // 3 steps, then a resumed process to 6: generator and discriminators equal.
     let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio, 1, Some(disc.clone()));
+    let mut b = task_with(&audio, 1, Some(disc.clone()), balancer);
     Trainer::new(gan(3), &split)
         .unwrap()
         .fit(&mut b, false)
         .unwrap();
-    let mut b2 = task(&audio, 1, Some(disc));
+    let mut b2 = task_with(&audio, 1, Some(disc), balancer);
     Trainer::new(gan(6), &split)
         .unwrap()
         .fit(&mut b2, true)

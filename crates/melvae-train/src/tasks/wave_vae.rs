@@ -8,7 +8,10 @@ use candle_nn::VarMap;
 use melvae_dsp::{
     save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
 };
-use melvae_losses::{discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching};
+use melvae_losses::{
+    discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching, LossBalancer,
+    NormAverage,
+};
 use melvae_models::{
     DiscOutput, Discriminators, DiscriminatorsConfig, WaveVae, WaveVaeConfig, WaveVaeLoss,
     WaveVaeLossConfig, WaveVaeObjective,
@@ -93,6 +96,8 @@ pub struct WaveVaeTask {
     /// of a discriminator step, kept for the generator step of the same
     /// batch (step and seed), so neither is computed twice.
     pending: Option<(u64, u64, WaveVaeLoss, DiscOutput)>,
+    /// EnCodec's balancer over the output losses, when configured.
+    balancer: Option<LossBalancer>,
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
@@ -144,7 +149,13 @@ impl WaveVaeTask {
             }
             None => None,
         };
+        let balancer = if loss.balancer.enabled {
+            Some(LossBalancer::new(loss.balancer.into())?)
+        } else {
+            None
+        };
         Ok(Self {
+            balancer,
             objective: WaveVaeObjective::new(loss, &cfg, device)?,
             varmap,
             model,
@@ -192,6 +203,57 @@ impl WaveVaeTask {
             &mut SplitMix64::new(batch.seed),
             ctx.train,
         )?)
+    }
+}
+
+impl WaveVaeTask {
+    /// [`TrainTask::losses`] with the loss balancer: the output losses
+    /// (`stft`, `mel`, `l1`, and `adv`, `fm` in the adversarial phase) are
+    /// computed again on a detached copy of the reconstruction, their
+    /// gradients balanced, and the KL added at its weight. The logged terms
+    /// are the same as without it; `total` is the effective loss.
+    fn balanced_losses(
+        &mut self,
+        batch: &WaveBatch,
+        ctx: StepContext,
+        l: WaveVaeLoss,
+        real: Option<DiscOutput>,
+    ) -> Result<Losses> {
+        let x = &l.reconstruction;
+        let leaf = LossBalancer::leaf(x)?;
+        let (_, mut terms) = self
+            .objective
+            .reconstruction(leaf.as_tensor(), &batch.audio)?;
+        let cfg = self.objective.config();
+        let mut weights = vec![
+            ("stft", cfg.stft_weight),
+            ("mel", cfg.mel_weight),
+            ("l1", cfg.l1_weight),
+        ];
+        if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
+            let w = cfg.adversarial;
+            let real = match real {
+                Some(r) => r,
+                None => disc.forward(&batch.audio)?,
+            };
+            let fake = disc.forward(leaf.as_tensor())?;
+            let adv = generator_loss(w.loss.into(), &fake.logits)?;
+            let fm =
+                feature_matching_loss(FeatureMatching::Absolute, &real.features, &fake.features)?;
+            terms.insert("adv".into(), adv);
+            terms.insert("fm".into(), fm);
+            weights.extend([("adv", w.weight), ("fm", w.feature_matching)]);
+        }
+        let list: Vec<(&str, f64, &Tensor)> = weights
+            .iter()
+            .filter_map(|&(k, w)| terms.get(k).map(|t| (k, w, t)))
+            .collect();
+        let balancer = self.balancer.as_mut().expect("called with a balancer");
+        let balanced = balancer.balance(x, &leaf, &list)?;
+        let kl = &l.terms["kl"];
+        let total = (balanced.loss.to_dtype(kl.dtype())? + (kl * l.kl_weight)?)?;
+        terms.insert("kl".into(), kl.clone());
+        Ok(Losses { total, terms })
     }
 }
 
@@ -247,6 +309,9 @@ impl TrainTask for WaveVaeTask {
             }
             _ => (self.vae_loss(batch, ctx)?, None),
         };
+        if self.balancer.is_some() && ctx.train {
+            return self.balanced_losses(batch, ctx, l, real);
+        }
         let (mut total, mut terms) = (l.total, l.terms);
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = self.objective.config().adversarial;
@@ -337,12 +402,42 @@ impl TrainTask for WaveVaeTask {
         Ok(true)
     }
 
+    /// The data cursor, and the balancer's gradient-norm averages
+    /// (`balancer: {name: [total, fix]}`) when it is on.
     fn state(&self) -> serde_json::Value {
-        super::cursor_state(&self.cursor)
+        let mut state = super::cursor_state(&self.cursor);
+        if let Some(b) = &self.balancer {
+            let averages: serde_json::Map<String, serde_json::Value> = b
+                .state()
+                .iter()
+                .map(|(k, a)| (k.clone(), serde_json::json!([a.total, a.fix])))
+                .collect();
+            state["balancer"] = serde_json::Value::Object(averages);
+        }
+        state
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
         super::load_cursor(&mut self.cursor, state);
+        if let (Some(b), Some(saved)) = (
+            &mut self.balancer,
+            state.get("balancer").and_then(|v| v.as_object()),
+        ) {
+            let mut averages = BTreeMap::new();
+            for (k, v) in saved {
+                let pair = v
+                    .as_array()
+                    .and_then(|a| Some((a.first()?.as_f64()?, a.get(1)?.as_f64()?)));
+                let Some((total, fix)) = pair else {
+                    return Err(Error::invalid(
+                        format!("checkpoint task state balancer.{k}"),
+                        format!("expected [total, fix], got {v}"),
+                    ));
+                };
+                averages.insert(k.clone(), NormAverage { total, fix });
+            }
+            b.load_state(averages);
+        }
         Ok(())
     }
 }
