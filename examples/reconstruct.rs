@@ -1,34 +1,46 @@
-//! Encodes and decodes an audio file with a trained model; the family (mel
-//! VAE or waveform VAE) comes from the model file or the run.
+//! Encodes and decodes an audio file with a trained model, and explores its
+//! latent space; the family (mel VAE or waveform VAE) comes from the model
+//! file or the run.
 //!
 //! ```text
-//! cargo run --release --example reconstruct -- --model MODEL.safetensors IN_AUDIO -o OUT.wav [--steps N] [--guidance G] [--temperature T] [--latents OUT.npy] [--png OUT.png]
+//! cargo run --release --example reconstruct -- --model MODEL.safetensors IN_AUDIO -o OUT.wav [--latents OUT.npy] [--png OUT.png]
 //! cargo run --release --example reconstruct -- --model runs/tiny IN_AUDIO -o OUT.wav
+//! cargo run --release --example reconstruct -- --model M IN -o OUT.wav --scale 1.5 --dim 3 --dim 7 --png cmp.png
+//! cargo run --release --example reconstruct -- --model M IN -o OUT.wav --interpolate OTHER --alpha 0.25,0.5,0.75 --png cmp.png
 //! ```
 //!
-//! The mel VAE is vocoded with Griffin-Lim (`--steps`, `--guidance` and
-//! `--temperature` set its sampling); the waveform VAE decodes audio
-//! directly at its own rate and channel count (mono or stereo) from the
-//! posterior mean. The PNG shows the input log-mel above the
-//! reconstruction's; `--latents` writes the latents (`[frames / C,
-//! latent_dim]` for the mel VAE, `[latent_dim, frames]` for the waveform
-//! VAE).
+//! The waveform VAE decodes audio directly at its own rate and channel
+//! count (mono or stereo) from the posterior mean; the mel VAE samples its
+//! latents back to a log-mel (`--steps`, `--guidance`, `--temperature`) and
+//! is vocoded with Griffin-Lim. `-o` gets the plain reconstruction.
+//!
+//! Latent exploration (the posterior means are edited before decoding):
+//! `--scale S` and `--shift V` compute `z * S + V` on the latent channels
+//! given by `--dim` (all without it) and write `OUT_edit.wav`;
+//! `--interpolate OTHER` encodes a second file and writes, for each
+//! `--alpha` a, `OUT_mix<a>.wav` decoded from `(1 - a) z_in + a z_other`
+//! (both cut to the shorter clip). The PNG stacks the log-mels (first
+//! channel) of the input, the reconstruction and each edit, top to bottom;
+//! `--latents` writes the input's latents (`[latent_dim, frames]` for the
+//! waveform VAE, `[frames / C, latent_dim]` for the mel VAE).
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::Parser;
 use melvae::dsp::{
-    mel_to_audio, save_wav, write_npy, Audio, GriffinLimConfig, MelConfig, MelExtractor,
-    MelInversion, SpectrogramImage, WavFormat,
+    load_audio_with, save_wav, write_npy, Audio, ChannelMode, LoadOptions, MelConfig, MelExtractor,
+    SpectrogramImage, WavFormat,
 };
-use melvae::models::{mel_to_array, MelVae, SampleOptions};
+use melvae::models::eval::{Codec, MelVaeGriffinLim};
+use melvae::models::latent::{interpolate, LatentEdit};
+use melvae::models::SampleOptions;
 
 #[derive(Parser)]
-#[command(about = "Reconstruct audio through a trained mel VAE")]
+#[command(about = "Reconstruct audio through a trained model and explore its latents")]
 struct Args {
     /// A model file (from `export`, or `export.safetensors` in a best
     /// checkpoint), or a run directory (its latest checkpoint, EMA weights
@@ -37,119 +49,193 @@ struct Args {
     model: PathBuf,
     /// Input audio.
     input: PathBuf,
-    /// Output WAV.
+    /// Output WAV (the plain reconstruction).
     #[arg(short, long)]
     output: PathBuf,
-    /// Sampling steps.
+    /// Mel VAE: sampling steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Classifier-free guidance scale.
+    /// Mel VAE: classifier-free guidance scale.
     #[arg(long, default_value_t = 1.0)]
     guidance: f64,
-    /// Scale of the initial noise (1 samples freely; lower stays closer to the input).
+    /// Mel VAE: scale of the initial noise (1 samples freely; lower stays
+    /// closer to the input).
     #[arg(long, default_value_t = 0.5)]
     temperature: f64,
-    /// Write the latents `[frames / C, latent_dim]` here.
+    /// Write the input's latents here (.npy).
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// Write a PNG of input and reconstructed mels here.
+    /// Write a PNG of the input's and the outputs' log-mels here.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Latent edit: multiply the latents by this.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Latent edit: add this to the latents (after scaling).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    shift: f64,
+    /// Latent edit: only these latent channels (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    dim: Vec<usize>,
+    /// Interpolate the latents towards this file's.
+    #[arg(long)]
+    interpolate: Option<PathBuf>,
+    /// Interpolation weights of the other file (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+    alpha: Vec<f64>,
 }
 
-/// The waveform VAE: encode and decode the file at the model's rate and
-/// channel count; the PNG stacks the log-mels of the first channel.
-fn run_wave(args: &Args) -> anyhow::Result<()> {
-    let model = common::load_wave_vae(&args.model)?;
-    let cfg = model.config().clone();
-    let audio = melvae::dsp::load_audio_with(
-        &args.input,
-        &melvae::dsp::LoadOptions {
-            channels: if cfg.audio_channels == 1 {
-                melvae::dsp::ChannelMode::Mono
+/// `path` at the codec's rate and channel count.
+fn load(codec: &dyn Codec, path: &Path) -> anyhow::Result<Audio> {
+    Ok(load_audio_with(
+        path,
+        &LoadOptions {
+            channels: if codec.audio_channels() == 1 {
+                ChannelMode::Mono
             } else {
-                melvae::dsp::ChannelMode::Stereo
+                ChannelMode::Stereo
             },
-            sample_rate: Some(cfg.sample_rate),
+            sample_rate: Some(codec.sample_rate()),
             ..Default::default()
         },
-    )?;
-    let n = audio.n_samples();
-    let flat: Vec<f32> = audio.channels.iter().flatten().copied().collect();
-    let x = candle_core::Tensor::from_vec(flat, (audio.channels.len(), n), &Device::Cpu)?;
-    let (y, latent) = model.reconstruct(&x)?;
-    let y = y.squeeze(0)?.to_vec2::<f32>()?;
+    )?)
+}
+
+/// Audio as the codec's input `[1, channels, samples]`.
+fn tensor(codec: &dyn Codec, a: &Audio) -> anyhow::Result<Tensor> {
+    Ok(Tensor::from_vec(
+        a.channels.concat(),
+        (1, a.n_channels(), a.n_samples()),
+        &codec.device(),
+    )?)
+}
+
+/// Decodes `latents` to `samples` samples and writes them to `path`.
+fn decode_to(
+    codec: &dyn Codec,
+    latents: &Tensor,
+    samples: usize,
+    path: &Path,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let y = codec
+        .decode(latents, samples)?
+        .squeeze(0)?
+        .to_device(&Device::Cpu)?
+        .to_vec2::<f32>()?;
     save_wav(
-        &args.output,
-        &Audio::new(cfg.sample_rate, y.clone())?,
+        path,
+        &Audio::new(codec.sample_rate(), y.clone())?,
         WavFormat::Pcm16,
     )?;
-    if let Some(p) = &args.latents {
-        let latent = latent.squeeze(0)?;
-        let (d, k) = latent.dims2()?;
-        let v = latent.flatten_all()?.to_vec1::<f32>()?;
-        write_npy(p, &ndarray::Array2::from_shape_vec((d, k), v)?)?;
-    }
-    let ex = MelExtractor::new(MelConfig {
-        sample_rate: cfg.sample_rate,
-        ..MelConfig::vocos_24k()
-    })?;
-    let (mi, mr) = (ex.extract(&audio.channels[0])?, ex.extract(&y[0])?);
-    if let Some(p) = &args.png {
-        SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &[&mi, &mr])?;
-    }
-    let l1 = (&mi - &mr).mapv(f32::abs).mean().unwrap_or(f32::NAN);
-    println!(
-        "{}: waveform VAE, {} latent frames, log-mel L1 {l1:.3} -> {}",
-        args.input.display(),
-        latent.dim(2)?,
-        args.output.display()
-    );
-    Ok(())
+    Ok(y)
+}
+
+/// `OUT.wav` -> `OUT_<suffix>.wav`.
+fn sibling(output: &Path, suffix: &str) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map_or_else(|| "out".to_string(), |s| s.to_string_lossy().into_owned());
+    output.with_file_name(format!("{stem}_{suffix}.wav"))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
-        return run_wave(args);
-    }
-    let dev = Device::Cpu;
-    let model = common::load_mel_vae(&args.model)?;
-    let audio = common::load_for_mel(&args.input, &MelConfig::vocos_24k())?;
-    let opts = SampleOptions {
-        num_steps: args.steps,
-        guidance_scale: args.guidance,
-        temperature: args.temperature,
-        ..Default::default()
+    let codec: Box<dyn Codec> = if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
+        Box::new(common::load_wave_vae(&args.model)?)
+    } else {
+        Box::new(MelVaeGriffinLim {
+            model: common::load_mel_vae(&args.model)?,
+            sampling: SampleOptions {
+                num_steps: args.steps,
+                guidance_scale: args.guidance,
+                temperature: args.temperature,
+                ..Default::default()
+            },
+            griffin_lim: Default::default(),
+            device: Device::Cpu,
+        })
     };
-    let r = model.reconstruct(&audio.channels[0], 24000, &opts, &dev)?;
-    let (mi, mr) = (mel_to_array(&r.input)?, mel_to_array(&r.output)?);
-    let ex = MelExtractor::new(MelConfig::vocos_24k())?;
-    let wav = mel_to_audio(
-        &ex,
-        &mr,
-        Some(audio.n_samples()),
-        MelInversion::default(),
-        &GriffinLimConfig::default(),
-    )?;
-    save_wav(
-        &args.output,
-        &Audio::new(24000, vec![wav])?,
-        WavFormat::Pcm16,
-    )?;
-    if let Some(p) = &args.latents {
-        let (_, k, d) = r.latent.dims3()?;
-        let latent = r.latent.flatten_all()?.to_vec1::<f32>()?;
-        write_npy(p, &ndarray::Array2::from_shape_vec((k, d), latent)?)?;
+    let codec = codec.as_ref();
+    let (channel_axis, time_axis) = codec.latent_axes();
+    let audio = load(codec, &args.input)?;
+    let n = audio.n_samples();
+    let z = codec.encode(&tensor(codec, &audio)?)?;
+    let y = decode_to(codec, &z, n, &args.output)?;
+    // (label, first channel) of every picture row.
+    let mut rows: Vec<(String, Vec<f32>)> = vec![
+        ("input".into(), audio.channels[0].clone()),
+        ("reconstruction".into(), y[0].clone()),
+    ];
+    let mut written = vec![args.output.clone()];
+
+    let edit = LatentEdit {
+        scale: args.scale,
+        shift: args.shift,
+        dims: args.dim.clone(),
+    };
+    anyhow::ensure!(
+        args.dim.is_empty() || !edit.is_identity(),
+        "--dim selects latent channels to edit: give --scale or --shift too"
+    );
+    if !edit.is_identity() {
+        let path = sibling(&args.output, "edit");
+        let y = decode_to(codec, &edit.apply(&z, channel_axis)?, n, &path)?;
+        rows.push(("edit".into(), y[0].clone()));
+        written.push(path);
     }
+    if let Some(other) = &args.interpolate {
+        let b = load(codec, other)?;
+        let zb = codec.encode(&tensor(codec, &b)?)?;
+        // The mix is as long as the shorter clip.
+        let m = n.min(b.n_samples());
+        for &alpha in &args.alpha {
+            let path = sibling(&args.output, &format!("mix{alpha}"));
+            let mixed = interpolate(&z, &zb, alpha, time_axis)?;
+            let y = decode_to(codec, &mixed, m, &path)?;
+            rows.push((format!("mix {alpha}"), y[0].clone()));
+            written.push(path);
+        }
+        rows.push(("other".into(), b.channels[0][..m].to_vec()));
+    }
+
+    let ex = MelExtractor::new(MelConfig {
+        sample_rate: codec.sample_rate(),
+        ..MelConfig::vocos_24k()
+    })?;
+    let (mi, mr) = (ex.extract(&rows[0].1)?, ex.extract(&rows[1].1)?);
     if let Some(p) = &args.png {
-        SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &[&mi, &mr])?;
+        // Shorter rows (mixes with a shorter clip) end in silence.
+        let mels = rows
+            .iter()
+            .map(|(_, x)| {
+                let mut x = x.clone();
+                x.resize(n, 0.0);
+                ex.extract(&x)
+            })
+            .collect::<melvae::dsp::Result<Vec<_>>>()?;
+        let refs: Vec<_> = mels.iter().collect();
+        SpectrogramImage::for_mel(ex.config()).save_png_stack(p, &refs)?;
+        let labels: Vec<&str> = rows.iter().map(|(l, _)| l.as_str()).collect();
+        println!("{}: rows top to bottom: {}", p.display(), labels.join(", "));
     }
-    let l1 = MelVae::mel_l1(&r.output, &r.input)?;
+    if let Some(p) = &args.latents {
+        let z2 = z.squeeze(0)?.to_device(&Device::Cpu)?;
+        let (a, b) = z2.dims2()?;
+        write_npy(
+            p,
+            &ndarray::Array2::from_shape_vec((a, b), z2.flatten_all()?.to_vec1::<f32>()?)?,
+        )?;
+    }
+    let l1 = (&mi - &mr).mapv(f32::abs).mean().unwrap_or(f32::NAN);
     println!(
-        "{}: {} latent frames, log-mel L1 {l1:.3} -> {}",
+        "{}: {} latent frames x {} channels, log-mel L1 {l1:.3} -> {}",
         args.input.display(),
-        r.latent.dim(1)?,
-        args.output.display()
+        z.dim(time_axis)?,
+        z.dim(channel_axis)?,
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }

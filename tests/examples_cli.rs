@@ -551,7 +551,7 @@ fn reconstruct_takes_the_family_from_the_model_file() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("waveform VAE"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("600 latent frames x 4 channels"));
     let y = melvae::dsp::load_audio(&out).unwrap();
     assert_eq!(
         (y.sample_rate, y.channels.len(), y.n_samples()),
@@ -560,6 +560,67 @@ fn reconstruct_takes_the_family_from_the_model_file() {
     // 12000 samples padded to the hop 20: 600 latent frames of 4 channels.
     assert_eq!(melvae::dsp::read_npy(&lat).unwrap().shape(), &[4, 600]);
     assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    // Latent exploration: an edit of two channels and two mixes with a
+    // shorter clip, each written beside the output and stacked in the PNG.
+    let other = dir.path().join("other.wav");
+    let x: Vec<f32> = (0..6000).map(|i| (i as f32 * 0.11).sin() * 0.2).collect();
+    melvae::dsp::save_wav(
+        &other,
+        &melvae::dsp::Audio::new(24000, vec![x]).unwrap(),
+        melvae::dsp::WavFormat::Pcm16,
+    )
+    .unwrap();
+    let o = run(
+        "reconstruct",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            clip.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--scale",
+            "2",
+            "--shift=-0.5",
+            "--dim",
+            "0,3",
+            "--interpolate",
+            other.to_str().unwrap(),
+            "--alpha",
+            "0.5,1",
+            "--png",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("input, reconstruction, edit, mix 0.5, mix 1, other"),
+        "{stdout}"
+    );
+    let edit = melvae::dsp::load_audio(dir.path().join("out_edit.wav")).unwrap();
+    assert_eq!(edit.n_samples(), 12000);
+    assert_ne!(edit.channels, y.channels);
+    let mix = melvae::dsp::load_audio(dir.path().join("out_mix0.5.wav")).unwrap();
+    assert_eq!((mix.channels.len(), mix.n_samples()), (2, 6000));
+    assert!(dir.path().join("out_mix1.wav").exists());
+    assert_one_line_error(
+        &run(
+            "reconstruct",
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                clip.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--scale",
+                "2",
+                "--dim",
+                "9",
+            ],
+        ),
+        "latent dim",
+    );
+
     // encode streams the same latents, from the file and from raw
     // interleaved stereo on stdin.
     let want = melvae::dsp::read_npy(&lat).unwrap();

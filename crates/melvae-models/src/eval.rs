@@ -250,6 +250,11 @@ pub trait Codec {
     /// Numbers per second of audio in its latents (for comparing codecs
     /// and choosing an equal-bandwidth baseline).
     fn latent_rate(&self) -> f64;
+    /// The axes of the latent channels and of time in what
+    /// [`Codec::encode`] returns (for [`crate::latent`] edits).
+    fn latent_axes(&self) -> (usize, usize) {
+        (1, 2)
+    }
 }
 
 impl Codec for WaveVae {
@@ -327,6 +332,10 @@ impl Codec for MelVaeGriffinLim {
     }
     fn device(&self) -> Device {
         self.device.clone()
+    }
+    /// `[1, frames / C, latent_dim]`: channels last.
+    fn latent_axes(&self) -> (usize, usize) {
+        (2, 1)
     }
     fn latent_rate(&self) -> f64 {
         let mel = MelConfig::vocos_24k();

@@ -11,6 +11,8 @@
 //!   MS-STFT, multi-band MRD).
 //! - [`eval`]: codec metrics (mel and STFT distances, SI-SDR, wideband
 //!   PESQ, real-time factors) for clips, models and folders.
+//! - [`latent`]: latent edits for exploration (scale, shift,
+//!   interpolation).
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
@@ -37,6 +39,7 @@ pub mod discriminators;
 pub mod dit_cfm;
 mod error;
 pub mod eval;
+pub mod latent;
 pub mod mel_vae;
 pub mod model_file;
 pub mod wave_vae;
