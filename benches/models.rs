@@ -4,6 +4,11 @@
 //! one training loss with backward on a batch of 8 x 88 frames, encoding
 //! and 10-step midpoint sampling of 240 frames (2.56 s of vocos-24k mel).
 //! `examples/mel_vae_throughput.rs` reports the same for any setting.
+//!
+//! The waveform VAE of `configs/settings/wave_vae_tiny.yaml`: the training
+//! loss (MR-STFT + mel + L1 + KL) with backward on a batch of 4 x 11840
+//! samples (0.49 s at 24 kHz), encoding and decoding of 2 s of audio.
+//! `examples/wave_vae_throughput.rs` reports the same for any setting.
 
 use std::path::Path;
 
@@ -12,8 +17,9 @@ use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melvae::dsp::SplitMix64;
 use melvae::layers::{seeded_var_builder, testing::noise};
-use melvae::models::{MelVae, SampleOptions};
+use melvae::models::{MelVae, SampleOptions, WaveVae, WaveVaeObjective};
 use melvae::train::tasks::mel_vae::mel_vae_config;
+use melvae::train::tasks::wave_vae::wave_vae_config;
 use melvae::train::ResolvedConfig;
 
 fn tiny_mel_vae() -> MelVae {
@@ -59,5 +65,44 @@ fn mel_vae(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, mel_vae);
+fn wave_vae(c: &mut Criterion) {
+    let resolved =
+        ResolvedConfig::load(Path::new("configs/settings/wave_vae_tiny.yaml"), &[]).unwrap();
+    let sections = wave_vae_config(&resolved).unwrap();
+    let vm = VarMap::new();
+    let dev = Device::Cpu;
+    let model = WaveVae::new(sections.model, seeded_var_builder(&vm, 0, DType::F32, &dev)).unwrap();
+    let objective = WaveVaeObjective::new(sections.loss, model.config(), &dev).unwrap();
+    let audio = |b: usize, t: usize, seed: u64| {
+        (noise(&[b, 1, t], seed)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            * 0.3)
+            .unwrap()
+    };
+    let batch = audio(4, 11840, 1);
+    let long = audio(1, 48000, 2);
+    let mut g = c.benchmark_group("wave_vae_tiny");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(4 * 11840));
+    g.bench_function("loss_fwd_bwd_b4_s11840", |b| {
+        let mut rng = SplitMix64::new(0);
+        b.iter(|| {
+            model
+                .loss(&batch, 1000, &objective, &mut rng, true)
+                .unwrap()
+                .total
+                .backward()
+                .unwrap()
+        })
+    });
+    g.throughput(Throughput::Elements(48000));
+    g.bench_function("encode_s48000", |b| b.iter(|| model.encode(&long).unwrap()));
+    let (z, _) = model.encode(&long).unwrap();
+    g.bench_function("decode_s48000", |b| b.iter(|| model.decode(&z).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, mel_vae, wave_vae);
 criterion_main!(benches);
