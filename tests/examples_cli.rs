@@ -791,6 +791,22 @@ fn evaluate_reproduces_the_parity_fixtures_and_scores_a_model() {
         &run("evaluate", &["--reference", r, "--degraded", d]),
         "clip1.wav",
     );
+    // A clip too short for the metrics is named with the reason.
+    let tiny = dir.path().join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    melvae::dsp::save_wav(
+        tiny.join("blip.wav"),
+        &melvae::dsp::Audio::new(24000, vec![vec![0.1; 500]]).unwrap(),
+        melvae::dsp::WavFormat::Pcm16,
+    )
+    .unwrap();
+    assert_one_line_error(
+        &run(
+            "evaluate",
+            &["--reference", tiny.to_str().unwrap(), "--model", m],
+        ),
+        "blip.wav",
+    );
     std::fs::write(refs.join("broken.wav"), b"RIFF1234WAVEjunk").unwrap();
     assert_one_line_error(
         &run("evaluate", &["--reference", r, "--model", m]),

@@ -45,6 +45,9 @@ pub const MEL_DISTANCE_CLAMP: f64 = 1e-5;
 pub const MEL_DISTANCE_POW: f64 = 2.0;
 /// Weight of the linear-magnitude L1 in the mel distance.
 pub const MEL_DISTANCE_MAG_WEIGHT: f64 = 1.0;
+/// Clips must be longer than this many samples (half the longest STFT
+/// window of the metrics).
+pub const MIN_SAMPLES: usize = 1024;
 /// The rate wideband PESQ scores at.
 pub const PESQ_RATE: u32 = 16_000;
 
@@ -187,6 +190,14 @@ impl Metrics {
                 )
             },
         )?;
+        // The longest STFT (2048) pads each side by 1024 samples by
+        // reflection, which needs more samples than that.
+        ensure(reference.n_samples() > MIN_SAMPLES, "reference", || {
+            format!(
+                "has {} samples; the metrics need more than {MIN_SAMPLES} (their longest STFT window is 2048)",
+                reference.n_samples()
+            )
+        })?;
         let (r, e) = (self.tensor(reference)?, self.tensor(estimate)?);
         let mel_distance = self.mel.loss(&e, &r)?.to_scalar::<f32>()? as f64;
         let stft_distance = self.stft.loss(&e, &r)?.to_scalar::<f32>()? as f64;
@@ -670,39 +681,60 @@ pub fn evaluate_codec(
 ) -> Result<EvalReport> {
     let rate = codec.sample_rate();
     let metrics = Metrics::new(rate, opts.pesq, &Device::Cpu)?;
-    let dev = codec.device();
     let mut clips = Vec::new();
     for path in files {
         let path = path.as_path();
-        let audio = load_as(path, rate, codec.audio_channels())?;
-        let n = audio.n_samples();
-        let x = Tensor::from_vec(audio.channels.concat(), (1, audio.n_channels(), n), &dev)?;
-        let t0 = Instant::now();
-        let latents = codec.encode(&x)?;
-        dev.synchronize()?;
-        let t1 = Instant::now();
-        let y = codec.decode(&latents, n)?;
-        dev.synchronize()?;
-        let t2 = Instant::now();
-        let estimate = Audio::new(
-            rate,
-            y.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?,
-        )?;
-        let scores = metrics.score(&audio, &estimate)?;
-        let seconds = n as f64 / rate as f64;
-        let clip = ClipReport {
-            file: relative(path, reference_dir),
-            seconds,
-            scores,
-            encode_rtf: Some((t1 - t0).as_secs_f64() / seconds),
-            decode_rtf: Some((t2 - t1).as_secs_f64() / seconds),
-        };
+        let clip =
+            evaluate_clip(codec, &metrics, path, reference_dir).map_err(|e| naming(e, path))?;
         on_clip(&clip);
         clips.push(clip);
     }
     let mut report = EvalReport::new(reference_dir, name, rate, clips);
     report.latent_rate = Some(codec.latent_rate());
     Ok(report)
+}
+
+/// `e`, naming `path` unless it comes from reading the file (which names
+/// it already).
+fn naming(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Dsp(melvae_dsp::Error::Audio { .. } | melvae_dsp::Error::Io { .. }) => e,
+        e => Error::invalid(path.display().to_string(), e.to_string()),
+    }
+}
+
+/// One file through `codec`, scored and timed.
+fn evaluate_clip(
+    codec: &dyn Codec,
+    metrics: &Metrics,
+    path: &Path,
+    reference_dir: &Path,
+) -> Result<ClipReport> {
+    let rate = codec.sample_rate();
+    let dev = codec.device();
+    let audio = load_as(path, rate, codec.audio_channels())?;
+    let n = audio.n_samples();
+    let x = Tensor::from_vec(audio.channels.concat(), (1, audio.n_channels(), n), &dev)?;
+    let t0 = Instant::now();
+    let latents = codec.encode(&x)?;
+    dev.synchronize()?;
+    let t1 = Instant::now();
+    let y = codec.decode(&latents, n)?;
+    dev.synchronize()?;
+    let t2 = Instant::now();
+    let estimate = Audio::new(
+        rate,
+        y.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?,
+    )?;
+    let scores = metrics.score(&audio, &estimate)?;
+    let seconds = n as f64 / rate as f64;
+    Ok(ClipReport {
+        file: relative(path, reference_dir),
+        seconds,
+        scores,
+        encode_rtf: Some((t1 - t0).as_secs_f64() / seconds),
+        decode_rtf: Some((t2 - t1).as_secs_f64() / seconds),
+    })
 }
 
 /// Scores the files of `estimate_dir` against those of `reference_dir`,
@@ -785,7 +817,9 @@ pub fn evaluate_folders(
         };
         let reference = cut(reference)?;
         estimate = cut(estimate)?;
-        let scores = m.score(&reference, &estimate)?;
+        let scores = m
+            .score(&reference, &estimate)
+            .map_err(|err| naming(err, &e))?;
         let clip = ClipReport {
             file: relative(&r, reference_dir),
             seconds: n as f64 / rate as f64,

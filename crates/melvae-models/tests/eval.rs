@@ -107,6 +107,9 @@ fn score_names_what_differs() {
     let c = Audio::new(24_000, vec![vec![0.1; 1600]]).unwrap();
     let e = m.score(&a, &c).unwrap_err().to_string();
     assert!(e.contains("24000 Hz"), "{e}");
+    let short = Audio::new(16_000, vec![vec![0.1; 1000]]).unwrap();
+    let e = m.score(&short, &short).unwrap_err().to_string();
+    assert!(e.contains("1000 samples") && e.contains("1024"), "{e}");
 }
 
 #[test]
