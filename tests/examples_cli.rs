@@ -813,3 +813,46 @@ fn evaluate_reproduces_the_parity_fixtures_and_scores_a_model() {
         "broken.wav",
     );
 }
+
+#[test]
+fn convert_writes_a_vocos_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/melvae-models/tests/fixtures/vocos");
+    let out = dir.path().join("vocos.safetensors");
+    let o = run(
+        "convert",
+        &[
+            fixtures.join("vocos-24k").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("24000 Hz, 100 mels"));
+    let info = melvae::models::model_file::read_info(&out).unwrap();
+    assert_eq!(info.family, "vocos");
+    melvae::models::Vocos::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    // Explicit files, and the culprit named when something is missing.
+    let f22 = fixtures.join("vocos-22k");
+    let o = run(
+        "convert",
+        &[
+            "--config",
+            f22.join("config.yaml").to_str().unwrap(),
+            "--weights",
+            f22.join("model.safetensors").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("AdaLayerNorm over 4"));
+    assert_one_line_error(
+        &run(
+            "convert",
+            &[dir.path().to_str().unwrap(), "-o", out.to_str().unwrap()],
+        ),
+        "config.yaml",
+    );
+}

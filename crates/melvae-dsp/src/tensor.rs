@@ -192,12 +192,192 @@ impl TensorMel {
     }
 }
 
+/// A differentiable inverse STFT for a fixed [`StftConfig`] on one device:
+/// the inverse real DFT of each frame (as `irfft`: the imaginary parts of
+/// the DC and Nyquist bins are ignored), the synthesis window, overlap-add,
+/// division by the summed squared window, and the configured padding
+/// trimmed from both ends (`torch.istft` for `Padding::Center`; Vocos'
+/// "same" ISTFT for `Padding::Both`).
+#[derive(Debug, Clone)]
+pub struct TensorIstft {
+    cfg: StftConfig,
+    /// `[2 * n_bins, n_fft]`: windowed inverse-DFT rows for the real parts,
+    /// then for the imaginary parts.
+    basis: Tensor,
+}
+
+impl TensorIstft {
+    /// Builds the inverse DFT basis on `device` (f32; cast on use).
+    pub fn new(cfg: StftConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let n = cfg.n_fft;
+        let bins = cfg.n_bins();
+        let window = cfg.padded_window();
+        let mut basis = vec![0.0f32; 2 * bins * n];
+        for k in 0..bins {
+            // irfft: bins other than DC and Nyquist stand for two.
+            let edge = k == 0 || (n % 2 == 0 && k == n / 2);
+            let c = if edge { 1.0 } else { 2.0 } / n as f64;
+            for (t, &w) in window.iter().enumerate() {
+                let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
+                basis[k * n + t] = (c * w as f64 * phase.cos()) as f32;
+                if !edge {
+                    basis[(bins + k) * n + t] = (-c * w as f64 * phase.sin()) as f32;
+                }
+            }
+        }
+        Ok(Self {
+            cfg,
+            basis: Tensor::from_vec(basis, (2 * bins, n), device)?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StftConfig {
+        &self.cfg
+    }
+
+    /// Samples for `frames` frames: `(frames - 1) * hop + n_fft` less the
+    /// padding on both sides.
+    pub fn n_samples(&self, frames: usize) -> usize {
+        let full = frames.saturating_sub(1) * self.cfg.hop_length + self.cfg.n_fft;
+        full.saturating_sub(2 * self.cfg.padding.amount(self.cfg.n_fft))
+    }
+
+    /// The signal `[batch, samples]` whose STFT has real and imaginary
+    /// parts `re`, `im` (each `[batch, n_bins, frames]`); samples as
+    /// [`TensorIstft::n_samples`].
+    pub fn forward(&self, re: &Tensor, im: &Tensor) -> Result<Tensor> {
+        let bins = self.cfg.n_bins();
+        let (batch, b, frames) = re.dims3().map_err(|_| {
+            Error::shape(
+                "istft input",
+                "[batch, n_bins, frames]",
+                format!("{:?}", re.dims()),
+            )
+        })?;
+        if b != bins || im.dims() != re.dims() || frames == 0 {
+            return Err(Error::shape(
+                "istft input",
+                format!("re and im both [batch, {bins}, frames >= 1]"),
+                format!("{:?} and {:?}", re.dims(), im.dims()),
+            ));
+        }
+        let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
+        // [B, T, 2F] x [2F, N] -> windowed frames [B, T, N].
+        let spec = Tensor::cat(&[re, im], 1)?.transpose(1, 2)?.contiguous()?;
+        let frames_t = spec.broadcast_matmul(&self.basis.to_dtype(re.dtype())?)?;
+        // Overlap-add as r = ceil(N / hop) shifted sums of hop-long segments.
+        let r = n.div_ceil(hop);
+        let padded = frames_t.pad_with_zeros(2, 0, r * hop - n)?;
+        let total = (frames + r - 1) * hop;
+        let mut out: Option<Tensor> = None;
+        for j in 0..r {
+            let seg = padded
+                .narrow(2, j * hop, hop)?
+                .contiguous()?
+                .reshape((batch, frames * hop))?
+                .pad_with_zeros(1, j * hop, (r - 1 - j) * hop)?;
+            out = Some(match out {
+                Some(o) => (o + seg)?,
+                None => seg,
+            });
+        }
+        let out = out.expect("r >= 1");
+        // The summed squared window, on the host (a constant).
+        let window = self.cfg.padded_window();
+        let mut env = vec![0f32; total];
+        for t in 0..frames {
+            for (i, w) in window.iter().enumerate() {
+                env[t * hop + i] += w * w;
+            }
+        }
+        let full = (frames - 1) * hop + n;
+        let pad = self.cfg.padding.amount(n);
+        let len = self.n_samples(frames);
+        let inv: Vec<f32> = env[pad..pad + len]
+            .iter()
+            .map(|&e| if e > 1e-11 { 1.0 / e } else { 0.0 })
+            .collect();
+        debug_assert!(pad + len <= full);
+        let inv = Tensor::from_vec(inv, (1, len), re.device())?.to_dtype(re.dtype())?;
+        Ok(out.narrow(1, pad, len)?.broadcast_mul(&inv)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::stft::Padding;
     use crate::{MelExtractor, Stft};
     use candle_core::Var;
+
+    #[test]
+    fn istft_inverts_the_stft_and_matches_the_host_istft() {
+        let dev = Device::Cpu;
+        let x: Vec<f32> = signal(3000, 3);
+        for padding in [
+            Padding::Center(PadMode::Reflect),
+            Padding::Both(192, PadMode::Reflect),
+        ] {
+            let cfg = StftConfig {
+                n_fft: 512,
+                hop_length: 128,
+                win_length: 512,
+                padding,
+                ..StftConfig::new(512)
+            };
+            let stft = TensorStft::new(cfg, &dev).unwrap();
+            let istft = TensorIstft::new(cfg, &dev).unwrap();
+            let xt = Tensor::from_vec(x.clone(), (1, 3000), &dev).unwrap();
+            let (re, im) = stft.forward(&xt).unwrap();
+            let y = istft.forward(&re, &im).unwrap();
+            let frames = re.dim(2).unwrap();
+            assert_eq!(y.dim(1).unwrap(), istft.n_samples(frames));
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Away from the ends (where reflection padding was cut) the
+            // signal comes back.
+            let err = x[256..y.len() - 256]
+                .iter()
+                .zip(&y[256..y.len() - 256])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-4, "{padding:?}: {err}");
+        }
+        // Against the host ISTFT (centred), on a spectrum that is not the
+        // STFT of any signal.
+        let cfg = StftConfig::new(256);
+        let (bins, frames) = (129, 9);
+        let re: Vec<f32> = signal(bins * frames, 5);
+        let im: Vec<f32> = signal(bins * frames, 6);
+        let spec = ndarray::Array2::from_shape_fn((bins, frames), |(k, t)| {
+            realfft::num_complex::Complex32::new(re[k * frames + t], im[k * frames + t])
+        });
+        let host = Stft::new(cfg).unwrap().istft(&spec, None).unwrap();
+        let istft = TensorIstft::new(cfg, &dev).unwrap();
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (1, bins, frames), &dev).unwrap();
+        let y = istft
+            .forward(&t(re), &t(im))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(y.len(), host.len());
+        let err = y
+            .iter()
+            .zip(&host)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "{err}");
+        let e = istft
+            .forward(
+                &t(vec![0.0; bins * frames]),
+                &Tensor::zeros((1, 3, 9), DType::F32, &dev).unwrap(),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("istft input"), "{e}");
+    }
 
     fn signal(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

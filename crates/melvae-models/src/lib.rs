@@ -13,6 +13,7 @@
 //!   PESQ, real-time factors) for clips, models and folders.
 //! - [`latent`]: latent edits for exploration (scale, shift,
 //!   interpolation).
+//! - [`vocoder`]: Vocos, loading the `vocos` package's checkpoints.
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
@@ -42,6 +43,7 @@ pub mod eval;
 pub mod latent;
 pub mod mel_vae;
 pub mod model_file;
+pub mod vocoder;
 pub mod wave_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
@@ -56,6 +58,7 @@ pub use mel_vae::{
     StreamedLatents,
 };
 pub use model_file::{Family, ModelFileInfo};
+pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,
     WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae,

@@ -1,0 +1,611 @@
+//! Vocos (Siuzdak, 2023): a mel-to-waveform vocoder that predicts STFT
+//! magnitudes and phases frame by frame and inverts them with an ISTFT.
+//!
+//! Parameter names are the `vocos` package's `state_dict` names, so its
+//! published checkpoints load ([`Vocos::from_pretrained`] reads the
+//! package's `config.yaml` and `pytorch_model.bin` or a safetensors file):
+//!
+//! - `backbone.embed` (Conv1d, kernel 7, "same") from mels to `dim`;
+//! - `backbone.norm`: LayerNorm (eps 1e-6), or AdaLayerNorm
+//!   (`scale.weight`, `shift.weight`, `[num_embeddings, dim]`, a row chosen
+//!   by a condition id) when `adanorm_num_embeddings` is set;
+//! - `backbone.convnext.{i}`: depthwise conv (`dwconv`, kernel 7), norm,
+//!   `pwconv1` (Linear to `intermediate_dim`), exact GELU, `pwconv2`, layer
+//!   scale `gamma`, residual;
+//! - `backbone.final_layer_norm`;
+//! - `head.out`: Linear to `n_fft + 2`: log-magnitudes (`exp`, clipped at
+//!   100) and phases of `n_fft / 2 + 1` bins, `S = mag (cos p + i sin p)`,
+//!   inverted by [`melvae_dsp::TensorIstft`] (Hann, centred or "same"
+//!   padding as the config says).
+//!
+//! Layouts: mel `[batch, n_mels, frames]` (natural-log magnitudes, the
+//! features [`VocosConfig::mel_config`] describes), audio `[batch,
+//! samples]` with `samples = (frames - 1) * hop` ("center") or
+//! `frames * hop` ("same"). The package's buffers (`head.istft.window`, the
+//! feature extractor's window and filterbank) are recomputed, not loaded.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+use melvae_dsp::{MelConfig, PadMode, Padding, StftConfig, TensorIstft, WindowKind};
+use melvae_layers::{Conv1d, Conv1dConfig, ConvPadding, LayerNorm};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::model_file::Family;
+use crate::{Error, Result};
+
+/// How frames are aligned with samples (the package's `padding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocosPadding {
+    /// Frame `t` centred on sample `t * hop` (reflect padding of `n_fft /
+    /// 2`); `frames = samples / hop + 1`.
+    Center,
+    /// Reflect padding of `(n_fft - hop) / 2` without centring; `frames =
+    /// samples / hop`.
+    Same,
+}
+
+/// The mel features a Vocos was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocosFeatures {
+    /// The `vocos` package's `MelSpectrogramFeatures`: magnitude mels, HTK
+    /// scale, no normalisation, 0 to `sample_rate / 2`, `ln(max(x, 1e-7))`
+    /// (melvae's `vocos-24k` preset at 24 kHz / 100 mels).
+    Vocos,
+    /// melvae's `hifigan-22k` preset (HiFi-GAN's mel: Slaney, 0 to 8 kHz,
+    /// `ln(max(x, 1e-5))`).
+    Hifigan22k,
+}
+
+/// A Vocos generator (section `vocos:`; a model file's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocosConfig {
+    /// Samples per second.
+    pub sample_rate: u32,
+    /// FFT size of the features and of the ISTFT head.
+    pub n_fft: usize,
+    /// Hop of the features and of the ISTFT head.
+    pub hop_length: usize,
+    /// Mel bands of the input.
+    pub n_mels: usize,
+    /// Frame alignment.
+    pub padding: VocosPadding,
+    /// Which mel features the input is.
+    pub features: VocosFeatures,
+    /// Backbone width.
+    pub dim: usize,
+    /// ConvNeXt hidden width.
+    pub intermediate_dim: usize,
+    /// ConvNeXt blocks.
+    pub num_layers: usize,
+    /// Initial layer scale `gamma` (the package's default `1 /
+    /// num_layers` when absent); 0 means no layer scale.
+    #[serde(default)]
+    pub layer_scale_init_value: Option<f64>,
+    /// AdaLayerNorm with this many condition embeddings (none: LayerNorm).
+    #[serde(default)]
+    pub adanorm_num_embeddings: Option<usize>,
+}
+
+impl VocosConfig {
+    /// The published `charactr/vocos-mel-24khz` configuration.
+    pub fn mel_24khz() -> Self {
+        Self {
+            sample_rate: 24000,
+            n_fft: 1024,
+            hop_length: 256,
+            n_mels: 100,
+            padding: VocosPadding::Center,
+            features: VocosFeatures::Vocos,
+            dim: 512,
+            intermediate_dim: 1536,
+            num_layers: 8,
+            layer_scale_init_value: None,
+            adanorm_num_embeddings: None,
+        }
+    }
+
+    /// Checks the values; errors name `vocos.<field>`.
+    pub fn validate(&self) -> Result<()> {
+        for (v, f) in [
+            (self.sample_rate as usize, "vocos.sample_rate"),
+            (self.n_fft, "vocos.n_fft"),
+            (self.hop_length, "vocos.hop_length"),
+            (self.n_mels, "vocos.n_mels"),
+            (self.dim, "vocos.dim"),
+            (self.intermediate_dim, "vocos.intermediate_dim"),
+        ] {
+            ensure(v > 0, f, || "must be > 0".into())?;
+        }
+        ensure(self.hop_length <= self.n_fft, "vocos.hop_length", || {
+            format!("{} exceeds n_fft {}", self.hop_length, self.n_fft)
+        })?;
+        if self.padding == VocosPadding::Same {
+            ensure(
+                (self.n_fft - self.hop_length) % 2 == 0,
+                "vocos.padding",
+                || "\"same\" needs n_fft - hop_length even".into(),
+            )?;
+        }
+        if let Some(n) = self.adanorm_num_embeddings {
+            ensure(n > 0, "vocos.adanorm_num_embeddings", || {
+                "must be > 0".into()
+            })?;
+        }
+        if let Some(v) = self.layer_scale_init_value {
+            ensure(
+                v.is_finite() && v >= 0.0,
+                "vocos.layer_scale_init_value",
+                || format!("must be >= 0, got {v}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn stft_padding(&self) -> Padding {
+        match self.padding {
+            VocosPadding::Center => Padding::Center(PadMode::Reflect),
+            VocosPadding::Same => {
+                Padding::Both((self.n_fft - self.hop_length) / 2, PadMode::Reflect)
+            }
+        }
+    }
+
+    /// The STFT of the features and of the head.
+    pub fn stft_config(&self) -> StftConfig {
+        StftConfig {
+            n_fft: self.n_fft,
+            hop_length: self.hop_length,
+            win_length: self.n_fft,
+            window: WindowKind::Hann,
+            periodic: true,
+            padding: self.stft_padding(),
+        }
+    }
+
+    /// The mel features the vocoder expects (melvae-dsp's extractor makes
+    /// them from audio).
+    pub fn mel_config(&self) -> MelConfig {
+        match self.features {
+            // The package's features are melvae's vocos-24k preset at
+            // this model's rate, sizes and padding.
+            VocosFeatures::Vocos => MelConfig {
+                sample_rate: self.sample_rate,
+                stft: self.stft_config(),
+                n_mels: self.n_mels,
+                ..MelConfig::vocos_24k()
+            },
+            VocosFeatures::Hifigan22k => MelConfig {
+                sample_rate: self.sample_rate,
+                stft: self.stft_config(),
+                n_mels: self.n_mels,
+                ..MelConfig::hifigan_22k()
+            },
+        }
+    }
+
+    /// Parses the `vocos` package's `config.yaml` (`feature_extractor`,
+    /// `backbone`, `head`, each `class_path` and `init_args`); `origin`
+    /// names the file in errors. Only `MelSpectrogramFeatures` with
+    /// `VocosBackbone` and `ISTFTHead` is a mel vocoder.
+    pub fn from_vocos_yaml(text: &str, origin: &Path) -> Result<Self> {
+        let err = |reason: String| Error::ModelFile {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| err(format!("is not YAML: {e}")))?;
+        let section = |name: &str, class: &str| -> Result<serde_yaml::Value> {
+            let s = doc
+                .get(name)
+                .ok_or_else(|| err(format!("has no `{name}` section")))?;
+            let path = s.get("class_path").and_then(|v| v.as_str()).unwrap_or("");
+            if !path.ends_with(class) {
+                return Err(err(format!(
+                    "`{name}.class_path` is `{path}`; melvae reads `{class}` (a mel vocoder)"
+                )));
+            }
+            Ok(s.get("init_args")
+                .cloned()
+                .unwrap_or(serde_yaml::Value::Null))
+        };
+        let (fe, bb, head) = (
+            section("feature_extractor", "MelSpectrogramFeatures")?,
+            section("backbone", "VocosBackbone")?,
+            section("head", "ISTFTHead")?,
+        );
+        let int =
+            |s: &serde_yaml::Value, sec: &str, key: &str, default: Option<u64>| match s.get(key) {
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    err(format!(
+                        "`{sec}.init_args.{key}` must be a whole number, got {v:?}"
+                    ))
+                }),
+                None => default.ok_or_else(|| err(format!("has no `{sec}.init_args.{key}`"))),
+            };
+        let padding_of = |s: &serde_yaml::Value, sec: &str| -> Result<VocosPadding> {
+            match s
+                .get("padding")
+                .and_then(|v| v.as_str())
+                .unwrap_or("center")
+            {
+                "center" => Ok(VocosPadding::Center),
+                "same" => Ok(VocosPadding::Same),
+                p => Err(err(format!(
+                    "`{sec}.init_args.padding` is `{p}`; expected center or same"
+                ))),
+            }
+        };
+        let cfg = Self {
+            sample_rate: int(&fe, "feature_extractor", "sample_rate", Some(24000))? as u32,
+            n_fft: int(&fe, "feature_extractor", "n_fft", Some(1024))? as usize,
+            hop_length: int(&fe, "feature_extractor", "hop_length", Some(256))? as usize,
+            n_mels: int(&fe, "feature_extractor", "n_mels", Some(100))? as usize,
+            padding: padding_of(&fe, "feature_extractor")?,
+            features: VocosFeatures::Vocos,
+            dim: int(&bb, "backbone", "dim", None)? as usize,
+            intermediate_dim: int(&bb, "backbone", "intermediate_dim", None)? as usize,
+            num_layers: int(&bb, "backbone", "num_layers", None)? as usize,
+            layer_scale_init_value: bb.get("layer_scale_init_value").and_then(|v| v.as_f64()),
+            adanorm_num_embeddings: match bb.get("adanorm_num_embeddings") {
+                Some(v) if !v.is_null() => {
+                    Some(int(&bb, "backbone", "adanorm_num_embeddings", None)? as usize)
+                }
+                _ => None,
+            },
+        };
+        let checks = [
+            (
+                "backbone.init_args.input_channels",
+                int(&bb, "backbone", "input_channels", None)?,
+                cfg.n_mels as u64,
+            ),
+            (
+                "head.init_args.dim",
+                int(&head, "head", "dim", None)?,
+                cfg.dim as u64,
+            ),
+            (
+                "head.init_args.n_fft",
+                int(&head, "head", "n_fft", None)?,
+                cfg.n_fft as u64,
+            ),
+            (
+                "head.init_args.hop_length",
+                int(&head, "head", "hop_length", None)?,
+                cfg.hop_length as u64,
+            ),
+        ];
+        for (key, got, want) in checks {
+            if got != want {
+                return Err(err(format!(
+                    "`{key}` is {got}, but the features give {want}"
+                )));
+            }
+        }
+        if padding_of(&head, "head")? != cfg.padding {
+            return Err(err(
+                "`head.init_args.padding` differs from `feature_extractor.init_args.padding`"
+                    .into(),
+            ));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// LayerNorm, or AdaLayerNorm (a row of `scale` and `shift` per condition).
+#[derive(Debug, Clone)]
+enum Norm {
+    Plain(LayerNorm),
+    Ada {
+        scale: Tensor,
+        shift: Tensor,
+        norm: LayerNorm,
+    },
+}
+
+const EPS: f64 = 1e-6;
+
+impl Norm {
+    fn new(cfg: &VocosConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg.adanorm_num_embeddings {
+            None => Self::Plain(LayerNorm::new(cfg.dim, EPS, true, vb)?),
+            Some(n) => Self::Ada {
+                scale: vb.pp("scale").get_with_hints(
+                    (n, cfg.dim),
+                    "weight",
+                    candle_nn::Init::Const(1.0),
+                )?,
+                shift: vb.pp("shift").get_with_hints(
+                    (n, cfg.dim),
+                    "weight",
+                    candle_nn::Init::Const(0.0),
+                )?,
+                norm: LayerNorm::new(cfg.dim, EPS, false, vb)?,
+            },
+        })
+    }
+
+    /// `x`: `[batch, frames, dim]`.
+    fn forward(&self, x: &Tensor, cond: Option<usize>) -> Result<Tensor> {
+        Ok(match self {
+            Self::Plain(n) => n.forward(x)?,
+            Self::Ada { scale, shift, norm } => {
+                let id = cond.expect("checked by Vocos::backbone");
+                let y = norm.forward(x)?;
+                y.broadcast_mul(&scale.get(id)?)?
+                    .broadcast_add(&shift.get(id)?)?
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ConvNeXtBlock {
+    dwconv: Conv1d,
+    norm: Norm,
+    pwconv1: Linear,
+    pwconv2: Linear,
+    gamma: Option<Tensor>,
+}
+
+impl ConvNeXtBlock {
+    fn new(cfg: &VocosConfig, vb: VarBuilder) -> Result<Self> {
+        let dw = Conv1dConfig {
+            groups: cfg.dim,
+            padding: ConvPadding::Same,
+            ..Conv1dConfig::causal(cfg.dim, cfg.dim, 7)
+        };
+        let scale = cfg
+            .layer_scale_init_value
+            .unwrap_or(1.0 / cfg.num_layers.max(1) as f64);
+        Ok(Self {
+            dwconv: Conv1d::new(dw, vb.pp("dwconv"))?,
+            norm: Norm::new(cfg, vb.pp("norm"))?,
+            pwconv1: candle_nn::linear(cfg.dim, cfg.intermediate_dim, vb.pp("pwconv1"))?,
+            pwconv2: candle_nn::linear(cfg.intermediate_dim, cfg.dim, vb.pp("pwconv2"))?,
+            gamma: if scale > 0.0 {
+                Some(vb.get_with_hints(cfg.dim, "gamma", candle_nn::Init::Const(scale))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `x`: `[batch, dim, frames]`.
+    fn forward(&self, x: &Tensor, cond: Option<usize>) -> Result<Tensor> {
+        let h = self.dwconv.forward(x)?.transpose(1, 2)?;
+        let h = self.norm.forward(&h, cond)?;
+        let h = self
+            .pwconv2
+            .forward(&self.pwconv1.forward(&h)?.gelu_erf()?)?;
+        let h = match &self.gamma {
+            Some(g) => h.broadcast_mul(g)?,
+            None => h,
+        };
+        Ok((x + h.transpose(1, 2)?)?)
+    }
+}
+
+/// The Vocos generator; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Vocos {
+    cfg: VocosConfig,
+    embed: Conv1d,
+    norm: Norm,
+    blocks: Vec<ConvNeXtBlock>,
+    final_norm: LayerNorm,
+    out: Linear,
+    istft: TensorIstft,
+}
+
+impl Vocos {
+    /// Builds the generator, every parameter from `vb` (names as the
+    /// package's `state_dict`).
+    pub fn new(cfg: VocosConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let bb = vb.pp("backbone");
+        let embed = Conv1d::new(
+            Conv1dConfig {
+                padding: ConvPadding::Same,
+                ..Conv1dConfig::causal(cfg.n_mels, cfg.dim, 7)
+            },
+            bb.pp("embed"),
+        )?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| ConvNeXtBlock::new(&cfg, bb.pp("convnext").pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed,
+            norm: Norm::new(&cfg, bb.pp("norm"))?,
+            blocks,
+            final_norm: LayerNorm::new(cfg.dim, EPS, true, bb.pp("final_layer_norm"))?,
+            out: candle_nn::linear(cfg.dim, cfg.n_fft + 2, vb.pp("head").pp("out"))?,
+            istft: TensorIstft::new(cfg.stft_config(), vb.device())?,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VocosConfig {
+        &self.cfg
+    }
+
+    /// Loads a melvae model file of a Vocos (see [`crate::model_file`]).
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(crate::model_file::load::<Self>(path, device, dtype)?.0)
+    }
+
+    /// Loads a checkpoint of the `vocos` package: its `config.yaml` and its
+    /// weights (`pytorch_model.bin`, a PyTorch pickle of the `state_dict`,
+    /// or a safetensors file with the same names). Missing or mis-shaped
+    /// parameters are errors naming them; the package's buffers are
+    /// ignored.
+    pub fn from_pretrained(
+        config_yaml: &Path,
+        weights: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let text = std::fs::read_to_string(config_yaml).map_err(|e| Error::ModelFile {
+            path: config_yaml.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let cfg = VocosConfig::from_vocos_yaml(&text, config_yaml)?;
+        let tensors = read_state_dict(weights)?;
+        crate::model_file::from_tensors::<Self>(cfg, &tensors, weights, device, dtype)
+    }
+
+    /// The backbone's features `[batch, frames, dim]` of `mel` (`[batch,
+    /// n_mels, frames]`); `cond` picks the AdaLayerNorm row (required with
+    /// `adanorm_num_embeddings`, refused without).
+    pub fn backbone(&self, mel: &Tensor, cond: Option<usize>) -> Result<Tensor> {
+        match (self.cfg.adanorm_num_embeddings, cond) {
+            (Some(n), Some(c)) => ensure(c < n, "vocos condition", || {
+                format!("id {c} is out of range: the model has {n} (0 to {})", n - 1)
+            })?,
+            (Some(n), None) => ensure(false, "vocos condition", || {
+                format!("this model has AdaLayerNorm: give a condition id below {n}")
+            })?,
+            (None, Some(_)) => ensure(false, "vocos condition", || {
+                "this model takes no condition id (no AdaLayerNorm)".into()
+            })?,
+            (None, None) => {}
+        }
+        let (_, m, _) = mel.dims3().map_err(|_| Error::Shape {
+            what: "vocos mel".into(),
+            expected: "[batch, n_mels, frames]".into(),
+            got: format!("{:?}", mel.dims()),
+        })?;
+        if m != self.cfg.n_mels {
+            return Err(Error::Shape {
+                what: "vocos mel".into(),
+                expected: format!("[batch, {}, frames]", self.cfg.n_mels),
+                got: format!("{:?}", mel.dims()),
+            });
+        }
+        let x = self.embed.forward(mel)?;
+        let mut x = self
+            .norm
+            .forward(&x.transpose(1, 2)?, cond)?
+            .transpose(1, 2)?;
+        for b in &self.blocks {
+            x = b.forward(&x, cond)?;
+        }
+        Ok(self.final_norm.forward(&x.transpose(1, 2)?)?)
+    }
+
+    /// Decodes `mel` (`[batch, n_mels, frames]`) to audio `[batch,
+    /// samples]` (see the module docs for the length).
+    pub fn decode(&self, mel: &Tensor, cond: Option<usize>) -> Result<Tensor> {
+        let h = self
+            .out
+            .forward(&self.backbone(mel, cond)?)?
+            .transpose(1, 2)?;
+        let bins = self.cfg.n_fft / 2 + 1;
+        let mag = h.narrow(1, 0, bins)?.exp()?.minimum(100.0)?;
+        let phase = h.narrow(1, bins, bins)?;
+        let re = (&mag * phase.cos()?)?;
+        let im = (&mag * phase.sin()?)?;
+        Ok(self.istft.forward(&re, &im)?)
+    }
+}
+
+impl Family for Vocos {
+    const NAME: &'static str = "vocos";
+    type Config = VocosConfig;
+
+    fn build(cfg: VocosConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
+    }
+}
+
+/// The named tensors of a `state_dict` file: safetensors, or a PyTorch
+/// pickle (`torch.save(state_dict)`, as `pytorch_model.bin`).
+pub fn read_state_dict(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    let err = |reason: String| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if safetensors::SafeTensors::read_metadata(&bytes).is_ok() {
+        return candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| err(format!("unreadable safetensors: {e}")));
+    }
+    let tensors = candle_core::pickle::read_all(path)
+        .map_err(|e| err(format!("neither safetensors nor a PyTorch state_dict: {e}")))?;
+    Ok(tensors.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use candle_nn::VarMap;
+    use melvae_layers::testing::{check_module, noise};
+
+    fn tiny(padding: VocosPadding, adanorm: Option<usize>) -> VocosConfig {
+        VocosConfig {
+            sample_rate: 8000,
+            n_fft: 16,
+            hop_length: 4,
+            n_mels: 3,
+            padding,
+            features: VocosFeatures::Vocos,
+            dim: 4,
+            intermediate_dim: 6,
+            num_layers: 1,
+            layer_scale_init_value: None,
+            adanorm_num_embeddings: adanorm,
+        }
+    }
+
+    /// f64 finite differences through the whole generator, the ISTFT head
+    /// included (the magnitude clip is far above these small outputs).
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
+            let vm = VarMap::new();
+            let v = Vocos::new(
+                tiny(padding, ada),
+                VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+            )
+            .unwrap();
+            let mel = Var::from_tensor(&noise(&[1, 3, 5], 3).unwrap()).unwrap();
+            let cond = ada.map(|_| 1);
+            check_module(&vm, 0.3, 5, &[("mel", &mel)], || {
+                v.decode(mel.as_tensor(), cond)
+                    .map_err(|e| melvae_layers::Error::Invalid {
+                        what: "vocos".into(),
+                        reason: e.to_string(),
+                    })
+            })
+            .unwrap_or_else(|e| panic!("{padding:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn lengths_follow_the_padding() {
+        for (padding, samples) in [(VocosPadding::Center, 4 * 4), (VocosPadding::Same, 5 * 4)] {
+            let vm = VarMap::new();
+            let v = Vocos::new(
+                tiny(padding, None),
+                VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            let mel = Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(v.decode(&mel, None).unwrap().dims(), &[2, samples]);
+        }
+        let e = tiny(VocosPadding::Same, Some(0))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vocos.adanorm_num_embeddings"), "{e}");
+    }
+}
