@@ -14,9 +14,10 @@
 //! factors of encoding and decoding (compute seconds per audio second).
 //! The model's family comes from the file: the waveform VAE reconstructs at
 //! its own rate and channel count; the mel VAE samples its latents back to
-//! mels (`--steps`, `--temperature`, `--guidance`) and to audio with
-//! Griffin-Lim. `--held-out CONFIG` evaluates the files a training config
-//! holds out for validation (its `data.dir` and `data.val_fraction`).
+//! mels (`--steps`, `--temperature`, `--guidance`) and to audio with the
+//! Vocos model file given by `--vocoder`, or Griffin-Lim. `--held-out
+//! CONFIG` evaluates the files a training config holds out for validation
+//! (its `data.dir` and `data.val_fraction`).
 //! `--baselines` also scores, on the same clips and at the model's rate,
 //! the same architecture untrained (seeded random weights), the
 //! clip-average spectrum with Griffin-Lim phases, and the audio resampled
@@ -34,7 +35,7 @@ use candle_core::Device;
 use clap::Parser;
 use melvae::models::eval::{
     audio_files, evaluate_codec, evaluate_folders, ClipMeanSpectrum, ClipReport, Codec,
-    EvalOptions, EvalReport, MelVaeGriffinLim, Resampled,
+    EvalOptions, EvalReport, MelVaeCodec, Resampled,
 };
 use melvae::models::{MelVae, SampleOptions, WaveVae};
 
@@ -71,6 +72,10 @@ struct Args {
     /// Skip PESQ (it is meant for speech, and the slowest metric).
     #[arg(long)]
     no_pesq: bool,
+    /// Mel VAE: a Vocos model file (from `convert` or training) to turn
+    /// its mels into audio instead of Griffin-Lim.
+    #[arg(long)]
+    vocoder: Option<PathBuf>,
     /// Mel VAE: sampling steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -117,6 +122,11 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
     };
     let mut out: Vec<(String, Box<dyn Codec>)> = Vec::new();
     if melvae::train::tasks::family_at(path)? == "wave_vae" {
+        anyhow::ensure!(
+            args.vocoder.is_none(),
+            "--vocoder is for mel models; {} is a waveform VAE",
+            path.display()
+        );
         let vae = common::load_wave_vae(path)?;
         if args.baselines {
             let vm = candle_nn::VarMap::new();
@@ -133,11 +143,12 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
             guidance_scale: args.guidance,
             ..Default::default()
         };
+        let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
         let gl = |model: MelVae| -> Box<dyn Codec> {
-            Box::new(MelVaeGriffinLim {
+            Box::new(MelVaeCodec {
                 model,
                 sampling,
-                griffin_lim: Default::default(),
+                vocoder: vocoder.clone(),
                 device: Device::Cpu,
             })
         };

@@ -12,7 +12,8 @@
 //! The waveform VAE decodes audio directly at its own rate and channel
 //! count (mono or stereo) from the posterior mean; the mel VAE samples its
 //! latents back to a log-mel (`--steps`, `--guidance`, `--temperature`) and
-//! is vocoded with Griffin-Lim. `-o` gets the plain reconstruction.
+//! is vocoded with the Vocos model file given by `--vocoder` (from
+//! `convert`), or with Griffin-Lim. `-o` gets the plain reconstruction.
 //!
 //! Latent exploration (the posterior means are edited before decoding):
 //! `--scale S` and `--shift V` compute `z * S + V` on the latent channels
@@ -35,7 +36,7 @@ use melvae::dsp::{
     load_audio_with, save_wav, write_npy, Audio, ChannelMode, LoadOptions, MelConfig, MelExtractor,
     SpectrogramImage, WavFormat,
 };
-use melvae::models::eval::{Codec, MelVaeGriffinLim};
+use melvae::models::eval::{Codec, MelVaeCodec};
 use melvae::models::latent::{interpolate, LatentEdit};
 use melvae::models::SampleOptions;
 
@@ -52,6 +53,10 @@ struct Args {
     /// Output WAV (the plain reconstruction).
     #[arg(short, long)]
     output: PathBuf,
+    /// Mel VAE: a Vocos model file (from `convert` or training) to turn
+    /// its mels into audio instead of Griffin-Lim.
+    #[arg(long)]
+    vocoder: Option<PathBuf>,
     /// Mel VAE: sampling steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -140,9 +145,15 @@ fn sibling(output: &Path, suffix: &str) -> PathBuf {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let codec: Box<dyn Codec> = if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
+        anyhow::ensure!(
+            args.vocoder.is_none(),
+            "--vocoder is for mel models; {} is a waveform VAE",
+            args.model.display()
+        );
         Box::new(common::load_wave_vae(&args.model)?)
     } else {
-        Box::new(MelVaeGriffinLim {
+        let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
+        Box::new(MelVaeCodec {
             model: common::load_mel_vae(&args.model)?,
             sampling: SampleOptions {
                 num_steps: args.steps,
@@ -150,7 +161,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 temperature: args.temperature,
                 ..Default::default()
             },
-            griffin_lim: Default::default(),
+            vocoder,
             device: Device::Cpu,
         })
     };

@@ -492,7 +492,7 @@ fn stream_bench_rejects_bad_arguments() {
 /// A small stereo 24 kHz waveform VAE model file with seeded random
 /// weights, written into `dir`.
 fn tiny_stereo_wave_vae(dir: &Path) -> PathBuf {
-    use melvae::models::{model_file, WaveBottleneck, WaveVae, WaveVaeConfig};
+    use melvae::models::{WaveBottleneck, WaveVae, WaveVaeConfig};
     let cfg = WaveVaeConfig {
         audio_channels: 2,
         channels: 4,
@@ -503,8 +503,13 @@ fn tiny_stereo_wave_vae(dir: &Path) -> PathBuf {
         latent_dim: 4,
         ..Default::default()
     };
+    seeded_model_file::<WaveVae>(dir.join("wave.safetensors"), cfg)
+}
+
+/// A model file of family `F` with `cfg` and seeded random weights at `path`.
+fn seeded_model_file<F: melvae::models::Family>(path: PathBuf, cfg: F::Config) -> PathBuf {
     let vm = candle_nn::VarMap::new();
-    WaveVae::new(
+    F::build(
         cfg.clone(),
         melvae::layers::seeded_var_builder(
             &vm,
@@ -515,9 +520,9 @@ fn tiny_stereo_wave_vae(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let tensors = melvae::layers::named_tensors(&vm);
-    let model = dir.join("wave.safetensors");
-    model_file::save::<WaveVae>(&model, &cfg, &tensors, &Default::default(), &model).unwrap();
-    model
+    melvae::models::model_file::save::<F>(&path, &cfg, &tensors, &Default::default(), &path)
+        .unwrap();
+    path
 }
 
 #[test]
@@ -854,5 +859,130 @@ fn convert_writes_a_vocos_model_file() {
             &[dir.path().to_str().unwrap(), "-o", out.to_str().unwrap()],
         ),
         "config.yaml",
+    );
+}
+
+#[test]
+fn mel_models_take_a_vocoder() {
+    use melvae::models::{CfmConfig, ConvformerConfig, MelVae, MelVaeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny mel VAE with seeded random weights.
+    let cfg = MelVaeConfig {
+        convformer: ConvformerConfig {
+            channels: 4,
+            tf_dim: 16,
+            tf_heads: 2,
+            tf_layers: 1,
+            ..Default::default()
+        },
+        cfm: CfmConfig {
+            unet_dim: 16,
+            unet_depth: 1,
+            unet_heads: 2,
+            ..Default::default()
+        },
+    };
+    let model = seeded_model_file::<MelVae>(dir.path().join("mel.safetensors"), cfg);
+    // The 24 kHz / 100-mel vocoder fixture, converted.
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/melvae-models/tests/fixtures/vocos");
+    let voc = dir.path().join("vocos.safetensors");
+    let o = run(
+        "convert",
+        &[
+            fixtures.join("vocos-24k").to_str().unwrap(),
+            "-o",
+            voc.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (m, v) = (model.to_str().unwrap(), voc.to_str().unwrap());
+    let out = dir.path().join("out.wav");
+    let o = run(
+        "reconstruct",
+        &[
+            "--model",
+            m,
+            &sample(),
+            "-o",
+            out.to_str().unwrap(),
+            "--vocoder",
+            v,
+            "--steps",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let input = melvae::dsp::load_audio_with(
+        sample(),
+        &melvae::dsp::LoadOptions {
+            sample_rate: Some(24000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let y = melvae::dsp::load_audio(&out).unwrap();
+    assert_eq!((y.sample_rate, y.n_samples()), (24000, input.n_samples()));
+    // evaluate through the vocoder, with the baselines.
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::copy(sample(), refs.join("clip.flac")).unwrap();
+    let o = run(
+        "evaluate",
+        &[
+            "--reference",
+            refs.to_str().unwrap(),
+            "--model",
+            m,
+            "--vocoder",
+            v,
+            "--steps",
+            "2",
+            "--no-pesq",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A vocoder of other features is refused, naming what differs; a
+    // vocoder for a waveform model is refused.
+    let v22 = dir.path().join("vocos22.safetensors");
+    let o = run(
+        "convert",
+        &[
+            fixtures.join("vocos-22k").to_str().unwrap(),
+            "-o",
+            v22.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_one_line_error(
+        &run(
+            "reconstruct",
+            &[
+                "--model",
+                m,
+                &sample(),
+                "-o",
+                out.to_str().unwrap(),
+                "--vocoder",
+                v22.to_str().unwrap(),
+            ],
+        ),
+        "22050 Hz / 80 mels",
+    );
+    let wave = tiny_stereo_wave_vae(dir.path());
+    assert_one_line_error(
+        &run(
+            "reconstruct",
+            &[
+                "--model",
+                wave.to_str().unwrap(),
+                &sample(),
+                "-o",
+                out.to_str().unwrap(),
+                "--vocoder",
+                v,
+            ],
+        ),
+        "--vocoder is for mel models",
     );
 }

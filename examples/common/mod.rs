@@ -238,3 +238,20 @@ pub fn median_of_3(
     runs.sort_by(f64::total_cmp);
     Ok(runs[1])
 }
+
+/// How the mel VAE's mels become audio: the Vocos model file at `path`
+/// (its features must be the mel VAE's `vocos-24k`), or Griffin-Lim.
+pub fn mel_vocoder(path: Option<&Path>) -> anyhow::Result<melvae::models::eval::MelToAudio> {
+    let vocos = match path {
+        Some(p) => Some(melvae::models::Vocos::load(
+            p,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?),
+        None => None,
+    };
+    Ok(melvae::models::eval::MelToAudio::new(
+        vocos,
+        &MelConfig::vocos_24k(),
+    )?)
+}

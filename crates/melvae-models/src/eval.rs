@@ -32,7 +32,7 @@ use melvae_losses::{MultiResolutionStftLoss, MultiScaleMelLoss, WaveformLoss};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ensure;
-use crate::{mel_to_array, Error, MelVae, Result, SampleOptions, WaveVae};
+use crate::{mel_to_array, Error, MelVae, Result, SampleOptions, Vocos, WaveVae};
 
 /// DAC's mel distance as its evaluation computes it: `(n_mels,
 /// window_length)` per scale (hop a quarter window), magnitudes floored at
@@ -294,22 +294,88 @@ impl Codec for WaveVae {
     }
 }
 
+/// How a mel becomes audio.
+#[derive(Debug, Clone)]
+pub enum MelToAudio {
+    /// Griffin-Lim phase reconstruction (always available, metallic).
+    GriffinLim(GriffinLimConfig),
+    /// A neural vocoder whose features are the mel model's.
+    Vocos(Box<Vocos>),
+}
+
+impl MelToAudio {
+    /// `vocoder` for a mel model with features `mel`, or Griffin-Lim
+    /// without one; a vocoder trained on other features is refused naming
+    /// what differs.
+    pub fn new(vocoder: Option<Vocos>, mel: &MelConfig) -> Result<Self> {
+        Ok(match vocoder {
+            None => Self::GriffinLim(GriffinLimConfig::default()),
+            Some(v) => {
+                let theirs = v.config().mel_config();
+                ensure(theirs == *mel, "vocoder", || {
+                    format!(
+                        "expects {} Hz / {} mels / hop {} ({:?} features, {:?} padding); the model makes {} Hz / {} mels / hop {}",
+                        theirs.sample_rate,
+                        theirs.n_mels,
+                        theirs.stft.hop_length,
+                        v.config().features,
+                        v.config().padding,
+                        mel.sample_rate,
+                        mel.n_mels,
+                        mel.stft.hop_length
+                    )
+                })?;
+                Self::Vocos(Box::new(v))
+            }
+        })
+    }
+
+    /// Audio `[samples]` (cut or zero-padded to `samples`) of the log-mel
+    /// `mel` (`[1, n_mels, frames]`, features `cfg`).
+    pub fn audio(&self, mel: &Tensor, cfg: &MelConfig, samples: usize) -> Result<Vec<f32>> {
+        let mut wav = match self {
+            Self::GriffinLim(gl) => mel_to_audio(
+                &MelExtractor::new(*cfg)?,
+                &mel_to_array(mel)?,
+                Some(samples),
+                MelInversion::default(),
+                gl,
+            )?,
+            Self::Vocos(v) => v
+                .decode(&mel.to_dtype(candle_core::DType::F32)?, None)?
+                .flatten_all()?
+                .to_device(&Device::Cpu)?
+                .to_vec1::<f32>()?,
+        };
+        wav.resize(samples, 0.0);
+        Ok(wav)
+    }
+
+    /// A short name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::GriffinLim(_) => "Griffin-Lim",
+            Self::Vocos(_) => "Vocos",
+        }
+    }
+}
+
 /// The mel VAE as a [`Codec`]: audio to the `vocos-24k` log-mel and its
 /// latent (posterior mean, `[1, frames / C, latent]`), latents back to a
-/// log-mel with the given sampling options and to audio with Griffin-Lim
-/// (until a neural vocoder is given). Mono, 24 kHz.
-pub struct MelVaeGriffinLim {
+/// log-mel with the given sampling options and to audio with a vocoder or
+/// Griffin-Lim. Mono, 24 kHz.
+pub struct MelVaeCodec {
     /// The model.
     pub model: MelVae,
     /// How latents are sampled back to mels.
     pub sampling: SampleOptions,
-    /// The Griffin-Lim settings.
-    pub griffin_lim: GriffinLimConfig,
+    /// How mels become audio.
+    pub vocoder: MelToAudio,
     /// The device the model runs on.
     pub device: Device,
 }
 
-impl Codec for MelVaeGriffinLim {
+impl Codec for MelVaeCodec {
     fn sample_rate(&self) -> u32 {
         MelConfig::vocos_24k().sample_rate
     }
@@ -327,18 +393,12 @@ impl Codec for MelVaeGriffinLim {
         Ok(self.model.encode(&mel)?.0)
     }
     fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
-        let extractor = MelExtractor::new(MelConfig::vocos_24k())?;
+        let cfg = MelConfig::vocos_24k();
         // The sampled mel covers the silence padding too: cut it to the clip.
-        let frames = extractor.n_frames(samples)?;
+        let frames = cfg.stft.n_frames(samples)?;
         let mel = self.model.sample(latents, &self.sampling)?;
-        let mel = mel_to_array(&mel.narrow(2, 0, frames.min(mel.dim(2)?))?.contiguous()?)?;
-        let wav = mel_to_audio(
-            &extractor,
-            &mel,
-            Some(samples),
-            MelInversion::default(),
-            &self.griffin_lim,
-        )?;
+        let mel = mel.narrow(2, 0, frames.min(mel.dim(2)?))?.contiguous()?;
+        let wav = self.vocoder.audio(&mel, &cfg, samples)?;
         Ok(Tensor::from_vec(wav, (1, 1, samples), &self.device)?)
     }
     fn device(&self) -> Device {
