@@ -16,6 +16,7 @@ use crate::{Error, Result};
 
 pub mod mel_vae;
 pub mod wave_vae;
+mod waveform;
 
 /// Top-level config sections every run may have.
 pub const COMMON_SECTIONS: &[&str] = &["training", "data"];

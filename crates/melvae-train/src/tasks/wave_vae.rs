@@ -5,13 +5,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use melvae_dsp::{
-    save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
-};
-use melvae_losses::{
-    discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching, LossBalancer,
-    NormAverage,
-};
+use melvae_dsp::SplitMix64;
+use melvae_losses::{LossBalancer, NormAverage};
 use melvae_models::{
     DiscOutput, Discriminators, DiscriminatorsConfig, WaveVae, WaveVaeConfig, WaveVaeLoss,
     WaveVaeLossConfig, WaveVaeObjective,
@@ -172,24 +167,19 @@ impl WaveVaeTask {
 
     /// A batch of `indices` of `set`, cut to a multiple of the hop.
     fn crops(&self, set: &AudioSet, indices: &[usize], rng: &mut SplitMix64) -> Result<Tensor> {
-        let x = set.batch(indices, rng, &self.device)?;
-        let t = x.dim(2)? / self.model.hop() * self.model.hop();
-        Ok(x.narrow(2, 0, t)?.to_dtype(self.dtype)?)
+        super::waveform::crops(
+            set,
+            indices,
+            rng,
+            self.model.hop(),
+            &self.device,
+            self.dtype,
+        )
     }
 
-    /// Fixed validation crops: each held-out clip from a seeded offset (or
-    /// the first training clips when nothing is held out), at most 8.
+    /// Fixed validation crops (see [`super::waveform::val_crops`]).
     fn val_audio(&self) -> Result<Tensor> {
-        let set = if self.data.val.is_empty() {
-            &self.data.train
-        } else {
-            &self.data.val
-        };
-        let n = set.len().min(8);
-        let crops: Vec<Tensor> = (0..n)
-            .map(|i| self.crops(set, &[i], &mut SplitMix64::new(i as u64)))
-            .collect::<Result<_>>()?;
-        Ok(Tensor::cat(&crops, 0)?)
+        super::waveform::val_crops(&self.data, self.model.hop(), &self.device, self.dtype)
     }
 }
 
@@ -232,14 +222,8 @@ impl WaveVaeTask {
         ];
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = cfg.adversarial;
-            let real = match real {
-                Some(r) => r,
-                None => disc.forward(&batch.audio)?,
-            };
-            let fake = disc.forward(leaf.as_tensor())?;
-            let adv = generator_loss(w.loss.into(), &fake.logits)?;
-            let fm =
-                feature_matching_loss(FeatureMatching::Absolute, &real.features, &fake.features)?;
+            let (adv, fm) =
+                super::waveform::generator_terms(disc, w, &batch.audio, leaf.as_tensor(), real)?;
             terms.insert("adv".into(), adv);
             terms.insert("fm".into(), fm);
             weights.extend([("adv", w.weight), ("fm", w.feature_matching)]);
@@ -277,10 +261,9 @@ impl TrainTask for WaveVaeTask {
             return Ok(None);
         };
         let l = self.vae_loss(batch, ctx)?;
-        let real = disc.forward(&batch.audio)?;
-        let fake = disc.forward(&l.reconstruction.detach())?;
-        let kind = self.objective.config().adversarial.loss.into();
-        let d = discriminator_loss(kind, &real.logits, &fake.logits)?;
+        let w = self.objective.config().adversarial;
+        let (d, real) =
+            super::waveform::discriminator_step(disc, w, &batch.audio, &l.reconstruction)?;
         self.pending = Some((ctx.step, batch.seed, l, real));
         Ok(Some(Losses {
             total: d.clone(),
@@ -315,14 +298,8 @@ impl TrainTask for WaveVaeTask {
         let (mut total, mut terms) = (l.total, l.terms);
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = self.objective.config().adversarial;
-            let real = match real {
-                Some(r) => r,
-                None => disc.forward(&batch.audio)?,
-            };
-            let fake = disc.forward(&l.reconstruction)?;
-            let adv = generator_loss(w.loss.into(), &fake.logits)?;
-            let fm =
-                feature_matching_loss(FeatureMatching::Absolute, &real.features, &fake.features)?;
+            let (adv, fm) =
+                super::waveform::generator_terms(disc, w, &batch.audio, &l.reconstruction, real)?;
             total = (total + (&adv * w.weight)? + (&fm * w.feature_matching)?)?;
             terms.insert("adv".into(), adv);
             terms.insert("fm".into(), fm);
@@ -365,30 +342,13 @@ impl TrainTask for WaveVaeTask {
     fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
         let audio = self.val_audio()?.narrow(0, 0, 1)?;
         let (recon, _) = self.model.reconstruct(&audio)?;
-        let rate = self.model.config().sample_rate;
-        let path = |what: &str| dir.join(format!("step{:08}_{what}", ctx.step));
-        let written = [
-            path("input.wav"),
-            path("recon.wav"),
-            path("input.png"),
-            path("recon.png"),
-        ];
-        let host = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
-            Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-        };
-        let (x, y) = (host(&audio)?, host(&recon)?);
-        save_wav(&written[0], &Audio::new(rate, x.clone())?, WavFormat::Pcm16)?;
-        save_wav(&written[1], &Audio::new(rate, y.clone())?, WavFormat::Pcm16)?;
-        // Log-mel pictures of the first channel (the vocos-24k analysis at
-        // the model's rate).
-        let ex = MelExtractor::new(MelConfig {
-            sample_rate: rate,
-            ..MelConfig::vocos_24k()
-        })?;
-        let img = SpectrogramImage::for_mel(ex.config());
-        img.save_png(&written[2], &ex.extract(&x[0])?)?;
-        img.save_png(&written[3], &ex.extract(&y[0])?)?;
-        Ok(written.to_vec())
+        super::waveform::write_pair(
+            dir,
+            ctx.step,
+            self.model.config().sample_rate,
+            &audio,
+            &recon,
+        )
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
