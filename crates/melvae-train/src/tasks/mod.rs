@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, MelVae, WaveVae};
+use melvae_models::{model_file, MelVae, Vocos, WaveVae};
 
 use crate::data::EpochCursor;
 
@@ -15,6 +15,7 @@ use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
 pub mod mel_vae;
+pub mod vocos;
 pub mod wave_vae;
 mod waveform;
 
@@ -25,8 +26,53 @@ pub const COMMON_SECTIONS: &[&str] = &["training", "data"];
 /// and configure each.
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vae", &["convformer", "cfm"]),
-    ("wave_vae", &["wave_vae", "wave_vae_loss", "discriminators"]),
+    ("wave_vae", &["wave_vae", "wave_vae_loss"]),
+    ("vocos", &["vocos", "vocos_loss"]),
 ];
+
+/// Sections several families may have, which select none: the
+/// discriminators of adversarial training (waveform VAE, vocoder).
+pub const SHARED_SECTIONS: &[&str] = &["discriminators"];
+
+/// The sections of a waveform generator's config (the waveform VAE, the
+/// vocoder): its model, its loss, and the discriminators of its
+/// adversarial phase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratorSections<M, L> {
+    /// The model section.
+    pub model: M,
+    /// The loss section (its defaults when absent).
+    pub loss: L,
+    /// `discriminators:` (none when absent: no adversarial phase).
+    pub discriminators: Option<melvae_models::DiscriminatorsConfig>,
+}
+
+/// The sections `model` and `loss` (optional) and `discriminators:`
+/// (optional) of `cfg`, validated with errors naming file and key.
+fn generator_sections<M, L>(
+    cfg: &ResolvedConfig,
+    model: &str,
+    loss: &str,
+) -> Result<GeneratorSections<M, L>>
+where
+    M: serde::de::DeserializeOwned + crate::Validate,
+    L: serde::de::DeserializeOwned + crate::Validate + Default,
+{
+    let optional = |name: &str| cfg.value.get(name).is_some();
+    Ok(GeneratorSections {
+        model: cfg.get(model)?,
+        loss: if optional(loss) {
+            cfg.get(loss)?
+        } else {
+            L::default()
+        },
+        discriminators: if optional("discriminators") {
+            Some(cfg.get("discriminators")?)
+        } else {
+            None
+        },
+    })
+}
 
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
@@ -60,11 +106,14 @@ pub fn family_of(cfg: &ResolvedConfig) -> Result<&'static str> {
         })
         .unwrap_or_default();
     let known = |s: &str| {
-        COMMON_SECTIONS.contains(&s) || FAMILIES.iter().any(|(_, secs)| secs.contains(&s))
+        COMMON_SECTIONS.contains(&s)
+            || SHARED_SECTIONS.contains(&s)
+            || FAMILIES.iter().any(|(_, secs)| secs.contains(&s))
     };
     if let Some(bad) = sections.iter().find(|s| !known(s)) {
         let all: Vec<&str> = COMMON_SECTIONS
             .iter()
+            .chain(SHARED_SECTIONS)
             .copied()
             .chain(FAMILIES.iter().flat_map(|(_, s)| s.iter().copied()))
             .collect();
@@ -120,6 +169,10 @@ pub fn save_model_file(
         "wave_vae" => {
             let c = wave_vae::wave_vae_config(cfg)?.model;
             model_file::save::<WaveVae>(out, &c, tensors, metadata, origin)?;
+        }
+        "vocos" => {
+            let c = vocos::vocos_config(cfg)?.model;
+            model_file::save::<Vocos>(out, &c, tensors, metadata, origin)?;
         }
         other => {
             return Err(Error::invalid(
@@ -193,28 +246,40 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
     let family = family_of(cfg)?;
     let training: crate::TrainerConfig = cfg.get("training")?;
     let _: crate::AudioDataConfig = cfg.get("data")?;
-    match family {
-        "wave_vae" => {
-            let sections = wave_vae::wave_vae_config(cfg)?;
-            let gan = training.gan.is_some();
-            if sections.discriminators.is_some() != gan {
-                let key = if gan {
-                    "training.gan"
-                } else {
-                    "discriminators"
-                };
+    let adversarial = match family {
+        "wave_vae" => wave_vae::wave_vae_config(cfg)?.discriminators.is_some(),
+        "vocos" => vocos::vocos_config(cfg)?.discriminators.is_some(),
+        _ => {
+            mel_vae::mel_vae_config(cfg)?;
+            let key = if cfg.value.get("discriminators").is_some() {
+                Some("discriminators")
+            } else {
+                training.gan.is_some().then_some("training.gan")
+            };
+            if let Some(key) = key {
                 return Err(Error::Config {
                     origin: cfg.origin_of(key),
                     key: key.into(),
-                    reason: "adversarial training needs both a discriminators: section and \
-                             training.gan (the discriminators' optimiser and schedule)"
-                        .into(),
+                    reason: "the mel VAE has no adversarial phase".into(),
                 });
             }
+            false
         }
-        _ => {
-            mel_vae::mel_vae_config(cfg)?;
-        }
+    };
+    let gan = training.gan.is_some();
+    if adversarial != gan {
+        let key = if gan {
+            "training.gan"
+        } else {
+            "discriminators"
+        };
+        return Err(Error::Config {
+            origin: cfg.origin_of(key),
+            key: key.into(),
+            reason: "adversarial training needs both a discriminators: section and \
+                     training.gan (the discriminators' optimiser and schedule)"
+                .into(),
+        });
     }
     Ok(family)
 }
@@ -238,6 +303,11 @@ pub fn train(
             let sections = wave_vae::wave_vae_config(cfg)?;
             let mut task =
                 wave_vae::WaveVaeTask::new(sections, data, data_cfg, seed, &device, dtype)?;
+            trainer.fit(&mut task, resume)
+        }
+        "vocos" => {
+            let sections = vocos::vocos_config(cfg)?;
+            let mut task = vocos::VocosTask::new(sections, data, data_cfg, seed, &device, dtype)?;
             trainer.fit(&mut task, resume)
         }
         _ => {

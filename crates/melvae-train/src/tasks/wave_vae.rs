@@ -31,34 +31,14 @@ impl crate::Validate for WaveVaeLossConfig {
 
 impl crate::Validate for DiscriminatorsConfig {}
 
-/// The waveform VAE's sections of a resolved config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WaveVaeSections {
-    /// `wave_vae:`.
-    pub model: WaveVaeConfig,
-    /// `wave_vae_loss:` (defaults when absent).
-    pub loss: WaveVaeLossConfig,
-    /// `discriminators:` (none when absent: no adversarial phase).
-    pub discriminators: Option<DiscriminatorsConfig>,
-}
+/// The waveform VAE's sections of a resolved config: `wave_vae:`,
+/// `wave_vae_loss:` and `discriminators:`.
+pub type WaveVaeSections = super::GeneratorSections<WaveVaeConfig, WaveVaeLossConfig>;
 
 /// The waveform VAE's sections of a resolved config, validated with errors
 /// naming file and key.
 pub fn wave_vae_config(cfg: &crate::ResolvedConfig) -> Result<WaveVaeSections> {
-    let optional = |name: &str| cfg.value.get(name).is_some();
-    Ok(WaveVaeSections {
-        model: cfg.get("wave_vae")?,
-        loss: if optional("wave_vae_loss") {
-            cfg.get("wave_vae_loss")?
-        } else {
-            WaveVaeLossConfig::default()
-        },
-        discriminators: if optional("discriminators") {
-            Some(cfg.get("discriminators")?)
-        } else {
-            None
-        },
-    })
+    super::generator_sections(cfg, "wave_vae", "wave_vae_loss")
 }
 
 /// A training batch: audio `[batch, audio_channels, crop]` (the crop cut to
@@ -133,17 +113,8 @@ impl WaveVaeTask {
             cfg.clone(),
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
-        let discriminators = match discriminators {
-            Some(d) => {
-                let dmap = VarMap::new();
-                // Another seed than the generator's, so the two never share
-                // initial values by name.
-                let vb = melvae_layers::seeded_var_builder(&dmap, seed ^ 0xD15C, dtype, device);
-                let disc = Discriminators::new(&d, vb.pp("disc"))?;
-                Some((dmap, disc))
-            }
-            None => None,
-        };
+        let discriminators =
+            super::waveform::build_discriminators(discriminators, seed, dtype, device)?;
         let balancer = if loss.balancer.enabled {
             Some(LossBalancer::new(loss.balancer.into())?)
         } else {

@@ -5,11 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 use melvae_dsp::{
     save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
 };
 use melvae_losses::{discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching};
-use melvae_models::{AdversarialWeights, DiscOutput, Discriminators};
+use melvae_models::{AdversarialWeights, DiscOutput, Discriminators, DiscriminatorsConfig};
 
 use crate::data::{AudioFolder, AudioSet};
 use crate::Result;
@@ -126,4 +127,22 @@ pub(crate) fn generator_terms(
     let adv = generator_loss(w.loss.into(), &f.logits)?;
     let fm = feature_matching_loss(FeatureMatching::Absolute, &real.features, &f.features)?;
     Ok((adv, fm))
+}
+
+/// The discriminators of `cfg` (none without a config) with their own
+/// parameters (`disc.*`), seeded apart from the generator's so the two
+/// never share initial values by name.
+pub(crate) fn build_discriminators(
+    cfg: Option<DiscriminatorsConfig>,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<(VarMap, Discriminators)>> {
+    cfg.map(|d| {
+        let dmap = VarMap::new();
+        let vb = melvae_layers::seeded_var_builder(&dmap, seed ^ 0xD15C, dtype, device);
+        let disc = Discriminators::new(&d, vb.pp("disc"))?;
+        Ok((dmap, disc))
+    })
+    .transpose()
 }

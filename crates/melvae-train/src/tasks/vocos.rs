@@ -1,0 +1,277 @@
+//! Training the Vocos vocoder on a folder of audio (mono): the mel of each
+//! crop is the input, the crop the target.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_dsp::{SplitMix64, TensorMel};
+use melvae_models::{AdversarialWeights, DiscOutput, Discriminators, Vocos, VocosConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::trainer::{Losses, StepContext, TrainTask};
+use crate::{Error, Result};
+
+impl crate::Validate for VocosConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        VocosConfig::validate(self).map_err(|e| super::mel_vae::section_err(e, "vocos"))
+    }
+}
+
+/// The `vocos_loss:` section.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocosLossConfig {
+    /// Weight of the L1 between the log-mels of the output and of the
+    /// target (Vocos: 45).
+    pub mel_weight: f64,
+    /// Adversarial terms (with `discriminators:` and `training.gan`).
+    #[serde(default)]
+    pub adversarial: AdversarialWeights,
+}
+
+impl Default for VocosLossConfig {
+    fn default() -> Self {
+        Self {
+            mel_weight: 45.0,
+            adversarial: AdversarialWeights::default(),
+        }
+    }
+}
+
+impl crate::Validate for VocosLossConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let a = self.adversarial;
+        for (v, key) in [
+            (self.mel_weight, "vocos_loss.mel_weight"),
+            (a.weight, "vocos_loss.adversarial.weight"),
+            (
+                a.feature_matching,
+                "vocos_loss.adversarial.feature_matching",
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err((key.into(), format!("must be a finite weight >= 0, got {v}")));
+            }
+        }
+        if self.mel_weight == 0.0 {
+            return Err(("vocos_loss.mel_weight".into(), "must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The vocoder's sections of a resolved config: `vocos:`, `vocos_loss:`
+/// and `discriminators:`.
+pub type VocosSections = super::GeneratorSections<VocosConfig, VocosLossConfig>;
+
+/// The vocoder's sections of a resolved config, validated with errors
+/// naming file and key.
+pub fn vocos_config(cfg: &crate::ResolvedConfig) -> Result<VocosSections> {
+    super::generator_sections(cfg, "vocos", "vocos_loss")
+}
+
+/// The Vocos vocoder as a [`TrainTask`]: random crops of an
+/// [`AudioFolder`] at the model's rate (mono), their mels (the model's
+/// features) as input, `mel_weight *` L1 of the output's log-mel against
+/// the input's, plus the adversarial terms in GAN mode; validation on
+/// fixed held-out crops (`mel`, which picks the best checkpoint); input and
+/// output WAVs and spectrograms as samples.
+pub struct VocosTask {
+    /// The parameters (`backbone.*`, `head.*`).
+    pub varmap: VarMap,
+    /// The generator.
+    pub model: Vocos,
+    /// The discriminators and their parameters (`disc.*`), when the run
+    /// trains adversarially.
+    pub discriminators: Option<(VarMap, Discriminators)>,
+    loss: VocosLossConfig,
+    mel: TensorMel,
+    data: AudioFolder,
+    data_cfg: AudioDataConfig,
+    /// The generator output and the real audio's discriminator view of a
+    /// discriminator step, for the generator step of the same step.
+    pending: Option<(u64, candle_core::TensorId, Tensor, DiscOutput)>,
+    cursor: EpochCursor,
+    seed: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl VocosTask {
+    /// Builds the vocoder (and the discriminators, if configured) on
+    /// `device` in `dtype` for mono `data` at the model's rate.
+    pub fn new(
+        sections: VocosSections,
+        data: AudioFolder,
+        data_cfg: AudioDataConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let cfg = sections.model;
+        data_cfg.require(cfg.sample_rate, 1, "vocos model")?;
+        if data_cfg.crop_samples() < cfg.n_fft {
+            return Err(Error::invalid(
+                "data.crop_seconds",
+                format!(
+                    "crops of {} samples are shorter than one FFT window ({} samples)",
+                    data_cfg.crop_samples(),
+                    cfg.n_fft
+                ),
+            ));
+        }
+        let varmap = VarMap::new();
+        let model = Vocos::new(
+            cfg.clone(),
+            melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
+        )?;
+        let discriminators =
+            super::waveform::build_discriminators(sections.discriminators, seed, dtype, device)?;
+        Ok(Self {
+            mel: TensorMel::new(cfg.mel_config(), device)?,
+            varmap,
+            model,
+            discriminators,
+            loss: sections.loss,
+            data,
+            data_cfg,
+            pending: None,
+            cursor: EpochCursor { epoch: 0, pos: 0 },
+            seed,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    fn crops(&self, set: &AudioSet, indices: &[usize], rng: &mut SplitMix64) -> Result<Tensor> {
+        let hop = self.model.config().hop_length;
+        super::waveform::crops(set, indices, rng, hop, &self.device, self.dtype)
+    }
+
+    /// The log-mel of audio `[batch, 1, samples]`: `[batch, n_mels, frames]`.
+    fn log_mel(&self, audio: &Tensor) -> Result<Tensor> {
+        Ok(self.mel.forward(&audio.squeeze(1)?)?)
+    }
+
+    /// The vocoder's output `[batch, 1, samples]` for the mel of `audio`.
+    fn generate(&self, audio: &Tensor) -> Result<Tensor> {
+        let mel = self.log_mel(audio)?.detach();
+        Ok(self.model.decode(&mel, None)?.unsqueeze(1)?)
+    }
+
+    /// The mel loss of `fake` against `audio` (unweighted).
+    fn mel_loss(&self, audio: &Tensor, fake: &Tensor) -> Result<Tensor> {
+        let target = self.log_mel(audio)?.detach();
+        Ok((self.log_mel(fake)? - target)?.abs()?.mean_all()?)
+    }
+}
+
+impl TrainTask for VocosTask {
+    type Batch = Tensor;
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        melvae_layers::named_vars(&self.varmap)
+    }
+
+    fn disc_vars(&self) -> Vec<(String, Var)> {
+        self.discriminators
+            .as_ref()
+            .map_or_else(Vec::new, |(m, _)| melvae_layers::named_vars(m))
+    }
+
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
+        let idx = self
+            .cursor
+            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        self.crops(&self.data.train, &idx, rng)
+    }
+
+    fn disc_losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Option<Losses>> {
+        let Some((_, disc)) = &self.discriminators else {
+            return Ok(None);
+        };
+        let fake = self.generate(batch)?;
+        let (d, real) =
+            super::waveform::discriminator_step(disc, self.loss.adversarial, batch, &fake)?;
+        self.pending = Some((ctx.step, batch.id(), fake, real));
+        Ok(Some(Losses {
+            total: d.clone(),
+            terms: BTreeMap::from([("d".to_string(), d)]),
+        }))
+    }
+
+    /// `mel_weight * mel`, plus `adversarial.weight * adv +
+    /// adversarial.feature_matching * fm` in the adversarial phase.
+    fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
+        let (fake, real) = match self.pending.take() {
+            Some((step, id, fake, real)) if step == ctx.step && id == batch.id() => {
+                (fake, Some(real))
+            }
+            _ => (self.generate(batch)?, None),
+        };
+        let mel = self.mel_loss(batch, &fake)?;
+        let mut total = (&mel * self.loss.mel_weight)?;
+        let mut terms = BTreeMap::from([("mel".to_string(), mel)]);
+        if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
+            let w = self.loss.adversarial;
+            let (adv, fm) = super::waveform::generator_terms(disc, w, batch, &fake, real)?;
+            total = (total + (&adv * w.weight)? + (&fm * w.feature_matching)?)?;
+            terms.insert("adv".into(), adv);
+            terms.insert("fm".into(), fm);
+        }
+        Ok(Losses { total, terms })
+    }
+
+    /// `mel` (the unweighted mel loss) on fixed held-out crops.
+    fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let hop = self.model.config().hop_length;
+        let audio = super::waveform::val_crops(&self.data, hop, &self.device, self.dtype)?;
+        let fake = self.generate(&audio)?;
+        let mel = self
+            .mel_loss(&audio, &fake)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(BTreeMap::from([("mel".to_string(), mel)]))
+    }
+
+    fn best_metric(&self) -> &str {
+        "mel"
+    }
+
+    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
+        let hop = self.model.config().hop_length;
+        let audio = super::waveform::val_crops(&self.data, hop, &self.device, self.dtype)?
+            .narrow(0, 0, 1)?;
+        let fake = self.generate(&audio)?.detach();
+        super::waveform::write_pair(
+            dir,
+            ctx.step,
+            self.model.config().sample_rate,
+            &audio,
+            &fake,
+        )
+    }
+
+    fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
+        melvae_models::model_file::save::<Vocos>(
+            path,
+            self.model.config(),
+            &melvae_layers::named_tensors(&self.varmap),
+            metadata,
+            Path::new("the training run"),
+        )?;
+        Ok(true)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        super::cursor_state(&self.cursor)
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        super::load_cursor(&mut self.cursor, state);
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The Vocos task through the real trainer: the mel loss falls, samples
+//! and a `vocos` model file are written, resume is exact (plain and
+//! adversarial), and mismatched data is named.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use melvae_dsp::{save_wav, Audio, WavFormat};
+use melvae_models::{DiscriminatorsConfig, MpdConfig, VocosConfig, VocosFeatures, VocosPadding};
+use melvae_train::tasks::vocos::{VocosLossConfig, VocosSections, VocosTask};
+use melvae_train::*;
+
+/// Harmonic tones, 0.4 s at 16 kHz.
+fn folder(dir: &Path) {
+    for i in 0..5 {
+        let f = 120.0 + 50.0 * i as f32;
+        let x: Vec<f32> = (0..6400)
+            .map(|n| {
+                let t = n as f32 / 16000.0;
+                (1..4)
+                    .map(|h| (std::f32::consts::TAU * f * h as f32 * t).sin() * 0.2 / h as f32)
+                    .sum()
+            })
+            .collect();
+        save_wav(
+            dir.join(format!("tone{i}.wav")),
+            &Audio::new(16000, vec![x]).unwrap(),
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+}
+
+fn tiny() -> VocosConfig {
+    VocosConfig {
+        sample_rate: 16000,
+        n_fft: 256,
+        hop_length: 64,
+        n_mels: 20,
+        padding: VocosPadding::Center,
+        features: VocosFeatures::Vocos,
+        dim: 8,
+        intermediate_dim: 16,
+        num_layers: 1,
+        layer_scale_init_value: None,
+        adanorm_num_embeddings: None,
+    }
+}
+
+fn data_cfg(dir: &Path, rate: u32) -> AudioDataConfig {
+    AudioDataConfig {
+        dir: dir.to_path_buf(),
+        sample_rate: rate,
+        channels: 1,
+        crop_seconds: 0.1,
+        batch_size: 2,
+        val_fraction: 0.0,
+        cache_dir: None,
+    }
+}
+
+fn task(dir: &Path, discriminators: Option<DiscriminatorsConfig>) -> VocosTask {
+    let d = data_cfg(dir, 16000);
+    let data = AudioFolder::load(&d).unwrap();
+    let sections = VocosSections {
+        model: tiny(),
+        loss: VocosLossConfig::default(),
+        discriminators,
+    };
+    VocosTask::new(sections, data, d, 3, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn cfg(steps: u64, gan: bool) -> TrainerConfig {
+    TrainerConfig {
+        log_every: 1,
+        val_every: 6,
+        sample_every: 12,
+        seed: 5,
+        grad_clip: Some(1.0),
+        gan: gan.then(|| GanConfig {
+            disc_learning_rate: 1e-3,
+            disc_adamw: Default::default(),
+            disc_every: 1,
+            adversarial_start_step: 2,
+            disc_grad_clip: None,
+        }),
+        ..TrainerConfig::new(steps, 5e-3)
+    }
+}
+
+fn mel(t: &mut VocosTask) -> f64 {
+    t.validate(StepContext {
+        step: 0,
+        train: false,
+        adversarial: false,
+    })
+    .unwrap()["mel"]
+}
+
+fn weights(vars: Vec<(String, candle_core::Var)>) -> Vec<Vec<f32>> {
+    vars.iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn trains_writes_samples_and_resumes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let run = RunDir::create(d.path().join("a")).unwrap();
+    let mut a = task(&audio, None);
+    let before = mel(&mut a);
+    Trainer::new(cfg(12, false), &run)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+    let after = mel(&mut a);
+    assert!(after < before, "mel {before} -> {after}");
+    let out = melvae_dsp::load_audio(run.samples().join("step00000012_recon.wav")).unwrap();
+    assert_eq!((out.sample_rate, out.n_samples()), (16000, 1600));
+    let state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(run.latest().unwrap().unwrap().join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let best = run.checkpoints().join(state.best.unwrap().1);
+    let m = melvae_models::Vocos::load(&best.join("export.safetensors"), &Device::Cpu, DType::F32)
+        .unwrap();
+    assert_eq!(m.config(), &tiny());
+
+    // 6 steps, then a resumed process to 12: the same weights.
+    let split = RunDir::create(d.path().join("b")).unwrap();
+    let mut b = task(&audio, None);
+    Trainer::new(cfg(6, false), &split)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    let mut b2 = task(&audio, None);
+    Trainer::new(cfg(12, false), &split)
+        .unwrap()
+        .fit(&mut b2, true)
+        .unwrap();
+    assert_eq!(weights(a.vars()), weights(b2.vars()));
+}
+
+#[test]
+fn adversarial_phase_trains_and_resumes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let disc = DiscriminatorsConfig {
+        mpd: Some(MpdConfig {
+            periods: vec![2, 3],
+            channels: 2,
+            max_channels: 4,
+            layers: 1,
+        }),
+        ..Default::default()
+    };
+    let run = RunDir::create(d.path().join("a")).unwrap();
+    let mut a = task(&audio, Some(disc.clone()));
+    let before = weights(a.disc_vars());
+    Trainer::new(cfg(6, true), &run)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+    let logged = run.read_metrics().unwrap();
+    let has = |step: u64, key: &str| {
+        logged
+            .iter()
+            .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
+    };
+    assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
+    assert_ne!(weights(a.disc_vars()), before);
+    let split = RunDir::create(d.path().join("b")).unwrap();
+    let mut b = task(&audio, Some(disc.clone()));
+    Trainer::new(cfg(3, true), &split)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    let mut b2 = task(&audio, Some(disc));
+    Trainer::new(cfg(6, true), &split)
+        .unwrap()
+        .fit(&mut b2, true)
+        .unwrap();
+    assert_eq!(weights(a.vars()), weights(b2.vars()));
+    assert_eq!(weights(a.disc_vars()), weights(b2.disc_vars()));
+}
+
+#[test]
+fn data_must_match_the_model() {
+    let d = tempfile::tempdir().unwrap();
+    folder(d.path());
+    let dc = data_cfg(d.path(), 22050);
+    let data = AudioFolder::load(&dc).unwrap();
+    let sections = VocosSections {
+        model: tiny(),
+        loss: VocosLossConfig::default(),
+        discriminators: None,
+    };
+    let e = VocosTask::new(sections, data, dc, 0, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("data.sample_rate") && e.contains("16000"), "{e}");
+}
+
+#[test]
+fn the_bundled_vocos_configs_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    for name in ["vocos_tiny.yaml", "vocos_mel_24khz.yaml"] {
+        let r = ResolvedConfig::load(&dir.join(name), &[]).unwrap();
+        assert_eq!(tasks::check_config(&r).unwrap(), "vocos", "{name}");
+        let s = tasks::vocos::vocos_config(&r).unwrap();
+        assert_eq!(s.loss.mel_weight, 45.0);
+        assert_eq!(s.discriminators.is_some(), name.contains("24khz"), "{name}");
+    }
+    let r = ResolvedConfig::load(
+        &dir.join("vocos_tiny.yaml"),
+        &["vocos_loss.mel_weight=-1".into()],
+    )
+    .unwrap();
+    let e = tasks::check_config(&r).unwrap_err().to_string();
+    assert!(e.contains("vocos_loss.mel_weight"), "{e}");
+}
