@@ -13,7 +13,9 @@
 //! 16 kHz (speech; `--no-pesq` skips it), and with `--model` the real-time
 //! factors of encoding and decoding (compute seconds per audio second).
 //! The model's family comes from the file: the waveform VAE reconstructs at
-//! its own rate and channel count; the mel VAE samples its latents back to
+//! its own rate and channel count; a vocoder (Vocos) resynthesises each
+//! file from its mel (with `--baselines`, Griffin-Lim on the same mel is
+//! scored too); the mel VAE samples its latents back to
 //! mels (`--steps`, `--temperature`, `--guidance`) and to audio with the
 //! Vocos model file given by `--vocoder`, or Griffin-Lim. `--held-out
 //! CONFIG` evaluates the files a training config holds out for validation
@@ -35,7 +37,7 @@ use candle_core::Device;
 use clap::Parser;
 use melvae::models::eval::{
     audio_files, evaluate_codec, evaluate_folders, ClipMeanSpectrum, ClipReport, Codec,
-    EvalOptions, EvalReport, MelVaeCodec, Resampled,
+    EvalOptions, EvalReport, MelCodec, MelToAudio, MelVaeCodec, Resampled,
 };
 use melvae::models::{MelVae, SampleOptions, WaveVae};
 
@@ -121,7 +123,31 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
         melvae::layers::seeded_var_builder(vm, 0, candle_core::DType::F32, &Device::Cpu)
     };
     let mut out: Vec<(String, Box<dyn Codec>)> = Vec::new();
-    if melvae::train::tasks::family_at(path)? == "wave_vae" {
+    let family = melvae::train::tasks::family_at(path)?;
+    if family == "vocos" {
+        anyhow::ensure!(
+            args.vocoder.is_none(),
+            "--vocoder is for mel models; {} is a vocoder",
+            path.display()
+        );
+        let vocos = common::load_vocos(path)?;
+        let mel = vocos.config().mel_config();
+        if args.baselines {
+            let vm = candle_nn::VarMap::new();
+            let fresh = melvae::models::Vocos::new(vocos.config().clone(), seeded(&vm))?;
+            out.push((name, Box::new(MelCodec::vocos(vocos)?)));
+            out.push((untrained, Box::new(MelCodec::vocos(fresh)?)));
+            out.push((
+                "the same mel through Griffin-Lim (32 iterations)".into(),
+                Box::new(MelCodec {
+                    mel,
+                    vocoder: MelToAudio::new(None, &mel)?,
+                }),
+            ));
+        } else {
+            out.push((name, Box::new(MelCodec::vocos(vocos)?)));
+        }
+    } else if family == "wave_vae" {
         anyhow::ensure!(
             args.vocoder.is_none(),
             "--vocoder is for mel models; {} is a waveform VAE",

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! The waveform VAE decodes audio directly at its own rate and channel
-//! count (mono or stereo) from the posterior mean; the mel VAE samples its
+//! count (mono or stereo) from the posterior mean; a vocoder (Vocos) turns
+//! the file's mel back into audio; the mel VAE samples its
 //! latents back to a log-mel (`--steps`, `--guidance`, `--temperature`) and
 //! is vocoded with the Vocos model file given by `--vocoder` (from
 //! `convert`), or with Griffin-Lim. `-o` gets the plain reconstruction.
@@ -36,7 +37,7 @@ use melvae::dsp::{
     load_audio_with, save_wav, write_npy, Audio, ChannelMode, LoadOptions, MelConfig, MelExtractor,
     SpectrogramImage, WavFormat,
 };
-use melvae::models::eval::{Codec, MelVaeCodec};
+use melvae::models::eval::{Codec, MelCodec, MelVaeCodec};
 use melvae::models::latent::{interpolate, LatentEdit};
 use melvae::models::SampleOptions;
 
@@ -144,12 +145,15 @@ fn sibling(output: &Path, suffix: &str) -> PathBuf {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    let codec: Box<dyn Codec> = if melvae::train::tasks::family_at(&args.model)? == "wave_vae" {
-        anyhow::ensure!(
-            args.vocoder.is_none(),
-            "--vocoder is for mel models; {} is a waveform VAE",
-            args.model.display()
-        );
+    let family = melvae::train::tasks::family_at(&args.model)?;
+    anyhow::ensure!(
+        family == "mel_vae" || args.vocoder.is_none(),
+        "--vocoder is for mel models; {} is a {family} model",
+        args.model.display()
+    );
+    let codec: Box<dyn Codec> = if family == "vocos" {
+        Box::new(MelCodec::vocos(common::load_vocos(&args.model)?)?)
+    } else if family == "wave_vae" {
         Box::new(common::load_wave_vae(&args.model)?)
     } else {
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;

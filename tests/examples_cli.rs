@@ -942,6 +942,30 @@ fn mel_models_take_a_vocoder() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The vocoder alone (analysis-synthesis) with its baselines, Griffin-Lim
+    // on the same mel among them; reconstruct takes it too.
+    let o = run(
+        "evaluate",
+        &[
+            "--reference",
+            refs.to_str().unwrap(),
+            "--model",
+            v,
+            "--baselines",
+            "--no-pesq",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("the same mel through Griffin-Lim"));
+    let o = run(
+        "reconstruct",
+        &["--model", v, &sample(), "-o", out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        melvae::dsp::load_audio(&out).unwrap().n_samples(),
+        input.n_samples()
+    );
     // A vocoder of other features is refused, naming what differs; a
     // vocoder for a waveform model is refused.
     let v22 = dir.path().join("vocos22.safetensors");

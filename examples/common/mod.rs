@@ -59,6 +59,17 @@ pub fn load_wave_vae(path: &Path) -> anyhow::Result<melvae::models::WaveVae> {
     })
 }
 
+/// A Vocos from a model file, or from a run or checkpoint directory (its
+/// latest checkpoint).
+pub fn load_vocos(path: &Path) -> anyhow::Result<melvae::models::Vocos> {
+    let dev = candle_core::Device::Cpu;
+    Ok(if path.is_file() {
+        melvae::models::Vocos::load(path, &dev, candle_core::DType::F32)?
+    } else {
+        melvae::train::tasks::load_vocos(path, &melvae::train::run::Which::Latest, &dev)?
+    })
+}
+
 /// Deterministic uniform noise in [-0.5, 0.5) (xorshift64), for benchmarks.
 pub fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

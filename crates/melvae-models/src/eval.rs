@@ -415,6 +415,61 @@ impl Codec for MelVaeCodec {
     }
 }
 
+/// A vocoder as a [`Codec`] (analysis-synthesis): audio to its mel (the
+/// features the vocoder was trained on, `[1, n_mels, frames]`) and back to
+/// audio through the vocoder, or through Griffin-Lim (`vocoder` is then
+/// [`MelToAudio::GriffinLim`]: the baseline a neural vocoder must beat).
+/// Mono, at the features' rate.
+pub struct MelCodec {
+    /// The mel features.
+    pub mel: MelConfig,
+    /// How mels become audio.
+    pub vocoder: MelToAudio,
+}
+
+impl MelCodec {
+    /// The Vocos `v` on its own features.
+    pub fn vocos(v: Vocos) -> Result<Self> {
+        let mel = v.config().mel_config();
+        Ok(Self {
+            vocoder: MelToAudio::new(Some(v), &mel)?,
+            mel,
+        })
+    }
+}
+
+impl Codec for MelCodec {
+    fn sample_rate(&self) -> u32 {
+        self.mel.sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        1
+    }
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let x = audio
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let mel = MelExtractor::new(self.mel)?.extract(&x)?;
+        let (m, t) = mel.dim();
+        Ok(Tensor::from_vec(
+            mel.iter().copied().collect::<Vec<_>>(),
+            (1, m, t),
+            &Device::Cpu,
+        )?)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let wav = self.vocoder.audio(latents, &self.mel, samples)?;
+        Ok(Tensor::from_vec(wav, (1, 1, samples), &Device::Cpu)?)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn latent_rate(&self) -> f64 {
+        self.mel.sample_rate as f64 / self.mel.stft.hop_length as f64 * self.mel.n_mels as f64
+    }
+}
+
 /// Naive baseline: each channel's clip-average magnitude spectrum (STFT
 /// 1024 / hop 256) at every frame, phases by Griffin-Lim. What a model
 /// that learned only the average spectrum (no time structure) produces;

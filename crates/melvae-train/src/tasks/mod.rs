@@ -207,6 +207,17 @@ pub fn load_wave_vae(
     })
 }
 
+/// A trained Vocos from a run or checkpoint directory, as [`load_mel_vae`].
+pub fn load_vocos(
+    run_or_checkpoint: &Path,
+    which: &crate::run::Which,
+    device: &Device,
+) -> Result<Vocos> {
+    load_from_run::<Vocos>(run_or_checkpoint, which, device, |c| {
+        Ok(vocos::vocos_config(c)?.model)
+    })
+}
+
 /// A model of family `F` from a run: its config (read by `config` from the
 /// run's `config.yaml`) and the checkpoint's EMA weights when kept, as
 /// plain f32 tensors. Reads only.
