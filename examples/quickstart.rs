@@ -4,12 +4,15 @@
 //! their log-mel L1 next to a baseline (each clip's mean mel).
 //!
 //! ```text
-//! cargo run --release --example quickstart [-- key=value ...]
+//! cargo run --release --example quickstart [-- key=value ...] [-- --vocoder VOCOS.safetensors]
 //! ```
 //!
 //! Writes the run to runs/quickstart/ (replacing an earlier one) and the
-//! reconstructions (WAV, and PNG with the input above the output) to
-//! runs/quickstart/eval/.
+//! reconstructions (WAV through Griffin-Lim, and PNG with the input above
+//! the output) to runs/quickstart/eval/. With `--vocoder` (a Vocos model
+//! file on the `vocos-24k` features, e.g. from `convert`), each clip is
+//! also vocoded with it (`*_recon_vocos.wav`), and the DAC mel distance of
+//! both audios to the original is printed side by side.
 
 mod common;
 
@@ -28,7 +31,26 @@ use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
 
 fn run() -> anyhow::Result<()> {
-    let overrides: Vec<String> = std::env::args().skip(1).collect();
+    let mut overrides: Vec<String> = Vec::new();
+    let mut vocoder_path: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--vocoder" {
+            let p = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--vocoder needs a model file"))?;
+            vocoder_path = Some(PathBuf::from(p));
+        } else if let Some(p) = a.strip_prefix("--vocoder=") {
+            vocoder_path = Some(PathBuf::from(p));
+        } else {
+            overrides.push(a);
+        }
+    }
+    // Checked before training: a vocoder of other features is named now.
+    let vocoder = match &vocoder_path {
+        Some(p) => Some(common::mel_vocoder(Some(p))?),
+        None => None,
+    };
     let root = PathBuf::from("runs/quickstart");
     if root.exists() {
         println!("replacing {}", root.display());
@@ -84,6 +106,8 @@ fn run() -> anyhow::Result<()> {
     println!("\n| held-out clip | reconstruction log-mel L1 | baseline (clip mean mel) L1 |");
     println!("|---|---:|---:|");
     let (mut sum_r, mut sum_b) = (0.0, 0.0);
+    let metrics = melvae::models::eval::Metrics::new(24000, false, &Device::Cpu)?;
+    let mut vocoded: Vec<(String, f64, f64)> = Vec::new();
     for path in &held_out {
         let audio = common::load_for_mel(path, ex.config())?;
         let r = model.reconstruct(&audio.channels[0], 24000, &opts, &Device::Cpu)?;
@@ -106,14 +130,49 @@ fn run() -> anyhow::Result<()> {
             MelInversion::default(),
             &GriffinLimConfig::default(),
         )?;
+        let gl = Audio::new(24000, vec![wav])?;
         save_wav(
             eval.join(format!("{name}_recon.wav")),
-            &Audio::new(24000, vec![wav])?,
+            &gl,
             WavFormat::Pcm16,
         )?;
+        if let Some(v) = &vocoder {
+            let voc = Audio::new(
+                24000,
+                vec![v.audio(&r.output, ex.config(), audio.n_samples())?],
+            )?;
+            save_wav(
+                eval.join(format!("{name}_recon_vocos.wav")),
+                &voc,
+                WavFormat::Pcm16,
+            )?;
+            let original = Audio::new(24000, vec![audio.channels[0].clone()])?;
+            vocoded.push((
+                name.clone(),
+                metrics.score(&original, &gl)?.mel_distance,
+                metrics.score(&original, &voc)?.mel_distance,
+            ));
+        }
     }
     let n = held_out.len().max(1) as f64;
     println!("| **mean** | **{:.3}** | **{:.3}** |", sum_r / n, sum_b / n);
+    if !vocoded.is_empty() {
+        println!(
+            "\nthe reconstructions as audio, DAC mel distance to the original (lower is better; {}):\n",
+            vocoder_path.as_deref().map_or(String::new(), |p| p.display().to_string())
+        );
+        println!("| held-out clip | Griffin-Lim | Vocos |");
+        println!("|---|---:|---:|");
+        for (name, g, v) in &vocoded {
+            println!("| {name} | {g:.3} | {v:.3} |");
+        }
+        let k = vocoded.len() as f64;
+        println!(
+            "| **mean** | **{:.3}** | **{:.3}** |",
+            vocoded.iter().map(|x| x.1).sum::<f64>() / k,
+            vocoded.iter().map(|x| x.2).sum::<f64>() / k
+        );
+    }
     println!(
         "\nreconstruction {} the baseline; results in {}",
         if sum_r < sum_b {
