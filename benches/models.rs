@@ -9,6 +9,10 @@
 //! loss (MR-STFT + mel + L1 + KL) with backward on a batch of 4 x 11840
 //! samples (0.49 s at 24 kHz), encoding and decoding of 2 s of audio.
 //! `examples/wave_vae_throughput.rs` reports the same for any setting.
+//!
+//! Vocos at the published mel-24khz size (`VocosConfig::mel_24khz`, seeded
+//! random weights): synthesis of 2 s (188 frames), offline and in chunks
+//! of 32 frames.
 
 use std::path::Path;
 
@@ -17,7 +21,7 @@ use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use melvae::dsp::SplitMix64;
 use melvae::layers::{seeded_var_builder, testing::noise};
-use melvae::models::{MelVae, SampleOptions, WaveVae, WaveVaeObjective};
+use melvae::models::{MelVae, SampleOptions, Vocos, VocosConfig, WaveVae, WaveVaeObjective};
 use melvae::train::tasks::mel_vae::mel_vae_config;
 use melvae::train::tasks::wave_vae::wave_vae_config;
 use melvae::train::ResolvedConfig;
@@ -104,5 +108,28 @@ fn wave_vae(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, mel_vae, wave_vae);
+fn vocos(c: &mut Criterion) {
+    let vm = VarMap::new();
+    let v = Vocos::new(
+        VocosConfig::mel_24khz(),
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let mel = (noise(&[1, 100, 188], 3)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        - 5.0)
+        .unwrap();
+    let mut g = c.benchmark_group("vocos_mel_24khz");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(188 * 256));
+    g.bench_function("decode_f188", |b| b.iter(|| v.decode(&mel, None).unwrap()));
+    g.bench_function("decode_chunked32_f188", |b| {
+        b.iter(|| v.decode_chunked(&mel, None, 32).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, mel_vae, wave_vae, vocos);
 criterion_main!(benches);
