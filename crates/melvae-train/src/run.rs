@@ -45,6 +45,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "training.ckpt_every",
     "training.keep_last",
     "training.sample_every",
+    "training.sample_vocoder",
     "training.tensorboard",
 ];
 

@@ -177,6 +177,11 @@ pub struct TrainerConfig {
     /// Write samples every this many steps (0: never).
     #[serde(default)]
     pub sample_every: u64,
+    /// A Vocos model file to turn a mel model's samples into audio (its
+    /// features must be the model's); Griffin-Lim without one. Mel models
+    /// only.
+    #[serde(default)]
+    pub sample_vocoder: Option<std::path::PathBuf>,
     /// GAN mode.
     #[serde(default)]
     pub gan: Option<GanConfig>,
@@ -244,6 +249,7 @@ impl TrainerConfig {
             early_stopping_patience: None,
             max_bad_steps: 10,
             sample_every: 0,
+            sample_vocoder: None,
             gan: None,
             init_from: None,
             freeze: Vec::new(),

@@ -225,3 +225,103 @@ fn the_bundled_vocos_configs_check() {
     let e = tasks::check_config(&r).unwrap_err().to_string();
     assert!(e.contains("vocos_loss.mel_weight"), "{e}");
 }
+
+/// The converted 24 kHz (`vocos-24k`) or 22.05 kHz fixture vocoder as a
+/// model file in `dir`.
+fn fixture_vocoder(dir: &Path, preset: &str) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../melvae-models/tests/fixtures/vocos")
+        .join(preset);
+    let cfg_path = src.join("config.yaml");
+    let cfg = VocosConfig::from_vocos_yaml(&std::fs::read_to_string(&cfg_path).unwrap(), &cfg_path)
+        .unwrap();
+    let tensors = melvae_models::vocoder::read_state_dict(&src.join("model.safetensors")).unwrap();
+    let out = dir.join(format!("{preset}.safetensors"));
+    melvae_models::model_file::save::<melvae_models::Vocos>(
+        &out,
+        &cfg,
+        &tensors,
+        &Default::default(),
+        &src,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn mel_vae_samples_take_a_vocoder() {
+    let d = tempfile::tempdir().unwrap();
+    let v24 = fixture_vocoder(d.path(), "vocos-24k");
+    let v22 = fixture_vocoder(d.path(), "vocos-22k");
+    let settings = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    let with = |file: &str, v: &Path| {
+        ResolvedConfig::load(
+            &settings.join(file),
+            &[format!("training.sample_vocoder={}", v.display())],
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        tasks::check_config(&with("tiny.yaml", &v24)).unwrap(),
+        "mel_vae"
+    );
+    let e = tasks::check_config(&with("tiny.yaml", &v22))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training.sample_vocoder") && e.contains("22050 Hz"),
+        "{e}"
+    );
+    let e = tasks::check_config(&with("wave_vae_tiny.yaml", &v24))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training.sample_vocoder") && e.contains("wave_vae"),
+        "{e}"
+    );
+
+    // The samples' audio goes through the vocoder.
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    for i in 0..3 {
+        let x: Vec<f32> = (0..24000)
+            .map(|n| ((n * (i + 2)) as f32 * 0.03).sin() * 0.3)
+            .collect();
+        save_wav(
+            audio.join(format!("t{i}.wav")),
+            &Audio::new(24000, vec![x]).unwrap(),
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+    let r = with("tiny.yaml", &v24);
+    let dc = AudioDataConfig {
+        dir: audio,
+        val_fraction: 0.0,
+        ..r.get("data").unwrap()
+    };
+    let data = AudioFolder::load(&dc).unwrap();
+    let cfg = tasks::mel_vae::mel_vae_config(&r).unwrap();
+    let vocoder = melvae_models::eval::MelToAudio::new(
+        Some(melvae_models::Vocos::load(&v24, &Device::Cpu, DType::F32).unwrap()),
+        &melvae_dsp::MelConfig::vocos_24k(),
+    )
+    .unwrap();
+    assert_eq!(vocoder.name(), "Vocos");
+    let mut task = tasks::mel_vae::MelVaeTask::new(cfg, data, dc, 0, &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_vocoder(vocoder);
+    let ctx = StepContext {
+        step: 7,
+        train: false,
+        adversarial: false,
+    };
+    let written = task.samples(ctx, d.path()).unwrap();
+    let wav = written
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "wav"))
+        .unwrap();
+    let y = melvae_dsp::load_audio(wav).unwrap();
+    assert_eq!(y.sample_rate, 24000);
+    assert!(y.n_samples() > 0);
+}

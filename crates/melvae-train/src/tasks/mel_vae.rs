@@ -37,12 +37,20 @@ pub struct MelVaeTask {
     pub data: AudioFolder,
     data_cfg: AudioDataConfig,
     extractor: MelExtractor,
+    vocoder: Option<melvae_models::eval::MelToAudio>,
     cursor: EpochCursor,
     seed: u64,
     device: Device,
 }
 
 impl MelVaeTask {
+    /// Samples' audio through `vocoder` (a Vocos on the `vocos-24k`
+    /// features) instead of Griffin-Lim.
+    pub fn with_vocoder(mut self, vocoder: melvae_models::eval::MelToAudio) -> Self {
+        self.vocoder = Some(vocoder);
+        self
+    }
+
     /// Builds the model on `device` in `dtype` (initialised reproducibly from
     /// `seed` by `melvae_layers::seeded_var_builder`) and takes `data` (which must be
     /// mono at the `vocos-24k` rate).
@@ -67,6 +75,7 @@ impl MelVaeTask {
             data,
             data_cfg,
             extractor: MelExtractor::new(mel)?,
+            vocoder: None,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
             device: device.clone(),
@@ -259,17 +268,26 @@ impl TrainTask for MelVaeTask {
         let written = [path("input.png"), path("recon.png"), path("recon.wav")];
         img.save_png(&written[0], &input)?;
         img.save_png(&written[1], &output)?;
-        let gl = GriffinLimConfig {
-            n_iter: 16,
-            ..Default::default()
+        let wav = match &self.vocoder {
+            Some(v) => {
+                let cfg = self.extractor.config();
+                let samples = (output.dim().1.max(1) - 1) * cfg.stft.hop_length;
+                v.audio(&recon, cfg, samples)?
+            }
+            None => {
+                let gl = GriffinLimConfig {
+                    n_iter: 16,
+                    ..Default::default()
+                };
+                mel_to_audio(
+                    &self.extractor,
+                    &output,
+                    None,
+                    MelInversion::PseudoInverse,
+                    &gl,
+                )?
+            }
         };
-        let wav = mel_to_audio(
-            &self.extractor,
-            &output,
-            None,
-            MelInversion::PseudoInverse,
-            &gl,
-        )?;
         save_wav(
             &written[2],
             &Audio::new(24000, vec![wav])?,

@@ -277,6 +277,7 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
             false
         }
     };
+    sample_vocoder(cfg, &training, family)?;
     let gan = training.gan.is_some();
     if adversarial != gan {
         let key = if gan {
@@ -295,6 +296,34 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
     Ok(family)
 }
 
+/// The vocoder of `training.sample_vocoder` for a mel VAE's samples
+/// (loaded and checked against the `vocos-24k` features), or none; an
+/// error naming the key for other families or a bad file.
+fn sample_vocoder(
+    cfg: &ResolvedConfig,
+    training: &crate::TrainerConfig,
+    family: &str,
+) -> Result<Option<melvae_models::eval::MelToAudio>> {
+    let Some(path) = &training.sample_vocoder else {
+        return Ok(None);
+    };
+    let named = |reason: String| Error::Config {
+        origin: cfg.origin_of("training.sample_vocoder"),
+        key: "training.sample_vocoder".into(),
+        reason,
+    };
+    if family != "mel_vae" {
+        return Err(named(format!(
+            "only mel models vocode their samples; this config trains a {family} model"
+        )));
+    }
+    let v = Vocos::load(path, &Device::Cpu, DType::F32).map_err(|e| named(e.to_string()))?;
+    let mel = melvae_dsp::MelConfig::vocos_24k();
+    Ok(Some(
+        melvae_models::eval::MelToAudio::new(Some(v), &mel).map_err(|e| named(e.to_string()))?,
+    ))
+}
+
 /// Trains the family of `cfg` (see [`family_of`]) on `data` in `run`,
 /// resuming from its latest checkpoint if `resume`: builds the task from
 /// the config's sections and runs the [`crate::Trainer`].
@@ -308,6 +337,7 @@ pub fn train(
     let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
     let family = check_config(cfg)?;
+    let vocoder = sample_vocoder(cfg, &training, family)?;
     let trainer = crate::Trainer::new(training, run)?;
     match family {
         "wave_vae" => {
@@ -330,6 +360,9 @@ pub fn train(
                 &device,
                 dtype,
             )?;
+            if let Some(v) = vocoder {
+                task = task.with_vocoder(v);
+            }
             trainer.fit(&mut task, resume)
         }
     }
