@@ -46,12 +46,7 @@ fn run() -> anyhow::Result<()> {
 
     let per_step = bench.time_train_steps(args.bench.steps)?;
     let audio_per_step = batch as f64 * crop_frames as f64 / MEL_FRAME_RATE;
-    println!(
-        "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
-        per_step * 1e3,
-        1.0 / per_step,
-        audio_per_step / per_step
-    );
+    common::print_train_step(per_step, audio_per_step);
 
     // Encoding and sampling of one long clip.
     let frames = ((args.bench.seconds * MEL_FRAME_RATE) as usize).div_ceil(c) * c;
@@ -62,11 +57,7 @@ fn run() -> anyhow::Result<()> {
         model.encode(&long)?;
         Ok(())
     })?;
-    println!(
-        "encode {secs:.2} s (median of 3): {:.1} ms, {:.0}x real time",
-        enc * 1e3,
-        secs / enc
-    );
+    common::print_speed("encode", secs, enc);
     for (name, guidance) in [("no guidance", 1.0), ("CFG 2 (two passes)", 2.0)] {
         let opts = SampleOptions {
             num_steps: 10,

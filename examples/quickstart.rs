@@ -21,10 +21,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use melvae::dsp::{
-    mel_to_audio, save_wav, Audio, GriffinLimConfig, MelConfig, MelExtractor, MelInversion,
-    SpectrogramImage, WavFormat,
-};
+use melvae::dsp::{save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, WavFormat};
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
 use melvae::train::run::{export, open_run, Start, Weights, Which};
 use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
@@ -107,6 +104,7 @@ fn run() -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     let (mut sum_r, mut sum_b) = (0.0, 0.0);
     let metrics = melvae::models::eval::Metrics::new(24000, false, &Device::Cpu)?;
+    let griffin_lim = melvae::models::eval::MelToAudio::new(None, ex.config())?;
     let mut vocoded: Vec<(String, f64, f64)> = Vec::new();
     for path in &held_out {
         let audio = common::load_for_mel(path, ex.config())?;
@@ -123,14 +121,10 @@ fn run() -> anyhow::Result<()> {
         sum_b += l1_b;
         let (mi, mr) = (mel_to_array(&r.input)?, mel_to_array(&r.output)?);
         img.save_png_stack(eval.join(format!("{name}.png")), &[&mi, &mr])?;
-        let wav = mel_to_audio(
-            &ex,
-            &mr,
-            Some(audio.n_samples()),
-            MelInversion::default(),
-            &GriffinLimConfig::default(),
+        let gl = Audio::new(
+            24000,
+            vec![griffin_lim.audio(&r.output, ex.config(), audio.n_samples())?],
         )?;
-        let gl = Audio::new(24000, vec![wav])?;
         save_wav(
             eval.join(format!("{name}_recon.wav")),
             &gl,

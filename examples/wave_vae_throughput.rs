@@ -98,12 +98,7 @@ fn run() -> anyhow::Result<()> {
         Ok(())
     })?;
     let audio_per_step = data.batch_size as f64 * crop as f64 / rate;
-    println!(
-        "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
-        per_step * 1e3,
-        1.0 / per_step,
-        audio_per_step / per_step
-    );
+    common::print_train_step(per_step, audio_per_step);
 
     let n = ((args.bench.seconds * rate) as usize).div_ceil(hop) * hop;
     let secs = n as f64 / rate;
@@ -117,16 +112,8 @@ fn run() -> anyhow::Result<()> {
         model.decode(&latent)?;
         Ok(())
     })?;
-    println!(
-        "encode {secs:.2} s (median of 3): {:.1} ms, {:.0}x real time",
-        enc * 1e3,
-        secs / enc
-    );
-    println!(
-        "decode {secs:.2} s (median of 3): {:.1} ms, {:.0}x real time",
-        dec * 1e3,
-        secs / dec
-    );
+    common::print_speed("encode", secs, enc);
+    common::print_speed("decode", secs, dec);
     if let Some(mib) = common::proc_status_mib("VmHWM") {
         println!("peak resident memory: {mib:.0} MiB");
     }

@@ -266,3 +266,24 @@ pub fn mel_vocoder(path: Option<&Path>) -> anyhow::Result<melvae::models::eval::
         &MelConfig::vocos_24k(),
     )?)
 }
+
+/// Prints a training step's time as ms, steps/s and seconds of audio per
+/// second (`audio_per_step` seconds of audio in a batch).
+pub fn print_train_step(per_step: f64, audio_per_step: f64) {
+    println!(
+        "train step: {:.1} ms, {:.2} steps/s, {:.1} audio-s/s",
+        per_step * 1e3,
+        1.0 / per_step,
+        audio_per_step / per_step
+    );
+}
+
+/// Prints `what` of `secs` seconds of audio taking `took` seconds (median
+/// of 3) in ms and multiples of real time.
+pub fn print_speed(what: &str, secs: f64, took: f64) {
+    println!(
+        "{what} {secs:.2} s (median of 3): {:.1} ms, {:.0}x real time",
+        took * 1e3,
+        secs / took
+    );
+}

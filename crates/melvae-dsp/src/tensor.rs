@@ -271,19 +271,17 @@ impl TensorIstft {
         let r = n.div_ceil(hop);
         let padded = frames_t.pad_with_zeros(2, 0, r * hop - n)?;
         let total = (frames + r - 1) * hop;
-        let mut out: Option<Tensor> = None;
-        for j in 0..r {
-            let seg = padded
+        let segment = |j: usize| -> Result<Tensor> {
+            Ok(padded
                 .narrow(2, j * hop, hop)?
                 .contiguous()?
                 .reshape((batch, frames * hop))?
-                .pad_with_zeros(1, j * hop, (r - 1 - j) * hop)?;
-            out = Some(match out {
-                Some(o) => (o + seg)?,
-                None => seg,
-            });
+                .pad_with_zeros(1, j * hop, (r - 1 - j) * hop)?)
+        };
+        let mut out = segment(0)?;
+        for j in 1..r {
+            out = (out + segment(j)?)?;
         }
-        let out = out.expect("r >= 1");
         // The summed squared window, on the host (a constant).
         let window = self.cfg.padded_window();
         let mut env = vec![0f32; total];

@@ -167,7 +167,7 @@ impl LossBalancer {
         }
         let decay = self.cfg.ema_decay;
         let mut scales = BTreeMap::new();
-        let mut out_grad: Option<Tensor> = None;
+        let mut out_grad = output.zeros_like()?.to_dtype(DType::F64)?;
         let mut effective = 0.0;
         for ((name, w, loss), g) in active.iter().zip(&grads) {
             let a = self
@@ -177,19 +177,15 @@ impl LossBalancer {
                     total: 0.0,
                     fix: 0.0,
                 });
-            a.total = a.total * decay + norms[*name];
+            let norm = norms.get(*name).copied().unwrap_or(0.0);
+            a.total = a.total * decay + norm;
             a.fix = a.fix * decay + 1.0;
             let avg = a.total / a.fix;
             let scale = w / weight_sum * self.cfg.total_norm / (self.cfg.epsilon + avg);
-            let part = (g * scale)?;
-            out_grad = Some(match out_grad {
-                Some(s) => (s + part)?,
-                None => part,
-            });
+            out_grad = (out_grad + (g.to_dtype(DType::F64)? * scale)?)?;
             effective += scale * loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             scales.insert(name.to_string(), scale);
         }
-        let out_grad = out_grad.expect("at least one active loss");
         // value: `effective`; gradient w.r.t. `output`: `out_grad`.
         let dot = (output * out_grad.to_dtype(output.dtype())?)?.sum_all()?;
         let loss = ((&dot - dot.detach())? + effective)?;

@@ -325,6 +325,13 @@ impl MelToAudio {
                         mel.stft.hop_length
                     )
                 })?;
+                ensure(
+                    v.config().adanorm_num_embeddings.is_none(),
+                    "vocoder",
+                    || {
+                        "has AdaLayerNorm and needs a condition id per decode; a mel model's audio uses a vocoder without one".into()
+                    },
+                )?;
                 Self::Vocos(Box::new(v))
             }
         })

@@ -337,7 +337,9 @@ impl Norm {
         Ok(match self {
             Self::Plain(n) => n.forward(x)?,
             Self::Ada { scale, shift, norm } => {
-                let id = cond.expect("checked by Vocos::backbone");
+                let id = cond.ok_or_else(|| {
+                    Error::invalid("vocos condition", "AdaLayerNorm needs a condition id")
+                })?;
                 let y = norm.forward(x)?;
                 y.broadcast_mul(&scale.get(id)?)?
                     .broadcast_add(&shift.get(id)?)?

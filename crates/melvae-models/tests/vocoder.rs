@@ -132,6 +132,11 @@ fn converts_to_a_model_file_that_decodes_the_same() {
         ),
         0.0
     );
+    // A mel model's audio cannot use it: it needs a condition id.
+    let e = melvae_models::eval::MelToAudio::new(Some(back.clone()), &back.config().mel_config())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AdaLayerNorm"), "{e}");
     // The condition is checked.
     let e = back.decode(&mel, None).unwrap_err().to_string();
     assert!(e.contains("condition id"), "{e}");

@@ -252,8 +252,14 @@ pub fn family_at(path: &Path) -> Result<String> {
 /// Checks a whole training config before anything is written: the family
 /// ([`family_of`]), its sections, the trainer's and the data's, and that
 /// they agree (adversarial training needs both `discriminators:` and
-/// `training.gan`). Errors name the file and key. Returns the family.
+/// `training.gan`; a `training.sample_vocoder` loads and fits the model).
+/// Errors name the file and key. Returns the family.
 pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
+    Ok(check(cfg)?.0)
+}
+
+/// [`check_config`], also returning the samples' vocoder it loaded.
+fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::eval::MelToAudio>)> {
     let family = family_of(cfg)?;
     let training: crate::TrainerConfig = cfg.get("training")?;
     let _: crate::AudioDataConfig = cfg.get("data")?;
@@ -277,7 +283,7 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
             false
         }
     };
-    sample_vocoder(cfg, &training, family)?;
+    let vocoder = sample_vocoder(cfg, &training, family)?;
     let gan = training.gan.is_some();
     if adversarial != gan {
         let key = if gan {
@@ -293,7 +299,7 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
                 .into(),
         });
     }
-    Ok(family)
+    Ok((family, vocoder))
 }
 
 /// The vocoder of `training.sample_vocoder` for a mel VAE's samples
@@ -336,8 +342,7 @@ pub fn train(
     let training: crate::TrainerConfig = cfg.get("training")?;
     let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
-    let family = check_config(cfg)?;
-    let vocoder = sample_vocoder(cfg, &training, family)?;
+    let (family, vocoder) = check(cfg)?;
     let trainer = crate::Trainer::new(training, run)?;
     match family {
         "wave_vae" => {

@@ -93,7 +93,7 @@ pub struct VocosTask {
     data_cfg: AudioDataConfig,
     /// The generator output and the real audio's discriminator view of a
     /// discriminator step, for the generator step of the same step.
-    pending: Option<(u64, candle_core::TensorId, Tensor, DiscOutput)>,
+    pending: Option<(u64, candle_core::TensorId, (Tensor, Tensor), DiscOutput)>,
     cursor: EpochCursor,
     seed: u64,
     device: Device,
@@ -156,16 +156,18 @@ impl VocosTask {
         Ok(self.mel.forward(&audio.squeeze(1)?)?)
     }
 
-    /// The vocoder's output `[batch, 1, samples]` for the mel of `audio`.
-    fn generate(&self, audio: &Tensor) -> Result<Tensor> {
+    /// The log-mel of `audio` (the input and the target) and the
+    /// vocoder's output `[batch, 1, samples]` for it.
+    fn generate(&self, audio: &Tensor) -> Result<(Tensor, Tensor)> {
         let mel = self.log_mel(audio)?.detach();
-        Ok(self.model.decode(&mel, None)?.unsqueeze(1)?)
+        let fake = self.model.decode(&mel, None)?.unsqueeze(1)?;
+        Ok((mel, fake))
     }
 
-    /// The mel loss of `fake` against `audio` (unweighted).
-    fn mel_loss(&self, audio: &Tensor, fake: &Tensor) -> Result<Tensor> {
-        let target = self.log_mel(audio)?.detach();
-        Ok((self.log_mel(fake)? - target)?.abs()?.mean_all()?)
+    /// The mel loss of `fake` against the target log-mel `mel`
+    /// (unweighted).
+    fn mel_loss(&self, mel: &Tensor, fake: &Tensor) -> Result<Tensor> {
+        Ok((self.log_mel(fake)? - mel)?.abs()?.mean_all()?)
     }
 }
 
@@ -193,10 +195,10 @@ impl TrainTask for VocosTask {
         let Some((_, disc)) = &self.discriminators else {
             return Ok(None);
         };
-        let fake = self.generate(batch)?;
+        let generated = self.generate(batch)?;
         let (d, real) =
-            super::waveform::discriminator_step(disc, self.loss.adversarial, batch, &fake)?;
-        self.pending = Some((ctx.step, batch.id(), fake, real));
+            super::waveform::discriminator_step(disc, self.loss.adversarial, batch, &generated.1)?;
+        self.pending = Some((ctx.step, batch.id(), generated, real));
         Ok(Some(Losses {
             total: d.clone(),
             terms: BTreeMap::from([("d".to_string(), d)]),
@@ -206,13 +208,13 @@ impl TrainTask for VocosTask {
     /// `mel_weight * mel`, plus `adversarial.weight * adv +
     /// adversarial.feature_matching * fm` in the adversarial phase.
     fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
-        let (fake, real) = match self.pending.take() {
-            Some((step, id, fake, real)) if step == ctx.step && id == batch.id() => {
-                (fake, Some(real))
+        let ((target, fake), real) = match self.pending.take() {
+            Some((step, id, generated, real)) if step == ctx.step && id == batch.id() => {
+                (generated, Some(real))
             }
             _ => (self.generate(batch)?, None),
         };
-        let mel = self.mel_loss(batch, &fake)?;
+        let mel = self.mel_loss(&target, &fake)?;
         let mut total = (&mel * self.loss.mel_weight)?;
         let mut terms = BTreeMap::from([("mel".to_string(), mel)]);
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
@@ -229,9 +231,9 @@ impl TrainTask for VocosTask {
     fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
         let hop = self.model.config().hop_length;
         let audio = super::waveform::val_crops(&self.data, hop, &self.device, self.dtype)?;
-        let fake = self.generate(&audio)?;
+        let (target, fake) = self.generate(&audio)?;
         let mel = self
-            .mel_loss(&audio, &fake)?
+            .mel_loss(&target, &fake)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
         Ok(BTreeMap::from([("mel".to_string(), mel)]))
@@ -245,7 +247,7 @@ impl TrainTask for VocosTask {
         let hop = self.model.config().hop_length;
         let audio = super::waveform::val_crops(&self.data, hop, &self.device, self.dtype)?
             .narrow(0, 0, 1)?;
-        let fake = self.generate(&audio)?.detach();
+        let fake = self.generate(&audio)?.1.detach();
         super::waveform::write_pair(
             dir,
             ctx.step,

@@ -203,9 +203,13 @@ impl WaveVaeTask {
             .iter()
             .filter_map(|&(k, w)| terms.get(k).map(|t| (k, w, t)))
             .collect();
-        let balancer = self.balancer.as_mut().expect("called with a balancer");
+        let (Some(balancer), Some(kl)) = (self.balancer.as_mut(), l.terms.get("kl")) else {
+            return Err(Error::invalid(
+                "wave_vae_loss.balancer",
+                "the balanced step needs the balancer and the KL term",
+            ));
+        };
         let balanced = balancer.balance(x, &leaf, &list)?;
-        let kl = &l.terms["kl"];
         let total = (balanced.loss.to_dtype(kl.dtype())? + (kl * l.kl_weight)?)?;
         terms.insert("kl".into(), kl.clone());
         Ok(Losses { total, terms })
