@@ -51,13 +51,17 @@ class _WeightNormed(nn.Module):
     def __init__(self, shape, n_bias, fan, weight_norm):
         super().__init__()
         self.weight_norm = weight_norm
-        w = torch.randn(*shape) / math.sqrt(fan)
+        # melvae's (and torch's) init: uniform in +-1/sqrt(fan_in), a
+        # weight-norm gain of 1/sqrt(3) (the norm such a slice has on
+        # average), bias uniform in the same bound.
+        bound = 1 / math.sqrt(fan)
+        w = (torch.rand(*shape) * 2 - 1) * bound
         if weight_norm:
-            self.weight_g = nn.Parameter(torch.ones(shape[0], 1, 1))
+            self.weight_g = nn.Parameter(torch.full((shape[0], 1, 1), 1 / math.sqrt(3)))
             self.weight_v = nn.Parameter(w)
         else:
             self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(n_bias))
+        self.bias = nn.Parameter((torch.rand(n_bias) * 2 - 1) * bound)
 
     def effective_weight(self):
         if not self.weight_norm:

@@ -32,18 +32,34 @@ pub(crate) enum Weight {
 
 impl Weight {
     /// `shape` of the weight; `norm_dim` the dim that keeps its own norm.
-    /// Plain weights are `weight` (Kaiming uniform); normed ones `weight_v`
-    /// (Kaiming uniform) and `weight_g` (init 1, so each slice starts at unit
-    /// norm).
+    ///
+    /// Initialised as torch initialises a conv and its `weight_norm`: plain
+    /// weights `weight` and normed ones' `weight_v` uniform in
+    /// `±1/sqrt(fan_in)` (`kaiming_uniform_(a=sqrt(5))`, `fan_in` = dim 1
+    /// times the kernel), and `weight_g` the norm such a slice has on
+    /// average, `1/sqrt(3)` (torch sets it to `||v||` of each slice). With a
+    /// unit norm instead, the gain compounds through a deep conv stack: a
+    /// 20-layer SEANet decoder started 12x louder than its target and took
+    /// hundreds of steps to become quiet before it learned the waveform
+    /// (docs/models/wave_vae.md, "Measured").
     pub(crate) fn new(shape: &[usize], norm_dim: Option<usize>, vb: &VarBuilder) -> Result<Self> {
-        let init = candle_nn::init::DEFAULT_KAIMING_UNIFORM;
+        let fan_in: usize = shape.iter().skip(1).product();
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
         Ok(match norm_dim {
             None => Self::Plain(vb.get_with_hints(shape, "weight", init)?),
             Some(dim) => {
                 let mut g_shape = vec![1; shape.len()];
                 g_shape[dim] = shape[dim];
                 Self::Norm {
-                    g: vb.get_with_hints(g_shape.as_slice(), "weight_g", Init::Const(1.0))?,
+                    g: vb.get_with_hints(
+                        g_shape.as_slice(),
+                        "weight_g",
+                        Init::Const(3f64.sqrt().recip()),
+                    )?,
                     v: vb.get_with_hints(shape, "weight_v", init)?,
                     dim,
                 }
