@@ -76,5 +76,5 @@ pub use realfft::num_complex::Complex32;
 pub use resample::{resample, ResampleQuality};
 pub use rng::SplitMix64;
 pub use stft::{PadMode, Padding, Stft, StftConfig};
-pub use tensor::{TensorIstft, TensorMel, TensorStft};
+pub use tensor::{IstftStream, TensorIstft, TensorMel, TensorStft};
 pub use window::{window, WindowKind};

@@ -244,10 +244,9 @@ impl TensorIstft {
         full.saturating_sub(2 * self.cfg.padding.amount(self.cfg.n_fft))
     }
 
-    /// The signal `[batch, samples]` whose STFT has real and imaginary
-    /// parts `re`, `im` (each `[batch, n_bins, frames]`); samples as
-    /// [`TensorIstft::n_samples`].
-    pub fn forward(&self, re: &Tensor, im: &Tensor) -> Result<Tensor> {
+    /// `(batch, frames)` of a valid `re`, `im` pair (each `[batch, n_bins,
+    /// frames]`, `frames >= 1`).
+    fn check(&self, re: &Tensor, im: &Tensor) -> Result<(usize, usize)> {
         let bins = self.cfg.n_bins();
         let (batch, b, frames) = re.dims3().map_err(|_| {
             Error::shape(
@@ -263,6 +262,12 @@ impl TensorIstft {
                 format!("{:?} and {:?}", re.dims(), im.dims()),
             ));
         }
+        Ok((batch, frames))
+    }
+
+    /// The overlap-added windowed inverse DFTs of `frames` frames: `[batch,
+    /// (frames - 1) * hop + n_fft]`, not yet divided by the window envelope.
+    fn overlap_add(&self, re: &Tensor, im: &Tensor, batch: usize, frames: usize) -> Result<Tensor> {
         let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
         // [B, T, 2F] x [2F, N] -> windowed frames [B, T, N].
         let spec = Tensor::cat(&[re, im], 1)?.transpose(1, 2)?.contiguous()?;
@@ -270,7 +275,6 @@ impl TensorIstft {
         // Overlap-add as r = ceil(N / hop) shifted sums of hop-long segments.
         let r = n.div_ceil(hop);
         let padded = frames_t.pad_with_zeros(2, 0, r * hop - n)?;
-        let total = (frames + r - 1) * hop;
         let segment = |j: usize| -> Result<Tensor> {
             Ok(padded
                 .narrow(2, j * hop, hop)?
@@ -282,24 +286,158 @@ impl TensorIstft {
         for j in 1..r {
             out = (out + segment(j)?)?;
         }
-        // The summed squared window, on the host (a constant).
+        Ok(out.narrow(1, 0, (frames - 1) * hop + n)?)
+    }
+
+    /// `[1, len]`: the reciprocal of the summed squared window of frames
+    /// `0..frames` at the unpadded positions `from..from + len` (0 where
+    /// the envelope vanishes).
+    fn inverse_envelope(
+        &self,
+        frames: usize,
+        from: usize,
+        len: usize,
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
         let window = self.cfg.padded_window();
-        let mut env = vec![0f32; total];
-        for t in 0..frames {
+        let first = from.saturating_sub(n - 1) / hop;
+        let mut env = vec![0f32; len];
+        for t in first..frames.min((from + len).div_ceil(hop)) {
             for (i, w) in window.iter().enumerate() {
-                env[t * hop + i] += w * w;
+                let p = t * hop + i;
+                if p >= from && p < from + len {
+                    env[p - from] += w * w;
+                }
             }
         }
-        let full = (frames - 1) * hop + n;
-        let pad = self.cfg.padding.amount(n);
-        let len = self.n_samples(frames);
-        let inv: Vec<f32> = env[pad..pad + len]
+        let inv: Vec<f32> = env
             .iter()
             .map(|&e| if e > 1e-11 { 1.0 / e } else { 0.0 })
             .collect();
-        debug_assert!(pad + len <= full);
-        let inv = Tensor::from_vec(inv, (1, len), re.device())?.to_dtype(re.dtype())?;
+        Ok(Tensor::from_vec(inv, (1, len), like.device())?.to_dtype(like.dtype())?)
+    }
+
+    /// The signal `[batch, samples]` whose STFT has real and imaginary
+    /// parts `re`, `im` (each `[batch, n_bins, frames]`); samples as
+    /// [`TensorIstft::n_samples`].
+    pub fn forward(&self, re: &Tensor, im: &Tensor) -> Result<Tensor> {
+        let (batch, frames) = self.check(re, im)?;
+        let out = self.overlap_add(re, im, batch, frames)?;
+        let pad = self.cfg.padding.amount(self.cfg.n_fft);
+        let len = self.n_samples(frames);
+        let inv = self.inverse_envelope(frames, pad, len, re)?;
         Ok(out.narrow(1, pad, len)?.broadcast_mul(&inv)?)
+    }
+
+    /// A stream of this inverse STFT: frames in, final samples out (see
+    /// [`IstftStream`]). Fails when the padding is wider than `n_fft -
+    /// hop_length` (the end trim would reach samples already given out).
+    pub fn stream(&self) -> Result<IstftStream> {
+        let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
+        let pad = self.cfg.padding.amount(n);
+        if hop > n || pad > n - hop {
+            return Err(Error::Invalid {
+                what: "istft stream".into(),
+                reason: format!("needs padding ({pad}) + hop_length ({hop}) <= n_fft ({n})"),
+            });
+        }
+        Ok(IstftStream {
+            istft: self.clone(),
+            frames: 0,
+            tail: None,
+        })
+    }
+}
+
+/// Streaming [`TensorIstft`]: [`IstftStream::push`] frames (`re`, `im`,
+/// each `[batch, n_bins, frames]`) as they come and get `[batch, samples]`
+/// of the samples no later frame can change; [`IstftStream::finish`] gives
+/// the rest. All the pieces joined equal [`TensorIstft::forward`] of all
+/// the frames (up to float rounding). Output sample `i` is final once
+/// frame `(i + padding) / hop_length` is in (no later frame's window starts
+/// at or before it): with centre padding (`n_fft / 2`) that is
+/// `n_fft / (2 hop_length)` frames after the frame centred on it.
+#[derive(Debug, Clone)]
+pub struct IstftStream {
+    istft: TensorIstft,
+    /// Frames pushed since the start.
+    frames: usize,
+    /// `[batch, n_fft - hop]`: the overlap-added samples from `frames *
+    /// hop` on, not final yet (no envelope applied).
+    tail: Option<Tensor>,
+}
+
+impl IstftStream {
+    /// Feeds frames; returns the samples that became final, if any.
+    pub fn push(&mut self, re: &Tensor, im: &Tensor) -> Result<Option<Tensor>> {
+        let (batch, frames) = self.istft.check(re, im)?;
+        let (n, hop) = (self.istft.cfg.n_fft, self.istft.cfg.hop_length);
+        let mut out = self.istft.overlap_add(re, im, batch, frames)?;
+        if let Some(tail) = self.tail.take() {
+            if tail.dim(0)? != batch {
+                return Err(Error::shape(
+                    "istft stream input",
+                    format!("[{}, n_bins, frames] (the batch so far)", tail.dim(0)?),
+                    format!("{:?}", re.dims()),
+                ));
+            }
+            let rest = out.dim(1)? - (n - hop);
+            out = Tensor::cat(
+                &[
+                    (out.narrow(1, 0, n - hop)? + tail)?,
+                    out.narrow(1, n - hop, rest)?,
+                ],
+                1,
+            )?;
+        }
+        let start = self.frames * hop;
+        self.frames += frames;
+        self.tail = Some(out.narrow(1, frames * hop, n - hop)?);
+        self.emit(&out.narrow(1, 0, frames * hop)?, start, frames * hop)
+    }
+
+    /// The samples still held (the last frames' overlap, less the end
+    /// padding); the stream then starts afresh. `None` before any frame.
+    pub fn finish(&mut self) -> Result<Option<Tensor>> {
+        let Some(tail) = self.tail.take() else {
+            self.reset();
+            return Ok(None);
+        };
+        let n = self.istft.cfg.n_fft;
+        let hop = self.istft.cfg.hop_length;
+        let pad = self.istft.cfg.padding.amount(n);
+        let start = self.frames * hop;
+        let out = self.emit(&tail.narrow(1, 0, n - hop - pad)?, start, n - hop - pad);
+        self.reset();
+        out
+    }
+
+    /// Forgets every frame.
+    pub fn reset(&mut self) {
+        self.frames = 0;
+        self.tail = None;
+    }
+
+    /// Numbers held between pushes (`batch * (n_fft - hop)`).
+    pub fn state_elements(&self) -> usize {
+        self.tail.as_ref().map_or(0, |t| t.elem_count())
+    }
+
+    /// `samples` (`len` long, padded positions from `start`) divided by the
+    /// envelope, less what falls in the start padding.
+    fn emit(&self, samples: &Tensor, start: usize, len: usize) -> Result<Option<Tensor>> {
+        let pad = self.istft.cfg.padding.amount(self.istft.cfg.n_fft);
+        let skip = pad.saturating_sub(start).min(len);
+        if skip == len {
+            return Ok(None);
+        }
+        let inv = self
+            .istft
+            .inverse_envelope(self.frames, start + skip, len - skip, samples)?;
+        Ok(Some(
+            samples.narrow(1, skip, len - skip)?.broadcast_mul(&inv)?,
+        ))
     }
 }
 
@@ -309,6 +447,63 @@ mod tests {
     use crate::stft::Padding;
     use crate::{MelExtractor, Stft};
     use candle_core::Var;
+
+    /// The streamed inverse STFT joins to the offline one for any push
+    /// sizes and both paddings; a padding too wide to stream is refused.
+    #[test]
+    fn istft_stream_equals_offline() {
+        let dev = Device::Cpu;
+        for padding in [
+            Padding::Center(PadMode::Reflect),
+            Padding::Both(6, PadMode::Reflect),
+        ] {
+            let cfg = StftConfig {
+                n_fft: 16,
+                hop_length: 4,
+                win_length: 16,
+                padding,
+                ..StftConfig::new(16)
+            };
+            let istft = TensorIstft::new(cfg, &dev).unwrap();
+            let frames = 23;
+            let re = Tensor::from_vec(signal(9 * frames * 2, 5), (2, 9, frames), &dev).unwrap();
+            let im = Tensor::from_vec(signal(9 * frames * 2, 6), (2, 9, frames), &dev).unwrap();
+            let offline = istft.forward(&re, &im).unwrap();
+            let mut stream = istft.stream().unwrap();
+            for sizes in [vec![1], vec![2, 5], vec![23]] {
+                let (mut parts, mut at, mut i) = (Vec::new(), 0, 0);
+                while at < frames {
+                    let n = sizes[i % sizes.len()].min(frames - at);
+                    let (r, m) = (re.narrow(2, at, n).unwrap(), im.narrow(2, at, n).unwrap());
+                    parts.extend(stream.push(&r, &m).unwrap());
+                    assert!(stream.state_elements() <= 2 * 12);
+                    at += n;
+                    i += 1;
+                }
+                parts.extend(stream.finish().unwrap());
+                let y = Tensor::cat(&parts, 1).unwrap();
+                assert_eq!(y.dims(), offline.dims(), "{padding:?} {sizes:?}");
+                let d = (y - &offline).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "{padding:?} {sizes:?}: {d}");
+            }
+        }
+        let cfg = StftConfig {
+            n_fft: 16,
+            hop_length: 12,
+            win_length: 16,
+            ..StftConfig::new(16)
+        };
+        let e = TensorIstft::new(cfg, &dev)
+            .unwrap()
+            .stream()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("istft stream") && e.contains("hop_length (12)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn istft_inverts_the_stft_and_matches_the_host_istft() {

@@ -58,7 +58,7 @@ pub use mel_vae::{
     StreamedLatents,
 };
 pub use model_file::{Family, ModelFileInfo};
-pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding};
+pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,
     WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae,

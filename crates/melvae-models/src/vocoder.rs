@@ -18,6 +18,11 @@
 //!   inverted by [`melvae_dsp::TensorIstft`] (Hann, centred or "same"
 //!   padding as the config says).
 //!
+//! A new (untrained) model starts as the package's does: the backbone's
+//! convs and linears from `N(0, 0.02)` with zero biases (its
+//! `_init_weights`), the head's linear from torch's default (uniform in
+//! `±1/sqrt(dim)`), layer scale `gamma` at `layer_scale_init_value`.
+//!
 //! Layouts: mel `[batch, n_mels, frames]` (natural-log magnitudes, the
 //! features [`VocosConfig::mel_config`] describes), audio `[batch,
 //! samples]` with `samples = (frames - 1) * hop` ("center") or
@@ -299,6 +304,23 @@ impl VocosConfig {
     }
 }
 
+/// Creates `prefix.weight` of `shape` from `N(0, 0.02)` and `prefix.bias`
+/// (`shape[0]`) at zero, the `vocos` package's `_init_weights` for the
+/// backbone's convs and linears; a no-op for a builder that loads weights
+/// (the layer built next asks for the same names and gets these).
+fn package_init(vb: &VarBuilder, shape: &[usize]) -> Result<()> {
+    vb.get_with_hints(
+        shape,
+        "weight",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        },
+    )?;
+    vb.get_with_hints(shape[0], "bias", candle_nn::Init::Const(0.0))?;
+    Ok(())
+}
+
 /// LayerNorm, or AdaLayerNorm (a row of `scale` and `shift` per condition).
 #[derive(Debug, Clone)]
 enum Norm {
@@ -367,6 +389,9 @@ impl ConvNeXtBlock {
         let scale = cfg
             .layer_scale_init_value
             .unwrap_or(1.0 / cfg.num_layers.max(1) as f64);
+        package_init(&vb.pp("dwconv"), &[cfg.dim, 1, 7])?;
+        package_init(&vb.pp("pwconv1"), &[cfg.intermediate_dim, cfg.dim])?;
+        package_init(&vb.pp("pwconv2"), &[cfg.dim, cfg.intermediate_dim])?;
         Ok(Self {
             dwconv: Conv1d::new(dw, vb.pp("dwconv"))?,
             norm: Norm::new(cfg, vb.pp("norm"))?,
@@ -413,6 +438,18 @@ impl Vocos {
     pub fn new(cfg: VocosConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let bb = vb.pp("backbone");
+        package_init(&bb.pp("embed"), &[cfg.dim, cfg.n_mels, 7])?;
+        // torch's default for the head's Linear (candle-nn's is Kaiming
+        // normal, sqrt(6) times wider).
+        let bound = 1.0 / (cfg.dim as f64).sqrt();
+        vb.pp("head").pp("out").get_with_hints(
+            (cfg.n_fft + 2, cfg.dim),
+            "weight",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
         let embed = Conv1d::new(
             Conv1dConfig {
                 padding: ConvPadding::Same,
@@ -554,14 +591,144 @@ impl Vocos {
             .transpose(1, 2)?)
     }
 
-    /// Audio `[batch, samples]` of the head's output.
-    fn istft_of(&self, h: &Tensor) -> Result<Tensor> {
+    /// Real and imaginary parts `[batch, n_bins, frames]` of the head's
+    /// output (magnitude `exp`, clipped at 100).
+    fn spectrum(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
         let bins = self.cfg.n_fft / 2 + 1;
         let mag = h.narrow(1, 0, bins)?.exp()?.minimum(100.0)?;
         let phase = h.narrow(1, bins, bins)?;
-        let re = (&mag * phase.cos()?)?;
-        let im = (&mag * phase.sin()?)?;
+        Ok(((&mag * phase.cos()?)?, (&mag * phase.sin()?)?))
+    }
+
+    /// Audio `[batch, samples]` of the head's output.
+    fn istft_of(&self, h: &Tensor) -> Result<Tensor> {
+        let (re, im) = self.spectrum(h)?;
         Ok(self.istft.forward(&re, &im)?)
+    }
+
+    /// A stream of this vocoder (see [`VocosStream`]) for condition `cond`
+    /// (checked on the first push, as [`Vocos::decode`] checks it).
+    pub fn stream(&self, cond: Option<usize>) -> Result<VocosStream> {
+        Ok(VocosStream {
+            istft: self.istft.stream()?,
+            vocos: self.clone(),
+            cond,
+            mel: None,
+            mel_start: 0,
+            received: 0,
+            next: 0,
+        })
+    }
+
+    /// Mel frames a stream needs after a frame before the audio of that
+    /// frame's hop is final: [`Vocos::context_frames`] for the backbone
+    /// plus the ISTFT's `ceil(padding / hop)` (a sample is final once no
+    /// later frame's window starts before it); 29 at the published 24 kHz
+    /// size (309 ms), plus the time to compute a push.
+    pub fn lookahead_frames(&self) -> usize {
+        let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
+        self.context_frames() + self.istft.config().padding.amount(n).div_ceil(hop)
+    }
+}
+
+/// Streaming synthesis: [`VocosStream::push`] mel frames (`[batch, n_mels,
+/// frames]`, any number per call) and get the audio (`[batch, samples]`)
+/// that no later frame can change; [`VocosStream::finish`] gives the rest.
+/// The pieces joined equal [`Vocos::decode`] of the whole mel (up to float
+/// rounding): each frame's spectrum is computed once
+/// [`Vocos::context_frames`] frames after it have arrived, from a window
+/// holding that much context on each side, and the ISTFT streams
+/// ([`melvae_dsp::IstftStream`]). Latency: [`Vocos::lookahead_frames`]
+/// plus the chunking; state: the last `2 * context_frames` mel frames and
+/// one ISTFT overlap.
+#[derive(Debug, Clone)]
+pub struct VocosStream {
+    vocos: Vocos,
+    cond: Option<usize>,
+    istft: melvae_dsp::IstftStream,
+    /// Mel frames from `mel_start` to `received`.
+    mel: Option<Tensor>,
+    mel_start: usize,
+    received: usize,
+    /// The next frame whose spectrum is due.
+    next: usize,
+}
+
+impl VocosStream {
+    /// Feeds mel frames; returns the audio that became final, if any.
+    pub fn push(&mut self, mel: &Tensor) -> Result<Option<Tensor>> {
+        let (_, m, frames) = mel.dims3().map_err(|_| Error::Shape {
+            what: "vocos stream mel".into(),
+            expected: "[batch, n_mels, frames]".into(),
+            got: format!("{:?}", mel.dims()),
+        })?;
+        if frames == 0 {
+            return Ok(None);
+        }
+        let buf = match self.mel.take() {
+            Some(b) if b.dim(0)? != mel.dim(0)? || m != b.dim(1)? => {
+                return Err(Error::Shape {
+                    what: "vocos stream mel".into(),
+                    expected: format!("[{}, {}, frames] (as so far)", b.dim(0)?, b.dim(1)?),
+                    got: format!("{:?}", mel.dims()),
+                })
+            }
+            Some(b) => Tensor::cat(&[&b, mel], 2)?,
+            None => mel.clone(),
+        };
+        self.mel = Some(buf);
+        self.received += frames;
+        self.advance(self.received.saturating_sub(self.vocos.context_frames()))
+    }
+
+    /// The audio still held (the last frames, which had no right context
+    /// to wait for); the stream then starts afresh.
+    pub fn finish(&mut self) -> Result<Option<Tensor>> {
+        let last = self.advance(self.received)?;
+        let rest = self.istft.finish()?;
+        self.reset();
+        Ok(match (last, rest) {
+            (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 1)?),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Forgets every frame.
+    pub fn reset(&mut self) {
+        self.istft.reset();
+        self.mel = None;
+        self.mel_start = 0;
+        self.received = 0;
+        self.next = 0;
+    }
+
+    /// Numbers held between pushes (mel frames and the ISTFT overlap).
+    pub fn state_elements(&self) -> usize {
+        self.mel.as_ref().map_or(0, |m| m.elem_count()) + self.istft.state_elements()
+    }
+
+    /// Computes the spectra of frames `next..until` and streams them
+    /// through the ISTFT; drops the mel frames no later spectrum needs.
+    fn advance(&mut self, until: usize) -> Result<Option<Tensor>> {
+        let Some(buf) = &self.mel else {
+            return Ok(None);
+        };
+        if until <= self.next {
+            return Ok(None);
+        }
+        let h = self.vocos.spectrum_frames(buf, self.cond)?;
+        let h = h.narrow(2, self.next - self.mel_start, until - self.next)?;
+        let (re, im) = self.vocos.spectrum(&h)?;
+        let audio = self.istft.push(&re, &im)?;
+        self.next = until;
+        let keep_from = self.next.saturating_sub(self.vocos.context_frames());
+        let drop = keep_from - self.mel_start;
+        if drop > 0 {
+            let len = buf.dim(2)? - drop;
+            self.mel = Some(buf.narrow(2, drop, len)?);
+            self.mel_start = keep_from;
+        }
+        Ok(audio)
     }
 }
 
@@ -638,17 +805,22 @@ mod tests {
         }
     }
 
+    /// A 2-block tiny model with random weights of scale 1 (f32).
+    fn two_blocks(padding: VocosPadding, ada: Option<usize>) -> Vocos {
+        let vm = VarMap::new();
+        let cfg = VocosConfig {
+            num_layers: 2,
+            ..tiny(padding, ada)
+        };
+        let v = Vocos::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        melvae_layers::testing::randomize(&vm, 1.0, 9).unwrap();
+        v
+    }
+
     #[test]
     fn chunked_equals_offline() {
         for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
-            let vm = VarMap::new();
-            let cfg = VocosConfig {
-                num_layers: 2,
-                ..tiny(padding, ada)
-            };
-            let v =
-                Vocos::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-            melvae_layers::testing::randomize(&vm, 1.0, 9).unwrap();
+            let v = two_blocks(padding, ada);
             let mel = noise(&[2, 3, 41], 4).unwrap().to_dtype(DType::F32).unwrap();
             let cond = ada.map(|_| 1);
             let offline = v.decode(&mel, cond).unwrap();
@@ -671,6 +843,60 @@ mod tests {
         let mel = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
         let e = v.decode_chunked(&mel, None, 0).unwrap_err().to_string();
         assert!(e.contains("vocos chunk"), "{e}");
+    }
+
+    /// Streaming synthesis equals offline decoding for any push sizes, its
+    /// state stays bounded, and it restarts cleanly after `finish`.
+    #[test]
+    fn stream_equals_offline() {
+        for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
+            let v = two_blocks(padding, ada);
+            let mel = noise(&[2, 3, 61], 5).unwrap().to_dtype(DType::F32).unwrap();
+            let cond = ada.map(|_| 1);
+            let offline = v.decode(&mel, cond).unwrap();
+            let mut stream = v.stream(cond).unwrap();
+            // Latency: with one frame per push, the audio of frame `k`'s
+            // hop is out once frame `k + lookahead_frames` is in.
+            let look = v.lookahead_frames();
+            assert_eq!(look, 9 + 2);
+            let mut out = 0;
+            for f in 1..=61 {
+                if let Some(a) = stream.push(&mel.narrow(2, f - 1, 1).unwrap()).unwrap() {
+                    out += a.dim(1).unwrap();
+                }
+                assert!(
+                    out + 4 * look >= 4 * f,
+                    "{padding:?}: {out} samples after {f} frames"
+                );
+                if f > look {
+                    assert!(
+                        out + 4 * (look - 1) < 4 * f,
+                        "{padding:?}: less lookahead than stated"
+                    );
+                }
+            }
+            stream.reset();
+            for sizes in [vec![1], vec![3, 1, 7], vec![61], vec![20, 0, 41]] {
+                let (mut parts, mut at, mut i, mut state) = (Vec::new(), 0, 0, Vec::new());
+                while at < 61 {
+                    let n = sizes[i % sizes.len()].min(61 - at);
+                    parts.extend(stream.push(&mel.narrow(2, at, n).unwrap()).unwrap());
+                    state.push(stream.state_elements());
+                    at += n;
+                    i += 1;
+                }
+                parts.extend(stream.finish().unwrap());
+                let streamed = Tensor::cat(&parts, 1).unwrap();
+                assert_eq!(streamed.dims(), offline.dims(), "{padding:?} {sizes:?}");
+                let d = melvae_layers::testing::max_abs_diff(&offline, &streamed).unwrap();
+                assert!(d < 1e-5, "{padding:?} {sizes:?}: {d}");
+                // Bounded: the mel window (context, a push's frames) and
+                // one ISTFT overlap, batch 2.
+                let bound = 2 * (3 * (2 * v.context_frames() + 41) + (16 - 4));
+                assert!(state.iter().all(|&s| s <= bound), "{state:?} > {bound}");
+                assert_eq!(stream.state_elements(), 0);
+            }
+        }
     }
 
     #[test]
