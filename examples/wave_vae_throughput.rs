@@ -21,10 +21,10 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use clap::Parser;
 use melvae::dsp::SplitMix64;
 use melvae::models::{WaveVae, WaveVaeObjective};
@@ -50,31 +50,25 @@ const LR: f64 = 1e-4;
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let dev = args.bench.device()?;
-    let path = PathBuf::from(format!("configs/settings/{}.yaml", args.setting));
-    let resolved = melvae::train::ResolvedConfig::load(&path, &[])?;
-    let sections = melvae::train::tasks::wave_vae::wave_vae_config(&resolved)?;
-    let data: melvae::train::AudioDataConfig = resolved.get("data")?;
-    let varmap = candle_nn::VarMap::new();
-    let model = WaveVae::new(
-        sections.model.clone(),
-        melvae::layers::seeded_var_builder(&varmap, 0, DType::F32, &dev),
-    )?;
+    let setting = common::BenchSetting::load(&args.setting)?;
+    let sections = melvae::train::tasks::wave_vae::wave_vae_config(&setting.resolved)?;
+    let model = WaveVae::new(sections.model.clone(), setting.var_builder(&dev))?;
     let objective = WaveVaeObjective::new(sections.loss.clone(), model.config(), &dev)?;
-    let vars = melvae::layers::testing::named_vars(&varmap);
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let (vars, n_params) = setting.vars();
+    let data = &setting.data;
     let cfg = model.config();
     let (rate, channels, hop) = (cfg.sample_rate as f64, cfg.audio_channels, model.hop());
-    let crop = ((data.crop_seconds * rate) as usize / hop).max(1) * hop;
+    let crop = setting.crop(rate, hop);
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{}: {:.3} M parameters, hop {hop}, batch {} x {channels} x {crop} samples ({:.2} s each), {threads} threads",
-        path.display(),
+        setting.path.display(),
         n_params as f64 / 1e6,
         data.batch_size,
         crop as f64 / rate
     );
 
-    let batch = audio(data.batch_size, channels, crop, 1, &dev)?;
+    let batch = common::test_audio(data.batch_size, channels, crop, 1, &dev)?;
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let mut rng = SplitMix64::new(0);
     let eval = model.loss(&batch, STEP, &objective, &mut rng, false)?;
@@ -102,7 +96,7 @@ fn run() -> anyhow::Result<()> {
 
     let n = ((args.bench.seconds * rate) as usize).div_ceil(hop) * hop;
     let secs = n as f64 / rate;
-    let long = audio(1, channels, n, 2, &dev)?;
+    let long = common::test_audio(1, channels, n, 2, &dev)?;
     let (latent, _) = model.encode(&long)?;
     let enc = common::median_of_3(&dev, || {
         model.encode(&long)?;
@@ -114,73 +108,24 @@ fn run() -> anyhow::Result<()> {
     })?;
     common::print_speed("encode", secs, enc);
     common::print_speed("decode", secs, dec);
-    if let Some(mib) = common::proc_status_mib("VmHWM") {
-        println!("peak resident memory: {mib:.0} MiB");
-    }
-
-    if let Some(dir) = &args.dump {
-        dump(
-            dir,
-            &weights,
-            &batch,
-            serde_json::json!({
-                "setting": args.setting,
-                "model": sections.model,
-                "loss": sections.loss,
-                "step": STEP,
-                "kl_weight": objective.config().kl_schedule().weight(STEP),
-                "eval_terms": eval_terms,
-                "eval_total": eval_total,
-                "melvae_step_ms": per_step * 1e3,
-                "threads": threads,
-                "learning_rate": LR,
-                "n_params": n_params,
-            }),
-        )?;
-        println!("wrote {}", dir.display());
-    }
-    Ok(())
-}
-
-/// Deterministic audio-like input `[batch, channels, samples]`: a few
-/// sweeping tones under noise, amplitude about 0.5.
-fn audio(
-    batch: usize,
-    channels: usize,
-    samples: usize,
-    seed: u64,
-    dev: &Device,
-) -> anyhow::Result<Tensor> {
-    let noise = common::noise(batch * channels * samples, seed);
-    let data: Vec<f32> = noise
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let t = (i % samples) as f32 / samples as f32;
-            let f = 40.0 + 30.0 * (i / samples) as f32;
-            0.4 * (std::f32::consts::TAU * f * t * (1.0 + t)).sin() + 0.2 * n
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (batch, channels, samples), dev)?)
-}
-
-fn dump(
-    dir: &Path,
-    weights: &HashMap<String, Tensor>,
-    batch: &Tensor,
-    meta: serde_json::Value,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    candle_core::safetensors::save(weights, dir.join("weights.safetensors"))?;
-    let b = batch.to_device(&Device::Cpu)?;
-    let shape = b.dims().to_vec();
-    let array = ndarray::ArrayD::from_shape_vec(shape, b.flatten_all()?.to_vec1::<f32>()?)?;
-    melvae::dsp::write_npy(dir.join("batch.npy"), &array)?;
-    std::fs::write(
-        dir.join("meta.json"),
-        serde_json::to_string_pretty(&meta)? + "\n",
-    )?;
-    Ok(())
+    common::finish_bench(
+        args.dump.as_deref(),
+        &weights,
+        &batch,
+        serde_json::json!({
+            "setting": args.setting,
+            "model": sections.model,
+            "loss": sections.loss,
+            "step": STEP,
+            "kl_weight": objective.config().kl_schedule().weight(STEP),
+            "eval_terms": eval_terms,
+            "eval_total": eval_total,
+            "melvae_step_ms": per_step * 1e3,
+            "threads": threads,
+            "learning_rate": LR,
+            "n_params": n_params,
+        }),
+    )
 }
 
 fn main() -> ExitCode {

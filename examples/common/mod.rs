@@ -287,3 +287,111 @@ pub fn print_speed(what: &str, secs: f64, took: f64) {
         secs / took
     );
 }
+
+/// Deterministic audio-like input `[batch, channels, samples]`: a few
+/// sweeping tones under noise, amplitude about 0.5.
+pub fn test_audio(
+    batch: usize,
+    channels: usize,
+    samples: usize,
+    seed: u64,
+    dev: &candle_core::Device,
+) -> anyhow::Result<candle_core::Tensor> {
+    let noise = noise(batch * channels * samples, seed);
+    let data: Vec<f32> = noise
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let t = (i % samples) as f32 / samples as f32;
+            let f = 40.0 + 30.0 * (i / samples) as f32;
+            0.4 * (std::f32::consts::TAU * f * t * (1.0 + t)).sin() + 0.2 * n
+        })
+        .collect();
+    Ok(candle_core::Tensor::from_vec(
+        data,
+        (batch, channels, samples),
+        dev,
+    )?)
+}
+
+/// The end of a model throughput example: prints the peak resident memory
+/// and, with `--dump DIR`, writes what a PyTorch twin under tools/bench/
+/// needs to rebuild the model and check its loss (see [`dump_for_twin`]).
+pub fn finish_bench(
+    dump: Option<&Path>,
+    weights: &std::collections::HashMap<String, candle_core::Tensor>,
+    batch: &candle_core::Tensor,
+    meta: serde_json::Value,
+) -> anyhow::Result<()> {
+    if let Some(mib) = proc_status_mib("VmHWM") {
+        println!("peak resident memory: {mib:.0} MiB");
+    }
+    if let Some(dir) = dump {
+        dump_for_twin(dir, weights, batch, meta)?;
+        println!("wrote {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Writes what a PyTorch twin under tools/bench/ needs to rebuild a model
+/// and check its loss: `weights.safetensors` (by name), `batch.npy` and
+/// `meta.json`.
+pub fn dump_for_twin(
+    dir: &Path,
+    weights: &std::collections::HashMap<String, candle_core::Tensor>,
+    batch: &candle_core::Tensor,
+    meta: serde_json::Value,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    candle_core::safetensors::save(weights, dir.join("weights.safetensors"))?;
+    let b = batch.to_device(&candle_core::Device::Cpu)?;
+    let shape = b.dims().to_vec();
+    let array = ndarray::ArrayD::from_shape_vec(shape, b.flatten_all()?.to_vec1::<f32>()?)?;
+    melvae::dsp::write_npy(dir.join("batch.npy"), &array)?;
+    std::fs::write(
+        dir.join("meta.json"),
+        serde_json::to_string_pretty(&meta)? + "\n",
+    )?;
+    Ok(())
+}
+
+/// A throughput example's settings file (`configs/settings/NAME.yaml`),
+/// its `data:` section and a fresh variable map for its model.
+pub struct BenchSetting {
+    pub path: std::path::PathBuf,
+    pub resolved: melvae::train::ResolvedConfig,
+    pub data: melvae::train::AudioDataConfig,
+    pub varmap: candle_nn::VarMap,
+}
+
+impl BenchSetting {
+    /// Loads `configs/settings/{name}.yaml`.
+    pub fn load(name: &str) -> anyhow::Result<Self> {
+        let path = std::path::PathBuf::from(format!("configs/settings/{name}.yaml"));
+        let resolved = melvae::train::ResolvedConfig::load(&path, &[])?;
+        let data = resolved.get("data")?;
+        Ok(Self {
+            path,
+            resolved,
+            data,
+            varmap: candle_nn::VarMap::new(),
+        })
+    }
+
+    /// A builder creating the model's variables in the map (seed 0, f32).
+    pub fn var_builder(&self, dev: &candle_core::Device) -> candle_nn::VarBuilder<'static> {
+        melvae::layers::seeded_var_builder(&self.varmap, 0, candle_core::DType::F32, dev)
+    }
+
+    /// The variables by name and their number of elements.
+    pub fn vars(&self) -> (Vec<(String, candle_core::Var)>, usize) {
+        let vars = melvae::layers::testing::named_vars(&self.varmap);
+        let n = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        (vars, n)
+    }
+
+    /// Samples per training crop: `data.crop_seconds` cut to the hop.
+    pub fn crop(&self, rate: f64, hop: usize) -> usize {
+        ((self.data.crop_seconds * rate) as usize / hop).max(1) * hop
+    }
+}

@@ -1,0 +1,121 @@
+//! Measures the Vocos vocoder: training steps per second (the mel loss of a
+//! batch of crops, backward and an AdamW update, as `train` runs it without
+//! the adversarial phase), offline synthesis speed in multiples of real
+//! time, and the process's peak resident memory.
+//!
+//! ```text
+//! cargo run --release --example vocos_throughput -- [--setting vocos_tiny] [--steps 5] [--dump DIR]
+//! ```
+//!
+//! `--setting` names a file in configs/settings/ whose `vocos`,
+//! `vocos_loss` and `data` sections give the model, the loss weight and
+//! the batch (`data.batch_size` crops of `data.crop_seconds`, cut to the
+//! hop). `--dump DIR` also writes what `tools/bench/vocos_twin.py` needs to
+//! rebuild the same model with the `vocos` package, check that it computes
+//! the same loss and time the same step: `weights.safetensors` (the
+//! package's parameter names), `batch.npy` (`[batch, samples]`) and
+//! `meta.json`. Runs on the CPU, or on the first CUDA device when built
+//! with `--features cuda` and `--cuda` is given.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::Tensor;
+use clap::Parser;
+use melvae::dsp::TensorMel;
+use melvae::models::Vocos;
+use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// Settings file under configs/settings/ (without .yaml).
+    #[arg(long, default_value = "vocos_tiny")]
+    setting: String,
+    #[command(flatten)]
+    bench: common::BenchArgs,
+    /// Write the weights, the batch and the loss for the PyTorch twin here.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+/// The learning rate of the timed updates.
+const LR: f64 = 1e-4;
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dev = args.bench.device()?;
+    let setting = common::BenchSetting::load(&args.setting)?;
+    let sections = melvae::train::tasks::vocos::vocos_config(&setting.resolved)?;
+    let model = Vocos::new(sections.model.clone(), setting.var_builder(&dev))?;
+    let cfg = model.config().clone();
+    let mel = TensorMel::new(cfg.mel_config(), &dev)?;
+    let (vars, n_params) = setting.vars();
+    let (rate, hop, data) = (cfg.sample_rate as f64, cfg.hop_length, &setting.data);
+    let crop = setting.crop(rate, hop);
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "{}: {:.3} M parameters, batch {} x {crop} samples ({:.2} s each), {threads} threads",
+        setting.path.display(),
+        n_params as f64 / 1e6,
+        data.batch_size,
+        crop as f64 / rate
+    );
+
+    let batch = common::test_audio(data.batch_size, 1, crop, 1, &dev)?.squeeze(1)?;
+    // The task's step: the log-mel of the crops in, the weighted L1 of the
+    // output's log-mel against it out.
+    let loss = |audio: &Tensor| -> anyhow::Result<Tensor> {
+        let target = mel.forward(audio)?.detach();
+        let fake = model.decode(&target, None)?;
+        let l1 = (mel.forward(&fake)? - &target)?.abs()?.mean_all()?;
+        Ok((l1 * sections.loss.mel_weight)?)
+    };
+    let eval_total = loss(&batch)?.to_scalar::<f32>()? as f64;
+    // The weights before any update, for the twin (it reproduces this loss).
+    let weights: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect::<anyhow::Result<_>>()?;
+
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    let per_step = common::mean_seconds(&dev, 1, args.bench.steps, || {
+        let store = loss(&batch)?.backward()?;
+        opt.step(&collect_grads(&vars, &store), LR)?;
+        Ok(())
+    })?;
+    let audio_per_step = data.batch_size as f64 * crop as f64 / rate;
+    common::print_train_step(per_step, audio_per_step);
+
+    let n = ((args.bench.seconds * rate) as usize).div_ceil(hop) * hop;
+    let secs = n as f64 / rate;
+    let long = common::test_audio(1, 1, n, 2, &dev)?.squeeze(1)?;
+    let long_mel = mel.forward(&long)?;
+    let dec = common::median_of_3(&dev, || {
+        model.decode(&long_mel, None)?;
+        Ok(())
+    })?;
+    common::print_speed("synthesise", secs, dec);
+    common::finish_bench(
+        args.dump.as_deref(),
+        &weights,
+        &batch,
+        serde_json::json!({
+            "setting": args.setting,
+            "model": cfg,
+            "loss": sections.loss,
+            "eval_total": eval_total,
+            "melvae_step_ms": per_step * 1e3,
+            "threads": threads,
+            "learning_rate": LR,
+            "n_params": n_params,
+        }),
+    )
+}
+
+fn main() -> ExitCode {
+    common::tune_allocator();
+    common::exit_with(run())
+}
