@@ -141,6 +141,15 @@ impl StftConfig {
         Ok(())
     }
 
+    /// The signal length an inverse STFT of `frames` frames gives:
+    /// `(frames - 1) * hop + n_fft` less the padding on both sides (with
+    /// centre padding `(frames - 1) * hop`); [`StftConfig::n_frames`] of it
+    /// is `frames` again.
+    pub fn n_samples(&self, frames: usize) -> usize {
+        let full = frames.saturating_sub(1) * self.hop_length + self.n_fft;
+        full.saturating_sub(2 * self.padding.amount(self.n_fft))
+    }
+
     /// Number of frames for a signal of `len` samples, or an error naming
     /// the length when the padded signal is shorter than one frame.
     pub fn n_frames(&self, len: usize) -> Result<usize> {

@@ -240,8 +240,7 @@ impl TensorIstft {
     /// Samples for `frames` frames: `(frames - 1) * hop + n_fft` less the
     /// padding on both sides.
     pub fn n_samples(&self, frames: usize) -> usize {
-        let full = frames.saturating_sub(1) * self.cfg.hop_length + self.cfg.n_fft;
-        full.saturating_sub(2 * self.cfg.padding.amount(self.cfg.n_fft))
+        self.cfg.n_samples(frames)
     }
 
     /// `(batch, frames)` of a valid `re`, `im` pair (each `[batch, n_bins,

@@ -151,6 +151,17 @@ impl VectorQuantizer {
         })
     }
 
+    /// The state of the dead-code restart sampler (a checkpoint keeps it
+    /// for exact resume).
+    pub fn rng_state(&self) -> u64 {
+        self.rng.state
+    }
+
+    /// Restores [`VectorQuantizer::rng_state`].
+    pub fn set_rng_state(&mut self, state: u64) {
+        self.rng.state = state;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &VqConfig {
         &self.cfg

@@ -14,6 +14,9 @@
 //! - [`latent`]: latent edits for exploration (scale, shift,
 //!   interpolation).
 //! - [`vocoder`]: Vocos, loading the `vocos` package's checkpoints.
+//! - [`mel_vqvae`]: the mel VQ-VAE, mel spectrograms to a grid of tokens
+//!   and back.
+//! - [`priors`]: autoregressive priors over tokens (the class GPT).
 //! - [`model_file`]: self-describing model files every family loads from.
 //!
 //! ```
@@ -42,7 +45,9 @@ mod error;
 pub mod eval;
 pub mod latent;
 pub mod mel_vae;
+pub mod mel_vqvae;
 pub mod model_file;
+pub mod priors;
 pub mod vocoder;
 pub mod wave_vae;
 
@@ -57,7 +62,9 @@ pub use mel_vae::{
     mel_to_array, EncoderStream, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions,
     StreamedLatents,
 };
+pub use mel_vqvae::{MelVqVae, MelVqVaeConfig, MelVqVaeOutput, ReconLoss};
 pub use model_file::{Family, ModelFileInfo};
+pub use priors::gpt::{Gpt, GptConfig, GptPositions, SamplingOptions};
 pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,

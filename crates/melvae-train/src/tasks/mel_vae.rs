@@ -246,15 +246,7 @@ impl TrainTask for MelVaeTask {
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
-        let tensors = melvae_layers::named_tensors(&self.varmap);
-        melvae_models::model_file::save::<MelVae>(
-            path,
-            self.model.config(),
-            &tensors,
-            metadata,
-            Path::new("the training run"),
-        )?;
-        Ok(true)
+        super::write_model_file::<MelVae>(path, self.model.config(), &self.varmap, metadata)
     }
 
     fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
@@ -271,7 +263,7 @@ impl TrainTask for MelVaeTask {
         let wav = match &self.vocoder {
             Some(v) => {
                 let cfg = self.extractor.config();
-                let samples = (output.dim().1.max(1) - 1) * cfg.stft.hop_length;
+                let samples = cfg.stft.n_samples(output.dim().1);
                 v.audio(&recon, cfg, samples)?
             }
             None => {

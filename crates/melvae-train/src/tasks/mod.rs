@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, MelVae, Vocos, WaveVae};
+use melvae_models::{model_file, MelVae, MelVqVae, Vocos, WaveVae};
 
 use crate::data::EpochCursor;
 
@@ -15,6 +15,7 @@ use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
 pub mod mel_vae;
+pub mod mel_vqvae;
 pub mod vocos;
 pub mod wave_vae;
 mod waveform;
@@ -28,6 +29,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vae", &["convformer", "cfm"]),
     ("wave_vae", &["wave_vae", "wave_vae_loss"]),
     ("vocos", &["vocos", "vocos_loss"]),
+    ("mel_vqvae", &["mel_vqvae"]),
 ];
 
 /// Sections several families may have, which select none: the
@@ -72,6 +74,24 @@ where
             None
         },
     })
+}
+
+/// The `save_model_file` of every task: the model file of family `F`
+/// with config `cfg` and the variables of `varmap`.
+pub(crate) fn write_model_file<F: model_file::Family>(
+    path: &Path,
+    cfg: &F::Config,
+    varmap: &candle_nn::VarMap,
+    metadata: &BTreeMap<String, String>,
+) -> Result<bool> {
+    model_file::save::<F>(
+        path,
+        cfg,
+        &melvae_layers::named_tensors(varmap),
+        metadata,
+        Path::new("the training run"),
+    )?;
+    Ok(true)
 }
 
 /// A task's data position as checkpoint state.
@@ -174,6 +194,10 @@ pub fn save_model_file(
             let c = vocos::vocos_config(cfg)?.model;
             model_file::save::<Vocos>(out, &c, tensors, metadata, origin)?;
         }
+        "mel_vqvae" => {
+            let c = mel_vqvae::mel_vqvae_config(cfg)?;
+            model_file::save::<MelVqVae>(out, &c, tensors, metadata, origin)?;
+        }
         other => {
             return Err(Error::invalid(
                 "model family",
@@ -263,24 +287,32 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::ev
     let family = family_of(cfg)?;
     let training: crate::TrainerConfig = cfg.get("training")?;
     let _: crate::AudioDataConfig = cfg.get("data")?;
+    // A family without an adversarial phase refuses its keys by name.
+    let no_adversarial = |model: &str| -> Result<bool> {
+        let key = if cfg.value.get("discriminators").is_some() {
+            Some("discriminators")
+        } else {
+            training.gan.is_some().then_some("training.gan")
+        };
+        match key {
+            Some(key) => Err(Error::Config {
+                origin: cfg.origin_of(key),
+                key: key.into(),
+                reason: format!("the {model} has no adversarial phase"),
+            }),
+            None => Ok(false),
+        }
+    };
     let adversarial = match family {
         "wave_vae" => wave_vae::wave_vae_config(cfg)?.discriminators.is_some(),
         "vocos" => vocos::vocos_config(cfg)?.discriminators.is_some(),
+        "mel_vqvae" => {
+            mel_vqvae::mel_vqvae_config(cfg)?;
+            no_adversarial("mel VQ-VAE (not yet)")?
+        }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
-            let key = if cfg.value.get("discriminators").is_some() {
-                Some("discriminators")
-            } else {
-                training.gan.is_some().then_some("training.gan")
-            };
-            if let Some(key) = key {
-                return Err(Error::Config {
-                    origin: cfg.origin_of(key),
-                    key: key.into(),
-                    reason: "the mel VAE has no adversarial phase".into(),
-                });
-            }
-            false
+            no_adversarial("mel VAE")?
         }
     };
     let vocoder = sample_vocoder(cfg, &training, family)?;
@@ -354,6 +386,11 @@ pub fn train(
         "vocos" => {
             let sections = vocos::vocos_config(cfg)?;
             let mut task = vocos::VocosTask::new(sections, data, data_cfg, seed, &device, dtype)?;
+            trainer.fit(&mut task, resume)
+        }
+        "mel_vqvae" => {
+            let c = mel_vqvae::mel_vqvae_config(cfg)?;
+            let mut task = mel_vqvae::MelVqVaeTask::new(c, data, data_cfg, seed, &device, dtype)?;
             trainer.fit(&mut task, resume)
         }
         _ => {

@@ -258,14 +258,7 @@ impl TrainTask for VocosTask {
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
-        melvae_models::model_file::save::<Vocos>(
-            path,
-            self.model.config(),
-            &melvae_layers::named_tensors(&self.varmap),
-            metadata,
-            Path::new("the training run"),
-        )?;
-        Ok(true)
+        super::write_model_file::<Vocos>(path, self.model.config(), &self.varmap, metadata)
     }
 
     fn state(&self) -> serde_json::Value {

@@ -327,14 +327,7 @@ impl TrainTask for WaveVaeTask {
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
-        melvae_models::model_file::save::<WaveVae>(
-            path,
-            self.model.config(),
-            &melvae_layers::named_tensors(&self.varmap),
-            metadata,
-            Path::new("the training run"),
-        )?;
-        Ok(true)
+        super::write_model_file::<WaveVae>(path, self.model.config(), &self.varmap, metadata)
     }
 
     /// The data cursor, and the balancer's gradient-norm averages

@@ -1,0 +1,212 @@
+//! Training the mel VQ-VAE on a folder of audio (mono): random crops, their
+//! mels (the model's features), reconstruction + codebook + commitment.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_dsp::{save_wav, Audio, SpectrogramImage, SplitMix64, TensorMel, WavFormat};
+use melvae_models::eval::MelToAudio;
+use melvae_models::mel_vae::mel_to_array;
+use melvae_models::{MelVqVae, MelVqVaeConfig};
+
+use crate::data::{AudioDataConfig, AudioFolder, EpochCursor};
+use crate::trainer::{Losses, StepContext, TrainTask};
+use crate::{Error, Result};
+
+impl crate::Validate for MelVqVaeConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        MelVqVaeConfig::validate(self).map_err(|e| super::mel_vae::section_err(e, "mel_vqvae"))
+    }
+}
+
+/// The `mel_vqvae:` section of a resolved config, validated with errors
+/// naming file and key.
+pub fn mel_vqvae_config(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeConfig> {
+    cfg.get("mel_vqvae")
+}
+
+/// The mel VQ-VAE as a [`TrainTask`]: random crops of an [`AudioFolder`]
+/// at the features' rate (mono), their log-mels cut to a multiple of the
+/// model's time factor, the model's loss (reconstruction + codebook +
+/// commitment; the codebook's usage and perplexity logged beside it);
+/// validation on fixed held-out crops (`recon`, which picks the best
+/// checkpoint, `recon_clip_mean`: the same loss of each crop's mean
+/// spectrum, a naive baseline; `perplexity`, `usage`); input and reconstructed mels (PNG)
+/// and the reconstruction through Griffin-Lim (WAV) as samples.
+pub struct MelVqVaeTask {
+    /// The parameters (`encoder.*`, `vq.*`, `decoder.*`).
+    pub varmap: VarMap,
+    /// The model.
+    pub model: MelVqVae,
+    mel: TensorMel,
+    data: AudioFolder,
+    data_cfg: AudioDataConfig,
+    cursor: EpochCursor,
+    seed: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl MelVqVaeTask {
+    /// Builds the model on `device` in `dtype` for mono `data` at the
+    /// features' rate; crops must give at least one token row.
+    pub fn new(
+        cfg: MelVqVaeConfig,
+        data: AudioFolder,
+        data_cfg: AudioDataConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mel_cfg = cfg.mel_config()?;
+        data_cfg.require(mel_cfg.sample_rate, 1, "mel_vqvae model")?;
+        let frames = data_cfg.crop_samples() / mel_cfg.stft.hop_length + 1;
+        if frames < cfg.time_factor() {
+            return Err(Error::invalid(
+                "data.crop_seconds",
+                format!(
+                    "crops of {frames} mel frames are shorter than one token row ({} frames)",
+                    cfg.time_factor()
+                ),
+            ));
+        }
+        let varmap = VarMap::new();
+        let model = MelVqVae::new(
+            cfg,
+            melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
+        )?;
+        Ok(Self {
+            mel: TensorMel::new(mel_cfg, device)?,
+            varmap,
+            model,
+            data,
+            data_cfg,
+            cursor: EpochCursor { epoch: 0, pos: 0 },
+            seed,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Log-mels `[batch, n_mels, frames]` of audio `[batch, 1, samples]`,
+    /// cut to a multiple of the time factor.
+    fn mels(&self, audio: &Tensor) -> Result<Tensor> {
+        let mel = self.mel.forward(&audio.squeeze(1)?)?;
+        let f = self.model.time_factor();
+        let frames = mel.dim(2)? / f * f;
+        Ok(mel.narrow(2, 0, frames)?.contiguous()?)
+    }
+
+    fn val_mels(&self) -> Result<Tensor> {
+        let hop = self.model.mel_config().stft.hop_length;
+        self.mels(&super::waveform::val_crops(
+            &self.data,
+            hop,
+            &self.device,
+            self.dtype,
+        )?)
+    }
+}
+
+impl TrainTask for MelVqVaeTask {
+    type Batch = Tensor;
+
+    /// Every variable, the quantiser's buffers (`vq.usage`, `vq.ema_sum`)
+    /// included so that checkpoints keep them: they get no gradient, and
+    /// the optimiser leaves such variables alone.
+    fn vars(&self) -> Vec<(String, Var)> {
+        melvae_layers::named_vars(&self.varmap)
+    }
+
+    fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
+        let idx = self
+            .cursor
+            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let hop = self.model.mel_config().stft.hop_length;
+        let audio =
+            super::waveform::crops(&self.data.train, &idx, rng, hop, &self.device, self.dtype)?;
+        self.mels(&audio)
+    }
+
+    fn losses(&mut self, batch: &Tensor, _ctx: StepContext) -> Result<Losses> {
+        let out = self.model.forward(batch, true)?;
+        let scalar = |v: f64| Tensor::new(v as f32, batch.device());
+        let terms = BTreeMap::from([
+            ("recon".to_string(), out.recon_loss),
+            ("codebook".to_string(), out.vq.codebook_loss),
+            ("commitment".to_string(), out.vq.commitment_loss),
+            ("perplexity".to_string(), scalar(out.vq.perplexity)?),
+            ("usage".to_string(), scalar(out.vq.usage)?),
+        ]);
+        Ok(Losses {
+            total: out.loss,
+            terms,
+        })
+    }
+
+    fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let mel = self.val_mels()?;
+        let out = self.model.forward(&mel, false)?;
+        let recon = out.recon_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // An honest naive baseline beside it: each crop's mean spectrum
+        // (every frame replaced by the crop's average log-mel), scored
+        // with the same loss.
+        let mean = mel.mean_keepdim(2)?.broadcast_as(mel.shape())?;
+        let base = self.model.config().recon_loss.of(&mean, &mel)?;
+        Ok(BTreeMap::from([
+            ("recon".to_string(), recon),
+            (
+                "recon_clip_mean".to_string(),
+                base.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ),
+            ("perplexity".to_string(), out.vq.perplexity),
+            ("usage".to_string(), out.vq.usage),
+        ]))
+    }
+
+    fn best_metric(&self) -> &str {
+        "recon"
+    }
+
+    fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mel = self.val_mels()?.narrow(0, 0, 1)?;
+        let recon = self.model.decode(&self.model.encode(&mel)?)?;
+        let cfg = *self.model.mel_config();
+        let img = SpectrogramImage::for_mel(&cfg);
+        let path = |what: &str| dir.join(format!("step{:08}_{what}", ctx.step));
+        let written = [path("input.png"), path("recon.png"), path("recon.wav")];
+        img.save_png(&written[0], &mel_to_array(&mel)?)?;
+        img.save_png(&written[1], &mel_to_array(&recon)?)?;
+        let samples = cfg.stft.n_samples(recon.dim(2)?);
+        let wav = MelToAudio::new(None, &cfg)?.audio(&recon, &cfg, samples)?;
+        save_wav(
+            &written[2],
+            &Audio::new(cfg.sample_rate, vec![wav])?,
+            WavFormat::Pcm16,
+        )?;
+        Ok(written.to_vec())
+    }
+
+    fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {
+        super::write_model_file::<MelVqVae>(path, self.model.config(), &self.varmap, metadata)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let mut s = super::cursor_state(&self.cursor);
+        s["vq_rng"] = self.model.quantizer().rng_state().to_string().into();
+        s
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        super::load_cursor(&mut self.cursor, state);
+        if let Some(r) = state.get("vq_rng").and_then(|v| v.as_str()) {
+            let r = r.parse::<u64>().map_err(|e| {
+                Error::invalid("checkpoint state vq_rng", format!("not a u64: {e}"))
+            })?;
+            self.model.quantizer_mut().set_rng_state(r);
+        }
+        Ok(())
+    }
+}
