@@ -19,8 +19,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use melvae::train::run::{check_start, open_run, read_run_config, Start};
-use melvae::train::tasks::{check_config, train};
-use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig};
+use melvae::train::tasks::{check_config, open_data, train};
+use melvae::train::ResolvedConfig;
 
 #[derive(Parser)]
 #[command(about = "Train a model (the family comes from the config)")]
@@ -80,21 +80,10 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         (None, true) => Start::Overwrite,
         (None, false) => Start::New,
     };
-    let family = check_config(&resolved)?;
-    let data_cfg: AudioDataConfig = resolved.get("data")?;
-    // Refusals first, then the (possibly slow) data, then the directory:
-    // a bad data folder leaves an existing run untouched.
+    check_config(&resolved)?;
     check_start(&run_dir, &resolved, start)?;
-    let data = AudioFolder::open(&data_cfg)?;
-    println!(
-        "{family} on {}: {} training and {} validation clips",
-        data_cfg.dir.display(),
-        data.train.len(),
-        data.val.len()
-    );
-    if !data.skipped.is_empty() {
-        print!("{}", data.skipped);
-    }
+    let (data, description) = open_data(&resolved)?;
+    println!("{description}");
     let run = open_run(&run_dir, &resolved, start)?;
     let resume = matches!(start, Start::Resume { .. });
     let s = train(&resolved, data, &run, resume)?;

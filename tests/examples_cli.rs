@@ -1010,3 +1010,36 @@ fn mel_models_take_a_vocoder() {
         "--vocoder is for mel models",
     );
 }
+
+#[test]
+fn tokenize_writes_class_shards_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = melvae::models::MelVqVaeConfig::new("hifigan-22k", vec![2, 2], vec![[2, 2]], 8, 2);
+    let model =
+        seeded_model_file::<melvae::models::MelVqVae>(dir.path().join("vq.safetensors"), cfg);
+    let classes = dir.path().join("classes");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(classes.join(class)).unwrap();
+        std::fs::copy(sample(), classes.join(class).join("x.flac")).unwrap();
+    }
+    let out = dir.path().join("tokens");
+    let (m, c, o) = (
+        model.to_str().unwrap(),
+        classes.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let r = run("tokenize", &["--model", m, c, "-o", o]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.contains("a: 1 clips") && text.contains("b: 1 clips"),
+        "{text}"
+    );
+    assert!(out.join("tokens.safetensors").is_file() && out.join("classes.json").is_file());
+    // No class sub-folders; a model of another family.
+    let r = run("tokenize", &["--model", m, &format!("{c}/a"), "-o", o]);
+    assert_one_line_error(&r, "class sub-folders");
+    let wave = tiny_stereo_wave_vae(dir.path());
+    let r = run("tokenize", &["--model", wave.to_str().unwrap(), c, "-o", o]);
+    assert_one_line_error(&r, "wave_vae");
+}

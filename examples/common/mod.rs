@@ -48,26 +48,40 @@ pub fn proc_status_mib(key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A model of family `F` from a model file, or from a run or checkpoint
+/// directory through `from_run` (its latest checkpoint), in f32 on the CPU.
+fn load_model<F: melvae::models::Family>(
+    path: &Path,
+    from_run: impl FnOnce(
+        &Path,
+        &melvae::train::run::Which,
+        &candle_core::Device,
+    ) -> melvae::train::Result<F>,
+) -> anyhow::Result<F> {
+    let dev = candle_core::Device::Cpu;
+    Ok(if path.is_file() {
+        melvae::models::model_file::load::<F>(path, &dev, candle_core::DType::F32)?.0
+    } else {
+        from_run(path, &melvae::train::run::Which::Latest, &dev)?
+    })
+}
+
 /// A waveform VAE from a model file or a run or checkpoint directory, as
 /// [`load_mel_vae`].
 pub fn load_wave_vae(path: &Path) -> anyhow::Result<melvae::models::WaveVae> {
-    let dev = candle_core::Device::Cpu;
-    Ok(if path.is_file() {
-        melvae::models::WaveVae::load(path, &dev, candle_core::DType::F32)?
-    } else {
-        melvae::train::tasks::load_wave_vae(path, &melvae::train::run::Which::Latest, &dev)?
-    })
+    load_model(path, melvae::train::tasks::load_wave_vae)
 }
 
 /// A Vocos from a model file, or from a run or checkpoint directory (its
 /// latest checkpoint).
 pub fn load_vocos(path: &Path) -> anyhow::Result<melvae::models::Vocos> {
-    let dev = candle_core::Device::Cpu;
-    Ok(if path.is_file() {
-        melvae::models::Vocos::load(path, &dev, candle_core::DType::F32)?
-    } else {
-        melvae::train::tasks::load_vocos(path, &melvae::train::run::Which::Latest, &dev)?
-    })
+    load_model(path, melvae::train::tasks::load_vocos)
+}
+
+/// A mel VQ-VAE from a model file, or from a run or checkpoint directory
+/// (its latest checkpoint).
+pub fn load_mel_vqvae(path: &Path) -> anyhow::Result<melvae::models::MelVqVae> {
+    load_model(path, melvae::train::tasks::load_mel_vqvae)
 }
 
 /// Deterministic uniform noise in [-0.5, 0.5) (xorshift64), for benchmarks.

@@ -99,6 +99,29 @@ fn default_restart() -> Option<f64> {
 }
 
 impl MelVqVaeConfig {
+    /// A config with the defaults of the optional keys: `res_blocks` 1,
+    /// commitment 0.25, gradient-trained codebook, restarts below 1.0, L1.
+    pub fn new(
+        mel: &str,
+        channels: Vec<usize>,
+        downsample: Vec<[usize; 2]>,
+        codebook_size: usize,
+        codebook_dim: usize,
+    ) -> Self {
+        Self {
+            mel: mel.into(),
+            channels,
+            downsample,
+            res_blocks: 1,
+            codebook_size,
+            codebook_dim,
+            commitment: default_commitment(),
+            ema_decay: None,
+            restart_threshold: default_restart(),
+            recon_loss: ReconLoss::L1,
+        }
+    }
+
     /// Checks every field; the error names the bad one.
     pub fn validate(&self) -> Result<()> {
         self.mel_config()?;
@@ -399,6 +422,30 @@ impl MelVqVae {
         Ok(codes.reshape((b, r * c))?)
     }
 
+    /// Tokens `[1, rows * cols]` of mono audio at the features' rate: its
+    /// mel (host extraction), cut to a multiple of the time factor, encoded.
+    /// Audio shorter than one token row is an error saying so.
+    pub fn encode_audio(&self, audio: &[f32], device: &candle_core::Device) -> Result<Tensor> {
+        let mel = melvae_dsp::MelExtractor::new(self.mel)?.extract(audio)?;
+        let (m, frames) = mel.dim();
+        let f = self.time_factor();
+        let keep = frames / f * f;
+        if keep == 0 {
+            return Err(Error::Shape {
+                what: "mel_vqvae audio".into(),
+                expected: format!("at least {f} mel frames (one token row)"),
+                got: format!("{frames} frames from {} samples", audio.len()),
+            });
+        }
+        let data: Vec<f32> = mel
+            .rows()
+            .into_iter()
+            .flat_map(|r| r.iter().take(keep).copied().collect::<Vec<_>>())
+            .collect();
+        let mel = Tensor::from_vec(data, (1, m, keep), device)?;
+        self.encode(&mel.to_dtype(self.vq.codebook().dtype())?)
+    }
+
     /// The mel `[batch, n_mels, rows * time_factor]` of code vectors `q`
     /// `[batch, rows, cols, codebook_dim]`.
     fn decode_vectors(&self, q: &Tensor) -> Result<Tensor> {
@@ -480,16 +527,8 @@ mod tests {
 
     fn tiny() -> MelVqVaeConfig {
         MelVqVaeConfig {
-            mel: "hifigan-22k".into(),
-            channels: vec![2, 3],
-            downsample: vec![[2, 2]],
-            res_blocks: 1,
-            codebook_size: 8,
-            codebook_dim: 2,
-            commitment: 0.25,
-            ema_decay: None,
             restart_threshold: None,
-            recon_loss: ReconLoss::L1,
+            ..MelVqVaeConfig::new("hifigan-22k", vec![2, 3], vec![[2, 2]], 8, 2)
         }
     }
 

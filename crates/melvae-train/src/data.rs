@@ -422,12 +422,7 @@ impl AudioSet {
     /// The order of epoch `epoch`: a Fisher-Yates shuffle seeded by
     /// `(seed, epoch)`, so a resumed run needs only the epoch and position.
     pub fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
-        let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut order: Vec<usize> = (0..self.clips.len()).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
-        order
+        epoch_order(self.clips.len(), seed, epoch)
     }
 
     /// A crop of clip `index` starting at a uniformly random offset:
@@ -475,13 +470,18 @@ pub struct EpochCursor {
 impl EpochCursor {
     /// The next `batch_size` clip indices (wrapping into the next epoch).
     pub fn next(&mut self, set: &AudioSet, seed: u64, batch_size: usize) -> Vec<usize> {
+        self.next_of(set.len(), seed, batch_size)
+    }
+
+    /// [`EpochCursor::next`] for any dataset of `n` examples (`n > 0`).
+    pub fn next_of(&mut self, n: usize, seed: u64, batch_size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(batch_size);
-        let mut order = set.epoch_order(seed, self.epoch);
+        let mut order = epoch_order(n, seed, self.epoch);
         while out.len() < batch_size {
             if self.pos >= order.len() {
                 self.epoch += 1;
                 self.pos = 0;
-                order = set.epoch_order(seed, self.epoch);
+                order = epoch_order(n, seed, self.epoch);
             }
             out.push(order[self.pos]);
             self.pos += 1;
@@ -667,6 +667,18 @@ pub fn prepare_cache(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<PrepareR
         })?;
     }
     Ok(report)
+}
+
+/// The order of epoch `epoch` over `n` examples: a Fisher-Yates shuffle
+/// seeded by `(seed, epoch)`, so a resumed run needs only the epoch and
+/// position.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
 }
 
 #[cfg(test)]

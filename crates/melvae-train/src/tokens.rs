@@ -365,6 +365,187 @@ pub struct TokenBatch {
     pub cond: Option<Tensor>,
 }
 
+/// The `data:` section of a token model's config.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenDataConfig {
+    /// A token shard, or a folder of shards (as `tokenize` writes).
+    pub tokens: PathBuf,
+    /// Examples per batch.
+    pub batch_size: usize,
+    /// Fraction of examples held out for validation (each example by a
+    /// stable hash of its index in the shards).
+    pub val_fraction: f64,
+}
+
+impl crate::Validate for TokenDataConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        if self.batch_size == 0 {
+            return Err(("data.batch_size".into(), "must be > 0".into()));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err((
+                "data.val_fraction".into(),
+                format!("must be in [0, 1), got {}", self.val_fraction),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A token dataset split into training and held-out examples.
+#[derive(Debug, Clone)]
+pub struct TokenSplit {
+    /// Training examples.
+    pub train: TokenDataset,
+    /// Held-out examples.
+    pub val: TokenDataset,
+    /// Class names by label (`classes.json` beside the shards, if any).
+    pub class_names: Vec<String>,
+}
+
+impl TokenSplit {
+    /// Loads `cfg.tokens` and holds out `val_fraction` of the examples
+    /// (example `i` when `SplitMix64(i)`'s first draw is below it: stable
+    /// for a given shard order). An empty training set is an error naming
+    /// `data.tokens`.
+    pub fn open(cfg: &TokenDataConfig) -> Result<Self> {
+        let all = TokenDataset::load(std::slice::from_ref(&cfg.tokens))?;
+        let (mut train, mut val) = (TokenDataset::default(), TokenDataset::default());
+        for (i, e) in all.examples.into_iter().enumerate() {
+            if melvae_dsp::SplitMix64::new(i as u64).next_f64() < cfg.val_fraction {
+                val.examples.push(e);
+            } else {
+                train.examples.push(e);
+            }
+        }
+        if train.is_empty() {
+            return Err(Error::file(&cfg.tokens, "holds no training examples"));
+        }
+        let names = if cfg.tokens.is_dir() {
+            cfg.tokens.join(CLASSES_FILE)
+        } else {
+            cfg.tokens.with_file_name(CLASSES_FILE)
+        };
+        let class_names = match std::fs::read_to_string(&names) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::file(&names, e))?,
+            Err(_) => Vec::new(),
+        };
+        Ok(Self {
+            train,
+            val,
+            class_names,
+        })
+    }
+}
+
+/// The class names `tokenize` writes beside its shard (a JSON list, index =
+/// label).
+pub const CLASSES_FILE: &str = "classes.json";
+
+/// What [`tokenize_folder`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizeSummary {
+    /// Class names (sub-folders), index = label.
+    pub classes: Vec<String>,
+    /// Examples written per class.
+    pub counts: Vec<usize>,
+    /// Files skipped, with the reason (unreadable, too short).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// The shard written.
+    pub shard: PathBuf,
+}
+
+/// Tokenizes a folder with one sub-folder per class (the sub-folder's name
+/// is the class; labels follow the sorted names) with a trained mel
+/// VQ-VAE: every audio file (searched recursively in its class folder) is
+/// decoded to mono at the model's rate and encoded to a token grid, stored
+/// as one example of `rows` frames of `cols` codes with its label, in
+/// `out/tokens.safetensors`, with `out/classes.json`. Unreadable or too
+/// short files are skipped and reported; a folder without class
+/// sub-folders or without any usable file is an error naming it.
+pub fn tokenize_folder(
+    model: &melvae_models::MelVqVae,
+    dir: &Path,
+    out: &Path,
+) -> Result<TokenizeSummary> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        return Err(Error::file(
+            dir,
+            "has no class sub-folders (one folder of audio per class)",
+        ));
+    }
+    let cfg = *model.mel_config();
+    let opts = melvae_dsp::LoadOptions {
+        channels: melvae_dsp::ChannelMode::Mono,
+        sample_rate: Some(cfg.sample_rate),
+        quality: Default::default(),
+    };
+    let cols = model.cols();
+    let (mut examples, mut counts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    for (label, class) in classes.iter().enumerate() {
+        let mut n = 0;
+        for file in melvae_dsp::discover_audio(class)? {
+            let tokens = melvae_dsp::load_audio_with(&file, &opts)
+                .map_err(|e| e.to_string())
+                .and_then(|a| {
+                    model
+                        .encode_audio(&a.mono(), &Device::Cpu)
+                        .map_err(|e| e.to_string())
+                });
+            let flat = tokens.and_then(|t| {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .map_err(|e| e.to_string())
+            });
+            match flat {
+                Ok(flat) => {
+                    examples.push(TokenExample {
+                        codes: flat.chunks(cols).map(<[u32]>::to_vec).collect(),
+                        label: Some(label as u32),
+                        speaker: None,
+                        text: None,
+                        cond: None,
+                    });
+                    n += 1;
+                }
+                Err(e) => skipped.push((file, e)),
+            }
+        }
+        counts.push(n);
+    }
+    if examples.is_empty() {
+        return Err(Error::file(dir, "no audio file could be tokenized"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    let shard = out.join("tokens.safetensors");
+    write_token_shard(&shard, &examples)?;
+    let names: Vec<String> = classes
+        .iter()
+        .map(|c| {
+            c.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    let json = serde_json::to_string_pretty(&names).map_err(|e| Error::file(out, e))?;
+    melvae_dsp::atomic_write(&out.join(CLASSES_FILE), |w| {
+        std::io::Write::write_all(w, json.as_bytes())
+    })
+    .map_err(|e| Error::file(out, e))?;
+    Ok(TokenizeSummary {
+        classes: names,
+        counts,
+        skipped,
+        shard,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use melvae_dsp::{save_wav, Audio, WavFormat};
-use melvae_models::{MelVqVae, MelVqVaeConfig, ReconLoss};
+use melvae_models::{MelVqVae, MelVqVaeConfig};
 use melvae_train::tasks::mel_vqvae::MelVqVaeTask;
 use melvae_train::*;
 
@@ -32,19 +32,9 @@ fn folder(dir: &Path) {
 }
 
 fn tiny() -> MelVqVaeConfig {
-    MelVqVaeConfig {
-        mel: "hifigan-22k".into(),
-        channels: vec![2, 4],
-        downsample: vec![[2, 2]],
-        res_blocks: 1,
-        codebook_size: 16,
-        codebook_dim: 3,
-        commitment: 0.25,
-        ema_decay: None,
-        // Restarts on: their sampler's state must survive a resume.
-        restart_threshold: Some(1.0),
-        recon_loss: ReconLoss::L1,
-    }
+    // Restarts on (the default): their sampler's state must survive a
+    // resume.
+    MelVqVaeConfig::new("hifigan-22k", vec![2, 4], vec![[2, 2]], 16, 3)
 }
 
 fn data_cfg(dir: &Path, rate: u32, crop: f64) -> AudioDataConfig {

@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, MelVae, MelVqVae, Vocos, WaveVae};
+use melvae_models::{model_file, Gpt, MelVae, MelVqVae, Vocos, WaveVae};
 
 use crate::data::EpochCursor;
 
 use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
+pub mod gpt;
 pub mod mel_vae;
 pub mod mel_vqvae;
 pub mod vocos;
@@ -30,7 +31,51 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("wave_vae", &["wave_vae", "wave_vae_loss"]),
     ("vocos", &["vocos", "vocos_loss"]),
     ("mel_vqvae", &["mel_vqvae"]),
+    ("gpt", &["gpt", "gpt_loss"]),
 ];
+
+/// Families trained on token shards (`data:` is a
+/// [`crate::tokens::TokenDataConfig`]); the others read audio folders
+/// (`data:` is a [`crate::AudioDataConfig`]).
+pub const TOKEN_FAMILIES: &[&str] = &["gpt"];
+
+/// A run's training data, as its family reads it.
+pub enum TrainData {
+    /// An audio folder (mel and waveform models).
+    Audio(crate::AudioFolder),
+    /// Token shards (priors).
+    Tokens(crate::tokens::TokenSplit),
+}
+
+/// Opens the data of `cfg`'s family (checked first, see [`check_config`]),
+/// with a one-line description of what was found (and the files skipped).
+pub fn open_data(cfg: &ResolvedConfig) -> Result<(TrainData, String)> {
+    let family = family_of(cfg)?;
+    if TOKEN_FAMILIES.contains(&family) {
+        let d: crate::tokens::TokenDataConfig = cfg.get("data")?;
+        let split = crate::tokens::TokenSplit::open(&d)?;
+        let msg = format!(
+            "{family} on {}: {} training and {} validation examples",
+            d.tokens.display(),
+            split.train.len(),
+            split.val.len()
+        );
+        return Ok((TrainData::Tokens(split), msg));
+    }
+    let d: crate::AudioDataConfig = cfg.get("data")?;
+    let data = crate::AudioFolder::open(&d)?;
+    let mut msg = format!(
+        "{family} on {}: {} training and {} validation clips",
+        d.dir.display(),
+        data.train.len(),
+        data.val.len()
+    );
+    if !data.skipped.is_empty() {
+        msg.push('\n');
+        msg.push_str(data.skipped.to_string().trim_end());
+    }
+    Ok((TrainData::Audio(data), msg))
+}
 
 /// Sections several families may have, which select none: the
 /// discriminators of adversarial training (waveform VAE, vocoder).
@@ -198,6 +243,10 @@ pub fn save_model_file(
             let c = mel_vqvae::mel_vqvae_config(cfg)?;
             model_file::save::<MelVqVae>(out, &c, tensors, metadata, origin)?;
         }
+        "gpt" => {
+            let c = gpt::gpt_config(cfg)?.0;
+            model_file::save::<Gpt>(out, &c, tensors, metadata, origin)?;
+        }
         other => {
             return Err(Error::invalid(
                 "model family",
@@ -240,6 +289,21 @@ pub fn load_vocos(
     load_from_run::<Vocos>(run_or_checkpoint, which, device, |c| {
         Ok(vocos::vocos_config(c)?.model)
     })
+}
+
+/// A trained mel VQ-VAE from a run or checkpoint directory, as
+/// [`load_mel_vae`].
+pub fn load_mel_vqvae(
+    run_or_checkpoint: &Path,
+    which: &crate::run::Which,
+    device: &Device,
+) -> Result<MelVqVae> {
+    load_from_run::<MelVqVae>(
+        run_or_checkpoint,
+        which,
+        device,
+        mel_vqvae::mel_vqvae_config,
+    )
 }
 
 /// A model of family `F` from a run: its config (read by `config` from the
@@ -286,7 +350,11 @@ pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
 fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::eval::MelToAudio>)> {
     let family = family_of(cfg)?;
     let training: crate::TrainerConfig = cfg.get("training")?;
-    let _: crate::AudioDataConfig = cfg.get("data")?;
+    if TOKEN_FAMILIES.contains(&family) {
+        let _: crate::tokens::TokenDataConfig = cfg.get("data")?;
+    } else {
+        let _: crate::AudioDataConfig = cfg.get("data")?;
+    }
     // A family without an adversarial phase refuses its keys by name.
     let no_adversarial = |model: &str| -> Result<bool> {
         let key = if cfg.value.get("discriminators").is_some() {
@@ -309,6 +377,10 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::ev
         "mel_vqvae" => {
             mel_vqvae::mel_vqvae_config(cfg)?;
             no_adversarial("mel VQ-VAE (not yet)")?
+        }
+        "gpt" => {
+            gpt::gpt_config(cfg)?;
+            no_adversarial("GPT")?
         }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
@@ -362,20 +434,48 @@ fn sample_vocoder(
     ))
 }
 
-/// Trains the family of `cfg` (see [`family_of`]) on `data` in `run`,
+/// Trains the family of `cfg` (see [`family_of`]) on `data` (from
+/// [`open_data`]) in `run`,
 /// resuming from its latest checkpoint if `resume`: builds the task from
 /// the config's sections and runs the [`crate::Trainer`].
 pub fn train(
     cfg: &ResolvedConfig,
-    data: crate::AudioFolder,
+    data: TrainData,
     run: &crate::RunDir,
     resume: bool,
 ) -> Result<crate::TrainSummary> {
     let training: crate::TrainerConfig = cfg.get("training")?;
-    let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
     let (family, vocoder) = check(cfg)?;
     let trainer = crate::Trainer::new(training, run)?;
+    let data = match data {
+        TrainData::Tokens(split) => {
+            let data_cfg: crate::tokens::TokenDataConfig = cfg.get("data")?;
+            if family != "gpt" {
+                return Err(Error::invalid(
+                    "training data",
+                    format!("token shards cannot train a {family} model"),
+                ));
+            }
+            let mut task = gpt::GptTask::new(
+                gpt::gpt_config(cfg)?,
+                split,
+                &data_cfg,
+                seed,
+                &device,
+                dtype,
+            )?;
+            return trainer.fit(&mut task, resume);
+        }
+        TrainData::Audio(a) => a,
+    };
+    if TOKEN_FAMILIES.contains(&family) {
+        return Err(Error::invalid(
+            "training data",
+            format!("a {family} model trains on token shards, not an audio folder"),
+        ));
+    }
+    let data_cfg: crate::AudioDataConfig = cfg.get("data")?;
     match family {
         "wave_vae" => {
             let sections = wave_vae::wave_vae_config(cfg)?;

@@ -1,0 +1,287 @@
+//! Training the class GPT on token shards (`tokenize`'s output): teacher
+//! forcing with the class as the prompt, masked cross-entropy with label
+//! smoothing; validation reports the held-out cross-entropy, perplexity and
+//! the unigram baseline's.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use melvae_dsp::SplitMix64;
+use melvae_layers::{DropoutRng, Mode};
+use melvae_models::{Gpt, GptConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data::EpochCursor;
+use crate::tokens::{TokenDataConfig, TokenDataset, TokenSplit};
+use crate::trainer::{Losses, StepContext, TrainTask};
+use crate::{Error, Result};
+
+impl crate::Validate for GptConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        GptConfig::validate(self).map_err(|e| super::mel_vae::section_err(e, "gpt"))
+    }
+}
+
+/// The `gpt_loss:` section.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GptLossConfig {
+    /// Label smoothing of the cross-entropy (0 = none).
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+impl crate::Validate for GptLossConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err((
+                "gpt_loss.label_smoothing".into(),
+                format!("must be in [0, 1), got {}", self.label_smoothing),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The GPT's sections of a resolved config: `gpt:` and `gpt_loss:`
+/// (defaults when absent), validated with errors naming file and key.
+pub fn gpt_config(cfg: &crate::ResolvedConfig) -> Result<(GptConfig, GptLossConfig)> {
+    let loss = if cfg.value.get("gpt_loss").is_some() {
+        cfg.get("gpt_loss")?
+    } else {
+        GptLossConfig::default()
+    };
+    Ok((cfg.get("gpt")?, loss))
+}
+
+/// Padding target ignored by the loss (never a real token).
+const IGNORE: u32 = u32::MAX;
+
+/// Flattened token rows `[batch, frames * codebooks]`, their targets
+/// (padding set to [`IGNORE`]) and the class labels `[batch]`.
+#[derive(Debug, Clone)]
+pub struct GptBatch {
+    /// Inputs (padding as token 0).
+    pub tokens: Tensor,
+    /// Targets (padding ignored).
+    pub targets: Tensor,
+    /// Classes.
+    pub classes: Tensor,
+}
+
+fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBatch> {
+    let b = set.batch(idx, 0, device)?;
+    let (n, t, k) = b.codes.dims3()?;
+    let tokens = b.codes.reshape((n, t * k))?;
+    let mask = b
+        .mask
+        .unsqueeze(2)?
+        .broadcast_as((n, t, k))?
+        .reshape((n, t * k))?;
+    let ignore = Tensor::full(IGNORE, (n, t * k), device)?;
+    let targets = mask.where_cond(&tokens, &ignore)?;
+    let classes = match b.labels {
+        Some(l) => l,
+        None => Tensor::zeros(n, DType::U32, device)?,
+    };
+    Ok(GptBatch {
+        tokens,
+        targets,
+        classes,
+    })
+}
+
+/// The class GPT as a [`TrainTask`]: batches of token sequences (one
+/// shard example each, its `rows x cols` grid flattened in raster order)
+/// with their class labels (class 0 when the shards have none);
+/// validation on the held-out examples: `ce` (nats per token, which picks
+/// the best checkpoint), `perplexity` and `unigram_perplexity` (the
+/// training tokens' frequencies, add-one smoothed: the baseline to beat).
+pub struct GptTask {
+    /// The parameters.
+    pub varmap: VarMap,
+    /// The model.
+    pub model: Gpt,
+    loss: GptLossConfig,
+    data: TokenSplit,
+    batch_size: usize,
+    cursor: EpochCursor,
+    seed: u64,
+    device: Device,
+}
+
+impl GptTask {
+    /// Builds the model on `device` in `dtype`; the data must fit it (every
+    /// token below `vocab_size`, every label below `num_classes`, no
+    /// sequence longer than `max_len`), else an error naming the key.
+    pub fn new(
+        (cfg, loss): (GptConfig, GptLossConfig),
+        data: TokenSplit,
+        data_cfg: &TokenDataConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let all = data.train.examples.iter().chain(&data.val.examples);
+        for e in all {
+            let len: usize = e.codes.iter().map(Vec::len).sum();
+            let max = e.codes.iter().flatten().copied().max().unwrap_or(0) as usize;
+            let label = e.label.unwrap_or(0) as usize;
+            let bad = |key: &str, reason: String| Error::Config {
+                origin: data_cfg.tokens.display().to_string(),
+                key: key.into(),
+                reason,
+            };
+            if max >= cfg.vocab_size {
+                return Err(bad(
+                    "gpt.vocab_size",
+                    format!("is {}, the tokens reach {max}", cfg.vocab_size),
+                ));
+            }
+            if label >= cfg.num_classes {
+                return Err(bad(
+                    "gpt.num_classes",
+                    format!("is {}, a label is {label}", cfg.num_classes),
+                ));
+            }
+            if len > cfg.max_len {
+                return Err(bad(
+                    "gpt.max_len",
+                    format!("is {}, a sequence has {len} tokens", cfg.max_len),
+                ));
+            }
+        }
+        let varmap = VarMap::new();
+        let model = Gpt::new(
+            cfg,
+            melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
+        )?;
+        Ok(Self {
+            varmap,
+            model,
+            loss,
+            data,
+            batch_size: data_cfg.batch_size,
+            cursor: EpochCursor { epoch: 0, pos: 0 },
+            seed,
+            device: device.clone(),
+        })
+    }
+
+    /// Cross-entropy (nats per token) of the model on `set`, and of the
+    /// add-one-smoothed unigram distribution of the training tokens.
+    fn held_out_ce(&self, set: &TokenDataset) -> Result<(f64, f64)> {
+        let vocab = self.model.config().vocab_size;
+        let mut counts = vec![1.0f64; vocab];
+        for t in self
+            .data
+            .train
+            .examples
+            .iter()
+            .flat_map(|e| e.codes.iter().flatten())
+        {
+            counts[*t as usize] += 1.0;
+        }
+        let total: f64 = counts.iter().sum();
+        let (mut model_sum, mut uni_sum, mut n) = (0.0, 0.0, 0usize);
+        for chunk in (0..set.len())
+            .collect::<Vec<_>>()
+            .chunks(self.batch_size.max(1))
+        {
+            let b = gpt_batch(set, chunk, &self.device)?;
+            let logits = self.model.forward(&b.tokens, &b.classes, Mode::Eval)?;
+            let ce = melvae_losses::cross_entropy(&logits, &b.targets, Some(IGNORE), 0.0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let targets: Vec<u32> = b.targets.flatten_all()?.to_vec1()?;
+            let real: Vec<u32> = targets.into_iter().filter(|&t| t != IGNORE).collect();
+            model_sum += ce * real.len() as f64;
+            uni_sum += real
+                .iter()
+                .map(|&t| -(counts[t as usize] / total).ln())
+                .sum::<f64>();
+            n += real.len();
+        }
+        let n = n.max(1) as f64;
+        Ok((model_sum / n, uni_sum / n))
+    }
+}
+
+impl TrainTask for GptTask {
+    type Batch = GptBatch;
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        melvae_layers::named_vars(&self.varmap)
+    }
+
+    fn train_batch(&mut self, _rng: &mut SplitMix64) -> Result<GptBatch> {
+        let idx = self
+            .cursor
+            .next_of(self.data.train.len(), self.seed, self.batch_size);
+        gpt_batch(&self.data.train, &idx, &self.device)
+    }
+
+    fn losses(&mut self, batch: &GptBatch, ctx: StepContext) -> Result<Losses> {
+        // Dropout masks from the run's generator, seeded per step.
+        let rng = DropoutRng::new(self.seed ^ ctx.step.wrapping_mul(0x9E37_79B9));
+        let mode = if ctx.train {
+            Mode::Train(&rng)
+        } else {
+            Mode::Eval
+        };
+        let logits = self.model.forward(&batch.tokens, &batch.classes, mode)?;
+        let ce = melvae_losses::cross_entropy(
+            &logits,
+            &batch.targets,
+            Some(IGNORE),
+            self.loss.label_smoothing,
+        )?;
+        Ok(Losses {
+            total: ce.clone(),
+            terms: BTreeMap::from([("ce".to_string(), ce)]),
+        })
+    }
+
+    fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {
+        let set = if self.data.val.is_empty() {
+            &self.data.train
+        } else {
+            &self.data.val
+        };
+        let (ce, uni) = self.held_out_ce(set)?;
+        Ok(BTreeMap::from([
+            ("ce".to_string(), ce),
+            ("perplexity".to_string(), ce.exp()),
+            ("unigram_perplexity".to_string(), uni.exp()),
+        ]))
+    }
+
+    fn best_metric(&self) -> &str {
+        "ce"
+    }
+
+    fn save_model_file(
+        &self,
+        path: &std::path::Path,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let mut metadata = metadata.clone();
+        if !self.data.class_names.is_empty() {
+            metadata.insert(
+                "class_names".into(),
+                serde_json::to_string(&self.data.class_names).unwrap_or_default(),
+            );
+        }
+        super::write_model_file::<Gpt>(path, self.model.config(), &self.varmap, &metadata)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        super::cursor_state(&self.cursor)
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        super::load_cursor(&mut self.cursor, state);
+        Ok(())
+    }
+}
