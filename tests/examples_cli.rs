@@ -1043,3 +1043,57 @@ fn tokenize_writes_class_shards_and_names_bad_input() {
     let r = run("tokenize", &["--model", wave.to_str().unwrap(), c, "-o", o]);
     assert_one_line_error(&r, "wave_vae");
 }
+
+#[test]
+fn generate_writes_class_samples_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let vq = melvae::models::MelVqVaeConfig::new("hifigan-22k", vec![2, 2], vec![[2, 2]], 8, 2);
+    let vq = seeded_model_file::<melvae::models::MelVqVae>(dir.path().join("vq.safetensors"), vq);
+    let gpt = |vocab: usize, name: &str| {
+        let cfg = melvae::models::GptConfig {
+            vocab_size: vocab,
+            num_classes: 2,
+            max_len: 80,
+            dim: 8,
+            heads: 2,
+            layers: 1,
+            positions: melvae::models::GptPositions::Learned,
+            dropout: 0.0,
+        };
+        seeded_model_file::<melvae::models::Gpt>(dir.path().join(name), cfg)
+    };
+    let (g, bad_vocab) = (gpt(8, "gpt.safetensors"), gpt(9, "gpt9.safetensors"));
+    let out = dir.path().join("gen");
+    let (g, v, o) = (
+        g.to_str().unwrap(),
+        vq.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    // No class names in the file: classes are "0" and "1"; rows of 40 tokens.
+    let r = run(
+        "generate",
+        &[
+            "--model", g, "--vqvae", v, "--class", "1", "--n", "2", "-o", o,
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("1_0.wav").is_file() && out.join("1_1.png").is_file());
+    let r = run(
+        "generate",
+        &["--model", g, "--vqvae", v, "--class", "dog", "-o", o],
+    );
+    assert_one_line_error(&r, "--class dog");
+    let r = run(
+        "generate",
+        &[
+            "--model", g, "--vqvae", v, "--class", "0", "--rows", "3", "-o", o,
+        ],
+    );
+    assert_one_line_error(&r, "--rows 3");
+    let b = bad_vocab.to_str().unwrap();
+    let r = run(
+        "generate",
+        &["--model", b, "--vqvae", v, "--class", "0", "-o", o],
+    );
+    assert_one_line_error(&r, "codebook_size");
+}

@@ -372,8 +372,7 @@ impl IstftStream {
     pub fn push(&mut self, re: &Tensor, im: &Tensor) -> Result<Option<Tensor>> {
         let (batch, frames) = self.istft.check(re, im)?;
         let (n, hop) = (self.istft.cfg.n_fft, self.istft.cfg.hop_length);
-        let mut out = self.istft.overlap_add(re, im, batch, frames)?;
-        if let Some(tail) = self.tail.take() {
+        if let Some(tail) = &self.tail {
             if tail.dim(0)? != batch {
                 return Err(Error::shape(
                     "istft stream input",
@@ -381,6 +380,9 @@ impl IstftStream {
                     format!("{:?}", re.dims()),
                 ));
             }
+        }
+        let mut out = self.istft.overlap_add(re, im, batch, frames)?;
+        if let Some(tail) = self.tail.take() {
             let rest = out.dim(1)? - (n - hop);
             out = Tensor::cat(
                 &[

@@ -36,8 +36,9 @@ impl Weight {
     /// Initialised as torch initialises a conv and its `weight_norm`: plain
     /// weights `weight` and normed ones' `weight_v` uniform in
     /// `±1/sqrt(fan_in)` (`kaiming_uniform_(a=sqrt(5))`, `fan_in` = dim 1
-    /// times the kernel), and `weight_g` the norm such a slice has on
-    /// average, `1/sqrt(3)` (torch sets it to `||v||` of each slice). With a
+    /// times the kernel), and `weight_g` the root-mean-square norm of such
+    /// a slice, `1/sqrt(3)` (torch sets it to each slice's own `||v||`,
+    /// which scatters around that value for small `fan_in`). With a
     /// unit norm instead, the gain compounds through a deep conv stack: a
     /// 20-layer SEANet decoder started 12x louder than its target and took
     /// hundreds of steps to become quiet before it learned the waveform

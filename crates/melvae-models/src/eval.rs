@@ -964,3 +964,76 @@ pub fn evaluate_folders(
 fn relative(path: &Path, root: &Path) -> PathBuf {
     path.strip_prefix(root).unwrap_or(path).to_path_buf()
 }
+
+/// The nearest-class-centroid check of generated sounds: each class is
+/// the mean over its clips of their average log-mel spectrum (`[n_mels]`,
+/// the mean over frames), and a mel is assigned the class whose centroid
+/// is nearest in Euclidean distance. Crude on purpose (it sees the
+/// spectral balance, not the time structure) and documented in
+/// docs/models/mel_tokens.md; its accuracy on real clips is the reference
+/// for its accuracy on generated ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassCentroids {
+    /// Class names, index = label.
+    pub names: Vec<String>,
+    /// One `[n_mels]` centroid per class.
+    pub centroids: Vec<Vec<f32>>,
+}
+
+/// The average log-mel spectrum `[n_mels]` of `mel` `[n_mels, frames]`.
+fn mean_spectrum(mel: &ndarray::Array2<f32>) -> Vec<f32> {
+    let frames = mel.ncols().max(1) as f32;
+    mel.rows().into_iter().map(|r| r.sum() / frames).collect()
+}
+
+impl ClassCentroids {
+    /// Centroids of `clips` (`(label, mel [n_mels, frames])`) for the
+    /// classes `names`; a label out of range, mels of different sizes or a
+    /// class without clips are errors naming them.
+    pub fn fit(names: Vec<String>, clips: &[(usize, ndarray::Array2<f32>)]) -> Result<Self> {
+        let n_mels = clips.first().map_or(0, |(_, m)| m.nrows());
+        let mut sums = vec![vec![0f32; n_mels]; names.len()];
+        let mut counts = vec![0usize; names.len()];
+        for (label, mel) in clips {
+            let (Some(sum), Some(count)) = (sums.get_mut(*label), counts.get_mut(*label)) else {
+                return Err(Error::invalid(
+                    "class label",
+                    format!("{label} is not below the {} classes", names.len()),
+                ));
+            };
+            if mel.nrows() != n_mels {
+                return Err(Error::Shape {
+                    what: "class centroid mel".into(),
+                    expected: format!("[{n_mels}, frames]"),
+                    got: format!("{:?}", mel.dim()),
+                });
+            }
+            for (s, v) in sum.iter_mut().zip(mean_spectrum(mel)) {
+                *s += v;
+            }
+            *count += 1;
+        }
+        if let Some(i) = counts.iter().position(|&c| c == 0) {
+            return Err(Error::invalid(
+                format!("class {}", names[i]),
+                "has no clip to make its centroid from",
+            ));
+        }
+        let centroids = sums
+            .into_iter()
+            .zip(&counts)
+            .map(|(s, &c)| s.into_iter().map(|v| v / c as f32).collect())
+            .collect();
+        Ok(Self { names, centroids })
+    }
+
+    /// The class (index) whose centroid is nearest to `mel` `[n_mels,
+    /// frames]`.
+    pub fn classify(&self, mel: &ndarray::Array2<f32>) -> usize {
+        let m = mean_spectrum(mel);
+        let dist = |c: &[f32]| -> f32 { c.iter().zip(&m).map(|(a, b)| (a - b) * (a - b)).sum() };
+        (0..self.centroids.len())
+            .min_by(|&a, &b| dist(&self.centroids[a]).total_cmp(&dist(&self.centroids[b])))
+            .unwrap_or(0)
+    }
+}

@@ -505,18 +505,7 @@ impl Vocos {
     /// n_mels, frames]`); `cond` picks the AdaLayerNorm row (required with
     /// `adanorm_num_embeddings`, refused without).
     pub fn backbone(&self, mel: &Tensor, cond: Option<usize>) -> Result<Tensor> {
-        match (self.cfg.adanorm_num_embeddings, cond) {
-            (Some(n), Some(c)) => ensure(c < n, "vocos condition", || {
-                format!("id {c} is out of range: the model has {n} (0 to {})", n - 1)
-            })?,
-            (Some(n), None) => ensure(false, "vocos condition", || {
-                format!("this model has AdaLayerNorm: give a condition id below {n}")
-            })?,
-            (None, Some(_)) => ensure(false, "vocos condition", || {
-                "this model takes no condition id (no AdaLayerNorm)".into()
-            })?,
-            (None, None) => {}
-        }
+        self.check_cond(cond)?;
         let (_, m, _) = mel.dims3().map_err(|_| Error::Shape {
             what: "vocos mel".into(),
             expected: "[batch, n_mels, frames]".into(),
@@ -538,6 +527,24 @@ impl Vocos {
             x = b.forward(&x, cond)?;
         }
         Ok(self.final_norm.forward(&x.transpose(1, 2)?)?)
+    }
+
+    /// The condition id `cond` against the model: required (and in range)
+    /// with AdaLayerNorm, refused without.
+    fn check_cond(&self, cond: Option<usize>) -> Result<()> {
+        match (self.cfg.adanorm_num_embeddings, cond) {
+            (Some(n), Some(c)) => ensure(c < n, "vocos condition", || {
+                format!("id {c} is out of range: the model has {n} (0 to {})", n - 1)
+            })?,
+            (Some(n), None) => ensure(false, "vocos condition", || {
+                format!("this model has AdaLayerNorm: give a condition id below {n}")
+            })?,
+            (None, Some(_)) => ensure(false, "vocos condition", || {
+                "this model takes no condition id (no AdaLayerNorm)".into()
+            })?,
+            (None, None) => {}
+        }
+        Ok(())
     }
 
     /// Decodes `mel` (`[batch, n_mels, frames]`) to audio `[batch,
@@ -607,8 +614,9 @@ impl Vocos {
     }
 
     /// A stream of this vocoder (see [`VocosStream`]) for condition `cond`
-    /// (checked on the first push, as [`Vocos::decode`] checks it).
+    /// (checked here, as [`Vocos::decode`] checks it).
     pub fn stream(&self, cond: Option<usize>) -> Result<VocosStream> {
+        self.check_cond(cond)?;
         Ok(VocosStream {
             istft: self.istft.stream()?,
             vocos: self.clone(),
@@ -640,7 +648,11 @@ impl Vocos {
 /// holding that much context on each side, and the ISTFT streams
 /// ([`melvae_dsp::IstftStream`]). Latency: [`Vocos::lookahead_frames`]
 /// plus the chunking; state: the last `2 * context_frames` mel frames and
-/// one ISTFT overlap.
+/// one ISTFT overlap. Compute: each push reruns the backbone over its
+/// window (`2 * context_frames` + the pushed frames), so one-frame pushes
+/// cost about `2 * context_frames + 1` times the offline pass per frame;
+/// push a few frames at a time where latency allows. A push that fails
+/// (wrong shape) leaves the stream as it was.
 #[derive(Debug, Clone)]
 pub struct VocosStream {
     vocos: Vocos,
@@ -665,14 +677,19 @@ impl VocosStream {
         if frames == 0 {
             return Ok(None);
         }
+        let n_mels = self.vocos.cfg.n_mels;
+        let batch = self.mel.as_ref().map(|b| b.dim(0)).transpose()?;
+        if m != n_mels || batch.is_some_and(|b| b != mel.dim(0).unwrap_or(0)) {
+            return Err(Error::Shape {
+                what: "vocos stream mel".into(),
+                expected: match batch {
+                    Some(b) => format!("[{b}, {n_mels}, frames] (as so far)"),
+                    None => format!("[batch, {n_mels}, frames]"),
+                },
+                got: format!("{:?}", mel.dims()),
+            });
+        }
         let buf = match self.mel.take() {
-            Some(b) if b.dim(0)? != mel.dim(0)? || m != b.dim(1)? => {
-                return Err(Error::Shape {
-                    what: "vocos stream mel".into(),
-                    expected: format!("[{}, {}, frames] (as so far)", b.dim(0)?, b.dim(1)?),
-                    got: format!("{:?}", mel.dims()),
-                })
-            }
             Some(b) => Tensor::cat(&[&b, mel], 2)?,
             None => mel.clone(),
         };
@@ -876,6 +893,21 @@ mod tests {
                 }
             }
             stream.reset();
+            // A bad push is refused, naming it, and leaves the stream as it was.
+            let mut parts: Vec<Tensor> = stream
+                .push(&mel.narrow(2, 0, 20).unwrap())
+                .unwrap()
+                .into_iter()
+                .collect();
+            let bad = Tensor::zeros((2, 4, 3), DType::F32, &Device::Cpu).unwrap();
+            let e = stream.push(&bad).unwrap_err().to_string();
+            assert!(e.contains("vocos stream mel"), "{e}");
+            parts.extend(stream.push(&mel.narrow(2, 20, 41).unwrap()).unwrap());
+            parts.extend(stream.finish().unwrap());
+            let d =
+                melvae_layers::testing::max_abs_diff(&offline, &Tensor::cat(&parts, 1).unwrap())
+                    .unwrap();
+            assert!(d < 1e-5, "{padding:?} after a refused push: {d}");
             for sizes in [vec![1], vec![3, 1, 7], vec![61], vec![20, 0, 41]] {
                 let (mut parts, mut at, mut i, mut state) = (Vec::new(), 0, 0, Vec::new());
                 while at < 61 {

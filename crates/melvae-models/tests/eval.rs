@@ -224,3 +224,24 @@ fn baselines_keep_what_they_promise() {
     assert_eq!(report.latent_rate, Some(4000.0));
     assert!(report.mean.encode_rtf.unwrap() > 0.0);
 }
+
+#[test]
+fn class_centroids_classify_by_spectral_balance() {
+    use melvae_models::eval::ClassCentroids;
+    let low = ndarray::Array2::from_shape_fn((3, 4), |(m, _)| if m == 0 { 1.0 } else { -5.0 });
+    let high = ndarray::Array2::from_shape_fn((3, 4), |(m, _)| if m == 2 { 1.0 } else { -5.0 });
+    let c = ClassCentroids::fit(
+        vec!["low".into(), "high".into()],
+        &[(0, low.clone()), (1, high.clone()), (1, high.clone())],
+    )
+    .unwrap();
+    assert_eq!((c.classify(&low), c.classify(&high)), (0, 1));
+    let e = ClassCentroids::fit(vec!["low".into(), "none".into()], &[(0, low.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class none"), "{e}");
+    let e = ClassCentroids::fit(vec!["low".into()], &[(3, low)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class label"), "{e}");
+}

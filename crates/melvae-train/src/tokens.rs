@@ -195,6 +195,9 @@ impl TokenDataset {
             }
         }
         let mut examples = Vec::new();
+        // What the first shard has, which every other must have too: the
+        // codebook count and which optional keys are present.
+        let mut first: Option<(usize, [bool; 4])> = None;
         for path in &files {
             let map = candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| Error::file(path, e))?;
@@ -245,6 +248,25 @@ impl TokenDataset {
                 }
                 None => None,
             };
+            let has = [
+                labels.is_some(),
+                speakers.is_some(),
+                text.is_some(),
+                cond.is_some(),
+            ];
+            match first {
+                None => first = Some((k, has)),
+                Some((k0, has0)) if k0 != k || has0 != has => {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "differs from the first shard: {k} codebooks and keys \
+                             labels/speakers/text/cond {has:?}, the first has {k0} and {has0:?}"
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
             for i in 0..n {
                 let (a, b) = (off[i] as usize, off[i + 1] as usize);
                 examples.push(TokenExample {
@@ -429,7 +451,8 @@ impl TokenSplit {
         };
         let class_names = match std::fs::read_to_string(&names) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| Error::file(&names, e))?,
-            Err(_) => Vec::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::file(&names, e)),
         };
         Ok(Self {
             train,
@@ -456,6 +479,67 @@ pub struct TokenizeSummary {
     pub shard: PathBuf,
 }
 
+/// The class sub-folders of `dir` (hidden ones skipped), sorted by name
+/// (labels follow this order); none is an error naming `dir`.
+fn class_folders(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        return Err(Error::file(
+            dir,
+            "has no class sub-folders (one folder of audio per class)",
+        ));
+    }
+    Ok(classes)
+}
+
+/// Decoding to mono at `rate`.
+fn mono_at(rate: u32) -> melvae_dsp::LoadOptions {
+    melvae_dsp::LoadOptions {
+        channels: melvae_dsp::ChannelMode::Mono,
+        sample_rate: Some(rate),
+        quality: Default::default(),
+    }
+}
+
+/// The log-mels (`[n_mels, frames]`, features `cfg`) of every audio file
+/// in the sub-folders of `dir` named as `names`, labelled by their index in
+/// `names` (what [`melvae_models::eval::ClassCentroids::fit`] takes). A
+/// class without a sub-folder, or a file that cannot be read, is an error
+/// naming it.
+pub fn class_mels(
+    dir: &Path,
+    names: &[String],
+    cfg: &melvae_dsp::MelConfig,
+) -> Result<Vec<(usize, ndarray::Array2<f32>)>> {
+    let extractor = melvae_dsp::MelExtractor::new(*cfg)?;
+    let opts = mono_at(cfg.sample_rate);
+    let mut out = Vec::new();
+    for (label, name) in names.iter().enumerate() {
+        let folder = dir.join(name);
+        if !folder.is_dir() {
+            return Err(Error::file(
+                &folder,
+                format!("no sub-folder for class `{name}`"),
+            ));
+        }
+        for file in melvae_dsp::discover_audio(&folder)? {
+            let audio = melvae_dsp::load_audio_with(&file, &opts)?;
+            out.push((label, extractor.extract(&audio.mono())?));
+        }
+    }
+    Ok(out)
+}
+
 /// Tokenizes a folder with one sub-folder per class (the sub-folder's name
 /// is the class; labels follow the sorted names) with a trained mel
 /// VQ-VAE: every audio file (searched recursively in its class folder) is
@@ -469,24 +553,8 @@ pub fn tokenize_folder(
     dir: &Path,
     out: &Path,
 ) -> Result<TokenizeSummary> {
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::file(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    classes.sort();
-    if classes.is_empty() {
-        return Err(Error::file(
-            dir,
-            "has no class sub-folders (one folder of audio per class)",
-        ));
-    }
-    let cfg = *model.mel_config();
-    let opts = melvae_dsp::LoadOptions {
-        channels: melvae_dsp::ChannelMode::Mono,
-        sample_rate: Some(cfg.sample_rate),
-        quality: Default::default(),
-    };
+    let classes = class_folders(dir)?;
+    let opts = mono_at(model.mel_config().sample_rate);
     let cols = model.cols();
     let (mut examples, mut counts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for (label, class) in classes.iter().enumerate() {
@@ -645,5 +713,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty_dir_does_not_exist"), "{e}");
+    }
+
+    #[test]
+    fn shards_must_agree_with_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        write_token_shard(&d.path().join("a.safetensors"), &[ex(2, 1)]).unwrap();
+        let mut one = ex(2, 1);
+        one.codes = vec![vec![1], vec![2]];
+        write_token_shard(&d.path().join("b.safetensors"), &[one]).unwrap();
+        let e = TokenDataset::load(&[d.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("b.safetensors") && e.contains("1 codebooks"),
+            "{e}"
+        );
+        let mut unlabelled = ex(2, 1);
+        unlabelled.label = None;
+        write_token_shard(&d.path().join("b.safetensors"), &[unlabelled]).unwrap();
+        let e = TokenDataset::load(&[d.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.safetensors") && e.contains("differs"), "{e}");
     }
 }

@@ -23,6 +23,9 @@ use crate::error::ensure;
 use crate::model_file::Family;
 use crate::{Error, Result};
 
+/// The target the loss ignores at padded positions (never a token).
+const PAD_TARGET: u32 = u32::MAX;
+
 /// How positions are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -147,18 +150,24 @@ impl SamplingOptions {
         Ok(())
     }
 
-    /// Draws one index from `logits` (one row, host side).
-    fn draw(&self, logits: &[f32], rng: &mut SplitMix64) -> u32 {
-        let t = self.temperature as f32;
+    /// Draws one index from `logits` (one row, host side, in f64); logits
+    /// that are not all finite (a diverged model) are an error.
+    fn draw(&self, logits: &[f32], rng: &mut SplitMix64) -> Result<u32> {
+        if logits.is_empty() || logits.iter().any(|l| !l.is_finite()) {
+            return Err(Error::invalid(
+                "gpt logits",
+                "not all finite (a diverged model?): nothing to sample from",
+            ));
+        }
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         if let Some(k) = self.top_k {
             order.truncate(k.max(1));
         }
-        let max = logits[order[0]] / t;
+        let max = logits[order[0]] as f64;
         let mut probs: Vec<f64> = order
             .iter()
-            .map(|&i| ((logits[i] / t - max) as f64).exp())
+            .map(|&i| ((logits[i] as f64 - max) / self.temperature).exp())
             .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
@@ -181,10 +190,11 @@ impl SamplingOptions {
         for (i, p) in probs.iter().enumerate() {
             acc += p;
             if u < acc {
-                return order[i] as u32;
+                return Ok(order[i] as u32);
             }
         }
-        order[probs.len() - 1] as u32
+        // Rounding left `acc` a hair below `u`: the last kept token.
+        Ok(order[probs.len() - 1] as u32)
     }
 }
 
@@ -325,21 +335,39 @@ impl Gpt {
     }
 
     /// The training loss: cross-entropy of [`Gpt::forward`]'s logits
-    /// against `tokens`, with `ignore_index` (padding) and
-    /// `label_smoothing` as `torch.nn.CrossEntropyLoss`.
+    /// against `tokens`, over the positions where `mask` (`[batch, len]`,
+    /// any dtype, non-zero = real; `None`: all) is set, through
+    /// `ignore_index` on the padding, with `label_smoothing` as
+    /// `torch.nn.CrossEntropyLoss`. Padding positions may hold any valid
+    /// token (0, say).
     pub fn loss(
         &self,
         tokens: &Tensor,
         classes: &Tensor,
-        ignore_index: Option<u32>,
+        mask: Option<&Tensor>,
         label_smoothing: f64,
         mode: Mode,
     ) -> Result<Tensor> {
         let logits = self.forward(tokens, classes, mode)?;
+        let tokens = tokens.to_dtype(DType::U32)?;
+        let targets = match mask {
+            Some(m) => {
+                if m.dims() != tokens.dims() {
+                    return Err(Error::Shape {
+                        what: "gpt mask".into(),
+                        expected: format!("{:?} (as the tokens)", tokens.dims()),
+                        got: format!("{:?}", m.dims()),
+                    });
+                }
+                let ignore = Tensor::full(PAD_TARGET, tokens.shape(), tokens.device())?;
+                m.ne(0u32)?.where_cond(&tokens, &ignore)?
+            }
+            None => tokens,
+        };
         Ok(melvae_losses::cross_entropy(
             &logits,
-            &tokens.to_dtype(DType::U32)?,
-            ignore_index,
+            &targets,
+            Some(PAD_TARGET),
             label_smoothing,
         )?)
     }
@@ -389,7 +417,10 @@ impl Gpt {
             let logits = self.step_cached(x, pos)?.detach();
             on_logits(pos, &logits);
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let next: Vec<u32> = rows.iter().map(|r| opts.draw(r, &mut rng)).collect();
+            let next: Vec<u32> = rows
+                .iter()
+                .map(|r| opts.draw(r, &mut rng))
+                .collect::<Result<_>>()?;
             for (o, &t) in out.iter_mut().zip(&next) {
                 o.push(t);
             }
@@ -499,18 +530,20 @@ mod tests {
             top_k: Some(1),
             ..Default::default()
         };
-        assert!((0..50).all(|_| k1.draw(&logits, &mut rng) == 1));
+        assert!((0..50).all(|_| k1.draw(&logits, &mut rng).unwrap() == 1));
         let k2 = SamplingOptions {
             top_k: Some(2),
             ..Default::default()
         };
-        assert!((0..200).all(|_| matches!(k2.draw(&logits, &mut rng), 1 | 4)));
+        assert!((0..200).all(|_| matches!(k2.draw(&logits, &mut rng).unwrap(), 1 | 4)));
         // p(1) ~ 0.50, p(4) ~ 0.30, p(2) ~ 0.18: top_p 0.6 keeps 1 and 4.
         let p = SamplingOptions {
             top_p: Some(0.6),
             ..Default::default()
         };
-        let draws: Vec<u32> = (0..300).map(|_| p.draw(&logits, &mut rng)).collect();
+        let draws: Vec<u32> = (0..300)
+            .map(|_| p.draw(&logits, &mut rng).unwrap())
+            .collect();
         assert!(draws.iter().all(|&t| t == 1 || t == 4));
         assert!(draws.contains(&4) && draws.contains(&1));
         // A low temperature makes it (nearly) greedy.
@@ -518,7 +551,16 @@ mod tests {
             temperature: 0.01,
             ..Default::default()
         };
-        assert!((0..50).all(|_| cold.draw(&logits, &mut rng) == 1));
+        assert!((0..50).all(|_| cold.draw(&logits, &mut rng).unwrap() == 1));
+        // Even colder: no overflow (f64), still greedy; non-finite logits
+        // are refused.
+        let frozen = SamplingOptions {
+            temperature: 1e-30,
+            ..Default::default()
+        };
+        assert_eq!(frozen.draw(&logits, &mut rng).unwrap(), 1);
+        let e = p.draw(&[0.0, f32::NAN], &mut rng).unwrap_err().to_string();
+        assert!(e.contains("gpt logits"), "{e}");
     }
 
     #[test]
@@ -526,8 +568,9 @@ mod tests {
         let (vm, m) = build(tiny(GptPositions::Rotary), DType::F64);
         let tokens = Tensor::new(&[[1u32, 6, 3], [0, 2, 5]], &Device::Cpu).unwrap();
         let classes = Tensor::new(&[2u32, 1], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1], [1, 1, 0]], &Device::Cpu).unwrap();
         check_module(&vm, 0.3, 5, &[], || {
-            m.loss(&tokens, &classes, Some(6), 0.1, Mode::Eval)
+            m.loss(&tokens, &classes, Some(&mask), 0.1, Mode::Eval)
                 .map_err(|e| melvae_layers::Error::Invalid {
                     what: "gpt".into(),
                     reason: e.to_string(),

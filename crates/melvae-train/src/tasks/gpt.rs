@@ -55,17 +55,14 @@ pub fn gpt_config(cfg: &crate::ResolvedConfig) -> Result<(GptConfig, GptLossConf
     Ok((cfg.get("gpt")?, loss))
 }
 
-/// Padding target ignored by the loss (never a real token).
-const IGNORE: u32 = u32::MAX;
-
-/// Flattened token rows `[batch, frames * codebooks]`, their targets
-/// (padding set to [`IGNORE`]) and the class labels `[batch]`.
+/// Flattened token rows `[batch, frames * codebooks]` (padding as token
+/// 0), their mask (1 = real) and the class labels `[batch]`.
 #[derive(Debug, Clone)]
 pub struct GptBatch {
-    /// Inputs (padding as token 0).
+    /// Tokens.
     pub tokens: Tensor,
-    /// Targets (padding ignored).
-    pub targets: Tensor,
+    /// `[batch, frames * codebooks]` u8, 1 for real tokens.
+    pub mask: Tensor,
     /// Classes.
     pub classes: Tensor,
 }
@@ -79,15 +76,13 @@ fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBa
         .unsqueeze(2)?
         .broadcast_as((n, t, k))?
         .reshape((n, t * k))?;
-    let ignore = Tensor::full(IGNORE, (n, t * k), device)?;
-    let targets = mask.where_cond(&tokens, &ignore)?;
     let classes = match b.labels {
         Some(l) => l,
         None => Tensor::zeros(n, DType::U32, device)?,
     };
     Ok(GptBatch {
         tokens,
-        targets,
+        mask,
         classes,
     })
 }
@@ -95,8 +90,9 @@ fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBa
 /// The class GPT as a [`TrainTask`]: batches of token sequences (one
 /// shard example each, its `rows x cols` grid flattened in raster order)
 /// with their class labels (class 0 when the shards have none);
-/// validation on the held-out examples: `ce` (nats per token, which picks
-/// the best checkpoint), `perplexity` and `unigram_perplexity` (the
+/// validation on the held-out examples (on the training examples when
+/// none are held out, as for audio families): `ce` (nats per token, which
+/// picks the best checkpoint), `perplexity` and `unigram_perplexity` (the
 /// training tokens' frequencies, add-one smoothed: the baseline to beat).
 pub struct GptTask {
     /// The parameters.
@@ -124,12 +120,15 @@ impl GptTask {
         dtype: DType,
     ) -> Result<Self> {
         let all = data.train.examples.iter().chain(&data.val.examples);
-        for e in all {
+        for (i, e) in all.enumerate() {
             let len: usize = e.codes.iter().map(Vec::len).sum();
             let max = e.codes.iter().flatten().copied().max().unwrap_or(0) as usize;
             let label = e.label.unwrap_or(0) as usize;
             let bad = |key: &str, reason: String| Error::Config {
-                origin: data_cfg.tokens.display().to_string(),
+                origin: format!(
+                    "the config, for example {i} of {}",
+                    data_cfg.tokens.display()
+                ),
                 key: key.into(),
                 reason,
             };
@@ -190,12 +189,18 @@ impl GptTask {
             .chunks(self.batch_size.max(1))
         {
             let b = gpt_batch(set, chunk, &self.device)?;
-            let logits = self.model.forward(&b.tokens, &b.classes, Mode::Eval)?;
-            let ce = melvae_losses::cross_entropy(&logits, &b.targets, Some(IGNORE), 0.0)?
+            let ce = self
+                .model
+                .loss(&b.tokens, &b.classes, Some(&b.mask), 0.0, Mode::Eval)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
-            let targets: Vec<u32> = b.targets.flatten_all()?.to_vec1()?;
-            let real: Vec<u32> = targets.into_iter().filter(|&t| t != IGNORE).collect();
+            let tokens: Vec<u32> = b.tokens.flatten_all()?.to_vec1()?;
+            let mask: Vec<u8> = b.mask.flatten_all()?.to_vec1()?;
+            let real: Vec<u32> = tokens
+                .into_iter()
+                .zip(mask)
+                .filter_map(|(t, m)| (m != 0).then_some(t))
+                .collect();
             model_sum += ce * real.len() as f64;
             uni_sum += real
                 .iter()
@@ -230,12 +235,12 @@ impl TrainTask for GptTask {
         } else {
             Mode::Eval
         };
-        let logits = self.model.forward(&batch.tokens, &batch.classes, mode)?;
-        let ce = melvae_losses::cross_entropy(
-            &logits,
-            &batch.targets,
-            Some(IGNORE),
+        let ce = self.model.loss(
+            &batch.tokens,
+            &batch.classes,
+            Some(&batch.mask),
             self.loss.label_smoothing,
+            mode,
         )?;
         Ok(Losses {
             total: ce.clone(),
