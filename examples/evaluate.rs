@@ -37,7 +37,7 @@ use candle_core::Device;
 use clap::Parser;
 use melvae::models::eval::{
     audio_files, evaluate_codec, evaluate_folders, ClipMeanSpectrum, ClipReport, Codec,
-    EvalOptions, EvalReport, MelCodec, MelToAudio, MelVaeCodec, Resampled,
+    EvalOptions, EvalReport, MelCodec, MelToAudio, MelVaeCodec, MelVqVaeCodec, Resampled,
 };
 use melvae::models::{MelVae, SampleOptions, WaveVae};
 
@@ -146,6 +146,33 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
             ));
         } else {
             out.push((name, Box::new(MelCodec::vocos(vocos)?)));
+        }
+    } else if family == "mel_vqvae" {
+        let vq = common::load_mel_vqvae(path)?;
+        let mel = *vq.mel_config();
+        let vocoder = match &args.vocoder {
+            Some(p) => Some(melvae::models::Vocos::load(
+                p,
+                &Device::Cpu,
+                candle_core::DType::F32,
+            )?),
+            None => None,
+        };
+        let vocoder = MelToAudio::new(vocoder, &mel)?;
+        let codec = |model| -> Box<dyn Codec> {
+            Box::new(MelVqVaeCodec {
+                model,
+                vocoder: vocoder.clone(),
+                device: Device::Cpu,
+            })
+        };
+        if args.baselines {
+            let vm = candle_nn::VarMap::new();
+            let fresh = melvae::models::MelVqVae::new(vq.config().clone(), seeded(&vm))?;
+            out.push((name, codec(vq)));
+            out.push((untrained, codec(fresh)));
+        } else {
+            out.push((name, codec(vq)));
         }
     } else if family == "wave_vae" {
         anyhow::ensure!(

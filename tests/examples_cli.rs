@@ -1039,6 +1039,26 @@ fn tokenize_writes_class_shards_and_names_bad_input() {
     // No class sub-folders; a model of another family.
     let r = run("tokenize", &["--model", m, &format!("{c}/a"), "-o", o]);
     assert_one_line_error(&r, "class sub-folders");
+    // The same model as a codec: evaluate scores it at 22.05 kHz.
+    let json = dir.path().join("vq.json");
+    let j = json.to_str().unwrap();
+    let r = run(
+        "evaluate",
+        &[
+            "--reference",
+            &format!("{c}/a"),
+            "--model",
+            m,
+            "--json",
+            j,
+            "--no-pesq",
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["sample_rate"], 22050);
+    assert!(report["mean"]["mel_distance"].as_f64().unwrap().is_finite());
     let wave = tiny_stereo_wave_vae(dir.path());
     let r = run("tokenize", &["--model", wave.to_str().unwrap(), c, "-o", o]);
     assert_one_line_error(&r, "wave_vae");

@@ -32,7 +32,7 @@ use melvae_losses::{MultiResolutionStftLoss, MultiScaleMelLoss, WaveformLoss};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ensure;
-use crate::{mel_to_array, Error, MelVae, Result, SampleOptions, Vocos, WaveVae};
+use crate::{mel_to_array, Error, MelVae, MelVqVae, Result, SampleOptions, Vocos, WaveVae};
 
 /// DAC's mel distance as its evaluation computes it: `(n_mels,
 /// window_length)` per scale (hop a quarter window), magnitudes floored at
@@ -419,6 +419,57 @@ impl Codec for MelVaeCodec {
         let mel = MelConfig::vocos_24k();
         mel.sample_rate as f64 / mel.stft.hop_length as f64 / self.model.compress() as f64
             * self.model.latent_dim() as f64
+    }
+}
+
+/// The mel VQ-VAE as a [`Codec`]: audio (mono, at its features' rate) to
+/// tokens `[1, rows * cols]` (the audio zero-padded to a whole token row,
+/// so nothing is dropped), and tokens back to the mel and through the
+/// vocoder (or Griffin-Lim) to audio. `latent_rate` counts tokens per
+/// second (each one of `codebook_size` values, not a real number).
+pub struct MelVqVaeCodec {
+    /// The model.
+    pub model: MelVqVae,
+    /// How mels become audio.
+    pub vocoder: MelToAudio,
+    /// The device the model runs on.
+    pub device: Device,
+}
+
+impl Codec for MelVqVaeCodec {
+    fn sample_rate(&self) -> u32 {
+        self.model.mel_config().sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        1
+    }
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let mut samples = audio
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let stft = self.model.mel_config().stft;
+        let f = self.model.time_factor();
+        let frames = stft.n_frames(samples.len())?.div_ceil(f) * f;
+        let want = stft.n_samples(frames).max(samples.len());
+        samples.resize(want, 0.0);
+        self.model.encode_audio(&samples, &self.device)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let cfg = *self.model.mel_config();
+        let mel = self.model.decode(latents)?;
+        let frames = cfg.stft.n_frames(samples)?.min(mel.dim(2)?);
+        let mel = mel.narrow(2, 0, frames)?.contiguous()?;
+        let wav = self.vocoder.audio(&mel, &cfg, samples)?;
+        Ok(Tensor::from_vec(wav, (1, 1, samples), &self.device)?)
+    }
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+    fn latent_rate(&self) -> f64 {
+        let mel = self.model.mel_config();
+        mel.sample_rate as f64 / mel.stft.hop_length as f64 / self.model.time_factor() as f64
+            * self.model.cols() as f64
     }
 }
 
