@@ -65,6 +65,7 @@ pub use mel_vae::{
 pub use mel_vqvae::{MelVqVae, MelVqVaeConfig, MelVqVaeOutput, ReconLoss};
 pub use model_file::{Family, ModelFileInfo};
 pub use priors::gpt::{Gpt, GptConfig, GptPositions, SamplingOptions};
+pub use priors::gpt_vae::{GptVae, GptVaeConfig, GptVaeLoss, LatentInjection};
 pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,

@@ -43,7 +43,9 @@ pub enum GptPositions {
 pub struct GptConfig {
     /// Token vocabulary (the VQ-VAE's codebook size).
     pub vocab_size: usize,
-    /// Classes (1 for an unconditional model: one start embedding).
+    /// Classes (1 for an unconditional model: one start embedding; 0 for
+    /// a decoder whose first position comes from elsewhere, as the
+    /// GPT-VAE's latent: then only the `_prompted` methods apply).
     pub num_classes: usize,
     /// Longest token sequence (the learned positions' rows).
     pub max_len: usize,
@@ -66,7 +68,6 @@ impl GptConfig {
     pub fn validate(&self) -> Result<()> {
         for (v, f) in [
             (self.vocab_size, "gpt.vocab_size"),
-            (self.num_classes, "gpt.num_classes"),
             (self.max_len, "gpt.max_len"),
             (self.dim, "gpt.dim"),
             (self.heads, "gpt.heads"),
@@ -203,7 +204,7 @@ impl SamplingOptions {
 pub struct Gpt {
     cfg: GptConfig,
     tok_emb: Embedding,
-    class_emb: Embedding,
+    class_emb: Option<Embedding>,
     pos_emb: Option<Tensor>,
     blocks: Vec<DecoderLayer>,
     norm: LayerNorm,
@@ -228,7 +229,13 @@ impl Gpt {
         cfg.validate()?;
         let d = cfg.dim;
         let tok = normal(&vb.pp("tok_emb"), (cfg.vocab_size, d), "weight")?;
-        let class = normal(&vb.pp("class_emb"), (cfg.num_classes, d), "weight")?;
+        let class = match cfg.num_classes {
+            0 => None,
+            n => Some(Embedding::new(
+                normal(&vb.pp("class_emb"), (n, d), "weight")?,
+                d,
+            )),
+        };
         let pos_emb = match cfg.positions {
             GptPositions::Learned => Some(normal(&vb.pp("pos_emb"), (cfg.max_len, d), "weight")?),
             GptPositions::Rotary => None,
@@ -242,7 +249,7 @@ impl Gpt {
                 .get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?;
         Ok(Self {
             tok_emb: Embedding::new(tok, d),
-            class_emb: Embedding::new(class, d),
+            class_emb: class,
             pos_emb,
             blocks,
             norm: LayerNorm::new(d, 1e-5, true, vb.pp("norm"))?,
@@ -259,6 +266,18 @@ impl Gpt {
     /// Loads a `gpt` model file.
     pub fn load(path: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
         Ok(crate::model_file::load::<Self>(path, device, dtype)?.0)
+    }
+
+    /// The class embeddings `[batch, 1, dim]` of `classes` (checked).
+    fn class_start(&self, classes: &Tensor, batch: usize) -> Result<Tensor> {
+        let classes = self.check_classes(classes, batch)?;
+        match &self.class_emb {
+            Some(e) => Ok(e.forward(&classes)?.unsqueeze(1)?),
+            None => Err(Error::invalid(
+                "gpt classes",
+                "this decoder has no class embedding (gpt.num_classes 0): it takes a prompt",
+            )),
+        }
     }
 
     fn check_classes(&self, classes: &Tensor, batch: usize) -> Result<Tensor> {
@@ -304,6 +323,21 @@ impl Gpt {
     /// `[batch, len]` from the class (`classes` `[batch]`) and the tokens
     /// before it (teacher forcing).
     pub fn forward(&self, tokens: &Tensor, classes: &Tensor, mode: Mode) -> Result<Tensor> {
+        let b = tokens.dim(0).unwrap_or(0);
+        let start = self.class_start(classes, b)?;
+        self.forward_prompted(tokens, &start, None, mode)
+    }
+
+    /// [`Gpt::forward`] with the first position's embedding given:
+    /// `start` `[batch, 1, dim]`, and optionally `add` `[batch, 1, dim]`
+    /// added to every position's input (the GPT-VAE's latent).
+    pub fn forward_prompted(
+        &self,
+        tokens: &Tensor,
+        start: &Tensor,
+        add: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, n) = tokens.dims2().map_err(|_| Error::Shape {
             what: "gpt tokens".into(),
             expected: "[batch, len]".into(),
@@ -319,13 +353,22 @@ impl Gpt {
                 got: format!("token {max}"),
             });
         }
-        let classes = self.check_classes(classes, b)?;
-        let start = self.class_emb.forward(&classes)?.unsqueeze(1)?;
+        if start.dims() != [b, 1, self.cfg.dim] {
+            return Err(Error::Shape {
+                what: "gpt prompt".into(),
+                expected: format!("[{b}, 1, {}]", self.cfg.dim),
+                got: format!("{:?}", start.dims()),
+            });
+        }
         let x = if n > 1 {
             let prev = self.tok_emb.forward(&tokens.narrow(1, 0, n - 1)?)?;
-            Tensor::cat(&[&start, &prev], 1)?
+            Tensor::cat(&[start, &prev], 1)?
         } else {
-            start
+            start.clone()
+        };
+        let x = match add {
+            Some(a) => x.broadcast_add(a)?,
+            None => x,
         };
         let mut x = self.add_positions(x, 0)?;
         for block in &self.blocks {
@@ -349,29 +392,43 @@ impl Gpt {
         mode: Mode,
     ) -> Result<Tensor> {
         let logits = self.forward(tokens, classes, mode)?;
-        let tokens = tokens.to_dtype(DType::U32)?;
-        let targets = match mask {
-            Some(m) => {
-                if m.dims() != tokens.dims() {
-                    return Err(Error::Shape {
-                        what: "gpt mask".into(),
-                        expected: format!("{:?} (as the tokens)", tokens.dims()),
-                        got: format!("{:?}", m.dims()),
-                    });
-                }
-                let ignore = Tensor::full(PAD_TARGET, tokens.shape(), tokens.device())?;
-                m.ne(0u32)?.where_cond(&tokens, &ignore)?
-            }
-            None => tokens,
-        };
-        Ok(melvae_losses::cross_entropy(
-            &logits,
-            &targets,
-            Some(PAD_TARGET),
-            label_smoothing,
-        )?)
+        masked_cross_entropy(&logits, tokens, mask, label_smoothing)
     }
+}
 
+/// Cross-entropy of `logits` `[batch, len, vocab]` against `tokens`
+/// `[batch, len]` over the positions where `mask` is set (see
+/// [`Gpt::loss`]).
+pub(crate) fn masked_cross_entropy(
+    logits: &Tensor,
+    tokens: &Tensor,
+    mask: Option<&Tensor>,
+    label_smoothing: f64,
+) -> Result<Tensor> {
+    let tokens = tokens.to_dtype(DType::U32)?;
+    let targets = match mask {
+        Some(m) => {
+            if m.dims() != tokens.dims() {
+                return Err(Error::Shape {
+                    what: "gpt mask".into(),
+                    expected: format!("{:?} (as the tokens)", tokens.dims()),
+                    got: format!("{:?}", m.dims()),
+                });
+            }
+            let ignore = Tensor::full(PAD_TARGET, tokens.shape(), tokens.device())?;
+            m.ne(0u32)?.where_cond(&tokens, &ignore)?
+        }
+        None => tokens,
+    };
+    Ok(melvae_losses::cross_entropy(
+        logits,
+        &targets,
+        Some(PAD_TARGET),
+        label_smoothing,
+    )?)
+}
+
+impl Gpt {
     /// Forgets every block's KV cache.
     pub fn clear_cache(&mut self) {
         self.blocks.iter_mut().for_each(DecoderLayer::clear_cache);
@@ -399,9 +456,31 @@ impl Gpt {
         opts: &SamplingOptions,
         mut on_logits: impl FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        opts.validate()?;
         let b = classes.dim(0).unwrap_or(0);
-        let classes = self.check_classes(classes, b)?;
+        let start = self.class_start(classes, b)?;
+        self.sample_prompted(&start, None, len, opts, &mut on_logits)
+    }
+
+    /// [`Gpt::sample_with`] from a given first-position embedding `start`
+    /// `[batch, 1, dim]` and optional `add` `[batch, 1, dim]` added to every
+    /// position (the GPT-VAE's latent).
+    pub fn sample_prompted(
+        &mut self,
+        start: &Tensor,
+        add: Option<&Tensor>,
+        len: usize,
+        opts: &SamplingOptions,
+        mut on_logits: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        opts.validate()?;
+        let b = start.dim(0).unwrap_or(0);
+        if start.dims() != [b, 1, self.cfg.dim] {
+            return Err(Error::Shape {
+                what: "gpt prompt".into(),
+                expected: format!("[batch, 1, {}]", self.cfg.dim),
+                got: format!("{:?}", start.dims()),
+            });
+        }
         ensure(len > 0, "gpt sample length", || "must be > 0".into())?;
         if self.pos_emb.is_some() && len > self.cfg.max_len {
             return Err(Error::invalid(
@@ -412,7 +491,13 @@ impl Gpt {
         self.clear_cache();
         let mut rng = SplitMix64::new(opts.seed);
         let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(len); b];
-        let mut x = self.class_emb.forward(&classes)?.unsqueeze(1)?;
+        let with_add = |x: Tensor| -> Result<Tensor> {
+            Ok(match add {
+                Some(a) => x.broadcast_add(a)?,
+                None => x,
+            })
+        };
+        let mut x = with_add(start.clone())?;
         for pos in 0..len {
             let logits = self.step_cached(x, pos)?.detach();
             on_logits(pos, &logits);
@@ -424,12 +509,12 @@ impl Gpt {
             for (o, &t) in out.iter_mut().zip(&next) {
                 o.push(t);
             }
-            let ids = Tensor::new(next.as_slice(), classes.device())?;
-            x = self.tok_emb.forward(&ids)?.unsqueeze(1)?;
+            let ids = Tensor::new(next.as_slice(), start.device())?;
+            x = with_add(self.tok_emb.forward(&ids)?.unsqueeze(1)?)?;
         }
         self.clear_cache();
         let flat: Vec<u32> = out.into_iter().flatten().collect();
-        Ok(Tensor::from_vec(flat, (b, len), classes.device())?)
+        Ok(Tensor::from_vec(flat, (b, len), start.device())?)
     }
 
     /// [`Gpt::sample_with`] without the logits.

@@ -2,5 +2,8 @@
 //!
 //! - [`gpt`]: a decoder-only transformer with a class embedding as its
 //!   first position, KV-cached sampling (temperature, top-k, top-p).
+//! - [`gpt_vae`]: a bidirectional encoder to one global Gaussian latent
+//!   and a GPT decoder conditioned on it (prefix and/or added).
 
 pub mod gpt;
+pub mod gpt_vae;
