@@ -67,7 +67,7 @@ pub struct GptBatch {
     pub classes: Tensor,
 }
 
-fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBatch> {
+pub(crate) fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBatch> {
     let b = set.batch(idx, 0, device)?;
     let (n, t, k) = b.codes.dims3()?;
     let tokens = b.codes.reshape((n, t * k))?;
@@ -85,6 +85,51 @@ fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBa
         mask,
         classes,
     })
+}
+
+/// Checks that the token data fits a token model (`section.vocab_size`,
+/// `section.max_len`, and `section.num_classes` when given): an error
+/// names the key, the shards and the first example that does not fit.
+pub(crate) fn check_fit(
+    data: &TokenSplit,
+    data_cfg: &TokenDataConfig,
+    section: &str,
+    vocab_size: usize,
+    max_len: usize,
+    num_classes: Option<usize>,
+) -> Result<()> {
+    let all = data.train.examples.iter().chain(&data.val.examples);
+    for (i, e) in all.enumerate() {
+        let len: usize = e.codes.iter().map(Vec::len).sum();
+        let max = e.codes.iter().flatten().copied().max().unwrap_or(0) as usize;
+        let bad = |key: &str, reason: String| Error::Config {
+            origin: format!(
+                "the config, for example {i} of {}",
+                data_cfg.tokens.display()
+            ),
+            key: format!("{section}.{key}"),
+            reason,
+        };
+        if max >= vocab_size {
+            return Err(bad(
+                "vocab_size",
+                format!("is {vocab_size}, the tokens reach {max}"),
+            ));
+        }
+        if let Some(n) = num_classes {
+            let label = e.label.unwrap_or(0) as usize;
+            if label >= n {
+                return Err(bad("num_classes", format!("is {n}, a label is {label}")));
+            }
+        }
+        if len > max_len {
+            return Err(bad(
+                "max_len",
+                format!("is {max_len}, a sequence has {len} tokens"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The class GPT as a [`TrainTask`]: batches of token sequences (one
@@ -119,38 +164,14 @@ impl GptTask {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let all = data.train.examples.iter().chain(&data.val.examples);
-        for (i, e) in all.enumerate() {
-            let len: usize = e.codes.iter().map(Vec::len).sum();
-            let max = e.codes.iter().flatten().copied().max().unwrap_or(0) as usize;
-            let label = e.label.unwrap_or(0) as usize;
-            let bad = |key: &str, reason: String| Error::Config {
-                origin: format!(
-                    "the config, for example {i} of {}",
-                    data_cfg.tokens.display()
-                ),
-                key: key.into(),
-                reason,
-            };
-            if max >= cfg.vocab_size {
-                return Err(bad(
-                    "gpt.vocab_size",
-                    format!("is {}, the tokens reach {max}", cfg.vocab_size),
-                ));
-            }
-            if label >= cfg.num_classes {
-                return Err(bad(
-                    "gpt.num_classes",
-                    format!("is {}, a label is {label}", cfg.num_classes),
-                ));
-            }
-            if len > cfg.max_len {
-                return Err(bad(
-                    "gpt.max_len",
-                    format!("is {}, a sequence has {len} tokens", cfg.max_len),
-                ));
-            }
-        }
+        check_fit(
+            &data,
+            data_cfg,
+            "gpt",
+            cfg.vocab_size,
+            cfg.max_len,
+            Some(cfg.num_classes),
+        )?;
         let varmap = VarMap::new();
         let model = Gpt::new(
             cfg,

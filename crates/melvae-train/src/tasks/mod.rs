@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, Gpt, MelVae, MelVqVae, Vocos, WaveVae};
+use melvae_models::{model_file, Gpt, GptVae, MelVae, MelVqVae, Vocos, WaveVae};
 
 use crate::data::EpochCursor;
 
@@ -15,6 +15,7 @@ use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
 pub mod gpt;
+pub mod gpt_vae;
 pub mod mel_vae;
 pub mod mel_vqvae;
 pub mod vocos;
@@ -32,12 +33,13 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("vocos", &["vocos", "vocos_loss"]),
     ("mel_vqvae", &["mel_vqvae"]),
     ("gpt", &["gpt", "gpt_loss"]),
+    ("gpt_vae", &["gpt_vae", "gpt_vae_loss"]),
 ];
 
 /// Families trained on token shards (`data:` is a
 /// [`crate::tokens::TokenDataConfig`]); the others read audio folders
 /// (`data:` is a [`crate::AudioDataConfig`]).
-pub const TOKEN_FAMILIES: &[&str] = &["gpt"];
+pub const TOKEN_FAMILIES: &[&str] = &["gpt", "gpt_vae"];
 
 /// A run's training data, as its family reads it.
 pub enum TrainData {
@@ -247,6 +249,10 @@ pub fn save_model_file(
             let c = gpt::gpt_config(cfg)?.0;
             model_file::save::<Gpt>(out, &c, tensors, metadata, origin)?;
         }
+        "gpt_vae" => {
+            let c = gpt_vae::gpt_vae_config(cfg)?.0;
+            model_file::save::<GptVae>(out, &c, tensors, metadata, origin)?;
+        }
         other => {
             return Err(Error::invalid(
                 "model family",
@@ -382,6 +388,10 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::ev
             gpt::gpt_config(cfg)?;
             no_adversarial("GPT")?
         }
+        "gpt_vae" => {
+            gpt_vae::gpt_vae_config(cfg)?;
+            no_adversarial("GPT-VAE")?
+        }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
             no_adversarial("mel VAE")?
@@ -451,21 +461,24 @@ pub fn train(
     let data = match data {
         TrainData::Tokens(split) => {
             let data_cfg: crate::tokens::TokenDataConfig = cfg.get("data")?;
-            if family != "gpt" {
-                return Err(Error::invalid(
+            return match family {
+                "gpt" => {
+                    let sections = gpt::gpt_config(cfg)?;
+                    let mut task =
+                        gpt::GptTask::new(sections, split, &data_cfg, seed, &device, dtype)?;
+                    trainer.fit(&mut task, resume)
+                }
+                "gpt_vae" => {
+                    let sections = gpt_vae::gpt_vae_config(cfg)?;
+                    let mut task =
+                        gpt_vae::GptVaeTask::new(sections, split, &data_cfg, seed, &device, dtype)?;
+                    trainer.fit(&mut task, resume)
+                }
+                other => Err(Error::invalid(
                     "training data",
-                    format!("token shards cannot train a {family} model"),
-                ));
-            }
-            let mut task = gpt::GptTask::new(
-                gpt::gpt_config(cfg)?,
-                split,
-                &data_cfg,
-                seed,
-                &device,
-                dtype,
-            )?;
-            return trainer.fit(&mut task, resume);
+                    format!("token shards cannot train a {other} model"),
+                )),
+            };
         }
         TrainData::Audio(a) => a,
     };
