@@ -25,9 +25,9 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use melvae::dsp::{save_wav, Audio, SpectrogramImage, WavFormat};
-use melvae::models::eval::{ClassCentroids, MelToAudio};
+use melvae::models::eval::ClassCentroids;
 use melvae::models::mel_vae::mel_to_array;
-use melvae::models::{Gpt, SamplingOptions, Vocos};
+use melvae::models::Gpt;
 
 #[derive(Parser)]
 #[command(about = "Generate sounds of a class with a class GPT and its mel VQ-VAE")]
@@ -47,21 +47,8 @@ struct Args {
     /// Token rows per sample (default: as many as the GPT's max_len holds).
     #[arg(long)]
     rows: Option<usize>,
-    /// Logits are divided by this.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-    /// Keep the k most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Nucleus sampling threshold.
-    #[arg(long)]
-    top_p: Option<f64>,
-    /// Seed of the draws.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// A Vocos model file with the VQ-VAE's mel features (else Griffin-Lim).
-    #[arg(long)]
-    vocoder: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: common::TokenSampling,
     /// A folder of class sub-folders to check the samples against.
     #[arg(long)]
     check: Option<PathBuf>,
@@ -74,14 +61,7 @@ fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(a.n > 0, "--n must be > 0");
     let dev = Device::Cpu;
-    // A run directory: its best checkpoint's model file.
-    let model = if a.model.is_dir() {
-        let loc = melvae::train::run::locate(&a.model, &melvae::train::run::Which::Best)?;
-        loc.checkpoint
-            .join(melvae::train::run::CHECKPOINT_MODEL_FILE)
-    } else {
-        a.model.clone()
-    };
+    let model = common::best_model_file(&a.model)?;
     let mut gpt = Gpt::load(&model, &dev, DType::F32)?;
     let info = melvae::models::model_file::read_info(&model)?;
     let names: Vec<String> = match info.metadata.get("class_names") {
@@ -123,17 +103,8 @@ fn run() -> anyhow::Result<()> {
         }
     };
     let mel_cfg = *vq.mel_config();
-    let vocoder = match &a.vocoder {
-        Some(p) => Some(Vocos::load(p, &dev, DType::F32)?),
-        None => None,
-    };
-    let to_audio = MelToAudio::new(vocoder, &mel_cfg)?;
-    let opts = SamplingOptions {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
+    let to_audio = a.sampling.mel_to_audio(&mel_cfg)?;
+    let opts = a.sampling.options();
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let img = SpectrogramImage::for_mel(&mel_cfg);

@@ -1117,3 +1117,47 @@ fn generate_writes_class_samples_and_names_bad_input() {
     );
     assert_one_line_error(&r, "codebook_size");
 }
+
+#[test]
+fn interpolate_walks_both_ways_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let vq = melvae::models::MelVqVaeConfig::new("hifigan-22k", vec![2, 2], vec![[2, 2]], 8, 2);
+    let vq = seeded_model_file::<melvae::models::MelVqVae>(dir.path().join("vq.safetensors"), vq);
+    let cfg = melvae::models::GptVaeConfig {
+        vocab_size: 8,
+        max_len: 80,
+        dim: 8,
+        heads: 2,
+        enc_layers: 1,
+        dec_layers: 1,
+        latent_dim: 3,
+        injection: melvae::models::LatentInjection::Both,
+        dropout: 0.0,
+    };
+    let vae = seeded_model_file::<melvae::models::GptVae>(dir.path().join("vae.safetensors"), cfg);
+    let out = dir.path().join("walk");
+    let (m, v, o, s) = (
+        vae.to_str().unwrap(),
+        vq.to_str().unwrap(),
+        out.to_str().unwrap(),
+        sample(),
+    );
+    let r = run(
+        "interpolate",
+        &["--model", m, "--vqvae", v, &s, &s, "--steps", "3", "-o", o],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for f in ["linear_0_0.00.wav", "spherical_2_1.00.wav", "strip.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let r = run(
+        "interpolate",
+        &["--model", m, "--vqvae", v, &s, &s, "--steps", "1", "-o", o],
+    );
+    assert_one_line_error(&r, "--steps");
+    let r = run(
+        "interpolate",
+        &["--model", m, "--vqvae", v, &s, "missing.wav", "-o", o],
+    );
+    assert_one_line_error(&r, "missing.wav");
+}

@@ -78,6 +78,18 @@ pub fn load_vocos(path: &Path) -> anyhow::Result<melvae::models::Vocos> {
     load_model(path, melvae::train::tasks::load_vocos)
 }
 
+/// The model file of `path`: itself when a file, else the best
+/// checkpoint's model file of the run directory `path`.
+pub fn best_model_file(path: &Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(if path.is_dir() {
+        let loc = melvae::train::run::locate(path, &melvae::train::run::Which::Best)?;
+        loc.checkpoint
+            .join(melvae::train::run::CHECKPOINT_MODEL_FILE)
+    } else {
+        path.to_path_buf()
+    })
+}
+
 /// A mel VQ-VAE from a model file, or from a run or checkpoint directory
 /// (its latest checkpoint).
 pub fn load_mel_vqvae(path: &Path) -> anyhow::Result<melvae::models::MelVqVae> {
@@ -407,5 +419,55 @@ impl BenchSetting {
     /// Samples per training crop: `data.crop_seconds` cut to the hop.
     pub fn crop(&self, rate: f64, hop: usize) -> usize {
         ((self.data.crop_seconds * rate) as usize / hop).max(1) * hop
+    }
+}
+
+/// How the token models' programs sample and vocode (`generate`,
+/// `interpolate`).
+#[derive(clap::Args)]
+pub struct TokenSampling {
+    /// Logits are divided by this.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A Vocos model file with the VQ-VAE's mel features (else Griffin-Lim).
+    #[arg(long)]
+    pub vocoder: Option<std::path::PathBuf>,
+}
+
+impl TokenSampling {
+    /// The sampling options.
+    pub fn options(&self) -> melvae::models::SamplingOptions {
+        melvae::models::SamplingOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+
+    /// How mels of features `mel` become audio: `--vocoder` (checked
+    /// against the features) or Griffin-Lim.
+    pub fn mel_to_audio(
+        &self,
+        mel: &MelConfig,
+    ) -> anyhow::Result<melvae::models::eval::MelToAudio> {
+        let vocoder = match &self.vocoder {
+            Some(p) => Some(melvae::models::Vocos::load(
+                p,
+                &candle_core::Device::Cpu,
+                candle_core::DType::F32,
+            )?),
+            None => None,
+        };
+        Ok(melvae::models::eval::MelToAudio::new(vocoder, mel)?)
     }
 }

@@ -1,5 +1,6 @@
 //! Editing latents for exploration: scale and shift (all channels or
-//! chosen ones) and linear interpolation between two clips' latents.
+//! chosen ones), linear interpolation between two clips' latents, and
+//! spherical interpolation between global latents (the GPT-VAE's).
 //!
 //! Layouts differ by family, so each function takes the axis of the latent
 //! channels (`1` for the waveform VAE's `[batch, latent_dim, frames]`, `2`
@@ -97,10 +98,102 @@ pub fn interpolate(a: &Tensor, b: &Tensor, alpha: f64, time_axis: usize) -> Resu
     Ok(((a * (1.0 - alpha))? + (b * alpha)?)?)
 }
 
+/// Spherical interpolation between global latents `a` and `b` (each
+/// `[batch, dim]`, row by row): along the great circle between their
+/// directions, the norm interpolated linearly; `alpha` 0 gives `a`, 1 gives
+/// `b` (up to rounding). Rows that are (nearly) parallel fall back to
+/// linear interpolation.
+pub fn slerp(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    ensure(alpha.is_finite(), "interpolation alpha", || {
+        format!("must be finite, got {alpha}")
+    })?;
+    ensure(
+        a.dims() == b.dims() && a.rank() == 2,
+        "interpolated latents",
+        || {
+            format!(
+                "need two [batch, dim] of one shape, got {:?} and {:?}",
+                a.dims(),
+                b.dims()
+            )
+        },
+    )?;
+    let (ra, rb): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+        a.to_dtype(candle_core::DType::F32)?.to_vec2()?,
+        b.to_dtype(candle_core::DType::F32)?.to_vec2()?,
+    );
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let rows: Vec<f32> = ra
+        .iter()
+        .zip(&rb)
+        .flat_map(|(x, y)| {
+            let (nx, ny) = (norm(x), norm(y));
+            let dot: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let cos = if nx > 0.0 && ny > 0.0 {
+                (dot / (nx * ny)).clamp(-1.0, 1.0)
+            } else {
+                1.0
+            };
+            let omega = cos.acos();
+            let (wa, wb) = if omega.sin().abs() < 1e-6 {
+                (1.0 - alpha, alpha)
+            } else {
+                // Unit directions slerped, then scaled to the lerped norm.
+                let target = (1.0 - alpha) * nx + alpha * ny;
+                let sa = ((1.0 - alpha) * omega).sin() / omega.sin() / nx * target;
+                let sb = (alpha * omega).sin() / omega.sin() / ny * target;
+                (sa, sb)
+            };
+            x.iter()
+                .zip(y)
+                .map(move |(p, q)| (wa * f64::from(*p) + wb * f64::from(*q)) as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Ok(Tensor::from_vec(rows, a.dims(), a.device())?.to_dtype(a.dtype())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn slerp_reaches_both_ends_and_keeps_to_the_sphere() {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[2.0f32, 0.0], [1.0, 1.0]], &dev).unwrap();
+        let b = Tensor::new(&[[0.0f32, 2.0], [2.0, 2.0]], &dev).unwrap();
+        let close = |x: &Tensor, y: &Tensor| {
+            let d: Vec<Vec<f32>> = (x - y).unwrap().abs().unwrap().to_vec2().unwrap();
+            d.iter().flatten().all(|v| *v < 1e-5)
+        };
+        assert!(close(&slerp(&a, &b, 0.0).unwrap(), &a));
+        assert!(close(&slerp(&a, &b, 1.0).unwrap(), &b));
+        // Halfway between orthogonal vectors of norm 2: norm 2, at 45 degrees.
+        let m: Vec<Vec<f32>> = slerp(&a, &b, 0.5).unwrap().to_vec2().unwrap();
+        let r = 2f32.sqrt();
+        assert!(
+            (m[0][0] - r).abs() < 1e-5 && (m[0][1] - r).abs() < 1e-5,
+            "{m:?}"
+        );
+        // Parallel rows: linear.
+        assert!(
+            (m[1][0] - 1.5).abs() < 1e-5 && (m[1][1] - 1.5).abs() < 1e-5,
+            "{m:?}"
+        );
+        let e = slerp(
+            &a,
+            &Tensor::zeros((1, 2), candle_core::DType::F32, &dev).unwrap(),
+            0.5,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("interpolated latents"), "{e}");
+    }
 
     fn z() -> Tensor {
         // [1, 3 channels, 4 frames]

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_models::{
     GptConfig, GptPositions, GptVaeConfig, LatentInjection, MelVqVae, MelVqVaeConfig,
@@ -48,7 +48,11 @@ fn vqvae() -> MelVqVae {
         ..MelVqVaeConfig::new("hifigan-22k", vec![2, 4], vec![[2, 2]], 16, 3)
     };
     let vm = VarMap::new();
-    MelVqVae::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap()
+    MelVqVae::new(
+        cfg,
+        melvae_layers::seeded_var_builder(&vm, 1, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
 }
 
 fn gpt() -> (GptConfig, GptLossConfig) {
@@ -162,10 +166,21 @@ fn data_must_fit_the_model() {
     let tokens = d.path().join("tokens");
     tokenize_folder(&vqvae(), &audio, &tokens).unwrap();
     let dc = data_cfg(&tokens);
+    // The largest token in the data, as a vocabulary size: one too small.
+    let split = TokenSplit::open(&dc).unwrap();
+    let top = split
+        .train
+        .examples
+        .iter()
+        .chain(&split.val.examples)
+        .flat_map(|e| e.codes.iter().flatten())
+        .max()
+        .copied()
+        .unwrap() as usize;
     for (cfg, key) in [
         (
             GptConfig {
-                vocab_size: 4,
+                vocab_size: top,
                 ..gpt().0
             },
             "gpt.vocab_size",
