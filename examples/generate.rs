@@ -68,13 +68,20 @@ fn run() -> anyhow::Result<()> {
         Some(j) => serde_json::from_str(j).with_context(|| {
             format!(
                 "{}: class_names metadata is not a JSON list",
-                a.model.display()
+                model.display()
             )
         })?,
         None => (0..gpt.config().num_classes)
             .map(|i| i.to_string())
             .collect(),
     };
+    anyhow::ensure!(
+        names.len() == gpt.config().num_classes && !names.is_empty(),
+        "{}: {} class names for gpt.num_classes {}",
+        model.display(),
+        names.len(),
+        gpt.config().num_classes
+    );
     let vq = common::load_mel_vqvae(&a.vqvae)?;
     anyhow::ensure!(
         vq.config().codebook_size == gpt.config().vocab_size,

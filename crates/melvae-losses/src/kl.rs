@@ -69,7 +69,7 @@ pub enum KlSchedule {
     },
     /// `start + (end - start) * min(1, step / warmup_steps)` (`end` at once
     /// when `warmup_steps` is 0). The mel VAE: start 0, end
-    /// `kl_loss_weight`; GPT-VAE: start `kl_start`, end `beta`.
+    /// `kl_loss_weight`; GPT-VAE: start `beta * kl_start`, end `beta`.
     Linear {
         /// Weight at step 0.
         start: f64,

@@ -101,8 +101,9 @@ pub fn interpolate(a: &Tensor, b: &Tensor, alpha: f64, time_axis: usize) -> Resu
 /// Spherical interpolation between global latents `a` and `b` (each
 /// `[batch, dim]`, row by row): along the great circle between their
 /// directions, the norm interpolated linearly; `alpha` 0 gives `a`, 1 gives
-/// `b` (up to rounding). Rows that are (nearly) parallel fall back to
-/// linear interpolation.
+/// `b` (up to rounding). Rows that are (nearly) parallel or antiparallel
+/// fall back to linear interpolation (which, for antiparallel rows, passes
+/// near zero).
 pub fn slerp(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
     ensure(alpha.is_finite(), "interpolation alpha", || {
         format!("must be finite, got {alpha}")

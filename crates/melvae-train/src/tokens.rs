@@ -534,7 +534,10 @@ pub fn class_mels(
         }
         for file in melvae_dsp::discover_audio(&folder)? {
             let audio = melvae_dsp::load_audio_with(&file, &opts)?;
-            out.push((label, extractor.extract(&audio.mono())?));
+            let mel = extractor
+                .extract(&audio.mono())
+                .map_err(|e| Error::file(&file, e))?;
+            out.push((label, mel));
         }
     }
     Ok(out)

@@ -323,7 +323,11 @@ impl Gpt {
     /// `[batch, len]` from the class (`classes` `[batch]`) and the tokens
     /// before it (teacher forcing).
     pub fn forward(&self, tokens: &Tensor, classes: &Tensor, mode: Mode) -> Result<Tensor> {
-        let b = tokens.dim(0).unwrap_or(0);
+        let (b, _) = tokens.dims2().map_err(|_| Error::Shape {
+            what: "gpt tokens".into(),
+            expected: "[batch, len]".into(),
+            got: format!("{:?}", tokens.dims()),
+        })?;
         let start = self.class_start(classes, b)?;
         self.forward_prompted(tokens, &start, None, mode)
     }

@@ -80,12 +80,12 @@ impl GptVaeConfig {
         ] {
             ensure(v > 0, f, || "must be > 0".into())?;
         }
+        let rename = |t: String| {
+            t.replace("gpt.layers", "gpt_vae.dec_layers")
+                .replace("gpt.", "gpt_vae.")
+        };
         self.decoder().validate().map_err(|e| match e {
-            Error::Invalid { what, reason } => Error::invalid(
-                what.replace("gpt.layers", "gpt_vae.dec_layers")
-                    .replace("gpt.", "gpt_vae."),
-                reason,
-            ),
+            Error::Invalid { what, reason } => Error::invalid(rename(what), rename(reason)),
             e => e,
         })
     }

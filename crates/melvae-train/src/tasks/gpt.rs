@@ -98,13 +98,24 @@ pub(crate) fn check_fit(
     max_len: usize,
     num_classes: Option<usize>,
 ) -> Result<()> {
-    let all = data.train.examples.iter().chain(&data.val.examples);
-    for (i, e) in all.enumerate() {
+    let train = data
+        .train
+        .examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ("training", i, e));
+    let val = data
+        .val
+        .examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ("held-out", i, e));
+    for (set, i, e) in train.chain(val) {
         let len: usize = e.codes.iter().map(Vec::len).sum();
         let max = e.codes.iter().flatten().copied().max().unwrap_or(0) as usize;
         let bad = |key: &str, reason: String| Error::Config {
             origin: format!(
-                "the config, for example {i} of {}",
+                "the config, for {set} example {i} of {}",
                 data_cfg.tokens.display()
             ),
             key: format!("{section}.{key}"),
@@ -115,6 +126,13 @@ pub(crate) fn check_fit(
                 "vocab_size",
                 format!("is {vocab_size}, the tokens reach {max}"),
             ));
+        }
+        if num_classes == Some(0) {
+            return Err(Error::Config {
+                origin: "the config".into(),
+                key: format!("{section}.num_classes"),
+                reason: "must be > 0 for a class GPT (1: unconditional)".into(),
+            });
         }
         if let Some(n) = num_classes {
             let label = e.label.unwrap_or(0) as usize;
@@ -249,8 +267,9 @@ impl TrainTask for GptTask {
     }
 
     fn losses(&mut self, batch: &GptBatch, ctx: StepContext) -> Result<Losses> {
-        // Dropout masks from the run's generator, seeded per step.
-        let rng = DropoutRng::new(self.seed ^ ctx.step.wrapping_mul(0x9E37_79B9));
+        // Dropout masks seeded by the step and the data position (distinct
+        // per micro-batch, restored on resume).
+        let rng = DropoutRng::new(super::step_seed(self.seed, ctx.step, &self.cursor));
         let mode = if ctx.train {
             Mode::Train(&rng)
         } else {

@@ -187,7 +187,9 @@ impl TrainTask for GptVaeTask {
     }
 
     fn losses(&mut self, batch: &super::gpt::GptBatch, ctx: StepContext) -> Result<Losses> {
-        let step_seed = self.seed ^ ctx.step.wrapping_mul(0x9E37_79B9);
+        // Noise and dropout seeded by the step and the data position
+        // (distinct per micro-batch, restored on resume).
+        let step_seed = super::step_seed(self.seed, ctx.step, &self.cursor);
         let dropout = DropoutRng::new(step_seed);
         let mode = if ctx.train {
             Mode::Train(&dropout)
@@ -228,7 +230,7 @@ impl TrainTask for GptVaeTask {
         } else {
             &self.data.val
         };
-        let (mut ce, mut kl, mut n) = (0.0, 0.0, 0.0);
+        let (mut ce, mut kl, mut n, mut tokens) = (0.0, 0.0, 0.0, 0.0);
         let mut per_dim: Option<Tensor> = None;
         let mut rng = SplitMix64::new(0);
         for chunk in (0..set.len())
@@ -246,7 +248,9 @@ impl TrainTask for GptVaeTask {
                 Mode::Eval,
             )?;
             let w = chunk.len() as f64;
-            ce += l.ce.to_dtype(DType::F64)?.to_scalar::<f64>()? * w;
+            let real = b.mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            ce += l.ce.to_dtype(DType::F64)?.to_scalar::<f64>()? * real;
+            tokens += real;
             kl += l.kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * w;
             let d = (l.kl_per_dim * w)?;
             per_dim = Some(match per_dim {
@@ -261,7 +265,7 @@ impl TrainTask for GptVaeTask {
             None => 0,
         };
         Ok(BTreeMap::from([
-            ("ce".to_string(), ce / n),
+            ("ce".to_string(), ce / f64::max(tokens, 1.0)),
             ("kl".to_string(), kl / n),
             ("active_units".to_string(), active as f64),
         ]))

@@ -141,6 +141,15 @@ pub(crate) fn write_model_file<F: model_file::Family>(
     Ok(true)
 }
 
+/// A seed for a training pass's random draws (noise, dropout): the run's
+/// `seed`, the `step` and the data position, so micro-batches of one step
+/// differ and a resumed run draws the same.
+pub(crate) fn step_seed(seed: u64, step: u64, cursor: &EpochCursor) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (cursor.pos as u64).wrapping_mul(0xA24B_AED4_963E_E407)
+        ^ cursor.epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
     serde_json::json!({"epoch": cursor.epoch, "pos": cursor.pos})
