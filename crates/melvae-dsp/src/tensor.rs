@@ -394,7 +394,8 @@ impl IstftStream {
         }
         let start = self.frames * hop;
         self.frames += frames;
-        self.tail = Some(out.narrow(1, frames * hop, n - hop)?);
+        // Carried state holds no autograd graph (a stream runs for hours).
+        self.tail = Some(out.narrow(1, frames * hop, n - hop)?.detach());
         self.emit(&out.narrow(1, 0, frames * hop)?, start, frames * hop)
     }
 

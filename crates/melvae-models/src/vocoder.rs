@@ -690,8 +690,8 @@ impl VocosStream {
             });
         }
         let buf = match self.mel.take() {
-            Some(b) => Tensor::cat(&[&b, mel], 2)?,
-            None => mel.clone(),
+            Some(b) => Tensor::cat(&[&b, &mel.detach()], 2)?,
+            None => mel.detach(),
         };
         self.mel = Some(buf);
         self.received += frames;

@@ -5,30 +5,23 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_models::{MelVqVae, MelVqVaeConfig};
 use melvae_train::tasks::mel_vqvae::MelVqVaeTask;
 use melvae_train::*;
 
+mod common;
+use common::{eval_ctx, weights};
+
 /// Harmonic tones, 0.5 s at 22.05 kHz.
 fn folder(dir: &Path) {
-    for i in 0..5 {
-        let f = 150.0 + 70.0 * i as f32;
-        let x: Vec<f32> = (0..11025)
-            .map(|n| {
-                let t = n as f32 / 22050.0;
-                (1..4)
-                    .map(|h| (std::f32::consts::TAU * f * h as f32 * t).sin() * 0.2 / h as f32)
-                    .sum()
-            })
-            .collect();
-        save_wav(
-            dir.join(format!("tone{i}.wav")),
-            &Audio::new(22050, vec![x]).unwrap(),
-            WavFormat::Pcm16,
-        )
-        .unwrap();
-    }
+    common::tones(
+        dir,
+        22050,
+        11025,
+        &[150.0, 220.0, 290.0, 360.0, 430.0],
+        3,
+        0.2,
+    );
 }
 
 fn tiny() -> MelVqVaeConfig {
@@ -67,18 +60,7 @@ fn cfg(steps: u64) -> TrainerConfig {
 }
 
 fn recon(t: &mut MelVqVaeTask) -> f64 {
-    t.validate(StepContext {
-        step: 0,
-        train: false,
-        adversarial: false,
-    })
-    .unwrap()["recon"]
-}
-
-fn weights(vars: Vec<(String, candle_core::Var)>) -> Vec<Vec<f32>> {
-    vars.iter()
-        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
-        .collect()
+    t.validate(eval_ctx()).unwrap()["recon"]
 }
 
 #[test]

@@ -10,25 +10,19 @@ use melvae_models::{DiscriminatorsConfig, MpdConfig, VocosConfig, VocosFeatures,
 use melvae_train::tasks::vocos::{VocosLossConfig, VocosSections, VocosTask};
 use melvae_train::*;
 
+mod common;
+use common::{eval_ctx, weights};
+
 /// Harmonic tones, 0.4 s at 16 kHz.
 fn folder(dir: &Path) {
-    for i in 0..5 {
-        let f = 120.0 + 50.0 * i as f32;
-        let x: Vec<f32> = (0..6400)
-            .map(|n| {
-                let t = n as f32 / 16000.0;
-                (1..4)
-                    .map(|h| (std::f32::consts::TAU * f * h as f32 * t).sin() * 0.2 / h as f32)
-                    .sum()
-            })
-            .collect();
-        save_wav(
-            dir.join(format!("tone{i}.wav")),
-            &Audio::new(16000, vec![x]).unwrap(),
-            WavFormat::Pcm16,
-        )
-        .unwrap();
-    }
+    common::tones(
+        dir,
+        16000,
+        6400,
+        &[120.0, 170.0, 220.0, 270.0, 320.0],
+        3,
+        0.2,
+    );
 }
 
 fn tiny() -> VocosConfig {
@@ -89,18 +83,7 @@ fn cfg(steps: u64, gan: bool) -> TrainerConfig {
 }
 
 fn mel(t: &mut VocosTask) -> f64 {
-    t.validate(StepContext {
-        step: 0,
-        train: false,
-        adversarial: false,
-    })
-    .unwrap()["mel"]
-}
-
-fn weights(vars: Vec<(String, candle_core::Var)>) -> Vec<Vec<f32>> {
-    vars.iter()
-        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
-        .collect()
+    t.validate(eval_ctx()).unwrap()["mel"]
 }
 
 #[test]

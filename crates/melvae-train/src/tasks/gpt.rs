@@ -165,6 +165,8 @@ pub struct GptTask {
     loss: GptLossConfig,
     data: TokenSplit,
     batch_size: usize,
+    /// `-ln p(token)` of the training tokens' add-one-smoothed frequencies.
+    unigram_nll: Vec<f64>,
     cursor: EpochCursor,
     seed: u64,
     device: Device,
@@ -195,7 +197,20 @@ impl GptTask {
             cfg,
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
+        let mut counts = vec![1.0f64; model.config().vocab_size];
+        for t in data
+            .train
+            .examples
+            .iter()
+            .flat_map(|e| e.codes.iter().flatten())
+        {
+            if let Some(c) = counts.get_mut(*t as usize) {
+                *c += 1.0;
+            }
+        }
+        let total: f64 = counts.iter().sum();
         Ok(Self {
+            unigram_nll: counts.iter().map(|c| -(c / total).ln()).collect(),
             varmap,
             model,
             loss,
@@ -210,18 +225,6 @@ impl GptTask {
     /// Cross-entropy (nats per token) of the model on `set`, and of the
     /// add-one-smoothed unigram distribution of the training tokens.
     fn held_out_ce(&self, set: &TokenDataset) -> Result<(f64, f64)> {
-        let vocab = self.model.config().vocab_size;
-        let mut counts = vec![1.0f64; vocab];
-        for t in self
-            .data
-            .train
-            .examples
-            .iter()
-            .flat_map(|e| e.codes.iter().flatten())
-        {
-            counts[*t as usize] += 1.0;
-        }
-        let total: f64 = counts.iter().sum();
         let (mut model_sum, mut uni_sum, mut n) = (0.0, 0.0, 0usize);
         for chunk in (0..set.len())
             .collect::<Vec<_>>()
@@ -243,7 +246,7 @@ impl GptTask {
             model_sum += ce * real.len() as f64;
             uni_sum += real
                 .iter()
-                .map(|&t| -(counts[t as usize] / total).ln())
+                .map(|&t| self.unigram_nll.get(t as usize).copied().unwrap_or(0.0))
                 .sum::<f64>();
             n += real.len();
         }

@@ -1,0 +1,44 @@
+//! Set-up shared by the task tests (not a test).
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use melvae_dsp::{save_wav, Audio, WavFormat};
+use melvae_train::StepContext;
+
+/// Writes `tone{i}.wav` (mono 16-bit, `samples` at `rate`) for each of
+/// `freqs`: `harmonics` harmonics of amplitude `amp / h`.
+pub fn tones(dir: &Path, rate: u32, samples: usize, freqs: &[f32], harmonics: usize, amp: f32) {
+    for (i, &f) in freqs.iter().enumerate() {
+        let x: Vec<f32> = (0..samples)
+            .map(|n| {
+                let t = n as f32 / rate as f32;
+                (1..=harmonics)
+                    .map(|h| (std::f32::consts::TAU * f * h as f32 * t).sin() * amp / h as f32)
+                    .sum()
+            })
+            .collect();
+        save_wav(
+            dir.join(format!("tone{i}.wav")),
+            &Audio::new(rate, vec![x]).unwrap(),
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+}
+
+/// Every variable's values, in order (to compare runs exactly).
+pub fn weights(vars: Vec<(String, candle_core::Var)>) -> Vec<Vec<f32>> {
+    vars.iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+/// The context of a validation pass.
+pub fn eval_ctx() -> StepContext {
+    StepContext {
+        step: 0,
+        train: false,
+        adversarial: false,
+    }
+}
