@@ -53,8 +53,12 @@ fn run() -> anyhow::Result<()> {
     let cfg = model.config().clone();
     let mel = TensorMel::new(cfg.mel_config(), &dev)?;
     let (vars, n_params) = setting.vars();
-    let (rate, hop, data) = (cfg.sample_rate as f64, cfg.hop_length, &setting.data);
-    let crop = setting.crop(rate, hop);
+    let (rate, hop, data) = (
+        cfg.sample_rate as f64,
+        cfg.hop_length,
+        setting.audio_data()?,
+    );
+    let crop = common::BenchSetting::crop(&data, rate, hop);
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{}: {:.3} M parameters, batch {} x {crop} samples ({:.2} s each), {threads} threads",

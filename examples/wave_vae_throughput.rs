@@ -55,10 +55,10 @@ fn run() -> anyhow::Result<()> {
     let model = WaveVae::new(sections.model.clone(), setting.var_builder(&dev))?;
     let objective = WaveVaeObjective::new(sections.loss.clone(), model.config(), &dev)?;
     let (vars, n_params) = setting.vars();
-    let data = &setting.data;
+    let data = setting.audio_data()?;
     let cfg = model.config();
     let (rate, channels, hop) = (cfg.sample_rate as f64, cfg.audio_channels, model.hop());
-    let crop = setting.crop(rate, hop);
+    let crop = common::BenchSetting::crop(&data, rate, hop);
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{}: {:.3} M parameters, hop {hop}, batch {} x {channels} x {crop} samples ({:.2} s each), {threads} threads",

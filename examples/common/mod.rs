@@ -381,12 +381,11 @@ pub fn dump_for_twin(
     Ok(())
 }
 
-/// A throughput example's settings file (`configs/settings/NAME.yaml`),
-/// its `data:` section and a fresh variable map for its model.
+/// A throughput example's settings file (`configs/settings/NAME.yaml`)
+/// and a fresh variable map for its model.
 pub struct BenchSetting {
     pub path: std::path::PathBuf,
     pub resolved: melvae::train::ResolvedConfig,
-    pub data: melvae::train::AudioDataConfig,
     pub varmap: candle_nn::VarMap,
 }
 
@@ -395,13 +394,16 @@ impl BenchSetting {
     pub fn load(name: &str) -> anyhow::Result<Self> {
         let path = std::path::PathBuf::from(format!("configs/settings/{name}.yaml"));
         let resolved = melvae::train::ResolvedConfig::load(&path, &[])?;
-        let data = resolved.get("data")?;
         Ok(Self {
             path,
             resolved,
-            data,
             varmap: candle_nn::VarMap::new(),
         })
+    }
+
+    /// The `data:` section of an audio family's setting.
+    pub fn audio_data(&self) -> anyhow::Result<melvae::train::AudioDataConfig> {
+        Ok(self.resolved.get("data")?)
     }
 
     /// A builder creating the model's variables in the map (seed 0, f32).
@@ -417,8 +419,8 @@ impl BenchSetting {
     }
 
     /// Samples per training crop: `data.crop_seconds` cut to the hop.
-    pub fn crop(&self, rate: f64, hop: usize) -> usize {
-        ((self.data.crop_seconds * rate) as usize / hop).max(1) * hop
+    pub fn crop(data: &melvae::train::AudioDataConfig, rate: f64, hop: usize) -> usize {
+        ((data.crop_seconds * rate) as usize / hop).max(1) * hop
     }
 }
 

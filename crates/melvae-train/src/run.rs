@@ -46,6 +46,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "training.keep_last",
     "training.sample_every",
     "training.sample_vocoder",
+    "training.sample_vqvae",
     "training.tensorboard",
 ];
 

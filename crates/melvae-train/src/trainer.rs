@@ -178,10 +178,16 @@ pub struct TrainerConfig {
     #[serde(default)]
     pub sample_every: u64,
     /// A Vocos model file to turn a mel model's samples into audio (its
-    /// features must be the model's); Griffin-Lim without one. Mel models
+    /// features must be the model's; for token models, the
+    /// `sample_vqvae`'s); Griffin-Lim without one. Mel and token models
     /// only.
     #[serde(default)]
     pub sample_vocoder: Option<std::path::PathBuf>,
+    /// Token models (GPT, GPT-VAE): the mel VQ-VAE (a model file, or a run
+    /// directory for its best checkpoint) whose decoder turns sampled
+    /// tokens into mels and audio for the samples; no samples without one.
+    #[serde(default)]
+    pub sample_vqvae: Option<std::path::PathBuf>,
     /// GAN mode.
     #[serde(default)]
     pub gan: Option<GanConfig>,
@@ -250,6 +256,7 @@ impl TrainerConfig {
             max_bad_steps: 10,
             sample_every: 0,
             sample_vocoder: None,
+            sample_vqvae: None,
             gan: None,
             init_from: None,
             freeze: Vec::new(),

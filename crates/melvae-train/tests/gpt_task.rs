@@ -315,3 +315,146 @@ fn gpt_vae_two_stages() {
         .unwrap();
     assert_eq!(weights(b.vars()), weights(c2.vars()));
 }
+
+/// The token models' samples go through `training.sample_vqvae`: one sound
+/// per class from the GPT, input/reconstruction/prior from the GPT-VAE, as
+/// mel PNGs and WAVs of the data's length; a VQ-VAE that does not fit the
+/// data or the family is refused naming the key.
+#[test]
+fn token_samples_decode_through_the_vqvae() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    classes(&audio);
+    let tokens = d.path().join("tokens");
+    tokenize_folder(&vqvae(), &audio, &tokens).unwrap();
+    let decoder = || {
+        let vq = vqvae();
+        let to_audio = melvae_models::eval::MelToAudio::new(None, vq.mel_config()).unwrap();
+        Some(tasks::TokenDecoder {
+            vqvae: vq,
+            to_audio,
+        })
+    };
+    let ctx = StepContext {
+        step: 7,
+        ..eval_ctx()
+    };
+    // 12 token rows of 2 frames: the audio of 24 frames.
+    let samples = vqvae().mel_config().stft.n_samples(24);
+    let check = |written: Vec<std::path::PathBuf>, stems: &[&str]| {
+        let names: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let want: Vec<String> = stems
+            .iter()
+            .flat_map(|s| ["png", "wav"].map(|e| format!("step00000007_{s}.{e}")))
+            .collect();
+        assert_eq!(names, want);
+        for p in written.iter().filter(|p| p.extension().unwrap() == "wav") {
+            let a = melvae_dsp::load_audio(p).unwrap();
+            assert_eq!((a.sample_rate, a.channels[0].len()), (22050, samples));
+        }
+    };
+    let out = d.path().join("gpt");
+    std::fs::create_dir(&out).unwrap();
+    let mut g = task(&tokens).with_samples(decoder()).unwrap();
+    check(g.samples(ctx, &out).unwrap(), &["class_high", "class_low"]);
+    // Without a decoder there are no samples.
+    assert!(task(&tokens).samples(ctx, &out).unwrap().is_empty());
+    let out = d.path().join("gpt_vae");
+    std::fs::create_dir(&out).unwrap();
+    let mut v = gpt_vae_task(&tokens, GptVaeLossConfig::default())
+        .with_samples(decoder())
+        .unwrap();
+    check(v.samples(ctx, &out).unwrap(), &["input", "recon", "prior"]);
+
+    // A VQ-VAE whose rows are not the data's.
+    let narrow = MelVqVae::new(
+        MelVqVaeConfig {
+            restart_threshold: None,
+            ..MelVqVaeConfig::new("hifigan-22k", vec![2, 4, 4], vec![[2, 2], [2, 1]], 16, 3)
+        },
+        melvae_layers::seeded_var_builder(&VarMap::new(), 1, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let to_audio = melvae_models::eval::MelToAudio::new(None, narrow.mel_config()).unwrap();
+    let e = task(&tokens)
+        .with_samples(Some(tasks::TokenDecoder {
+            vqvae: narrow,
+            to_audio,
+        }))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("training.sample_vqvae") && e.contains("20 codes"),
+        "{e}"
+    );
+
+    // Through the config: the codebook must be the vocabulary, the family
+    // a token model, and a vocoder needs the VQ-VAE first.
+    let vq = vqvae();
+    let file = d.path().join("vq.safetensors");
+    let vm = VarMap::new();
+    let vq_cfg = vq.config().clone();
+    MelVqVae::new(
+        vq_cfg.clone(),
+        melvae_layers::seeded_var_builder(&vm, 1, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    melvae_models::model_file::save::<MelVqVae>(
+        &file,
+        &vq_cfg,
+        &melvae_layers::named_tensors(&vm),
+        &Default::default(),
+        Path::new("test"),
+    )
+    .unwrap();
+    let settings = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    let check_with = |setting: &str, overrides: &[String]| {
+        tasks::check_config(&ResolvedConfig::load(&settings.join(setting), overrides).unwrap())
+    };
+    let vq_key = format!("training.sample_vqvae={}", file.display());
+    let e = check_with("gpt_tiny.yaml", &[vq_key.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training.sample_vqvae") && e.contains("16 codes") && e.contains("128"),
+        "{e}"
+    );
+    assert_eq!(
+        check_with(
+            "gpt_tiny.yaml",
+            &[vq_key.clone(), "gpt.vocab_size=16".into()]
+        )
+        .unwrap(),
+        "gpt"
+    );
+    let e = check_with("mel_vqvae_tiny.yaml", &[vq_key])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training.sample_vqvae") && e.contains("mel_vqvae"),
+        "{e}"
+    );
+    let no_vq = [
+        "training.sample_vqvae=null".to_string(),
+        "training.sample_vocoder=v.safetensors".into(),
+    ];
+    let e = check_with("gpt_tiny.yaml", &no_vq).unwrap_err().to_string();
+    assert!(
+        e.contains("training.sample_vocoder") && e.contains("sample_vqvae"),
+        "{e}"
+    );
+    let e = check_with(
+        "gpt_vae_tiny_stage1.yaml",
+        &[format!("training.sample_vqvae={}", d.path().display())],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("training.sample_vqvae") && e.contains("not a mel VQ-VAE run"),
+        "{e}"
+    );
+}

@@ -170,9 +170,47 @@ pub struct GptTask {
     cursor: EpochCursor,
     seed: u64,
     device: Device,
+    decoder: Option<super::TokenDecoder>,
+}
+
+/// Token rows of the first example of `set` (or of `other` when `set` is
+/// empty) and their width, for samples of a realistic length.
+pub(crate) fn sample_shape(set: &TokenDataset, other: &TokenDataset) -> (usize, usize) {
+    let e = set.examples.first().or(other.examples.first());
+    e.map_or((0, 0), |e| {
+        (e.codes.len(), e.codes.first().map_or(0, Vec::len))
+    })
+}
+
+/// Checks that `decoder`'s VQ-VAE decodes rows as wide as the data's.
+pub(crate) fn check_decoder(
+    decoder: &Option<super::TokenDecoder>,
+    data: &TokenSplit,
+) -> Result<()> {
+    if let Some(d) = decoder {
+        let (_, cols) = sample_shape(&data.val, &data.train);
+        if cols != d.cols() {
+            return Err(Error::invalid(
+                "training.sample_vqvae",
+                format!(
+                    "its token rows hold {} codes, the training data's {cols}",
+                    d.cols()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl GptTask {
+    /// Writes samples (one generated sound per class, at most 8 classes,
+    /// as mel PNGs and WAVs) through `decoder`; none without one.
+    pub fn with_samples(mut self, decoder: Option<super::TokenDecoder>) -> Result<Self> {
+        check_decoder(&decoder, &self.data)?;
+        self.decoder = decoder;
+        Ok(self)
+    }
+
     /// Builds the model on `device` in `dtype`; the data must fit it (every
     /// token below `vocab_size`, every label below `num_classes`, no
     /// sequence longer than `max_len`), else an error naming the key.
@@ -219,6 +257,7 @@ impl GptTask {
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
             device: device.clone(),
+            decoder: None,
         })
     }
 
@@ -307,6 +346,37 @@ impl TrainTask for GptTask {
 
     fn best_metric(&self) -> &str {
         "ce"
+    }
+
+    /// One sound per class (the first 8), as long as the first held-out
+    /// example, sampled at temperature 1 with a seed from the run's and
+    /// the step; written as `step{N}_class_{name}.png/.wav` through the
+    /// `training.sample_vqvae` (nothing without one).
+    fn samples(
+        &mut self,
+        ctx: StepContext,
+        dir: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let Some(decoder) = &self.decoder else {
+            return Ok(Vec::new());
+        };
+        let (rows, cols) = sample_shape(&self.data.val, &self.data.train);
+        let len = (rows * cols).min(self.model.config().max_len) / cols.max(1) * cols;
+        let opts = super::sample_options(self.seed, ctx.step);
+        let mut written = Vec::new();
+        for c in 0..self.model.config().num_classes.min(8) {
+            let class = Tensor::new(&[c as u32], &self.device)?;
+            let tokens = self.model.sample(&class, len, &opts)?;
+            let name = self
+                .data
+                .class_names
+                .get(c)
+                .cloned()
+                .unwrap_or_else(|| c.to_string());
+            let stem = format!("step{:08}_class_{name}", ctx.step);
+            written.extend(decoder.write(&tokens, dir, &stem)?);
+        }
+        Ok(written)
     }
 
     fn save_model_file(

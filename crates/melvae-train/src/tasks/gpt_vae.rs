@@ -132,9 +132,19 @@ pub struct GptVaeTask {
     cursor: EpochCursor,
     seed: u64,
     device: Device,
+    decoder: Option<super::TokenDecoder>,
 }
 
 impl GptVaeTask {
+    /// Writes samples (the first held-out example: its tokens, their
+    /// reconstruction from the posterior mean, and a draw from the prior,
+    /// as mel PNGs and WAVs) through `decoder`; none without one.
+    pub fn with_samples(mut self, decoder: Option<super::TokenDecoder>) -> Result<Self> {
+        super::gpt::check_decoder(&decoder, &self.data)?;
+        self.decoder = decoder;
+        Ok(self)
+    }
+
     /// Builds the model on `device` in `dtype`; the data must fit it
     /// (tokens below `vocab_size`, sequences within `max_len`), else an
     /// error naming the key.
@@ -168,6 +178,7 @@ impl GptVaeTask {
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
             device: device.clone(),
+            decoder: None,
         })
     }
 }
@@ -273,6 +284,42 @@ impl TrainTask for GptVaeTask {
 
     fn best_metric(&self) -> &str {
         "ce"
+    }
+
+    /// The first held-out example (`input`: its tokens through the
+    /// VQ-VAE), its reconstruction (`recon`: decoded from its posterior
+    /// mean) and a sound from the prior (`prior`: `z ~ N(0, I)`), sampled
+    /// at temperature 1 with a seed from the run's and the step; written
+    /// as `step{N}_{what}.png/.wav` through the `training.sample_vqvae`
+    /// (nothing without one).
+    fn samples(
+        &mut self,
+        ctx: StepContext,
+        dir: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let Some(decoder) = &self.decoder else {
+            return Ok(Vec::new());
+        };
+        let set = if self.data.val.is_empty() {
+            &self.data.train
+        } else {
+            &self.data.val
+        };
+        let b = super::gpt::gpt_batch(set, &[0], &self.device)?;
+        let len = b.tokens.dim(1)?;
+        let opts = super::sample_options(self.seed, ctx.step);
+        let (mean, _) = self.model.encode(&b.tokens, Some(&b.mask), Mode::Eval)?;
+        let recon = self.model.generate(&mean, len, &opts)?;
+        let mut rng = SplitMix64::new(opts.seed);
+        let z = melvae_models::normal_noise(mean.dims(), &mut rng, &self.device)?
+            .to_dtype(mean.dtype())?;
+        let prior = self.model.generate(&z, len, &opts)?;
+        let stem = |what: &str| format!("step{:08}_{what}", ctx.step);
+        let mut written = Vec::new();
+        for (what, tokens) in [("input", &b.tokens), ("recon", &recon), ("prior", &prior)] {
+            written.extend(decoder.write(tokens, dir, &stem(what))?);
+        }
+        Ok(written)
     }
 
     fn save_model_file(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use melvae_dsp::{save_wav, Audio, SpectrogramImage, SplitMix64, TensorMel, WavFormat};
+use melvae_dsp::{SpectrogramImage, SplitMix64, TensorMel};
 use melvae_models::eval::MelToAudio;
 use melvae_models::mel_vae::mel_to_array;
 use melvae_models::{MelVqVae, MelVqVaeConfig};
@@ -47,9 +47,17 @@ pub struct MelVqVaeTask {
     seed: u64,
     device: Device,
     dtype: DType,
+    to_audio: MelToAudio,
 }
 
 impl MelVqVaeTask {
+    /// Samples' audio through `vocoder` (a Vocos on the model's features,
+    /// see [`MelToAudio::new`]) instead of Griffin-Lim.
+    pub fn with_vocoder(mut self, vocoder: MelToAudio) -> Self {
+        self.to_audio = vocoder;
+        self
+    }
+
     /// Builds the model on `device` in `dtype` for mono `data` at the
     /// features' rate; crops must give at least one token row.
     pub fn new(
@@ -78,6 +86,7 @@ impl MelVqVaeTask {
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
         Ok(Self {
+            to_audio: MelToAudio::new(None, &mel_cfg)?,
             mel: TensorMel::new(mel_cfg, device)?,
             varmap,
             model,
@@ -174,19 +183,19 @@ impl TrainTask for MelVqVaeTask {
         let mel = self.val_mels()?.narrow(0, 0, 1)?;
         let recon = self.model.decode(&self.model.encode(&mel)?)?;
         let cfg = *self.model.mel_config();
+        let stem = |what: &str| format!("step{:08}_{what}", ctx.step);
         let img = SpectrogramImage::for_mel(&cfg);
-        let path = |what: &str| dir.join(format!("step{:08}_{what}", ctx.step));
-        let written = [path("input.png"), path("recon.png"), path("recon.wav")];
-        img.save_png(&written[0], &mel_to_array(&mel)?)?;
-        img.save_png(&written[1], &mel_to_array(&recon)?)?;
-        let samples = cfg.stft.n_samples(recon.dim(2)?);
-        let wav = MelToAudio::new(None, &cfg)?.audio(&recon, &cfg, samples)?;
-        save_wav(
-            &written[2],
-            &Audio::new(cfg.sample_rate, vec![wav])?,
-            WavFormat::Pcm16,
-        )?;
-        Ok(written.to_vec())
+        let input = dir.join(stem("input.png"));
+        img.save_png(&input, &mel_to_array(&mel)?)?;
+        let mut written = vec![input];
+        written.extend(super::write_mel_sample(
+            &recon,
+            &cfg,
+            &self.to_audio,
+            dir,
+            &stem("recon"),
+        )?);
+        Ok(written)
     }
 
     fn save_model_file(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<bool> {

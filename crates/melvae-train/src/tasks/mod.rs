@@ -150,6 +150,15 @@ pub(crate) fn step_seed(seed: u64, step: u64, cursor: &EpochCursor) -> u64 {
         ^ cursor.epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
+/// The sampling options of a token model's training samples at `step`:
+/// temperature 1, a seed from the run's `seed` and the step.
+pub(crate) fn sample_options(seed: u64, step: u64) -> melvae_models::SamplingOptions {
+    melvae_models::SamplingOptions {
+        seed: seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ..Default::default()
+    }
+}
+
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
     serde_json::json!({"epoch": cursor.epoch, "pos": cursor.pos})
@@ -355,14 +364,15 @@ pub fn family_at(path: &Path) -> Result<String> {
 /// Checks a whole training config before anything is written: the family
 /// ([`family_of`]), its sections, the trainer's and the data's, and that
 /// they agree (adversarial training needs both `discriminators:` and
-/// `training.gan`; a `training.sample_vocoder` loads and fits the model).
+/// `training.gan`; `training.sample_vocoder` and `training.sample_vqvae`
+/// load and fit the model).
 /// Errors name the file and key. Returns the family.
 pub fn check_config(cfg: &ResolvedConfig) -> Result<&'static str> {
     Ok(check(cfg)?.0)
 }
 
-/// [`check_config`], also returning the samples' vocoder it loaded.
-fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::eval::MelToAudio>)> {
+/// [`check_config`], also returning how the samples are decoded.
+fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
     let family = family_of(cfg)?;
     let training: crate::TrainerConfig = cfg.get("training")?;
     if TOKEN_FAMILIES.contains(&family) {
@@ -406,7 +416,7 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::ev
             no_adversarial("mel VAE")?
         }
     };
-    let vocoder = sample_vocoder(cfg, &training, family)?;
+    let decoding = sample_decoding(cfg, &training, family)?;
     let gan = training.gan.is_some();
     if adversarial != gan {
         let key = if gan {
@@ -422,35 +432,167 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, Option<melvae_models::ev
                 .into(),
         });
     }
-    Ok((family, vocoder))
+    Ok((family, decoding))
 }
 
-/// The vocoder of `training.sample_vocoder` for a mel VAE's samples
-/// (loaded and checked against the `vocos-24k` features), or none; an
-/// error naming the key for other families or a bad file.
-fn sample_vocoder(
+/// How a run's samples become audio: `training.sample_vocoder` (mel and
+/// token models) and, for token models, the mel VQ-VAE of
+/// `training.sample_vqvae` that decodes their tokens.
+#[derive(Default)]
+pub(crate) struct SampleDecoding {
+    /// The vocoder, checked against the family's mel features.
+    pub vocoder: Option<melvae_models::eval::MelToAudio>,
+    /// Token models: the VQ-VAE and how its mels become audio.
+    pub tokens: Option<TokenDecoder>,
+}
+
+/// Loads and checks `training.sample_vocoder` and `training.sample_vqvae`
+/// for `family`: errors name the key (a family that cannot use it, a file
+/// that is not the right model, features or a codebook that do not fit).
+fn sample_decoding(
     cfg: &ResolvedConfig,
     training: &crate::TrainerConfig,
     family: &str,
-) -> Result<Option<melvae_models::eval::MelToAudio>> {
-    let Some(path) = &training.sample_vocoder else {
-        return Ok(None);
-    };
-    let named = |reason: String| Error::Config {
-        origin: cfg.origin_of("training.sample_vocoder"),
-        key: "training.sample_vocoder".into(),
+) -> Result<SampleDecoding> {
+    let named = |key: &str, reason: String| Error::Config {
+        origin: cfg.origin_of(key),
+        key: key.into(),
         reason,
     };
-    if family != "mel_vae" {
-        return Err(named(format!(
-            "only mel models vocode their samples; this config trains a {family} model"
-        )));
+    const VOCODER: &str = "training.sample_vocoder";
+    const VQVAE: &str = "training.sample_vqvae";
+    let token_family = TOKEN_FAMILIES.contains(&family);
+    let vqvae = match &training.sample_vqvae {
+        None => None,
+        Some(_) if !token_family => {
+            return Err(named(
+                VQVAE,
+                format!("only token models (gpt, gpt_vae) decode their samples through a mel VQ-VAE; this config trains a {family} model"),
+            ))
+        }
+        Some(path) => {
+            let vq = if path.is_dir() {
+                load_mel_vqvae(path, &crate::run::Which::Best, &Device::Cpu).map_err(|e| {
+                    let why = format!("{}: not a mel VQ-VAE run ({e})", path.display());
+                    named(VQVAE, why)
+                })
+            } else {
+                MelVqVae::load(path, &Device::Cpu, DType::F32).map_err(|e| named(VQVAE, e.to_string()))
+            }?;
+            let vocab = if family == "gpt" {
+                gpt::gpt_config(cfg)?.0.vocab_size
+            } else {
+                gpt_vae::gpt_vae_config(cfg)?.0.vocab_size
+            };
+            if vq.config().codebook_size != vocab {
+                return Err(named(
+                    VQVAE,
+                    format!(
+                        "{}: its codebook has {} codes, the {family}'s vocab_size is {vocab}",
+                        path.display(),
+                        vq.config().codebook_size
+                    ),
+                ));
+            }
+            Some(vq)
+        }
+    };
+    let features = match (family, &vqvae) {
+        ("mel_vae", _) => Some(melvae_dsp::MelConfig::vocos_24k()),
+        ("mel_vqvae", _) => Some(mel_vqvae::mel_vqvae_config(cfg)?.mel_config()?),
+        (_, Some(vq)) => Some(*vq.mel_config()),
+        _ => None,
+    };
+    let vocoder = match (&training.sample_vocoder, features) {
+        (None, _) => None,
+        (Some(_), None) => {
+            let reason = if token_family {
+                "a token model's samples need training.sample_vqvae to become mels first".into()
+            } else {
+                format!("only mel and token models vocode their samples; this config trains a {family} model")
+            };
+            return Err(named(VOCODER, reason));
+        }
+        (Some(path), Some(mel)) => {
+            let v = Vocos::load(path, &Device::Cpu, DType::F32)
+                .map_err(|e| named(VOCODER, e.to_string()))?;
+            Some(
+                melvae_models::eval::MelToAudio::new(Some(v), &mel)
+                    .map_err(|e| named(VOCODER, e.to_string()))?,
+            )
+        }
+    };
+    Ok(match vqvae {
+        Some(vqvae) => {
+            let to_audio = match vocoder {
+                Some(v) => v,
+                None => melvae_models::eval::MelToAudio::new(None, vqvae.mel_config())?,
+            };
+            SampleDecoding {
+                vocoder: None,
+                tokens: Some(TokenDecoder { vqvae, to_audio }),
+            }
+        }
+        None => SampleDecoding {
+            vocoder,
+            tokens: None,
+        },
+    })
+}
+
+/// A token model's samples as mels and audio: the mel VQ-VAE's decoder,
+/// then a vocoder or Griffin-Lim (on the CPU).
+pub struct TokenDecoder {
+    /// The VQ-VAE (its codebook is the token model's vocabulary).
+    pub vqvae: MelVqVae,
+    /// How its mels become audio.
+    pub to_audio: melvae_models::eval::MelToAudio,
+}
+
+impl TokenDecoder {
+    /// Token rows the VQ-VAE decodes (`cols` tokens each).
+    pub fn cols(&self) -> usize {
+        self.vqvae.cols()
     }
-    let v = Vocos::load(path, &Device::Cpu, DType::F32).map_err(|e| named(e.to_string()))?;
-    let mel = melvae_dsp::MelConfig::vocos_24k();
-    Ok(Some(
-        melvae_models::eval::MelToAudio::new(Some(v), &mel).map_err(|e| named(e.to_string()))?,
-    ))
+
+    /// Decodes `tokens` (`[1, rows * cols]`, any device) and writes
+    /// `dir/{stem}.png` (the mel) and `dir/{stem}.wav`; returns both paths.
+    pub fn write(
+        &self,
+        tokens: &Tensor,
+        dir: &Path,
+        stem: &str,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let mel = self.vqvae.decode(&tokens.to_device(&Device::Cpu)?)?;
+        write_mel_sample(&mel, self.vqvae.mel_config(), &self.to_audio, dir, stem)
+    }
+}
+
+/// Writes the log-mel `mel` (`[1, n_mels, frames]`, features `cfg`) as
+/// `dir/{stem}.png` and its audio through `to_audio` as `dir/{stem}.wav`
+/// (16-bit); returns both paths.
+pub(crate) fn write_mel_sample(
+    mel: &Tensor,
+    cfg: &melvae_dsp::MelConfig,
+    to_audio: &melvae_models::eval::MelToAudio,
+    dir: &Path,
+    stem: &str,
+) -> Result<Vec<std::path::PathBuf>> {
+    let (png, wav) = (
+        dir.join(format!("{stem}.png")),
+        dir.join(format!("{stem}.wav")),
+    );
+    let mel = mel.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    melvae_dsp::SpectrogramImage::for_mel(cfg)
+        .save_png(&png, &melvae_models::mel_vae::mel_to_array(&mel)?)?;
+    let samples = cfg.stft.n_samples(mel.dim(2)?);
+    let audio = to_audio.audio(&mel, cfg, samples)?;
+    melvae_dsp::save_wav(
+        &wav,
+        &melvae_dsp::Audio::new(cfg.sample_rate, vec![audio])?,
+        melvae_dsp::WavFormat::Pcm16,
+    )?;
+    Ok(vec![png, wav])
 }
 
 /// Trains the family of `cfg` (see [`family_of`]) on `data` (from
@@ -465,7 +607,7 @@ pub fn train(
 ) -> Result<crate::TrainSummary> {
     let training: crate::TrainerConfig = cfg.get("training")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
-    let (family, vocoder) = check(cfg)?;
+    let (family, decoding) = check(cfg)?;
     let trainer = crate::Trainer::new(training, run)?;
     let data = match data {
         TrainData::Tokens(split) => {
@@ -474,13 +616,15 @@ pub fn train(
                 "gpt" => {
                     let sections = gpt::gpt_config(cfg)?;
                     let mut task =
-                        gpt::GptTask::new(sections, split, &data_cfg, seed, &device, dtype)?;
+                        gpt::GptTask::new(sections, split, &data_cfg, seed, &device, dtype)?
+                            .with_samples(decoding.tokens)?;
                     trainer.fit(&mut task, resume)
                 }
                 "gpt_vae" => {
                     let sections = gpt_vae::gpt_vae_config(cfg)?;
                     let mut task =
-                        gpt_vae::GptVaeTask::new(sections, split, &data_cfg, seed, &device, dtype)?;
+                        gpt_vae::GptVaeTask::new(sections, split, &data_cfg, seed, &device, dtype)?
+                            .with_samples(decoding.tokens)?;
                     trainer.fit(&mut task, resume)
                 }
                 other => Err(Error::invalid(
@@ -513,6 +657,9 @@ pub fn train(
         "mel_vqvae" => {
             let c = mel_vqvae::mel_vqvae_config(cfg)?;
             let mut task = mel_vqvae::MelVqVaeTask::new(c, data, data_cfg, seed, &device, dtype)?;
+            if let Some(v) = decoding.vocoder {
+                task = task.with_vocoder(v);
+            }
             trainer.fit(&mut task, resume)
         }
         _ => {
@@ -524,7 +671,7 @@ pub fn train(
                 &device,
                 dtype,
             )?;
-            if let Some(v) = vocoder {
+            if let Some(v) = decoding.vocoder {
                 task = task.with_vocoder(v);
             }
             trainer.fit(&mut task, resume)
