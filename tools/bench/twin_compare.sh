@@ -5,24 +5,33 @@
 #
 #   bash tools/bench/twin_compare.sh FAMILY [SETTING] [PYTHON]
 #
-# FAMILY: wave_vae (twin tools/bench/wave_vae_twin.py) or vocos (the `vocos`
-# package, tools/bench/vocos_twin.py); SETTING: a file of configs/settings/
-# (default FAMILY_tiny); PYTHON: an interpreter with torch, numpy,
-# safetensors (and vocos) (default /tmp/refvenv/bin/python). Run it on an
-# idle machine: the load average is printed before each side.
+# FAMILY: wave_vae (twin tools/bench/wave_vae_twin.py), vocos (the `vocos`
+# package, tools/bench/vocos_twin.py), or one of the spectrogram-token
+# models mel_vqvae, gpt, gpt_vae (example mel_tokens_throughput, twin
+# tools/bench/mel_tokens_twin.py); SETTING: a file of configs/settings/
+# (default FAMILY_tiny; gpt_vae_tiny_stage2 for gpt_vae); PYTHON: an
+# interpreter with torch, numpy, safetensors (and vocos) (default
+# /tmp/refvenv/bin/python). Run it on an idle machine: the load average is
+# printed before each side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-family="${1:?usage: twin_compare.sh wave_vae|vocos [SETTING] [PYTHON]}"
+usage="usage: twin_compare.sh wave_vae|vocos|mel_vqvae|gpt|gpt_vae [SETTING] [PYTHON]"
+family="${1:?$usage}"
 case "$family" in
-  wave_vae|vocos) ;;
-  *) echo "twin_compare.sh: unknown family '$family' (wave_vae or vocos)" >&2; exit 2 ;;
+  wave_vae|vocos)
+    example="${family}_throughput"; twin="${family}_twin.py"; default="${family}_tiny" ;;
+  mel_vqvae|gpt)
+    example=mel_tokens_throughput; twin=mel_tokens_twin.py; default="${family}_tiny" ;;
+  gpt_vae)
+    example=mel_tokens_throughput; twin=mel_tokens_twin.py; default=gpt_vae_tiny_stage2 ;;
+  *) echo "twin_compare.sh: unknown family '$family' ($usage)" >&2; exit 2 ;;
 esac
-setting="${2:-${family}_tiny}"
+setting="${2:-$default}"
 python="${3:-/tmp/refvenv/bin/python}"
 dump="$(mktemp -d)"
 trap 'rm -rf "$dump"' EXIT
-cargo build --release --example "${family}_throughput"
+cargo build --release --example "$example"
 echo "load average before melvae: $(cut -d' ' -f1-3 /proc/loadavg)"
-"target/release/examples/${family}_throughput" --setting "$setting" --steps 10 --dump "$dump"
+"target/release/examples/$example" --setting "$setting" --steps 10 --dump "$dump"
 echo "load average before PyTorch: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$python" "tools/bench/${family}_twin.py" "$dump" --steps 10
+"$python" "tools/bench/$twin" "$dump" --steps 10
