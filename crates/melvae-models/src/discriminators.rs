@@ -9,6 +9,11 @@
 //! hinge / least-squares losses and feature matching of `melvae-losses`
 //! expect. Input audio `[batch, channels, samples]`; stereo channels are
 //! judged as separate signals (folded into the batch).
+//!
+//! For mel models, the patch discriminator (pix2pix's PatchGAN, as taming
+//! transformers and SpecVQGAN use it) judges a log-mel image `[batch,
+//! n_mels, frames]` patch by patch. Both kinds implement [`Discriminator`],
+//! which is what adversarial training calls.
 
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
@@ -627,6 +632,144 @@ pub struct DiscriminatorsConfig {
     /// Multi-band multi-resolution STFT discriminator.
     #[serde(default)]
     pub mrd: Option<MrdConfig>,
+    /// Patch discriminator over mel images (mel models only, alone).
+    #[serde(default)]
+    pub patch: Option<PatchConfig>,
+}
+
+impl DiscriminatorsConfig {
+    /// The waveform discriminators configured (their keys).
+    pub fn waveform_keys(&self) -> Vec<&'static str> {
+        [
+            (self.msd.is_some(), "msd"),
+            (self.mpd.is_some(), "mpd"),
+            (self.ms_stft.is_some(), "ms_stft"),
+            (self.mrd.is_some(), "mrd"),
+        ]
+        .into_iter()
+        .filter_map(|(on, k)| on.then_some(k))
+        .collect()
+    }
+}
+
+/// What adversarial training needs of a discriminator: logits and hidden
+/// feature maps of a batch (audio `[batch, channels, samples]` for the
+/// waveform discriminators, a log-mel `[batch, n_mels, frames]` for the
+/// patch discriminator).
+pub trait Discriminator {
+    /// Logits and feature maps of every sub-discriminator for `x`.
+    fn judge(&self, x: &Tensor) -> Result<DiscOutput>;
+}
+
+impl Discriminator for Discriminators {
+    fn judge(&self, x: &Tensor) -> Result<DiscOutput> {
+        self.forward(x)
+    }
+}
+
+/// The `patch:` settings: a PatchGAN over mel images.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchConfig {
+    /// Width of the first conv (doubled per strided layer, up to 8x).
+    pub channels: usize,
+    /// Strided (2x2) layers; each patch logit sees about `2^(layers + 1)`
+    /// bins and frames.
+    pub layers: usize,
+}
+
+impl Default for PatchConfig {
+    /// taming transformers' `NLayerDiscriminator` widths (64, 3 layers).
+    fn default() -> Self {
+        Self {
+            channels: 64,
+            layers: 3,
+        }
+    }
+}
+
+/// A PatchGAN over log-mel images (pix2pix; taming transformers'
+/// `NLayerDiscriminator` as SpecVQGAN uses it), without normalisation
+/// layers: `convs.0` (3x3, 1 -> `channels`, stride 2), `convs.{i}` for
+/// `i < layers` (3x3, stride 2, width doubling up to 8 `channels`), one
+/// more 3x3 conv at stride 1, then `out` (3x3, one logit per patch), all
+/// weight-normed, leaky ReLU 0.1 between. BatchNorm (the original's) is
+/// left out: its batch statistics would make one clip's logits depend on
+/// the rest of the batch and add running buffers to the checkpoint.
+#[derive(Debug, Clone)]
+pub struct PatchDiscriminator {
+    convs: Vec<CausalConv2d>,
+    out: CausalConv2d,
+}
+
+impl PatchDiscriminator {
+    /// Builds it; errors name the field.
+    pub fn new(cfg: &PatchConfig, vb: VarBuilder) -> Result<Self> {
+        ensure(cfg.channels > 0, "discriminators.patch.channels", || {
+            "must be > 0".into()
+        })?;
+        ensure(
+            (1..=6).contains(&cfg.layers),
+            "discriminators.patch.layers",
+            || format!("must be 1..=6, got {}", cfg.layers),
+        )?;
+        let vc = vb.pp("convs");
+        let width = |i: usize| cfg.channels << i.min(3);
+        let mut convs = vec![spec_conv(1, width(0), (3, 3), (2, 2), (1, 1), vc.pp(0))?];
+        for i in 1..cfg.layers {
+            convs.push(spec_conv(
+                width(i - 1),
+                width(i),
+                (3, 3),
+                (2, 2),
+                (1, 1),
+                vc.pp(i),
+            )?);
+        }
+        let last = width(cfg.layers);
+        convs.push(spec_conv(
+            width(cfg.layers - 1),
+            last,
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            vc.pp(cfg.layers),
+        )?);
+        Ok(Self {
+            convs,
+            out: spec_conv(last, 1, (3, 3), (1, 1), (1, 1), vb.pp("out"))?,
+        })
+    }
+
+    /// Patch logits `[batch, patches]` and the hidden feature maps of
+    /// `mel` `[batch, n_mels, frames]`.
+    pub fn forward(&self, mel: &Tensor) -> Result<DiscOutput> {
+        let mut h = match mel.dims() {
+            [_, m, t] if *m > 0 && *t > 0 => mel.unsqueeze(1)?,
+            d => {
+                return Err(Error::Shape {
+                    what: "patch discriminator input".into(),
+                    expected: "a log-mel [batch, n_mels, frames]".into(),
+                    got: format!("{d:?}"),
+                })
+            }
+        };
+        let mut feats = Vec::with_capacity(self.convs.len());
+        for c in &self.convs {
+            h = leaky(&c.forward(&h)?)?;
+            feats.push(h.clone());
+        }
+        Ok(DiscOutput {
+            logits: vec![self.out.forward(&h)?.flatten_from(1)?],
+            features: vec![feats],
+        })
+    }
+}
+
+impl Discriminator for PatchDiscriminator {
+    fn judge(&self, x: &Tensor) -> Result<DiscOutput> {
+        self.forward(x)
+    }
 }
 
 /// The configured discriminators together. Parameters `msd.*`, `mpd.*`,
@@ -640,8 +783,12 @@ pub struct Discriminators {
 }
 
 impl Discriminators {
-    /// Builds the configured discriminators; at least one is needed.
+    /// Builds the configured waveform discriminators; at least one is
+    /// needed, and a `patch` (mel images) is refused.
     pub fn new(cfg: &DiscriminatorsConfig, vb: VarBuilder) -> Result<Self> {
+        ensure(cfg.patch.is_none(), "discriminators.patch", || {
+            "judges mel images (mel VQ-VAE); a waveform model takes msd, mpd, ms_stft or mrd".into()
+        })?;
         ensure(
             cfg.msd.is_some() || cfg.mpd.is_some() || cfg.ms_stft.is_some() || cfg.mrd.is_some(),
             "discriminators",
@@ -725,6 +872,7 @@ mod tests {
                 bands: vec![0.0, 0.5, 1.0],
                 channels: 2,
             }),
+            patch: None,
         }
     }
 
@@ -800,6 +948,7 @@ mod tests {
                 n_ffts: vec![512],
                 ..MrdConfig::default()
             }),
+            patch: None,
         };
         let vm = VarMap::new();
         let d = Discriminators::new(
@@ -842,6 +991,7 @@ mod tests {
                 bands: vec![0.0, 0.5, 1.0],
                 channels: 2,
             }),
+            patch: None,
         };
         let vm = VarMap::new();
         let d = Discriminators::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))
@@ -918,5 +1068,85 @@ mod tests {
             .to_string();
         assert!(e.contains("[batch, channels, samples]"), "{e}");
         let _ = max_abs_diff;
+        // The patch discriminator judges mels: not with the waveform ones,
+        // and its own settings and input are named.
+        let patch = DiscriminatorsConfig {
+            patch: Some(PatchConfig::default()),
+            ..tiny()
+        };
+        let e = Discriminators::new(&patch, vb(&vm))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("discriminators.patch"), "{e}");
+        assert_eq!(patch.waveform_keys(), ["msd", "mpd", "ms_stft", "mrd"]);
+        for (cfg, key) in [
+            (
+                PatchConfig {
+                    channels: 0,
+                    layers: 2,
+                },
+                "discriminators.patch.channels",
+            ),
+            (
+                PatchConfig {
+                    channels: 4,
+                    layers: 0,
+                },
+                "discriminators.patch.layers",
+            ),
+        ] {
+            let e = PatchDiscriminator::new(&cfg, vb(&vm))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let p = PatchDiscriminator::new(&PatchConfig::default(), vb(&VarMap::new())).unwrap();
+        let e = p
+            .judge(&Tensor::zeros((2, 1, 80, 8), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patch discriminator input"), "{e}");
+    }
+
+    /// One logit per patch: 80 mels x 84 frames, 3 strided layers: 10 x 10
+    /// patches; feature maps of every conv but the last.
+    #[test]
+    fn patch_discriminator_shapes_and_gradients() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let d = PatchDiscriminator::new(&PatchConfig::default(), vb).unwrap();
+        let mel = noise(&[2, 80, 84], 1)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let out = d.judge(&mel).unwrap();
+        assert_eq!(out.logits.len(), 1);
+        assert_eq!(out.logits[0].dims(), &[2, 10 * 10]);
+        let widths: Vec<usize> = out.features[0].iter().map(|f| f.dim(1).unwrap()).collect();
+        assert_eq!(widths, [64, 128, 256, 512]);
+
+        let vm = VarMap::new();
+        let cfg = PatchConfig {
+            channels: 2,
+            layers: 2,
+        };
+        let d =
+            PatchDiscriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))
+                .unwrap();
+        let x = Var::from_tensor(&noise(&[1, 6, 5], 3).unwrap()).unwrap();
+        check_module(&vm, 0.3, 4, &[("mel", &x)], || {
+            let out = d
+                .judge(x.as_tensor())
+                .map_err(|e| melvae_layers::Error::Invalid {
+                    what: "patch".into(),
+                    reason: e.to_string(),
+                })?;
+            let mut all = vec![out.logits[0].flatten_all()?];
+            for f in &out.features[0] {
+                all.push(f.flatten_all()?);
+            }
+            Ok(Tensor::cat(&all, 0)?)
+        })
+        .unwrap();
     }
 }

@@ -41,6 +41,7 @@
 pub mod convformer;
 pub mod discriminators;
 pub mod dit_cfm;
+pub mod echolancer;
 mod error;
 pub mod eval;
 pub mod latent;
@@ -53,10 +54,14 @@ pub mod wave_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
 pub use discriminators::{
-    DiscOutput, Discriminators, DiscriminatorsConfig, MpdConfig, MsdConfig,
-    MultiPeriodDiscriminator, MultiScaleDiscriminator,
+    DiscOutput, Discriminator, Discriminators, DiscriminatorsConfig, MpdConfig, MsdConfig,
+    MultiPeriodDiscriminator, MultiScaleDiscriminator, PatchConfig, PatchDiscriminator,
 };
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
+pub use echolancer::{
+    CharTokenizer, Echolancer, EcholancerConfig, EcholancerInputs, EcholancerLoss,
+    EcholancerOutput, Generated,
+};
 pub use error::{Error, Result};
 pub use mel_vae::{
     mel_to_array, EncoderStream, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions,

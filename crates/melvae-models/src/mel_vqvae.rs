@@ -22,13 +22,20 @@
 //! followed by `up` (3x3) to the finer level's width; `conv_out` (3x3) to one
 //! channel. Loss: L1 or L2 reconstruction + the quantizer's codebook and
 //! commitment terms.
+//!
+//! Optional attention at the lowest resolution (`attention: true`;
+//! `encoder.attn`, after the last level's residual units, and
+//! `decoder.attn`, after its `conv_in`): an [`AxialAttention2d`] block,
+//! attention across frequency within each time step, then causal attention
+//! across time within each frequency position, so tokens stay causal in
+//! time.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use melvae_dsp::MelConfig;
 use melvae_layers::{
-    Activation, ActivationKind, CausalConv2d, Conv2dConfig, ResidualUnit2d, VectorQuantizer,
-    VqConfig, VqOutput,
+    Activation, ActivationKind, AttentionConfig, CausalConv2d, Conv2dConfig, LayerNorm, Mode,
+    MultiHeadAttention, ResidualUnit2d, VectorQuantizer, VqConfig, VqOutput,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +95,17 @@ pub struct MelVqVaeConfig {
     /// Reconstruction loss, `l1` or `l2`.
     #[serde(default)]
     pub recon_loss: ReconLoss,
+    /// Axial attention at the lowest resolution, in the encoder and the
+    /// decoder (see the module docs).
+    #[serde(default)]
+    pub attention: bool,
+    /// Heads of that attention; must divide the last level's width.
+    #[serde(default = "default_heads")]
+    pub attention_heads: usize,
+}
+
+fn default_heads() -> usize {
+    1
 }
 
 fn default_commitment() -> f64 {
@@ -119,6 +137,8 @@ impl MelVqVaeConfig {
             ema_decay: None,
             restart_threshold: default_restart(),
             recon_loss: ReconLoss::L1,
+            attention: false,
+            attention_heads: default_heads(),
         }
     }
 
@@ -159,6 +179,17 @@ impl MelVqVaeConfig {
             self.commitment.is_finite() && self.commitment >= 0.0,
             "mel_vqvae.commitment",
             || format!("must be a finite weight >= 0, got {}", self.commitment),
+        )?;
+        let last = *self.channels.last().unwrap_or(&1);
+        ensure(
+            !self.attention || (self.attention_heads > 0 && last % self.attention_heads == 0),
+            "mel_vqvae.attention_heads",
+            || {
+                format!(
+                    "{} heads must divide the last level's width {last}",
+                    self.attention_heads
+                )
+            },
         )?;
         let n_mels = self.mel_config()?.n_mels;
         ensure(
@@ -244,6 +275,63 @@ fn upsample_nearest(x: &Tensor, [ff, ft]: [usize; 2]) -> Result<Tensor> {
     Ok(x.reshape((b, c, f * ff, t * ft))?)
 }
 
+/// Axial self-attention over a feature map `[batch, ch, freq, time]`:
+/// pre-norm attention across frequency within each time step (`freq`,
+/// `norm_freq`), then pre-norm causal attention across time within each
+/// frequency position (`time`, `norm_time`), each added to its input.
+/// A time step's output depends on the input up to that step only. Cost
+/// `O(F T (F + T))` rather than the `O((F T)^2)` of full attention.
+#[derive(Debug, Clone)]
+pub struct AxialAttention2d {
+    norm_freq: LayerNorm,
+    freq: MultiHeadAttention,
+    norm_time: LayerNorm,
+    time: MultiHeadAttention,
+}
+
+impl AxialAttention2d {
+    /// `ch` channels, `heads` heads (dividing `ch`), no bias terms.
+    pub fn new(ch: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = AttentionConfig::new(ch, heads);
+        Ok(Self {
+            norm_freq: LayerNorm::new(ch, 1e-5, true, vb.pp("norm_freq"))?,
+            freq: MultiHeadAttention::new(cfg, vb.pp("freq"))?,
+            norm_time: LayerNorm::new(ch, 1e-5, true, vb.pp("norm_time"))?,
+            time: MultiHeadAttention::new(
+                AttentionConfig {
+                    causal: true,
+                    ..cfg
+                },
+                vb.pp("time"),
+            )?,
+        })
+    }
+
+    /// `[batch, ch, freq, time]` -> the same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, f, t) = x.dims4()?;
+        // Across frequency: sequences of F for each (batch, time).
+        let seq = x.permute((0, 3, 2, 1))?.reshape((b * t, f, c))?;
+        let seq = (&seq
+            + self
+                .freq
+                .forward(&self.norm_freq.forward(&seq)?, None, Mode::Eval)?)?;
+        // Across time: sequences of T for each (batch, freq).
+        let seq = seq
+            .reshape((b, t, f, c))?
+            .permute((0, 2, 1, 3))?
+            .reshape((b * f, t, c))?;
+        let seq = (&seq
+            + self
+                .time
+                .forward(&self.norm_time.forward(&seq)?, None, Mode::Eval)?)?;
+        Ok(seq
+            .reshape((b, f, t, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct EncoderLevel {
     units: Vec<ResidualUnit2d>,
@@ -264,10 +352,12 @@ pub struct MelVqVae {
     mel: MelConfig,
     enc_in: CausalConv2d,
     enc: Vec<EncoderLevel>,
+    enc_attn: Option<AxialAttention2d>,
     enc_act: Activation,
     enc_out: CausalConv2d,
     vq: VectorQuantizer,
     dec_in: CausalConv2d,
+    dec_attn: Option<AxialAttention2d>,
     dec: Vec<DecoderLevel>,
     dec_act: Activation,
     dec_out: CausalConv2d,
@@ -328,10 +418,17 @@ impl MelVqVae {
                 })
             })
             .collect::<Result<_>>()?;
+        let attn = |vb: VarBuilder| -> Result<Option<AxialAttention2d>> {
+            cfg.attention
+                .then(|| AxialAttention2d::new(last, cfg.attention_heads, vb.pp("attn")))
+                .transpose()
+        };
         Ok(Self {
             mel: cfg.mel_config()?,
             enc_in: conv(1, ch[0], 3, e.pp("conv_in"))?,
             enc,
+            enc_attn: attn(e.clone())?,
+            dec_attn: attn(d.clone())?,
             enc_act: Activation::new(ACT, last, e.pp("act_out"))?,
             enc_out: conv(last, cfg.codebook_dim, 1, e.pp("conv_out"))?,
             vq: VectorQuantizer::new(cfg.vq_config(), vb.pp("vq"))?,
@@ -408,6 +505,9 @@ impl MelVqVae {
                 h = down.forward(&act.forward(&h)?)?;
             }
         }
+        if let Some(a) = &self.enc_attn {
+            h = a.forward(&h)?;
+        }
         let z = self.enc_out.forward(&self.enc_act.forward(&h)?)?;
         // [B, D, cols(freq), rows(time)] -> [B, rows, cols, D]
         Ok(z.permute((0, 3, 2, 1))?.contiguous()?)
@@ -452,6 +552,9 @@ impl MelVqVae {
         let mut h = self
             .dec_in
             .forward(&q.permute((0, 3, 2, 1))?.contiguous()?)?;
+        if let Some(a) = &self.dec_attn {
+            h = a.forward(&h)?;
+        }
         for level in &self.dec {
             h = run_units(&level.units, h)?;
             if let Some((factor, up)) = &level.up {
@@ -532,6 +635,13 @@ mod tests {
         }
     }
 
+    fn with_attention() -> MelVqVaeConfig {
+        MelVqVaeConfig {
+            attention: true,
+            ..tiny()
+        }
+    }
+
     fn build(cfg: MelVqVaeConfig, dtype: DType) -> (VarMap, MelVqVae) {
         let vm = VarMap::new();
         let m = MelVqVae::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
@@ -562,10 +672,19 @@ mod tests {
         );
     }
 
-    /// Tokens of a time step depend on the mel up to that step's frames.
+    /// Tokens of a time step depend on the mel up to that step's frames,
+    /// with and without the axial attention.
     #[test]
     fn tokens_are_causal_in_time() {
-        let (_, m) = build(tiny(), DType::F32);
+        for cfg in [tiny(), with_attention()] {
+            tokens_are_causal(cfg);
+        }
+    }
+
+    fn tokens_are_causal(cfg: MelVqVaeConfig) {
+        let (vm, m) = build(cfg, DType::F32);
+        // Attention starts as a small perturbation; make it count.
+        randomize(&vm, 0.5, 9).unwrap();
         let mel = noise(&[1, 80, 12], 2)
             .unwrap()
             .to_dtype(DType::F32)
@@ -609,10 +728,15 @@ mod tests {
             vars
         };
         let err = |e: Error| candle_core::Error::Msg(e.to_string());
-        for recon_loss in [ReconLoss::L2, ReconLoss::L1] {
+        for (recon_loss, attention) in [
+            (ReconLoss::L2, false),
+            (ReconLoss::L1, false),
+            (ReconLoss::L2, true),
+        ] {
             let (vm, m) = build(
                 MelVqVaeConfig {
                     recon_loss,
+                    attention,
                     ..tiny()
                 },
                 DType::F64,
@@ -626,7 +750,12 @@ mod tests {
                     .map(|o| o.recon_loss)
                     .map_err(err)
             })
-            .unwrap_or_else(|e| panic!("decoder, {recon_loss:?}: {e}"));
+            .unwrap_or_else(|e| panic!("decoder, {recon_loss:?}, attention {attention}: {e}"));
+            if attention {
+                assert!(named_vars(&vm)
+                    .iter()
+                    .any(|(n, _)| n.starts_with("decoder.attn.time.")));
+            }
             if recon_loss == ReconLoss::L1 {
                 continue;
             }
@@ -637,7 +766,7 @@ mod tests {
                 let z = m.borrow().encode_continuous(mel.as_tensor()).map_err(err)?;
                 (&z * &z.sin()?)?.sum_all()
             })
-            .unwrap_or_else(|e| panic!("encoder: {e}"));
+            .unwrap_or_else(|e| panic!("encoder, attention {attention}: {e}"));
             check_gradients(&part(&vm, "vq.codebook"), GradCheck::default(), || {
                 m.borrow_mut()
                     .forward(mel.as_tensor(), false)
@@ -686,6 +815,13 @@ mod tests {
                     ..tiny()
                 },
                 "does not divide the 80 mels",
+            ),
+            (
+                MelVqVaeConfig {
+                    attention_heads: 2,
+                    ..with_attention()
+                },
+                "mel_vqvae.attention_heads",
             ),
         ] {
             let e = cfg.validate().unwrap_err().to_string();

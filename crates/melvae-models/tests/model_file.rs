@@ -283,3 +283,135 @@ fn bad_model_files_are_named() {
         .to_string();
     assert!(e.contains("dtype") && e.contains("CUDA"), "{e}");
 }
+
+/// Writes the variables of `vm` as a model file of family `F`, loads it
+/// back (memory-mapped, read-only) and returns the loaded model.
+fn round_trip<F: model_file::Family>(dir: &Path, cfg: &F::Config, vm: &VarMap) -> F {
+    let path = dir.join(format!("{}.safetensors", F::NAME));
+    model_file::save::<F>(
+        &path,
+        cfg,
+        &melvae_layers::named_tensors(vm),
+        &BTreeMap::new(),
+        Path::new("test weights"),
+    )
+    .unwrap();
+    let info = model_file::read_info(&path).unwrap();
+    assert_eq!(info.family, F::NAME);
+    model_file::load::<F>(&path, &Device::Cpu, DType::F32)
+        .unwrap()
+        .0
+}
+
+/// The spectrogram-token families load from their model files with
+/// melvae-models alone and compute what the models that wrote them do.
+#[test]
+fn token_models_round_trip_through_model_files() {
+    use melvae_layers::Mode;
+    use melvae_models::{
+        Echolancer, EcholancerConfig, EcholancerInputs, Gpt, GptConfig, GptPositions, GptVae,
+        GptVaeConfig, LatentInjection, MelVqVae, MelVqVaeConfig,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let built = |seed| {
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, seed, DType::F32, &dev);
+        (vm, vb)
+    };
+
+    let cfg = MelVqVaeConfig {
+        attention: true,
+        attention_heads: 2,
+        ..MelVqVaeConfig::new("hifigan-22k", vec![2, 4], vec![[2, 2]], 16, 3)
+    };
+    let (vm, vb) = built(1);
+    let vq = MelVqVae::new(cfg.clone(), vb).unwrap();
+    let loaded: MelVqVae = round_trip(dir.path(), &cfg, &vm);
+    let mel = Tensor::randn(0f32, 1.0, (1, 80, 8), &dev).unwrap();
+    let (a, b) = (vq.encode(&mel).unwrap(), loaded.encode(&mel).unwrap());
+    assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
+    assert!(max_abs_diff(&vq.decode(&a).unwrap(), &loaded.decode(&b).unwrap()).unwrap() < 1e-6);
+
+    let cfg = GptConfig {
+        vocab_size: 16,
+        num_classes: 2,
+        max_len: 8,
+        dim: 8,
+        heads: 2,
+        layers: 1,
+        positions: GptPositions::Rotary,
+        dropout: 0.0,
+    };
+    let (vm, vb) = built(2);
+    let gpt = Gpt::new(cfg.clone(), vb).unwrap();
+    let loaded: Gpt = round_trip(dir.path(), &cfg, &vm);
+    let tokens = Tensor::new(&[[1u32, 5, 9]], &dev).unwrap();
+    let class = Tensor::new(&[1u32], &dev).unwrap();
+    let (a, b) = (
+        gpt.forward(&tokens, &class, Mode::Eval).unwrap(),
+        loaded.forward(&tokens, &class, Mode::Eval).unwrap(),
+    );
+    assert!(max_abs_diff(&a, &b).unwrap() < 1e-6);
+
+    let cfg = GptVaeConfig {
+        vocab_size: 16,
+        max_len: 8,
+        dim: 8,
+        heads: 2,
+        enc_layers: 1,
+        dec_layers: 1,
+        latent_dim: 4,
+        injection: LatentInjection::Both,
+        dropout: 0.0,
+    };
+    let (vm, vb) = built(3);
+    let vae = GptVae::new(cfg.clone(), vb).unwrap();
+    let loaded: GptVae = round_trip(dir.path(), &cfg, &vm);
+    let (a, _) = vae.encode(&tokens, None, Mode::Eval).unwrap();
+    let (b, _) = loaded.encode(&tokens, None, Mode::Eval).unwrap();
+    assert!(max_abs_diff(&a, &b).unwrap() < 1e-6);
+
+    let cfg = EcholancerConfig {
+        vocab_size: 6,
+        symbols: ["a", "b", "c", " "].map(String::from).to_vec(),
+        mel_vocab_size: 16,
+        n_speakers: 2,
+        speaker_channels: 4,
+        emotion_channels: 0,
+        encoder_dim: 8,
+        encoder_heads: 2,
+        encoder_layers: 1,
+        decoder_dim: 8,
+        decoder_heads: 2,
+        decoder_layers: 1,
+        ffn_mult: 2,
+        use_alibi: true,
+        alibi_alpha: 1.0,
+        activation: Default::default(),
+        encoder_dropout: 0.0,
+        decoder_dropout: 0.0,
+        max_len: 8,
+    };
+    let (vm, vb) = built(4);
+    let mut tts = Echolancer::new(cfg.clone(), vb).unwrap();
+    let mut loaded: Echolancer = round_trip(dir.path(), &cfg, &vm);
+    // The tokenizer travels in the config.
+    let (ids, unknown) = loaded.config().tokenizer().unwrap().encode("abc ba");
+    assert!(unknown.is_empty());
+    let inputs = EcholancerInputs {
+        text: Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        text_mask: None,
+        speakers: Tensor::new(&[1u32], &dev).unwrap(),
+        emotion: None,
+    };
+    let opts = melvae_models::SamplingOptions::default();
+    let (a, b) = (
+        tts.generate(&inputs, 8, 1.0, &opts).unwrap(),
+        loaded.generate(&inputs, 8, 1.0, &opts).unwrap(),
+    );
+    assert_eq!(a.tokens, b.tokens);
+}

@@ -139,3 +139,106 @@ fn data_must_match_the_model() {
         "{e}"
     );
 }
+
+/// The adversarial phase: a patch discriminator trains from the start
+/// step, the generator logs `adv` and `fm`, resume is exact for both
+/// players; waveform discriminators and a missing patch are named.
+#[test]
+fn adversarial_phase_trains_and_resumes_exactly() {
+    use melvae_models::{DiscriminatorsConfig, MsdConfig, PatchConfig};
+    use melvae_train::tasks::mel_vqvae::MelVqVaeLossConfig;
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let disc = DiscriminatorsConfig {
+        patch: Some(PatchConfig {
+            channels: 2,
+            layers: 2,
+        }),
+        ..Default::default()
+    };
+    let loss = MelVqVaeLossConfig {
+        adversarial: melvae_models::AdversarialWeights {
+            feature_matching: 1.0,
+            ..MelVqVaeLossConfig::default().adversarial
+        },
+    };
+    let gan_task = || task(&audio).with_adversarial(loss, disc.clone()).unwrap();
+    let gan = |steps| TrainerConfig {
+        gan: Some(common::test_gan()),
+        ..cfg(steps)
+    };
+    let disc_weights = |t: &MelVqVaeTask| weights(t.disc_vars());
+    let run = RunDir::create(d.path().join("a")).unwrap();
+    let mut a = gan_task();
+    let before = disc_weights(&a);
+    assert!(a.disc_vars()[0].0.starts_with("disc.patch."));
+    Trainer::new(gan(6), &run)
+        .unwrap()
+        .fit(&mut a, false)
+        .unwrap();
+    // Steps 1-2 are before the adversarial start, 3-6 after.
+    common::assert_adversarial_from_step_3(&run);
+    assert_ne!(disc_weights(&a), before, "the discriminator trained");
+
+    let split = RunDir::create(d.path().join("b")).unwrap();
+    let mut b = gan_task();
+    Trainer::new(gan(3), &split)
+        .unwrap()
+        .fit(&mut b, false)
+        .unwrap();
+    let mut b2 = gan_task();
+    Trainer::new(gan(6), &split)
+        .unwrap()
+        .fit(&mut b2, true)
+        .unwrap();
+    assert_eq!(disc_weights(&a), disc_weights(&b2));
+    assert_eq!(weights(a.vars()), weights(b2.vars()));
+
+    let e = task(&audio)
+        .with_adversarial(
+            loss,
+            DiscriminatorsConfig {
+                msd: Some(MsdConfig::default()),
+                ..disc.clone()
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("discriminators.msd"), "{e}");
+    let e = task(&audio)
+        .with_adversarial(loss, DiscriminatorsConfig::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("discriminators.patch"), "{e}");
+
+    // Through the config: the bundled GAN setting parses; a patch on a
+    // waveform model and a waveform discriminator on the mel VQ-VAE are
+    // named.
+    let settings = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    let check = |name: &str, o: &[&str]| {
+        let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+        tasks::check_config(&ResolvedConfig::load(&settings.join(name), &o).unwrap())
+    };
+    assert_eq!(check("mel_vqvae_tiny_gan.yaml", &[]).unwrap(), "mel_vqvae");
+    let e = check(
+        "mel_vqvae_tiny_gan.yaml",
+        &["discriminators.mpd={periods: [2]}"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("discriminators.mpd"), "{e}");
+    let e = check(
+        "wave_vae_tiny_gan.yaml",
+        &["discriminators.patch={channels: 4, layers: 2}"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("discriminators.patch") && e.contains("wave_vae"),
+        "{e}"
+    );
+}

@@ -71,13 +71,7 @@ fn cfg(steps: u64, gan: bool) -> TrainerConfig {
         sample_every: 12,
         seed: 5,
         grad_clip: Some(1.0),
-        gan: gan.then(|| GanConfig {
-            disc_learning_rate: 1e-3,
-            disc_adamw: Default::default(),
-            disc_every: 1,
-            adversarial_start_step: 2,
-            disc_grad_clip: None,
-        }),
+        gan: gan.then(common::test_gan),
         ..TrainerConfig::new(steps, 5e-3)
     }
 }
@@ -149,13 +143,8 @@ fn adversarial_phase_trains_and_resumes_exactly() {
         .unwrap()
         .fit(&mut a, false)
         .unwrap();
-    let logged = run.read_metrics().unwrap();
-    let has = |step: u64, key: &str| {
-        logged
-            .iter()
-            .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
-    };
-    assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
+    // Steps 1-2 are before the adversarial start, 3-6 after.
+    common::assert_adversarial_from_step_3(&run);
     assert_ne!(weights(a.disc_vars()), before);
     let split = RunDir::create(d.path().join("b")).unwrap();
     let mut b = task(&audio, Some(disc.clone()));

@@ -12,6 +12,8 @@ use melvae_models::{
 use melvae_train::tasks::wave_vae::{WaveVaeSections, WaveVaeTask};
 use melvae_train::*;
 
+mod common;
+
 /// Tone pairs, 0.4 s at 24 kHz; stereo files pan the two tones.
 fn folder(dir: &Path, channels: usize) {
     for i in 0..5 {
@@ -273,13 +275,7 @@ fn adversarial_run(balancer: bool) {
         ..Default::default()
     };
     let gan = |steps| TrainerConfig {
-        gan: Some(GanConfig {
-            disc_learning_rate: 1e-3,
-            disc_adamw: Default::default(),
-            disc_every: 1,
-            adversarial_start_step: 2,
-            disc_grad_clip: None,
-        }),
+        gan: Some(common::test_gan()),
         ..cfg(steps)
     };
     let run = RunDir::create(d.path().join("a")).unwrap();
@@ -294,14 +290,8 @@ fn adversarial_run(balancer: bool) {
         .unwrap()
         .fit(&mut a, false)
         .unwrap();
-    let logged = run.read_metrics().unwrap();
-    let has = |step: u64, key: &str| {
-        logged
-            .iter()
-            .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
-    };
     // Steps 1-2 are before the adversarial start, 3-6 after.
-    assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
+    common::assert_adversarial_from_step_3(&run);
     let disc_weights = |t: &WaveVaeTask| -> Vec<Vec<f32>> {
         t.disc_vars()
             .iter()

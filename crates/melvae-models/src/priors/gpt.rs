@@ -153,7 +153,7 @@ impl SamplingOptions {
 
     /// Draws one index from `logits` (one row, host side, in f64); logits
     /// that are not all finite (a diverged model) are an error.
-    fn draw(&self, logits: &[f32], rng: &mut SplitMix64) -> Result<u32> {
+    pub(crate) fn draw(&self, logits: &[f32], rng: &mut SplitMix64) -> Result<u32> {
         if logits.is_empty() || logits.iter().any(|l| !l.is_finite()) {
             return Err(Error::invalid(
                 "gpt logits",

@@ -9,7 +9,10 @@ use candle_nn::VarMap;
 use melvae_dsp::{SpectrogramImage, SplitMix64, TensorMel};
 use melvae_models::eval::MelToAudio;
 use melvae_models::mel_vae::mel_to_array;
-use melvae_models::{MelVqVae, MelVqVaeConfig};
+use melvae_models::{
+    AdversarialWeights, DiscriminatorsConfig, MelVqVae, MelVqVaeConfig, PatchDiscriminator,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::data::{AudioDataConfig, AudioFolder, EpochCursor};
 use crate::trainer::{Losses, StepContext, TrainTask};
@@ -27,6 +30,62 @@ pub fn mel_vqvae_config(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeConfig> {
     cfg.get("mel_vqvae")
 }
 
+/// The `mel_vqvae_loss:` section: the adversarial phase's terms (used with
+/// `discriminators: {patch: ...}` and `training.gan`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MelVqVaeLossConfig {
+    /// The generator's hinge (or least-squares) loss and feature matching.
+    #[serde(default = "default_adversarial")]
+    pub adversarial: AdversarialWeights,
+}
+
+/// SpecVQGAN's discriminator weight (0.8, there scaled adaptively; fixed
+/// here) and no feature matching (the original has none).
+fn default_adversarial() -> AdversarialWeights {
+    AdversarialWeights {
+        weight: 0.8,
+        feature_matching: 0.0,
+        ..AdversarialWeights::default()
+    }
+}
+
+impl Default for MelVqVaeLossConfig {
+    fn default() -> Self {
+        Self {
+            adversarial: default_adversarial(),
+        }
+    }
+}
+
+impl crate::Validate for MelVqVaeLossConfig {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let a = self.adversarial;
+        for (v, key) in [
+            (a.weight, "mel_vqvae_loss.adversarial.weight"),
+            (
+                a.feature_matching,
+                "mel_vqvae_loss.adversarial.feature_matching",
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err((key.into(), format!("must be a finite weight >= 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The mel VQ-VAE's sections: `mel_vqvae:`, `mel_vqvae_loss:` (defaults
+/// when absent) and `discriminators:` (its `patch`).
+pub type MelVqVaeSections = super::GeneratorSections<MelVqVaeConfig, MelVqVaeLossConfig>;
+
+/// The mel VQ-VAE's sections of a resolved config, validated with errors
+/// naming file and key.
+pub fn mel_vqvae_sections(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeSections> {
+    super::generator_sections(cfg, "mel_vqvae", "mel_vqvae_loss")
+}
+
 /// The mel VQ-VAE as a [`TrainTask`]: random crops of an [`AudioFolder`]
 /// at the features' rate (mono), their log-mels cut to a multiple of the
 /// model's time factor, the model's loss (reconstruction + codebook +
@@ -34,7 +93,9 @@ pub fn mel_vqvae_config(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeConfig> {
 /// validation on fixed held-out crops (`recon`, which picks the best
 /// checkpoint, `recon_clip_mean`: the same loss of each crop's mean
 /// spectrum, a naive baseline; `perplexity`, `usage`); input and reconstructed mels (PNG)
-/// and the reconstruction through Griffin-Lim (WAV) as samples.
+/// and the reconstruction through Griffin-Lim (WAV) as samples. With
+/// [`MelVqVaeTask::with_adversarial`], a patch discriminator judges the
+/// reconstructed mels in the GAN phase.
 pub struct MelVqVaeTask {
     /// The parameters (`encoder.*`, `vq.*`, `decoder.*`).
     pub varmap: VarMap,
@@ -48,6 +109,9 @@ pub struct MelVqVaeTask {
     device: Device,
     dtype: DType,
     to_audio: MelToAudio,
+    /// The patch discriminator and its parameters (`disc.*`), with the
+    /// adversarial terms' weights.
+    adversarial: Option<(VarMap, PatchDiscriminator, AdversarialWeights)>,
 }
 
 impl MelVqVaeTask {
@@ -56,6 +120,37 @@ impl MelVqVaeTask {
     pub fn with_vocoder(mut self, vocoder: MelToAudio) -> Self {
         self.to_audio = vocoder;
         self
+    }
+
+    /// Adversarial training (with `training.gan`): `disc.patch` judges
+    /// the reconstructed log-mels against the inputs; the generator adds
+    /// `loss.adversarial.weight` x its GAN loss and
+    /// `loss.adversarial.feature_matching` x the feature matching once the
+    /// adversarial phase starts. Waveform discriminators are refused,
+    /// naming them.
+    pub fn with_adversarial(
+        mut self,
+        loss: MelVqVaeLossConfig,
+        discriminators: DiscriminatorsConfig,
+    ) -> Result<Self> {
+        if let Some(k) = discriminators.waveform_keys().first() {
+            return Err(Error::invalid(
+                format!("discriminators.{k}"),
+                "judges waveforms; the mel VQ-VAE is judged by discriminators.patch",
+            ));
+        }
+        let Some(patch) = discriminators.patch else {
+            return Err(Error::invalid(
+                "discriminators.patch",
+                "the mel VQ-VAE's adversarial phase needs a patch discriminator",
+            ));
+        };
+        let dmap = VarMap::new();
+        let vb =
+            melvae_layers::seeded_var_builder(&dmap, self.seed ^ 0xD15C, self.dtype, &self.device);
+        let disc = PatchDiscriminator::new(&patch, vb.pp("disc").pp("patch"))?;
+        self.adversarial = Some((dmap, disc, loss.adversarial));
+        Ok(self)
     }
 
     /// Builds the model on `device` in `dtype` for mono `data` at the
@@ -96,6 +191,7 @@ impl MelVqVaeTask {
             seed,
             device: device.clone(),
             dtype,
+            adversarial: None,
         })
     }
 
@@ -129,6 +225,27 @@ impl TrainTask for MelVqVaeTask {
         melvae_layers::named_vars(&self.varmap)
     }
 
+    fn disc_vars(&self) -> Vec<(String, Var)> {
+        self.adversarial
+            .as_ref()
+            .map_or_else(Vec::new, |(m, _, _)| melvae_layers::named_vars(m))
+    }
+
+    /// The patch discriminator's loss on the input mels and their
+    /// reconstruction (the quantiser in evaluation mode: no codebook
+    /// updates from the discriminator's turn).
+    fn disc_losses(&mut self, batch: &Tensor, _ctx: StepContext) -> Result<Option<Losses>> {
+        let Some((_, disc, w)) = &self.adversarial else {
+            return Ok(None);
+        };
+        let fake = self.model.forward(batch, false)?.recon;
+        let (d, _) = super::waveform::discriminator_step(disc, *w, batch, &fake)?;
+        Ok(Some(Losses {
+            total: d.clone(),
+            terms: BTreeMap::from([("d".to_string(), d)]),
+        }))
+    }
+
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
         let idx = self
             .cursor
@@ -139,20 +256,26 @@ impl TrainTask for MelVqVaeTask {
         self.mels(&audio)
     }
 
-    fn losses(&mut self, batch: &Tensor, _ctx: StepContext) -> Result<Losses> {
+    /// Reconstruction + codebook + commitment, plus the adversarial terms
+    /// (`adv`, `fm`) in the adversarial phase.
+    fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
         let out = self.model.forward(batch, true)?;
         let scalar = |v: f64| Tensor::new(v as f32, batch.device());
-        let terms = BTreeMap::from([
+        let mut total = out.loss;
+        let mut terms = BTreeMap::from([
             ("recon".to_string(), out.recon_loss),
             ("codebook".to_string(), out.vq.codebook_loss),
             ("commitment".to_string(), out.vq.commitment_loss),
             ("perplexity".to_string(), scalar(out.vq.perplexity)?),
             ("usage".to_string(), scalar(out.vq.usage)?),
         ]);
-        Ok(Losses {
-            total: out.loss,
-            terms,
-        })
+        if let (Some((_, disc, w)), true) = (&self.adversarial, ctx.adversarial) {
+            let (adv, fm) = super::waveform::generator_terms(disc, *w, batch, &out.recon, None)?;
+            total = (total + (&adv * w.weight)? + (&fm * w.feature_matching)?)?;
+            terms.insert("adv".into(), adv);
+            terms.insert("fm".into(), fm);
+        }
+        Ok(Losses { total, terms })
     }
 
     fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {

@@ -31,7 +31,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vae", &["convformer", "cfm"]),
     ("wave_vae", &["wave_vae", "wave_vae_loss"]),
     ("vocos", &["vocos", "vocos_loss"]),
-    ("mel_vqvae", &["mel_vqvae"]),
+    ("mel_vqvae", &["mel_vqvae", "mel_vqvae_loss"]),
     ("gpt", &["gpt", "gpt_loss"]),
     ("gpt_vae", &["gpt_vae", "gpt_vae_loss"]),
 ];
@@ -80,7 +80,8 @@ pub fn open_data(cfg: &ResolvedConfig) -> Result<(TrainData, String)> {
 }
 
 /// Sections several families may have, which select none: the
-/// discriminators of adversarial training (waveform VAE, vocoder).
+/// discriminators of adversarial training (waveform VAE, vocoder, mel
+/// VQ-VAE).
 pub const SHARED_SECTIONS: &[&str] = &["discriminators"];
 
 /// The sections of a waveform generator's config (the waveform VAE, the
@@ -399,10 +400,7 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
     let adversarial = match family {
         "wave_vae" => wave_vae::wave_vae_config(cfg)?.discriminators.is_some(),
         "vocos" => vocos::vocos_config(cfg)?.discriminators.is_some(),
-        "mel_vqvae" => {
-            mel_vqvae::mel_vqvae_config(cfg)?;
-            no_adversarial("mel VQ-VAE (not yet)")?
-        }
+        "mel_vqvae" => mel_vqvae::mel_vqvae_sections(cfg)?.discriminators.is_some(),
         "gpt" => {
             gpt::gpt_config(cfg)?;
             no_adversarial("GPT")?
@@ -416,6 +414,7 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
             no_adversarial("mel VAE")?
         }
     };
+    check_discriminator_kinds(cfg, family)?;
     let decoding = sample_decoding(cfg, &training, family)?;
     let gan = training.gan.is_some();
     if adversarial != gan {
@@ -433,6 +432,41 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
         });
     }
     Ok((family, decoding))
+}
+
+/// Mel models are judged by the patch discriminator alone, waveform
+/// models by the waveform discriminators: an error names the key that
+/// does not fit the family.
+fn check_discriminator_kinds(cfg: &ResolvedConfig, family: &str) -> Result<()> {
+    if cfg.value.get("discriminators").is_none() {
+        return Ok(());
+    }
+    let d: melvae_models::DiscriminatorsConfig = cfg.get("discriminators")?;
+    let named = |key: String, reason: String| Error::Config {
+        origin: cfg.origin_of(&key),
+        key,
+        reason,
+    };
+    if family == "mel_vqvae" {
+        if let Some(k) = d.waveform_keys().first() {
+            return Err(named(
+                format!("discriminators.{k}"),
+                "judges waveforms; the mel VQ-VAE is judged by discriminators.patch".into(),
+            ));
+        }
+        if d.patch.is_none() {
+            return Err(named(
+                "discriminators.patch".into(),
+                "the mel VQ-VAE's adversarial phase needs a patch discriminator".into(),
+            ));
+        }
+    } else if d.patch.is_some() {
+        return Err(named(
+            "discriminators.patch".into(),
+            format!("judges mel images (mel VQ-VAE), not a {family} model's audio"),
+        ));
+    }
+    Ok(())
 }
 
 /// How a run's samples become audio: `training.sample_vocoder` (mel and
@@ -655,8 +689,12 @@ pub fn train(
             trainer.fit(&mut task, resume)
         }
         "mel_vqvae" => {
-            let c = mel_vqvae::mel_vqvae_config(cfg)?;
-            let mut task = mel_vqvae::MelVqVaeTask::new(c, data, data_cfg, seed, &device, dtype)?;
+            let sections = mel_vqvae::mel_vqvae_sections(cfg)?;
+            let mut task =
+                mel_vqvae::MelVqVaeTask::new(sections.model, data, data_cfg, seed, &device, dtype)?;
+            if let Some(d) = sections.discriminators {
+                task = task.with_adversarial(sections.loss, d)?;
+            }
             if let Some(v) = decoding.vocoder {
                 task = task.with_vocoder(v);
             }

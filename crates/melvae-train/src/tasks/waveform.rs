@@ -10,7 +10,9 @@ use melvae_dsp::{
     save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, SplitMix64, WavFormat,
 };
 use melvae_losses::{discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching};
-use melvae_models::{AdversarialWeights, DiscOutput, Discriminators, DiscriminatorsConfig};
+use melvae_models::{
+    AdversarialWeights, DiscOutput, Discriminator, Discriminators, DiscriminatorsConfig,
+};
 
 use crate::data::{AudioFolder, AudioSet};
 use crate::Result;
@@ -95,14 +97,15 @@ pub(crate) fn write_pair(
 
 /// The discriminators' loss (`w.loss`) on real `audio` and a detached
 /// `fake`, and their view of the real audio (kept for the generator step).
+/// Also serves mel models (the "audio" is then a log-mel).
 pub(crate) fn discriminator_step(
-    disc: &Discriminators,
+    disc: &impl Discriminator,
     w: AdversarialWeights,
     audio: &Tensor,
     fake: &Tensor,
 ) -> Result<(Tensor, DiscOutput)> {
-    let real = disc.forward(audio)?;
-    let f = disc.forward(&fake.detach())?;
+    let real = disc.judge(audio)?;
+    let f = disc.judge(&fake.detach())?;
     Ok((
         discriminator_loss(w.loss.into(), &real.logits, &f.logits)?,
         real,
@@ -113,7 +116,7 @@ pub(crate) fn discriminator_step(
 /// (L1 of feature maps) against the real audio's (`real`, or computed from
 /// `audio`): `(adv, fm)`, unweighted.
 pub(crate) fn generator_terms(
-    disc: &Discriminators,
+    disc: &impl Discriminator,
     w: AdversarialWeights,
     audio: &Tensor,
     fake: &Tensor,
@@ -121,9 +124,9 @@ pub(crate) fn generator_terms(
 ) -> Result<(Tensor, Tensor)> {
     let real = match real {
         Some(r) => r,
-        None => disc.forward(audio)?,
+        None => disc.judge(audio)?,
     };
-    let f = disc.forward(fake)?;
+    let f = disc.judge(fake)?;
     let adv = generator_loss(w.loss.into(), &f.logits)?;
     let fm = feature_matching_loss(FeatureMatching::Absolute, &real.features, &f.features)?;
     Ok((adv, fm))

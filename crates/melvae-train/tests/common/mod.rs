@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use melvae_dsp::{save_wav, Audio, WavFormat};
-use melvae_train::StepContext;
+use melvae_train::{GanConfig, RunDir, StepContext};
 
 /// Writes `tone{i}.wav` (mono 16-bit, `samples` at `rate`) for each of
 /// `freqs`: `harmonics` harmonics of amplitude `amp / h`.
@@ -41,4 +41,28 @@ pub fn eval_ctx() -> StepContext {
         train: false,
         adversarial: false,
     }
+}
+
+/// The GAN mode of the task tests: discriminator lr 1e-3 every step, the
+/// adversarial phase from step 3.
+pub fn test_gan() -> GanConfig {
+    GanConfig {
+        disc_learning_rate: 1e-3,
+        disc_adamw: Default::default(),
+        disc_every: 1,
+        adversarial_start_step: 2,
+        disc_grad_clip: None,
+    }
+}
+
+/// Checks the metrics of a [`test_gan`] run: steps 1-2 log no adversarial
+/// terms, step 3 logs `adv`, `fm` and the discriminator's `disc/d`.
+pub fn assert_adversarial_from_step_3(run: &RunDir) {
+    let logged = run.read_metrics().unwrap();
+    let has = |step: u64, key: &str| {
+        logged
+            .iter()
+            .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
+    };
+    assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
 }
