@@ -416,7 +416,7 @@ fn token_samples_decode_through_the_vqvae() {
         tasks::check_config(&ResolvedConfig::load(&settings.join(setting), overrides).unwrap())
     };
     let vq_key = format!("training.sample_vqvae={}", file.display());
-    let e = check_with("gpt_tiny.yaml", &[vq_key.clone()])
+    let e = check_with("gpt_tiny.yaml", std::slice::from_ref(&vq_key))
         .unwrap_err()
         .to_string();
     assert!(
