@@ -563,7 +563,8 @@ impl Echolancer {
     /// Teacher forcing: logits and gate logits for each of `tokens`
     /// `[batch, len]` from the encoder output `enc` (of [`Echolancer::encode`])
     /// and the tokens before it; `token_mask` `[batch, len]` marks the real
-    /// tokens (padding is zeroed in the feed-forward and never attended).
+    /// tokens (padding is zeroed in the feed-forward and never attended; it
+    /// must still hold valid ids, 0 say).
     pub fn decode(
         &self,
         enc: &Tensor,
@@ -653,7 +654,7 @@ impl Echolancer {
 
     /// Generates tokens for each example of `inputs` with the KV cache:
     /// stops an example when its gate probability reaches `gate_threshold`
-    /// (keeping that token) or after `max_len` tokens (at most
+    /// (keeping that token; 1 never stops) or after `max_len` tokens (at most
     /// `echolancer.max_len`). With `on_step`, each step's token logits
     /// `[batch, mel_vocab_size]` and gate logits `[batch]` are handed over.
     pub fn generate_with(
@@ -675,6 +676,7 @@ impl Echolancer {
             "gate_threshold",
             || format!("must be in (0, 1], got {gate_threshold}"),
         )?;
+        let stop_logit = (gate_threshold / (1.0 - gate_threshold)).ln();
         let enc = self.encode(inputs, Mode::Eval)?;
         let b = enc.dim(0)?;
         let ctx_mask = inputs.text_mask.clone();
@@ -697,8 +699,7 @@ impl Echolancer {
             let (logits, gate) = (logits.squeeze(1)?.detach(), gate.squeeze(1)?.detach());
             on_step(step, &logits, &gate);
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let probs: Vec<f32> =
-                candle_nn::ops::sigmoid(&gate.to_dtype(DType::F32)?)?.to_vec1()?;
+            let gate: Vec<f64> = gate.to_dtype(DType::F64)?.to_vec1()?;
             for i in 0..b {
                 let t = opts.draw(&rows[i], &mut rng)?;
                 next[i] = t;
@@ -706,8 +707,10 @@ impl Echolancer {
                     continue;
                 }
                 out.tokens[i].push(t);
-                out.gates[i].push(probs[i]);
-                out.stopped[i] = probs[i] as f64 >= gate_threshold;
+                out.gates[i].push((1.0 / (1.0 + (-gate[i]).exp())) as f32);
+                // On the logit scale: a threshold of 1 never fires, even
+                // where the probability rounds to 1.
+                out.stopped[i] = gate[i] >= stop_logit;
             }
             if out.stopped.iter().all(|&s| s) {
                 break;
@@ -1055,6 +1058,27 @@ mod tests {
             })
             .unwrap_or_else(|e| panic!("alibi {alibi}: {e}"));
         }
+    }
+
+    /// `alibi_alpha` reaches the model's attention: the same weights under
+    /// another alpha give other outputs.
+    #[test]
+    fn alibi_alpha_reaches_the_model() {
+        let (vm, m) = build(tiny(true), DType::F32, 9);
+        let other = Echolancer::new(
+            EcholancerConfig {
+                alibi_alpha: 0.25,
+                ..tiny(true)
+            },
+            VarBuilder::from_varmap(&vm, DType::F32, &dev()),
+        )
+        .unwrap();
+        let tokens = Tensor::new(&[[1u32, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]], &dev()).unwrap();
+        let x = inputs(DType::F32);
+        let a = m.forward(&x, &tokens, None, Mode::Eval).unwrap().logits;
+        let b = other.forward(&x, &tokens, None, Mode::Eval).unwrap().logits;
+        let d = max_abs_diff(&a, &b).unwrap();
+        assert!(d > 1e-4, "{d}");
     }
 
     /// ALiBi with `alibi_alpha`: with zero queries and keys, identity

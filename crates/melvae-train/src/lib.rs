@@ -45,11 +45,13 @@ pub mod data;
 mod error;
 pub mod optim;
 pub mod prefetch;
+pub mod pt;
 pub mod run;
 pub mod tasks;
 pub mod tensorboard;
 pub mod tokens;
 pub mod trainer;
+pub mod tts;
 
 pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};

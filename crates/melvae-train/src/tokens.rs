@@ -178,21 +178,38 @@ fn check_offsets(off: &[u32], n: usize, total: usize, key: &str, path: &Path) ->
 
 impl TokenDataset {
     /// Loads shards (`.safetensors` files, or directories of them, in
-    /// sorted order); errors name the file and the bad key.
+    /// sorted order), or examples in the Echolancer seed's `.pt` format
+    /// (files, or directories of them: see [`crate::pt`]); errors name the
+    /// file and the bad key. One dataset is either shards or `.pt` files.
     pub fn load(paths: &[PathBuf]) -> Result<Self> {
+        let is = |f: &Path, ext: &str| f.extension().is_some_and(|x| x == ext);
         let mut files = Vec::new();
         for p in paths {
             if p.is_dir() {
                 let mut v: Vec<PathBuf> = std::fs::read_dir(p)
                     .map_err(|e| Error::file(p, e))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
+                    .filter(|f| is(f, "safetensors") || is(f, "pt"))
                     .collect();
                 v.sort();
                 files.extend(v);
             } else {
                 files.push(p.clone());
             }
+        }
+        let pt = files.iter().filter(|f| is(f, "pt")).count();
+        if pt > 0 {
+            if pt < files.len() {
+                return Err(Error::invalid(
+                    "token dataset",
+                    format!("{paths:?} mixes .pt examples and token shards; use one kind"),
+                ));
+            }
+            let examples = files
+                .iter()
+                .map(|f| crate::pt::read_pt_example(f))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self { examples });
         }
         let mut examples = Vec::new();
         // What the first shard has, which every other must have too: the
@@ -346,15 +363,33 @@ impl TokenDataset {
         } else {
             None
         };
-        let cond = if ex.iter().all(|e| e.cond.is_some()) && b > 0 {
-            let d = ex[0].cond.as_ref().map_or(0, Vec::len);
-            let v: Vec<f32> = ex
-                .iter()
-                .flat_map(|e| e.cond.iter().flatten().copied())
-                .collect();
-            Some(Tensor::from_vec(v, (b, d), device)?)
-        } else {
-            None
+        // Conditioning vectors: zeros (and a 0 in the presence mask) for
+        // the examples without one.
+        let cond = match ex.iter().find_map(|e| e.cond.as_ref().map(Vec::len)) {
+            Some(d) => {
+                let mut v = vec![0f32; b * d];
+                let mut present = vec![0u8; b];
+                for (i, e) in ex.iter().enumerate() {
+                    if let Some(c) = &e.cond {
+                        if c.len() != d {
+                            return Err(Error::invalid(
+                                format!("token example {}", indices[i]),
+                                format!(
+                                    "conditioning vector of {} values, others have {d}",
+                                    c.len()
+                                ),
+                            ));
+                        }
+                        v[i * d..(i + 1) * d].copy_from_slice(c);
+                        present[i] = 1;
+                    }
+                }
+                Some((
+                    Tensor::from_vec(v, (b, d), device)?,
+                    Tensor::from_vec(present, b, device)?,
+                ))
+            }
+            None => None,
         };
         Ok(TokenBatch {
             codes: Tensor::from_vec(codes, (b, t_max, k), device)?,
@@ -383,8 +418,9 @@ pub struct TokenBatch {
     pub speakers: Option<Tensor>,
     /// Text ids `[batch, max_len]` and their mask.
     pub text: Option<(Tensor, Tensor)>,
-    /// Conditioning `[batch, dim]` (f32).
-    pub cond: Option<Tensor>,
+    /// Conditioning `[batch, dim]` (f32; zeros where absent) and which
+    /// examples have one (`[batch]` u8), when any has.
+    pub cond: Option<(Tensor, Tensor)>,
 }
 
 /// The `data:` section of a token model's config.
@@ -424,6 +460,12 @@ pub struct TokenSplit {
     pub val: TokenDataset,
     /// Class names by label (`classes.json` beside the shards, if any).
     pub class_names: Vec<String>,
+    /// The text symbols of the examples' text ids, from id 2
+    /// (`symbols.json` beside the shards, as `prepare_tts` writes; empty if
+    /// none).
+    pub symbols: Vec<String>,
+    /// Speaker names by id (`speakers.json` beside the shards, if any).
+    pub speaker_names: Vec<String>,
 }
 
 impl TokenSplit {
@@ -444,27 +486,43 @@ impl TokenSplit {
         if train.is_empty() {
             return Err(Error::file(&cfg.tokens, "holds no training examples"));
         }
-        let names = if cfg.tokens.is_dir() {
-            cfg.tokens.join(CLASSES_FILE)
-        } else {
-            cfg.tokens.with_file_name(CLASSES_FILE)
-        };
-        let class_names = match std::fs::read_to_string(&names) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::file(&names, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::file(&names, e)),
-        };
         Ok(Self {
             train,
             val,
-            class_names,
+            class_names: side_list(&cfg.tokens, CLASSES_FILE)?,
+            symbols: side_list(&cfg.tokens, SYMBOLS_FILE)?,
+            speaker_names: side_list(&cfg.tokens, SPEAKERS_FILE)?,
         })
+    }
+}
+
+/// The JSON list `file` beside the shards `tokens` (a shard or a folder of
+/// them; empty when there is none), as [`CLASSES_FILE`], [`SYMBOLS_FILE`]
+/// and [`SPEAKERS_FILE`]. An unreadable list is an error naming it.
+pub fn side_list(tokens: &Path, file: &str) -> Result<Vec<String>> {
+    let path = if tokens.is_dir() {
+        tokens.join(file)
+    } else {
+        tokens.with_file_name(file)
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::file(&path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::file(&path, e)),
     }
 }
 
 /// The class names `tokenize` writes beside its shard (a JSON list, index =
 /// label).
 pub const CLASSES_FILE: &str = "classes.json";
+
+/// The text symbols `prepare_tts` writes beside its shard (a JSON list of
+/// single characters; text id = index + 2).
+pub const SYMBOLS_FILE: &str = "symbols.json";
+
+/// The speaker names `prepare_tts` writes beside its shard (a JSON list,
+/// index = speaker id).
+pub const SPEAKERS_FILE: &str = "speakers.json";
 
 /// What [`tokenize_folder`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -481,7 +539,7 @@ pub struct TokenizeSummary {
 
 /// The class sub-folders of `dir` (hidden ones skipped), sorted by name
 /// (labels follow this order); none is an error naming `dir`.
-fn class_folders(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn class_folders(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::file(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -503,7 +561,7 @@ fn class_folders(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Decoding to mono at `rate`.
-fn mono_at(rate: u32) -> melvae_dsp::LoadOptions {
+pub(crate) fn mono_at(rate: u32) -> melvae_dsp::LoadOptions {
     melvae_dsp::LoadOptions {
         channels: melvae_dsp::ChannelMode::Mono,
         sample_rate: Some(rate),
@@ -543,6 +601,53 @@ pub fn class_mels(
     Ok(out)
 }
 
+/// The token rows (`rows` of `cols` codes) of the audio file `file`
+/// decoded with `opts` (mono at the model's rate) and encoded by `model`;
+/// the reason as text when it cannot be read or is too short.
+pub(crate) fn encode_file(
+    model: &melvae_models::MelVqVae,
+    file: &Path,
+    opts: &melvae_dsp::LoadOptions,
+) -> std::result::Result<Vec<Vec<u32>>, String> {
+    let audio = melvae_dsp::load_audio_with(file, opts).map_err(|e| e.to_string())?;
+    let tokens = model
+        .encode_audio(&audio.mono(), &Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    let flat: Vec<u32> = tokens
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| e.to_string())?;
+    Ok(flat.chunks(model.cols()).map(<[u32]>::to_vec).collect())
+}
+
+/// Writes `examples` as `out/tokens.safetensors` (creating `out`); returns
+/// the shard's path.
+pub(crate) fn write_shard_dir(out: &Path, examples: &[TokenExample]) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    let shard = out.join("tokens.safetensors");
+    write_token_shard(&shard, examples)?;
+    Ok(shard)
+}
+
+/// The last path components of `folders`.
+pub(crate) fn folder_names(folders: &[PathBuf]) -> Vec<String> {
+    folders
+        .iter()
+        .map(|c| {
+            c.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// Writes `list` as a pretty JSON list at `path`, atomically (the side
+/// files [`CLASSES_FILE`], [`SYMBOLS_FILE`], [`SPEAKERS_FILE`]).
+pub(crate) fn write_json_list(path: &Path, list: &[String]) -> Result<()> {
+    let json = serde_json::to_string_pretty(list).map_err(|e| Error::file(path, e))?;
+    melvae_dsp::atomic_write(path, |w| std::io::Write::write_all(w, json.as_bytes()))
+        .map_err(|e| Error::file(path, e))
+}
+
 /// Tokenizes a folder with one sub-folder per class (the sub-folder's name
 /// is the class; labels follow the sorted names) with a trained mel
 /// VQ-VAE: every audio file (searched recursively in its class folder) is
@@ -558,27 +663,14 @@ pub fn tokenize_folder(
 ) -> Result<TokenizeSummary> {
     let classes = class_folders(dir)?;
     let opts = mono_at(model.mel_config().sample_rate);
-    let cols = model.cols();
     let (mut examples, mut counts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for (label, class) in classes.iter().enumerate() {
         let mut n = 0;
         for file in melvae_dsp::discover_audio(class)? {
-            let tokens = melvae_dsp::load_audio_with(&file, &opts)
-                .map_err(|e| e.to_string())
-                .and_then(|a| {
-                    model
-                        .encode_audio(&a.mono(), &Device::Cpu)
-                        .map_err(|e| e.to_string())
-                });
-            let flat = tokens.and_then(|t| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<u32>())
-                    .map_err(|e| e.to_string())
-            });
-            match flat {
-                Ok(flat) => {
+            match encode_file(model, &file, &opts) {
+                Ok(codes) => {
                     examples.push(TokenExample {
-                        codes: flat.chunks(cols).map(<[u32]>::to_vec).collect(),
+                        codes,
                         label: Some(label as u32),
                         speaker: None,
                         text: None,
@@ -594,21 +686,9 @@ pub fn tokenize_folder(
     if examples.is_empty() {
         return Err(Error::file(dir, "no audio file could be tokenized"));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
-    let shard = out.join("tokens.safetensors");
-    write_token_shard(&shard, &examples)?;
-    let names: Vec<String> = classes
-        .iter()
-        .map(|c| {
-            c.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-        })
-        .collect();
-    let json = serde_json::to_string_pretty(&names).map_err(|e| Error::file(out, e))?;
-    melvae_dsp::atomic_write(&out.join(CLASSES_FILE), |w| {
-        std::io::Write::write_all(w, json.as_bytes())
-    })
-    .map_err(|e| Error::file(out, e))?;
+    let shard = write_shard_dir(out, &examples)?;
+    let names = folder_names(&classes);
+    write_json_list(&out.join(CLASSES_FILE), &names)?;
     Ok(TokenizeSummary {
         classes: names,
         counts,
@@ -660,10 +740,12 @@ mod tests {
             vec![vec![1, 9999, 9999, 9999, 9999], vec![1, 2, 3, 4, 5]]
         );
         assert_eq!(tmask.to_vec2::<u8>().unwrap()[0], vec![1, 0, 0, 0, 0]);
+        let (cond, present) = batch.cond.unwrap();
         assert_eq!(
-            batch.cond.unwrap().to_vec2::<f32>().unwrap(),
+            cond.to_vec2::<f32>().unwrap(),
             vec![vec![0.0, -0.0], vec![4.0, -4.0]]
         );
+        assert_eq!(present.to_vec1::<u8>().unwrap(), vec![1, 1]);
     }
 
     #[test]

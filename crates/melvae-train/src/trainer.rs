@@ -183,9 +183,10 @@ pub struct TrainerConfig {
     /// only.
     #[serde(default)]
     pub sample_vocoder: Option<std::path::PathBuf>,
-    /// Token models (GPT, GPT-VAE): the mel VQ-VAE (a model file, or a run
-    /// directory for its best checkpoint) whose decoder turns sampled
-    /// tokens into mels and audio for the samples; no samples without one.
+    /// Token models (GPT, GPT-VAE, Echolancer): the mel VQ-VAE (a model
+    /// file, or a run directory for its latest checkpoint, as `tokenize`
+    /// reads it) whose decoder turns sampled tokens into mels and audio
+    /// for the samples; no samples without one.
     #[serde(default)]
     pub sample_vqvae: Option<std::path::PathBuf>,
     /// GAN mode.

@@ -182,6 +182,50 @@ pub(crate) fn sample_shape(set: &TokenDataset, other: &TokenDataset) -> (usize, 
     })
 }
 
+/// The tokens of `tokens` `[batch, len]` where `mask` (same shape) is
+/// set, and their summed `-ln p` under `unigram_nll` (see [`unigram_nll`]).
+pub(crate) fn real_tokens_nll(
+    tokens: &Tensor,
+    mask: &Tensor,
+    unigram_nll: &[f64],
+) -> Result<(usize, f64)> {
+    let tokens: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+    let mask: Vec<u8> = mask.flatten_all()?.to_dtype(DType::U8)?.to_vec1()?;
+    let real: Vec<u32> = tokens
+        .into_iter()
+        .zip(mask)
+        .filter_map(|(t, m)| (m != 0).then_some(t))
+        .collect();
+    let nll = real
+        .iter()
+        .map(|&t| unigram_nll.get(t as usize).copied().unwrap_or(0.0))
+        .sum();
+    Ok((real.len(), nll))
+}
+
+/// The mode of a task's loss pass: training with `dropout`'s masks, or
+/// evaluation.
+pub(crate) fn mode_of(ctx: StepContext, dropout: &DropoutRng) -> Mode<'_> {
+    if ctx.train {
+        Mode::Train(dropout)
+    } else {
+        Mode::Eval
+    }
+}
+
+/// `-ln p(token)` for each of `vocab` tokens under the add-one-smoothed
+/// token frequencies of `set`: the unigram baseline of the token models.
+pub(crate) fn unigram_nll(set: &TokenDataset, vocab: usize) -> Vec<f64> {
+    let mut counts = vec![1.0f64; vocab];
+    for t in set.examples.iter().flat_map(|e| e.codes.iter().flatten()) {
+        if let Some(c) = counts.get_mut(*t as usize) {
+            *c += 1.0;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    counts.iter().map(|c| -(c / total).ln()).collect()
+}
+
 /// Checks that `decoder`'s VQ-VAE decodes rows as wide as the data's.
 pub(crate) fn check_decoder(
     decoder: &Option<super::TokenDecoder>,
@@ -235,20 +279,8 @@ impl GptTask {
             cfg,
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
-        let mut counts = vec![1.0f64; model.config().vocab_size];
-        for t in data
-            .train
-            .examples
-            .iter()
-            .flat_map(|e| e.codes.iter().flatten())
-        {
-            if let Some(c) = counts.get_mut(*t as usize) {
-                *c += 1.0;
-            }
-        }
-        let total: f64 = counts.iter().sum();
         Ok(Self {
-            unigram_nll: counts.iter().map(|c| -(c / total).ln()).collect(),
+            unigram_nll: unigram_nll(&data.train, model.config().vocab_size),
             varmap,
             model,
             loss,
@@ -275,19 +307,10 @@ impl GptTask {
                 .loss(&b.tokens, &b.classes, Some(&b.mask), 0.0, Mode::Eval)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
-            let tokens: Vec<u32> = b.tokens.flatten_all()?.to_vec1()?;
-            let mask: Vec<u8> = b.mask.flatten_all()?.to_vec1()?;
-            let real: Vec<u32> = tokens
-                .into_iter()
-                .zip(mask)
-                .filter_map(|(t, m)| (m != 0).then_some(t))
-                .collect();
-            model_sum += ce * real.len() as f64;
-            uni_sum += real
-                .iter()
-                .map(|&t| self.unigram_nll.get(t as usize).copied().unwrap_or(0.0))
-                .sum::<f64>();
-            n += real.len();
+            let (real, uni) = real_tokens_nll(&b.tokens, &b.mask, &self.unigram_nll)?;
+            model_sum += ce * real as f64;
+            uni_sum += uni;
+            n += real;
         }
         let n = n.max(1) as f64;
         Ok((model_sum / n, uni_sum / n))
@@ -312,11 +335,7 @@ impl TrainTask for GptTask {
         // Dropout masks seeded by the step and the data position (distinct
         // per micro-batch, restored on resume).
         let rng = DropoutRng::new(super::step_seed(self.seed, ctx.step, &self.cursor));
-        let mode = if ctx.train {
-            Mode::Train(&rng)
-        } else {
-            Mode::Eval
-        };
+        let mode = mode_of(ctx, &rng);
         let ce = self.model.loss(
             &batch.tokens,
             &batch.classes,

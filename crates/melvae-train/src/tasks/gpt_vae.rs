@@ -202,11 +202,7 @@ impl TrainTask for GptVaeTask {
         // (distinct per micro-batch, restored on resume).
         let step_seed = super::step_seed(self.seed, ctx.step, &self.cursor);
         let dropout = DropoutRng::new(step_seed);
-        let mode = if ctx.train {
-            Mode::Train(&dropout)
-        } else {
-            Mode::Eval
-        };
+        let mode = super::gpt::mode_of(ctx, &dropout);
         let w = self.loss.schedule().weight(ctx.step);
         let mut rng = SplitMix64::new(step_seed ^ 0x5eed);
         let l = self.model.loss(

@@ -93,7 +93,8 @@ pub fn mel_vqvae_sections(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeSection
 /// validation on fixed held-out crops (`recon`, which picks the best
 /// checkpoint, `recon_clip_mean`: the same loss of each crop's mean
 /// spectrum, a naive baseline; `perplexity`, `usage`); input and reconstructed mels (PNG)
-/// and the reconstruction through Griffin-Lim (WAV) as samples. With
+/// and the reconstruction through Griffin-Lim or `training.sample_vocoder`
+/// (WAV) as samples. With
 /// [`MelVqVaeTask::with_adversarial`], a patch discriminator judges the
 /// reconstructed mels in the GAN phase.
 pub struct MelVqVaeTask {

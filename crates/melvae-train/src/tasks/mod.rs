@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, Gpt, GptVae, MelVae, MelVqVae, Vocos, WaveVae};
+use melvae_models::{model_file, Echolancer, Gpt, GptVae, MelVae, MelVqVae, Vocos, WaveVae};
 
 use crate::data::EpochCursor;
 
 use crate::config::ResolvedConfig;
 use crate::{Error, Result};
 
+pub mod echolancer;
 pub mod gpt;
 pub mod gpt_vae;
 pub mod mel_vae;
@@ -34,12 +35,16 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("mel_vqvae", &["mel_vqvae", "mel_vqvae_loss"]),
     ("gpt", &["gpt", "gpt_loss"]),
     ("gpt_vae", &["gpt_vae", "gpt_vae_loss"]),
+    (
+        "echolancer",
+        &["echolancer", "echolancer_loss", "echolancer_test"],
+    ),
 ];
 
 /// Families trained on token shards (`data:` is a
 /// [`crate::tokens::TokenDataConfig`]); the others read audio folders
 /// (`data:` is a [`crate::AudioDataConfig`]).
-pub const TOKEN_FAMILIES: &[&str] = &["gpt", "gpt_vae"];
+pub const TOKEN_FAMILIES: &[&str] = &["gpt", "gpt_vae", "echolancer"];
 
 /// A run's training data, as its family reads it.
 pub enum TrainData {
@@ -272,6 +277,10 @@ pub fn save_model_file(
             let c = gpt_vae::gpt_vae_config(cfg)?.0;
             model_file::save::<GptVae>(out, &c, tensors, metadata, origin)?;
         }
+        "echolancer" => {
+            let c = echolancer::model_config(cfg)?;
+            model_file::save::<Echolancer>(out, &c, tensors, metadata, origin)?;
+        }
         other => {
             return Err(Error::invalid(
                 "model family",
@@ -409,13 +418,16 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
             gpt_vae::gpt_vae_config(cfg)?;
             no_adversarial("GPT-VAE")?
         }
+        "echolancer" => {
+            echolancer::echolancer_config(cfg)?;
+            no_adversarial("Echolancer")?
+        }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
             no_adversarial("mel VAE")?
         }
     };
     check_discriminator_kinds(cfg, family)?;
-    let decoding = sample_decoding(cfg, &training, family)?;
     let gan = training.gan.is_some();
     if adversarial != gan {
         let key = if gan {
@@ -431,6 +443,8 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
                 .into(),
         });
     }
+    // Last: it loads model files.
+    let decoding = sample_decoding(cfg, &training, family)?;
     Ok((family, decoding))
 }
 
@@ -501,22 +515,24 @@ fn sample_decoding(
         Some(_) if !token_family => {
             return Err(named(
                 VQVAE,
-                format!("only token models (gpt, gpt_vae) decode their samples through a mel VQ-VAE; this config trains a {family} model"),
+                format!("only token models (gpt, gpt_vae, echolancer) decode their samples through a mel VQ-VAE; this config trains a {family} model"),
             ))
         }
         Some(path) => {
+            // A run's latest checkpoint, as `tokenize` reads it: the
+            // codebook that made the tokens.
             let vq = if path.is_dir() {
-                load_mel_vqvae(path, &crate::run::Which::Best, &Device::Cpu).map_err(|e| {
-                    let why = format!("{}: not a mel VQ-VAE run ({e})", path.display());
+                load_mel_vqvae(path, &crate::run::Which::Latest, &Device::Cpu).map_err(|e| {
+                    let why = format!("{}: cannot load a mel VQ-VAE from it ({e})", path.display());
                     named(VQVAE, why)
                 })
             } else {
                 MelVqVae::load(path, &Device::Cpu, DType::F32).map_err(|e| named(VQVAE, e.to_string()))
             }?;
-            let vocab = if family == "gpt" {
-                gpt::gpt_config(cfg)?.0.vocab_size
-            } else {
-                gpt_vae::gpt_vae_config(cfg)?.0.vocab_size
+            let vocab = match family {
+                "gpt" => gpt::gpt_config(cfg)?.0.vocab_size,
+                "gpt_vae" => gpt_vae::gpt_vae_config(cfg)?.0.vocab_size,
+                _ => echolancer::echolancer_config(cfg)?.model.mel_vocab_size,
             };
             if vq.config().codebook_size != vocab {
                 return Err(named(
@@ -659,6 +675,14 @@ pub fn train(
                     let mut task =
                         gpt_vae::GptVaeTask::new(sections, split, &data_cfg, seed, &device, dtype)?
                             .with_samples(decoding.tokens)?;
+                    trainer.fit(&mut task, resume)
+                }
+                "echolancer" => {
+                    let sections = echolancer::echolancer_config(cfg)?;
+                    let mut task = echolancer::EcholancerTask::new(
+                        sections, split, &data_cfg, seed, &device, dtype,
+                    )?
+                    .with_samples(decoding.tokens)?;
                     trainer.fit(&mut task, resume)
                 }
                 other => Err(Error::invalid(
