@@ -1161,3 +1161,131 @@ fn interpolate_walks_both_ways_and_names_bad_input() {
     );
     assert_one_line_error(&r, "missing.wav");
 }
+
+#[test]
+fn prepare_tts_and_synthesize_name_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    // Random data in the seed's manner; a second time into the same folder
+    // is refused.
+    let dummy = dir.path().join("dummy");
+    let d = dummy.to_str().unwrap();
+    let r = run("prepare_tts", &["--create-dummy", "6", "-o", d]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(dummy.join("symbols.json").is_file() && dummy.join("speakers.json").is_file());
+    let r = run("prepare_tts", &["--create-dummy", "6", "-o", d]);
+    assert_one_line_error(&r, "exists already");
+
+    // Audio + transcripts with a VQ-VAE of 8 codes: one speaker, one clip
+    // with a transcript, one without.
+    let vq = melvae::models::MelVqVaeConfig::new("hifigan-22k", vec![2, 2], vec![[2, 2]], 8, 2);
+    let vq = seeded_model_file::<melvae::models::MelVqVae>(dir.path().join("vq.safetensors"), vq);
+    let tts = dir.path().join("tts");
+    std::fs::create_dir_all(tts.join("anna")).unwrap();
+    std::fs::copy(sample(), tts.join("anna").join("a.flac")).unwrap();
+    std::fs::copy(sample(), tts.join("anna").join("b.flac")).unwrap();
+    std::fs::write(tts.join("anna").join("a.txt"), "hello there.\n").unwrap();
+    let out = dir.path().join("tokens");
+    let (v, t, o) = (
+        vq.to_str().unwrap(),
+        tts.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let r = run("prepare_tts", &["--model", v, t, "-o", o]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.contains("anna: 1 clips") && text.contains("skipped") && text.contains("b.flac"),
+        "{text}"
+    );
+
+    // Synthesis with an Echolancer of that vocabulary and codebook.
+    let symbols: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("symbols.json")).unwrap()).unwrap();
+    let echo = |mel_vocab_size: usize, name: &str| {
+        let cfg = melvae::models::EcholancerConfig {
+            vocab_size: symbols.len() + 2,
+            symbols: symbols.clone(),
+            mel_vocab_size,
+            n_speakers: 1,
+            speaker_channels: 4,
+            emotion_channels: 0,
+            encoder_dim: 8,
+            encoder_heads: 2,
+            encoder_layers: 1,
+            decoder_dim: 8,
+            decoder_heads: 2,
+            decoder_layers: 1,
+            ffn_mult: 2,
+            use_alibi: true,
+            alibi_alpha: 1.0,
+            activation: Default::default(),
+            encoder_dropout: 0.0,
+            decoder_dropout: 0.0,
+            max_len: 120,
+        };
+        seeded_model_file::<melvae::models::Echolancer>(dir.path().join(name), cfg)
+    };
+    let (e, bad) = (echo(8, "echo.safetensors"), echo(9, "echo9.safetensors"));
+    let syn = dir.path().join("syn");
+    let (e, s) = (e.to_str().unwrap(), syn.to_str().unwrap());
+    // A gate threshold of 1 never stops: 120 tokens, 3 rows of 40.
+    let r = run(
+        "synthesize",
+        &[
+            "--model",
+            e,
+            "--vqvae",
+            v,
+            "hello, there!",
+            "--gate-threshold",
+            "1",
+            "-o",
+            s,
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.contains("'!' x1") && text.contains("120 tokens"),
+        "{text}"
+    );
+    for f in ["tokens.npy", "gates.npy", "mel.png", "audio.wav"] {
+        assert!(syn.join(f).is_file(), "{f}");
+    }
+    let r = run(
+        "synthesize",
+        &[
+            "--model",
+            e,
+            "--vqvae",
+            v,
+            "hello",
+            "--speaker",
+            "3",
+            "-o",
+            s,
+        ],
+    );
+    assert_one_line_error(&r, "--speaker 3");
+    let b = bad.to_str().unwrap();
+    let r = run(
+        "synthesize",
+        &["--model", b, "--vqvae", v, "hello", "-o", s],
+    );
+    assert_one_line_error(&r, "codebook_size");
+    let r = run(
+        "synthesize",
+        &[
+            "--model",
+            e,
+            "--vqvae",
+            v,
+            "hello",
+            "--max-len",
+            "121",
+            "-o",
+            s,
+        ],
+    );
+    assert_one_line_error(&r, "generation length");
+}
