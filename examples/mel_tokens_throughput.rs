@@ -1,27 +1,28 @@
 //! Measures the spectrogram-token models (the mel VQ-VAE, the class GPT,
-//! the GPT-VAE): training steps per second (the family's loss on one
+//! the GPT-VAE, Echolancer): training steps per second (the family's loss on one
 //! batch, backward and an AdamW update, as `train` runs it), inference
-//! speed (VQ-VAE: tokenizing and decoding in multiples of real time; GPT
-//! and GPT-VAE: KV-cached sampling in tokens per second) and the process's
+//! speed (VQ-VAE: tokenizing and decoding in multiples of real time; GPT,
+//! GPT-VAE and Echolancer: KV-cached sampling in tokens per second) and the process's
 //! peak resident memory.
 //!
 //! ```text
-//! cargo run --release --example mel_tokens_throughput -- [--setting mel_vqvae_tiny|gpt_tiny|gpt_vae_tiny_stage2] [--steps 5] [--dump DIR]
+//! cargo run --release --example mel_tokens_throughput -- [--setting mel_vqvae_tiny|gpt_tiny|gpt_vae_tiny_stage2|echolancer_tiny] [--steps 5] [--dump DIR]
 //! ```
 //!
 //! `--setting` names a file in configs/settings/; its family (`mel_vqvae`,
-//! `gpt` or `gpt_vae`) picks the model. The batch is synthetic and needs no
+//! `gpt`, `gpt_vae` or `echolancer`) picks the model. The batch is synthetic and needs no
 //! data on disk: `data.batch_size` log-mels of `data.crop_seconds` of test
 //! audio (cut to the time factor) for the VQ-VAE, `data.batch_size`
 //! sequences of `max_len` seeded random tokens for the priors (GPT classes
-//! `i % num_classes`). The GPT-VAE's KL weight is its schedule's final one
+//! `i % num_classes`; Echolancer: 40 random text ids each, speakers
+//! `i % n_speakers`, `vocab_size: 0` read as the bundled corpus' 33). The GPT-VAE's KL weight is its schedule's final one
 //! (past the warm-up). `--dump DIR` also writes what
 //! `tools/bench/mel_tokens_twin.py` needs to rebuild the same model in
 //! PyTorch, check that it computes the same loss and time the same step:
 //! `weights.safetensors` (every variable by name), `batch.npy` (the mels
 //! `[batch, n_mels, frames]`, or the tokens `[batch, len]` as f32) and
 //! `meta.json` (the family, its configs, the evaluation-mode loss terms of
-//! the batch, the measured step time). Runs on the CPU, or on the first
+//! the batch, the measured step time; Echolancer's text ids and speakers). Runs on the CPU, or on the first
 //! CUDA device when built with `--features cuda` and `--cuda` is given.
 
 mod common;
@@ -35,9 +36,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use melvae::dsp::{SplitMix64, TensorMel};
 use melvae::layers::{DropoutRng, Mode};
-use melvae::models::{Gpt, GptVae, MelVqVae, SamplingOptions};
+use melvae::models::{Echolancer, EcholancerInputs, Gpt, GptVae, MelVqVae, SamplingOptions};
 use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
-use melvae::train::tasks::{family_of, gpt, gpt_vae, mel_vqvae};
+use melvae::train::tasks::{echolancer, family_of, gpt, gpt_vae, mel_vqvae};
 
 #[derive(Parser)]
 struct Args {
@@ -81,9 +82,15 @@ fn scalar(t: &Tensor) -> anyhow::Result<f64> {
 
 /// `n * len` seeded random tokens below `vocab` as `[n, len]` u32.
 fn random_tokens(n: usize, len: usize, vocab: usize, dev: &Device) -> anyhow::Result<Tensor> {
+    random_ids(n, len, 0, vocab as u32, dev)
+}
+
+/// `n * len` seeded random ids in `low..high` as `[n, len]` u32.
+fn random_ids(n: usize, len: usize, low: u32, high: u32, dev: &Device) -> anyhow::Result<Tensor> {
     let mut rng = SplitMix64::new(7);
+    let span = u64::from(high.saturating_sub(low).max(1));
     let v: Vec<u32> = (0..n * len)
-        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .map(|_| low + (rng.next_u64() % span) as u32)
         .collect();
     Ok(Tensor::from_vec(v, (n, len), dev)?)
 }
@@ -285,6 +292,72 @@ fn gpt_vae_bench(
     })
 }
 
+/// Text ids per example of the Echolancer batch (a sentence of the
+/// bundled TTS corpus is 15-45 characters).
+const TEXT_LEN: usize = 40;
+
+fn echolancer_bench(
+    setting: &common::BenchSetting,
+    args: &Args,
+    dev: &Device,
+) -> anyhow::Result<Measured> {
+    let sections = echolancer::echolancer_config(&setting.resolved)?;
+    let mut cfg = sections.model;
+    if cfg.vocab_size == 0 {
+        // The bundled corpus' 31 symbols, plus padding and unknown.
+        cfg.vocab_size = 33;
+    }
+    let data: melvae::train::tokens::TokenDataConfig = setting.resolved.get("data")?;
+    let mut model = Echolancer::new(cfg.clone(), setting.var_builder(dev))?;
+    let (n, len) = (data.batch_size, cfg.max_len);
+    // Symbol ids (from 2: no padding or unknown among them).
+    let first = melvae::models::echolancer::FIRST_SYMBOL;
+    let text = random_ids(n, TEXT_LEN, first, cfg.vocab_size as u32, dev)?;
+    let batch = random_tokens(n, len, cfg.mel_vocab_size, dev)?;
+    let speakers: Vec<u32> = (0..n).map(|i| (i % cfg.n_speakers) as u32).collect();
+    let inputs = EcholancerInputs {
+        text: text.clone(),
+        text_mask: None,
+        speakers: Tensor::new(speakers.as_slice(), dev)?,
+        emotion: None,
+    };
+    println!("batch {n} x {TEXT_LEN} characters -> {len} tokens");
+    let w = Some(sections.loss.gate_pos_weight);
+    let eval = model.loss(&inputs, &batch, None, w, Mode::Eval)?;
+    let eval_terms = BTreeMap::from([
+        ("ce".to_string(), scalar(&eval.ce)?),
+        ("gate".to_string(), scalar(&eval.gate)?),
+    ]);
+    let (vars, _) = setting.vars();
+    let weights = snapshot(&vars)?;
+    let per_step = time_token_steps(args, dev, &vars, n * len, "", |mode| {
+        Ok(model.loss(&inputs, &batch, None, w, mode)?.total)
+    })?;
+    let one = EcholancerInputs {
+        text: text.narrow(0, 0, 1)?,
+        text_mask: None,
+        speakers: inputs.speakers.narrow(0, 0, 1)?,
+        emotion: None,
+    };
+    time_sampling("one sentence, gate off", len, || {
+        model.generate(&one, len, 1.0, &SamplingOptions::default())?;
+        Ok(())
+    })?;
+    let text_rows: Vec<Vec<u32>> = text.to_vec2()?;
+    Ok(Measured {
+        weights,
+        batch: batch.to_dtype(DType::F32)?,
+        eval_terms,
+        meta: serde_json::json!({
+            "model": cfg,
+            "loss": sections.loss,
+            "text": text_rows,
+            "speakers": speakers,
+        }),
+        per_step,
+    })
+}
+
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let dev = args.bench.device()?;
@@ -296,9 +369,10 @@ fn run() -> anyhow::Result<()> {
         "mel_vqvae" => mel_vqvae_bench(&setting, &args, &dev)?,
         "gpt" => gpt_bench(&setting, &args, &dev)?,
         "gpt_vae" => gpt_vae_bench(&setting, &args, &dev)?,
+        "echolancer" => echolancer_bench(&setting, &args, &dev)?,
         other => anyhow::bail!(
             "--setting {}: family {other} is not a spectrogram-token model \
-             (mel_vqvae, gpt, gpt_vae; see the other *_throughput examples)",
+             (mel_vqvae, gpt, gpt_vae, echolancer; see the other *_throughput examples)",
             args.setting
         ),
     };

@@ -14,7 +14,11 @@
 //! Writes `OUT/tokens.npy` (the generated tokens, `[len]`, as f32),
 //! `OUT/gates.npy` (the gate probability after each token), `OUT/mel.png`
 //! and `OUT/audio.wav`, and prints the characters the tokenizer did not
-//! know, why generation stopped and the synthesis speed. `--model` takes an
+//! know, why generation stopped and the synthesis speed. `--stream-rows R`
+//! (with `--vocoder`) streams: every `R` finished token rows are decoded by
+//! the VQ-VAE (causal in time: finished rows' frames never change) and
+//! pushed through the vocoder's stream, and the time each block's audio
+//! became final is printed; the audio equals the offline synthesis. `--model` takes an
 //! `echolancer` model file or a run directory (its best checkpoint);
 //! `--vqvae` a `mel_vqvae` model file or run directory (its latest
 //! checkpoint, as `prepare_tts` read it).
@@ -58,6 +62,11 @@ struct Args {
     /// Always take the most likely token (top-k 1).
     #[arg(long)]
     greedy: bool,
+    /// Streaming: every this many finished token rows, decode them and push
+    /// their mel through the vocoder's stream (needs --vocoder); prints when
+    /// each block's audio became final.
+    #[arg(long, requires = "vocoder")]
+    stream_rows: Option<usize>,
     #[command(flatten)]
     sampling: common::TokenSampling,
     /// Output folder.
@@ -147,12 +156,45 @@ fn run() -> anyhow::Result<()> {
         emotion,
     };
     let max_len = a.max_len.unwrap_or(cfg.max_len);
+    let cols = vq.cols();
+    let mut streamer = match (a.stream_rows, &a.sampling.vocoder) {
+        (Some(0), _) => anyhow::bail!("--stream-rows must be > 0"),
+        (Some(rows), Some(p)) => Some(Streamer {
+            rows,
+            done_rows: 0,
+            stream: melvae::models::Vocos::load(p, &dev, DType::F32)?.stream(None)?,
+            rate: mel_cfg.sample_rate as f64,
+            audio: Vec::new(),
+            log: Vec::new(),
+        }),
+        _ => None,
+    };
     let t = Instant::now();
-    let g = model.generate(&inputs, max_len, a.gate_threshold, &opts)?;
+    let g = model.generate_with(
+        &inputs,
+        max_len,
+        a.gate_threshold,
+        &opts,
+        |st| match &mut streamer {
+            Some(s) => s.step(
+                &vq,
+                &st.generated.tokens[0],
+                cols,
+                st.generated.stopped[0],
+                t,
+            ),
+            None => Ok(()),
+        },
+    )?;
+    if let Some(s) = &mut streamer {
+        // Generation ended at --max-len: the rows not yet pushed, then the
+        // vocoder's tail.
+        s.step(&vq, &g.tokens[0], cols, true, t)?;
+        s.finish(t)?;
+    }
     let took = t.elapsed().as_secs_f64();
     let tokens = g.tokens.into_iter().next().unwrap_or_default();
     let gates = g.gates.into_iter().next().unwrap_or_default();
-    let cols = vq.cols();
     let rows = tokens.len() / cols;
     println!(
         "{} tokens in {:.2} s ({:.0} tokens/s), {}",
@@ -181,7 +223,20 @@ fn run() -> anyhow::Result<()> {
     let grid = Tensor::new(&tokens[..rows * cols], &dev)?.unsqueeze(0)?;
     let mel = vq.decode(&grid)?;
     let samples = mel_cfg.stft.n_samples(mel.dim(2)?);
-    let wav = to_audio.audio(&mel, &mel_cfg, samples)?;
+    let wav = match &streamer {
+        Some(s) => {
+            for (i, (at, secs)) in s.log.iter().enumerate() {
+                println!(
+                    "stream block {i}: {secs:.2} s of audio final at {:.0} ms",
+                    at * 1e3
+                );
+            }
+            let mut w = s.audio.clone();
+            w.resize(samples, 0.0);
+            w
+        }
+        None => to_audio.audio(&mel, &mel_cfg, samples)?,
+    };
     save_wav(
         a.out.join("audio.wav"),
         &Audio::new(mel_cfg.sample_rate, vec![wav])?,
@@ -195,6 +250,61 @@ fn run() -> anyhow::Result<()> {
         to_audio.name()
     );
     Ok(())
+}
+
+/// Streaming synthesis: token rows decoded a block at a time (the mel
+/// VQ-VAE's decoder is causal in time, so the frames of finished rows do
+/// not change as more rows come) and pushed through the vocoder's stream.
+struct Streamer {
+    rows: usize,
+    done_rows: usize,
+    stream: melvae::models::VocosStream,
+    /// Samples per second of the audio.
+    rate: f64,
+    audio: Vec<f32>,
+    /// When each block's audio became final (seconds from the start) and
+    /// how much audio it held.
+    log: Vec<(f64, f64)>,
+}
+
+impl Streamer {
+    /// After a generation step: pushes the rows finished since the last
+    /// block once there are `rows` of them (or all, when `last`).
+    fn step(
+        &mut self,
+        vq: &melvae::models::MelVqVae,
+        tokens: &[u32],
+        cols: usize,
+        last: bool,
+        t0: Instant,
+    ) -> melvae::models::Result<()> {
+        let rows = tokens.len() / cols;
+        if rows == self.done_rows || (rows < self.done_rows + self.rows && !last) {
+            return Ok(());
+        }
+        let grid = Tensor::new(&tokens[..rows * cols], &Device::Cpu)?.unsqueeze(0)?;
+        let mel = vq.decode(&grid)?;
+        let f = vq.time_factor();
+        let new = mel.narrow(2, self.done_rows * f, (rows - self.done_rows) * f)?;
+        self.done_rows = rows;
+        let out = self.stream.push(&new)?;
+        self.emit(out, t0)
+    }
+
+    fn finish(&mut self, t0: Instant) -> melvae::models::Result<()> {
+        let out = self.stream.finish()?;
+        self.emit(out, t0)
+    }
+
+    fn emit(&mut self, out: Option<Tensor>, t0: Instant) -> melvae::models::Result<()> {
+        if let Some(a) = out {
+            let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
+            self.log
+                .push((t0.elapsed().as_secs_f64(), v.len() as f64 / self.rate));
+            self.audio.extend(v);
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """PyTorch twin of melvae's spectrogram-token models' training steps (speed
-comparison): the mel VQ-VAE, the class GPT and the GPT-VAE.
+comparison): the mel VQ-VAE, the class GPT, the GPT-VAE and Echolancer.
 
 Reads what `cargo run --release --example mel_tokens_throughput --
 --setting S --dump DIR` wrote:
 
     DIR/weights.safetensors  every variable by its melvae name (f32), untrained
     DIR/batch.npy            mel_vqvae: log-mels [batch, n_mels, frames];
-                             gpt, gpt_vae: tokens [batch, len] (as f32)
+                             gpt, gpt_vae, echolancer: tokens [batch, len]
+                             (as f32; echolancer: the target tokens)
     DIR/meta.json            {"family", "setting", "config": {"model", ["loss"],
-                              ["classes"], ["kl_weight"]}, "eval_terms",
-                              "melvae_step_ms", "threads", "learning_rate",
-                              "n_params"}
+                              ["classes"], ["kl_weight"], ["text"],
+                              ["speakers"]}, "eval_terms", "melvae_step_ms",
+                              "threads", "learning_rate", "n_params"}
+                             (echolancer: loss {gate_pos_weight}, text ids
+                             [batch][text_len], speakers [batch];
+                             eval_terms {ce, gate})
 
 builds the family's model as melvae does (`meta.family`):
 
@@ -28,13 +32,28 @@ builds the family's model as melvae does (`meta.family`):
 - gpt_vae (crates/melvae-models/src/priors/gpt_vae.rs): bidirectional
   encoder mean-pooled to mean/logvar, a class-free GPT decoder with the
   latent injected as prefix, added to every input, or both; CE +
-  kl_weight * KL with free bits (melvae_losses::kl_loss),
+  kl_weight * KL with free bits (melvae_losses::kl_loss);
+- echolancer (crates/melvae-models/src/echolancer.rs): text encoder
+  (`text_emb`, pre-norm bidirectional layers with fused-qkv self-attention
+  under ALiBi (melvae's slopes times alibi_alpha, bias -slope |i - j|) or
+  rotary positions, ReLU or exact-GELU FFN of ffn_mult * dim, final norm)
+  plus speaker_proj(speaker_emb(speaker)) at every position; decoder
+  (`token_emb` with the begin token as its last row, input [begin,
+  tokens[:-1]], causal self-attention (ALiBi or rotary), cross-attention
+  to the encoder output with separate q/kv projections and no positions,
+  FFN, final norm, token_head and gate_head); cross-entropy + BCE with
+  logits of the gate (target 1 at the last position, pos_weight
+  gate_pos_weight). No emotion input (the benchmark passes none), no
+  text or token masks (the benchmark has none),
 
 with melvae's parameter names, loads the weights strictly by name, checks
 the evaluation-mode loss terms of the batch against melvae's (`eval_terms`:
 this proves the twin is the same model), then times the training step
-(train mode: dropout where the config has it, the quantiser's usage/EMA
-updates and restarts, the reparameterised sample with meta's KL weight;
+(train mode: dropout where the config has it (echolancer: encoder_dropout
+/ decoder_dropout on the residual branches, the attention probabilities,
+self and cross, and the FFN hidden, as melvae_layers applies it), the
+quantiser's usage/EMA updates and restarts, the reparameterised sample
+with meta's KL weight;
 backward; torch.optim.AdamW with melvae's default betas (0.9, 0.999), eps
 1e-8, weight decay 0.01 and meta's learning rate) on the CPU with melvae's
 thread count: one warm-up step, then the mean of --steps.
@@ -304,57 +323,120 @@ def rotary(x, base):
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
-    """melvae_layers::MultiHeadAttention (self-attention): bias-free fused
-    `qkv` (q, k, v blocks of `dim`, heads contiguous within each), `out`;
-    scale 1/sqrt(head_dim); dropout on the attention probabilities."""
+def alibi_slopes(heads):
+    """melvae_layers::alibi_slopes: `2^(-8 i / n)`, `i = 1..=n`, for a power
+    of two `n`; otherwise the closest lower power of two's slopes, then
+    every other slope of twice that."""
+    def power_of_2(n):
+        start = 2.0 ** (-(2.0 ** (-(math.log2(n) - 3.0))))
+        return [start * start ** i for i in range(n)]
+    if heads == 0:
+        return []
+    p = 1 << (heads.bit_length() - 1)
+    if p == heads:
+        return power_of_2(heads)
+    return power_of_2(p) + power_of_2(2 * p)[::2][:heads - p]
 
-    def __init__(self, dim, heads, causal, dropout, rotary_base=None):
+
+class Attention(nn.Module):
+    """melvae_layers::MultiHeadAttention: self-attention with a bias-free
+    fused `qkv` (q, k, v blocks of `dim`, heads contiguous within each), or
+    cross-attention (`context_dim`) with bias-free `q` [dim, dim] and `kv`
+    [2 dim, context_dim]; `out`; scale 1/sqrt(head_dim); ALiBi (slopes of
+    `alibi_slopes` times `alibi_alpha`, bias `-slope |i - j|` added to the
+    scaled scores, in f32) or rotary positions; dropout on the attention
+    probabilities."""
+
+    def __init__(self, dim, heads, causal, dropout, rotary_base=None, alibi_alpha=None,
+                 context_dim=None):
         super().__init__()
         self.heads, self.causal, self.dropout, self.rotary_base = heads, causal, dropout, rotary_base
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.slopes = (None if alibi_alpha is None
+                       else [s * float(alibi_alpha) for s in alibi_slopes(heads)])
+        self._bias = {}  # (t, s, dtype) -> [heads, t, s] (not a buffer: loading is strict)
 
-    def forward(self, x):
+    def alibi_bias(self, t, s, dtype):
+        key = (t, s, dtype)
+        if key not in self._bias:
+            # As melvae: -(slope * |i + offset - j|) in f64, then f32; causal
+            # positions masked (-inf here, melvae's finite fill and zeroing
+            # give the same probabilities).
+            i = torch.arange(t, dtype=torch.float64)[:, None] + (s - t)
+            j = torch.arange(s, dtype=torch.float64)[None]
+            m = torch.tensor(self.slopes, dtype=torch.float64)[:, None, None]
+            bias = (-(m * (i - j).abs())).to(torch.float32)
+            if self.causal:
+                bias = bias.masked_fill((j > i)[None], float("-inf"))
+            self._bias[key] = bias.to(dtype)
+        return self._bias[key]
+
+    def forward(self, x, context=None):
         b, t, d = x.shape
         h = self.heads
-        q, k, v = self.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if context is None:
+            q, k, v = self.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        else:
+            s = context.shape[1]
+            q = self.q(x).reshape(b, t, h, d // h).transpose(1, 2)
+            k, v = self.kv(context).reshape(b, s, 2, h, d // h).permute(2, 0, 3, 1, 4)
         if self.rotary_base is not None:
             q, k = rotary(q, self.rotary_base), rotary(k, self.rotary_base)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if self.slopes is not None:
+            mask = self.alibi_bias(t, k.shape[2], q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
 class FeedForward(nn.Module):
-    """fc1 -> exact (erf) GELU -> dropout -> fc2."""
+    """fc1 -> activation (exact (erf) GELU or ReLU) -> dropout -> fc2."""
 
-    def __init__(self, dim, dropout):
+    def __init__(self, dim, dropout, hidden=None, activation="gelu"):
         super().__init__()
+        hidden = 4 * dim if hidden is None else hidden
         self.dropout = dropout
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
+        self.act = {"gelu": F.gelu, "relu": F.relu}[activation]
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training))
+        return self.fc2(F.dropout(self.act(self.fc1(x)), self.dropout, self.training))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (melvae_layers DecoderLayer without cross-
-    attention, attention named `self_attn`, or EncoderLayer, named `attn`):
-    `x + drop(attn(norm1(x)))`, then `x + drop(ffn(norm2(x)))`."""
+    """Pre-norm transformer block (melvae_layers DecoderLayer, attention
+    named `self_attn`, or EncoderLayer, named `attn`): `x +
+    drop(attn(norm1(x)))`, with `context_dim` then `x +
+    drop(cross_attn(norm_cross(x), context))` (no positions, not causal),
+    then `x + drop(ffn(norm2(x)))`."""
 
-    def __init__(self, dim, heads, causal, dropout, attn_dropout, ffn_dropout, rotary_base, attn_name):
+    def __init__(self, dim, heads, causal, dropout, attn_dropout, ffn_dropout, rotary_base, attn_name,
+                 ffn_hidden=None, activation="gelu", alibi_alpha=None, context_dim=None):
         super().__init__()
         self.dropout, self.attn_name = dropout, attn_name
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        setattr(self, attn_name, Attention(dim, heads, causal, attn_dropout, rotary_base))
+        setattr(self, attn_name, Attention(dim, heads, causal, attn_dropout, rotary_base, alibi_alpha))
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-5)
+            self.cross_attn = Attention(dim, heads, False, attn_dropout, context_dim=context_dim)
+        else:
+            self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.ffn = FeedForward(dim, ffn_dropout)
+        self.ffn = FeedForward(dim, ffn_dropout, ffn_hidden, activation)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         attn = getattr(self, self.attn_name)
         x = x + F.dropout(attn(self.norm1(x)), self.dropout, self.training)
+        if self.cross_attn is not None:
+            x = x + F.dropout(self.cross_attn(self.norm_cross(x), context), self.dropout, self.training)
         return x + F.dropout(self.ffn(self.norm2(x)), self.dropout, self.training)
 
 
@@ -463,6 +545,74 @@ class GptVae(nn.Module):
         return ce + kl * kl_weight, {"ce": ce, "kl": kl, "kl_raw": kl_raw}
 
 
+class Echolancer(nn.Module):
+    """melvae_models::Echolancer: `encoder.{text_emb, layers.{i}, norm,
+    speaker_emb, speaker_proj, [emotion_proj]}`, `decoder.{token_emb,
+    layers.{i}, norm, token_head, gate_head}`. Encoder layers bidirectional,
+    decoder layers causal with cross-attention to the encoder output (the
+    speaker condition added to every position); ALiBi (`use_alibi`, slopes
+    times `alibi_alpha`) or rotary (base 10000) self-attention; FFN of
+    `ffn_mult * dim`, ReLU or exact GELU; dropout `encoder_dropout` /
+    `decoder_dropout` on the residual branches, the attention
+    probabilities (self and cross) and the FFN hidden."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ed, dd = cfg["encoder_dim"], cfg["decoder_dim"]
+        self.mel_vocab = cfg["mel_vocab_size"]
+        use_alibi = bool(cfg.get("use_alibi", True))
+        alpha = float(cfg.get("alibi_alpha", 1.0)) if use_alibi else None
+        rb = None if use_alibi else 10000.0
+        mult, act = int(cfg.get("ffn_mult", 4)), cfg.get("activation", "relu")
+        pe, pd = float(cfg.get("encoder_dropout", 0.0)), float(cfg.get("decoder_dropout", 0.0))
+        sc, ec = int(cfg.get("speaker_channels", 32)), int(cfg.get("emotion_channels", 0))
+        e = self.encoder = Stack()
+        e.text_emb = nn.Embedding(cfg["vocab_size"], ed)
+        e.layers = nn.ModuleList(
+            Block(ed, cfg["encoder_heads"], False, pe, pe, pe, rb, "attn", mult * ed, act, alpha)
+            for _ in range(cfg["encoder_layers"]))
+        e.norm = nn.LayerNorm(ed, eps=1e-5)
+        e.speaker_emb = nn.Embedding(int(cfg.get("n_speakers", 1)), sc)
+        e.speaker_proj = nn.Linear(sc, ed)
+        # Loaded, unused: the benchmark passes no emotion.
+        e.emotion_proj = nn.Linear(ec, ed, bias=False) if ec > 0 else None
+        d = self.decoder = Stack()
+        d.token_emb = nn.Embedding(self.mel_vocab + 1, dd)
+        d.layers = nn.ModuleList(
+            Block(dd, cfg["decoder_heads"], True, pd, pd, pd, rb, "self_attn", mult * dd, act, alpha,
+                  context_dim=ed)
+            for _ in range(cfg["decoder_layers"]))
+        d.norm = nn.LayerNorm(dd, eps=1e-5)
+        d.token_head = nn.Linear(dd, self.mel_vocab)
+        d.gate_head = nn.Linear(dd, 1)
+
+    def encode(self, text, speakers):
+        e = self.encoder
+        x = e.text_emb(text)
+        for layer in e.layers:
+            x = layer(x)
+        cond = e.speaker_proj(e.speaker_emb(speakers))
+        return e.norm(x) + cond[:, None]
+
+    def terms(self, text, speakers, tokens, gate_pos_weight):
+        enc = self.encode(text, speakers)
+        d = self.decoder
+        b, n = tokens.shape
+        begin = torch.full((b, 1), self.mel_vocab, dtype=tokens.dtype)
+        x = d.token_emb(torch.cat([begin, tokens[:, :n - 1]], 1))
+        for layer in d.layers:
+            x = layer(x, enc)
+        h = d.norm(x)
+        logits, gate = d.token_head(h), d.gate_head(h).squeeze(-1)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        # No padding: the gate's target is 1 at each row's last position.
+        target = torch.zeros_like(gate)
+        target[:, -1] = 1.0
+        pw = None if gate_pos_weight is None else torch.tensor(float(gate_pos_weight), dtype=gate.dtype)
+        g = F.binary_cross_entropy_with_logits(gate, target, pos_weight=pw)
+        return ce + g, {"ce": ce, "gate": g}
+
+
 # ---------------------------------------------------------------- families
 
 
@@ -497,9 +647,21 @@ class Family:
                              f"{m['enc_layers']}+{m['dec_layers']} layers, latent {m['latent_dim']}, "
                              f"injection {m.get('injection', 'both')}, dropout {m.get('dropout', 0.0)}, "
                              f"KL weight {self.kl_weight}")
+        elif self.name == "echolancer":
+            self.model = Echolancer(m)
+            self.x = torch.from_numpy(batch).round().long()
+            self.text = torch.tensor(cfg["text"], dtype=torch.long)
+            self.speakers = torch.tensor(cfg["speakers"], dtype=torch.long)
+            self.gate_pos_weight = cfg.get("loss", {}).get("gate_pos_weight")
+            self.describe = (f"batch {list(self.text.shape)} (text) -> {list(self.x.shape)} (tokens), "
+                             f"dims {m['encoder_dim']}/{m['decoder_dim']}, "
+                             f"{m['encoder_layers']}+{m['decoder_layers']} layers, "
+                             f"{'ALiBi (alpha ' + str(m.get('alibi_alpha', 1.0)) + ')' if m.get('use_alibi', True) else 'rotary'}, "
+                             f"{m.get('activation', 'relu')}, dropout {m.get('encoder_dropout', 0.0)}/"
+                             f"{m.get('decoder_dropout', 0.0)}, gate pos_weight {self.gate_pos_weight}")
         else:
             raise SystemExit(f"family {self.name!r}: not a spectrogram-token model "
-                             "(mel_vqvae, gpt, gpt_vae)")
+                             "(mel_vqvae, gpt, gpt_vae, echolancer)")
 
     def eval_terms(self):
         """As mel_tokens_throughput computes them: eval mode (no dropout; the
@@ -510,6 +672,8 @@ class Family:
                 _, terms = self.model.terms(self.x, False)
             elif self.name == "gpt":
                 _, terms = self.model.terms(self.x, self.classes, self.ls)
+            elif self.name == "echolancer":
+                _, terms = self.model.terms(self.text, self.speakers, self.x, self.gate_pos_weight)
             else:
                 _, terms = self.model.terms(self.x, 0.0, self.loss_cfg)
         return {k: float(v) for k, v in terms.items()}
@@ -519,6 +683,8 @@ class Family:
             return self.model.terms(x, True)[0]
         if self.name == "gpt":
             return self.model.terms(x, self.classes, self.ls)[0]
+        if self.name == "echolancer":
+            return self.model.terms(self.text, self.speakers, x, self.gate_pos_weight)[0]
         return self.model.terms(x, self.kl_weight, self.loss_cfg, self.gen)[0]
 
 

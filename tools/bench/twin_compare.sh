@@ -7,20 +7,21 @@
 #
 # FAMILY: wave_vae (twin tools/bench/wave_vae_twin.py), vocos (the `vocos`
 # package, tools/bench/vocos_twin.py), or one of the spectrogram-token
-# models mel_vqvae, gpt, gpt_vae (example mel_tokens_throughput, twin
-# tools/bench/mel_tokens_twin.py); SETTING: a file of configs/settings/
-# (default FAMILY_tiny; gpt_vae_tiny_stage2 for gpt_vae); PYTHON: an
+# models mel_vqvae, gpt, gpt_vae, echolancer (example
+# mel_tokens_throughput, twin tools/bench/mel_tokens_twin.py); SETTING: a
+# file of configs/settings/ (default FAMILY_tiny, so echolancer_tiny for
+# echolancer; gpt_vae_tiny_stage2 for gpt_vae); PYTHON: an
 # interpreter with torch, numpy, safetensors (and vocos) (default
 # /tmp/refvenv/bin/python). Run it on an idle machine: the load average is
 # printed before each side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: twin_compare.sh wave_vae|vocos|mel_vqvae|gpt|gpt_vae [SETTING] [PYTHON]"
+usage="usage: twin_compare.sh wave_vae|vocos|mel_vqvae|gpt|gpt_vae|echolancer [SETTING] [PYTHON]"
 family="${1:?$usage}"
 case "$family" in
   wave_vae|vocos)
     example="${family}_throughput"; twin="${family}_twin.py"; default="${family}_tiny" ;;
-  mel_vqvae|gpt)
+  mel_vqvae|gpt|echolancer)
     example=mel_tokens_throughput; twin=mel_tokens_twin.py; default="${family}_tiny" ;;
   gpt_vae)
     example=mel_tokens_throughput; twin=mel_tokens_twin.py; default=gpt_vae_tiny_stage2 ;;

@@ -96,6 +96,7 @@ impl DecoderLayer {
             Some(c) => {
                 let cc = AttentionConfig {
                     causal: false,
+                    window: None,
                     context_dim: Some(c),
                     alibi_alpha: None,
                     rotary_base: None,
@@ -330,6 +331,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("decoder context"), "{e}");
+        // A windowed self-attention with cross-attention builds (the
+        // window is the self-attention's; cross-attention has none).
+        let mut windowed = cfg();
+        windowed.attention.window = Some(2);
+        windowed.attention.causal = true;
+        DecoderLayer::new(
+            windowed,
+            Some(6),
+            VarBuilder::from_varmap(&VarMap::new(), DType::F64, &Device::Cpu),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -364,6 +364,19 @@ pub struct Generated {
     pub stopped: Vec<bool>,
 }
 
+/// One step of [`Echolancer::generate_with`], as its callback sees it.
+#[derive(Debug)]
+pub struct GenerationStep<'a> {
+    /// The step (0 for the first token).
+    pub step: usize,
+    /// This step's token logits `[batch, mel_vocab_size]`.
+    pub logits: &'a Tensor,
+    /// This step's gate logits `[batch]`.
+    pub gate: &'a Tensor,
+    /// Everything generated so far, this step included.
+    pub generated: &'a Generated,
+}
+
 /// The Echolancer model; see the module docs.
 #[derive(Debug, Clone)]
 pub struct Echolancer {
@@ -655,15 +668,17 @@ impl Echolancer {
     /// Generates tokens for each example of `inputs` with the KV cache:
     /// stops an example when its gate probability reaches `gate_threshold`
     /// (keeping that token; 1 never stops) or after `max_len` tokens (at most
-    /// `echolancer.max_len`). With `on_step`, each step's token logits
-    /// `[batch, mel_vocab_size]` and gate logits `[batch]` are handed over.
+    /// `echolancer.max_len`). `on_step` sees every step (its logits, the
+    /// gate and what has been generated so far, this step's tokens
+    /// included: streaming reads the new tokens from it); an error it
+    /// returns ends generation.
     pub fn generate_with(
         &mut self,
         inputs: &EcholancerInputs,
         max_len: usize,
         gate_threshold: f64,
         opts: &SamplingOptions,
-        mut on_step: impl FnMut(usize, &Tensor, &Tensor),
+        mut on_step: impl FnMut(&GenerationStep) -> Result<()>,
     ) -> Result<Generated> {
         opts.validate()?;
         ensure(
@@ -696,10 +711,9 @@ impl Echolancer {
                 x = layer.forward_cached(&x, Some((&enc, ctx_mask.as_ref())))?;
             }
             let (logits, gate) = self.heads(&x)?;
-            let (logits, gate) = (logits.squeeze(1)?.detach(), gate.squeeze(1)?.detach());
-            on_step(step, &logits, &gate);
+            let (logits, gate_t) = (logits.squeeze(1)?.detach(), gate.squeeze(1)?.detach());
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let gate: Vec<f64> = gate.to_dtype(DType::F64)?.to_vec1()?;
+            let gate: Vec<f64> = gate_t.to_dtype(DType::F64)?.to_vec1()?;
             for i in 0..b {
                 let t = opts.draw(&rows[i], &mut rng)?;
                 next[i] = t;
@@ -712,6 +726,12 @@ impl Echolancer {
                 // where the probability rounds to 1.
                 out.stopped[i] = gate[i] >= stop_logit;
             }
+            on_step(&GenerationStep {
+                step,
+                logits: &logits,
+                gate: &gate_t,
+                generated: &out,
+            })?;
             if out.stopped.iter().all(|&s| s) {
                 break;
             }
@@ -728,7 +748,7 @@ impl Echolancer {
         gate_threshold: f64,
         opts: &SamplingOptions,
     ) -> Result<Generated> {
-        self.generate_with(inputs, max_len, gate_threshold, opts, |_, _, _| {})
+        self.generate_with(inputs, max_len, gate_threshold, opts, |_| Ok(()))
     }
 }
 
@@ -931,8 +951,11 @@ mod tests {
                 ..Default::default()
             };
             let g = m
-                .generate_with(&x, 10, 1.0, &opts, |_, l, g| {
-                    steps.push((l.clone(), g.clone()))
+                .generate_with(&x, 10, 1.0, &opts, |st| {
+                    // The callback sees this step's tokens already.
+                    assert!(st.generated.tokens.iter().all(|t| t.len() == st.step + 1));
+                    steps.push((st.logits.clone(), st.gate.clone()));
+                    Ok(())
                 })
                 .unwrap();
             assert_eq!(steps.len(), 10);

@@ -60,7 +60,7 @@ pub use discriminators::{
 pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver};
 pub use echolancer::{
     CharTokenizer, Echolancer, EcholancerConfig, EcholancerInputs, EcholancerLoss,
-    EcholancerOutput, Generated,
+    EcholancerOutput, Generated, GenerationStep,
 };
 pub use error::{Error, Result};
 pub use mel_vae::{
