@@ -1222,6 +1222,7 @@ fn prepare_tts_and_synthesize_name_bad_input() {
             encoder_dropout: 0.0,
             decoder_dropout: 0.0,
             max_len: 120,
+            sinusoidal_positions: false,
         };
         seeded_model_file::<melvae::models::Echolancer>(dir.path().join(name), cfg)
     };

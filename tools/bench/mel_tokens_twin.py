@@ -585,10 +585,23 @@ class Echolancer(nn.Module):
         d.norm = nn.LayerNorm(dd, eps=1e-5)
         d.token_head = nn.Linear(dd, self.mel_vocab)
         d.gate_head = nn.Linear(dd, 1)
+        self.sinusoidal = bool(cfg.get("sinusoidal_positions", False))
+
+    def positions(self, x):
+        """`x` [b, n, dim] plus melvae_layers::sinusoidal_positions (sin at
+        even, cos at odd channels, 10000^(2i/dim)) when configured."""
+        if not self.sinusoidal:
+            return x
+        n, dim = x.shape[1], x.shape[2]
+        p = torch.arange(n, dtype=torch.float64)[:, None]
+        j = torch.arange(dim)
+        a = p / torch.pow(10000.0, (j - j % 2).double() / dim)
+        pe = torch.where(j % 2 == 0, torch.sin(a), torch.cos(a)).to(x.dtype)
+        return x + pe[None]
 
     def encode(self, text, speakers):
         e = self.encoder
-        x = e.text_emb(text)
+        x = self.positions(e.text_emb(text))
         for layer in e.layers:
             x = layer(x)
         cond = e.speaker_proj(e.speaker_emb(speakers))
@@ -599,7 +612,7 @@ class Echolancer(nn.Module):
         d = self.decoder
         b, n = tokens.shape
         begin = torch.full((b, 1), self.mel_vocab, dtype=tokens.dtype)
-        x = d.token_emb(torch.cat([begin, tokens[:, :n - 1]], 1))
+        x = self.positions(d.token_emb(torch.cat([begin, tokens[:, :n - 1]], 1)))
         for layer in d.layers:
             x = layer(x, enc)
         h = d.norm(x)

@@ -211,6 +211,14 @@ pub struct EcholancerConfig {
     pub decoder_dropout: f64,
     /// Longest token sequence generation produces.
     pub max_len: usize,
+    /// Sinusoidal absolute positions added to the text and token
+    /// embeddings (melvae's addition, off in the seed): ALiBi and rotary
+    /// positions are relative and act only inside self-attention, so
+    /// cross-attention has no position to align text and speech by; with
+    /// absolute positions on both sides it can, which lets a small model
+    /// learn when to stop from the text's length.
+    #[serde(default)]
+    pub sinusoidal_positions: bool,
 }
 
 fn one() -> usize {
@@ -469,6 +477,18 @@ impl Echolancer {
         Ok(crate::model_file::load::<Self>(path, device, dtype)?.0)
     }
 
+    /// `x` `[batch, len, dim]` plus the sinusoidal embeddings of positions
+    /// `offset..offset + len` when `sinusoidal_positions` is on.
+    fn with_positions(&self, x: Tensor, offset: usize) -> Result<Tensor> {
+        if !self.cfg.sinusoidal_positions {
+            return Ok(x);
+        }
+        let (_, n, d) = x.dims3()?;
+        let p =
+            melvae_layers::sinusoidal_positions(n, d, offset, x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_add(&p.unsqueeze(0)?)?)
+    }
+
     /// The id of the begin token (one past the spectrogram tokens).
     pub fn begin_id(&self) -> u32 {
         self.cfg.mel_vocab_size as u32
@@ -514,7 +534,7 @@ impl Echolancer {
             }
         }
         let text = inputs.text.to_dtype(DType::U32)?;
-        let mut x = self.text_emb.forward(&text)?;
+        let mut x = self.with_positions(self.text_emb.forward(&text)?, 0)?;
         for layer in &self.enc_layers {
             x = layer.forward(&x, inputs.text_mask.as_ref(), mode)?;
         }
@@ -591,7 +611,7 @@ impl Echolancer {
         let tokens = tokens.to_dtype(DType::U32)?;
         let begin = Tensor::full(self.begin_id(), (b, 1), tokens.device())?;
         let input = Tensor::cat(&[&begin, &tokens.narrow(1, 0, n - 1)?], 1)?;
-        let mut x = self.token_emb.forward(&input)?;
+        let mut x = self.with_positions(self.token_emb.forward(&input)?, 0)?;
         for layer in &self.dec_layers {
             x = layer.forward(&x, token_mask, Some((enc, text_mask)), mode)?;
         }
@@ -706,7 +726,7 @@ impl Echolancer {
         let mut next = vec![self.begin_id(); b];
         for step in 0..max_len {
             let ids = Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?;
-            let mut x = self.token_emb.forward(&ids)?;
+            let mut x = self.with_positions(self.token_emb.forward(&ids)?, step)?;
             for layer in &mut self.dec_layers {
                 x = layer.forward_cached(&x, Some((&enc, ctx_mask.as_ref())))?;
             }
@@ -788,6 +808,7 @@ mod tests {
             encoder_dropout: 0.0,
             decoder_dropout: 0.0,
             max_len: 12,
+            sinusoidal_positions: false,
         }
     }
 
@@ -941,8 +962,12 @@ mod tests {
     /// pass on the generated prefix (ALiBi and rotary).
     #[test]
     fn cached_generation_equals_full_decoding() {
-        for alibi in [true, false] {
-            let (_, mut m) = build(tiny(alibi), DType::F32, 3);
+        for (alibi, sinusoidal_positions) in [(true, false), (false, false), (true, true)] {
+            let cfg = EcholancerConfig {
+                sinusoidal_positions,
+                ..tiny(alibi)
+            };
+            let (_, mut m) = build(cfg, DType::F32, 3);
             let x = inputs(DType::F32);
             let mut steps = Vec::new();
             let opts = SamplingOptions {

@@ -392,6 +392,7 @@ fn token_models_round_trip_through_model_files() {
         encoder_dropout: 0.0,
         decoder_dropout: 0.0,
         max_len: 8,
+        sinusoidal_positions: true,
     };
     let (vm, vb) = built(4);
     let mut tts = Echolancer::new(cfg.clone(), vb).unwrap();

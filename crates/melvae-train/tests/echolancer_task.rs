@@ -41,6 +41,7 @@ fn model(mel_vocab_size: usize, n_speakers: usize) -> EcholancerConfig {
         encoder_dropout: 0.1,
         decoder_dropout: 0.1,
         max_len: 64,
+        sinusoidal_positions: false,
     }
 }
 
