@@ -1038,7 +1038,7 @@ fn tokenize_writes_class_shards_and_names_bad_input() {
     assert!(out.join("tokens.safetensors").is_file() && out.join("classes.json").is_file());
     // No class sub-folders; a model of another family.
     let r = run("tokenize", &["--model", m, &format!("{c}/a"), "-o", o]);
-    assert_one_line_error(&r, "class sub-folders");
+    assert_one_line_error(&r, "has no sub-folders");
     // The same model as a codec: evaluate scores it at 22.05 kHz.
     let json = dir.path().join("vq.json");
     let j = json.to_str().unwrap();
@@ -1173,7 +1173,7 @@ fn prepare_tts_and_synthesize_name_bad_input() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(dummy.join("symbols.json").is_file() && dummy.join("speakers.json").is_file());
     let r = run("prepare_tts", &["--create-dummy", "6", "-o", d]);
-    assert_one_line_error(&r, "exists already");
+    assert_one_line_error(&r, "not empty");
 
     // Audio + transcripts with a VQ-VAE of 8 codes: one speaker, one clip
     // with a transcript, one without.
@@ -1201,7 +1201,7 @@ fn prepare_tts_and_synthesize_name_bad_input() {
     // Synthesis with an Echolancer of that vocabulary and codebook.
     let symbols: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(out.join("symbols.json")).unwrap()).unwrap();
-    let echo = |mel_vocab_size: usize, name: &str| {
+    let echo = |mel_vocab_size: usize, name: &str, max_len: usize| {
         let cfg = melvae::models::EcholancerConfig {
             vocab_size: symbols.len() + 2,
             symbols: symbols.clone(),
@@ -1221,12 +1221,16 @@ fn prepare_tts_and_synthesize_name_bad_input() {
             activation: Default::default(),
             encoder_dropout: 0.0,
             decoder_dropout: 0.0,
-            max_len: 120,
+            max_len,
             sinusoidal_positions: false,
         };
         seeded_model_file::<melvae::models::Echolancer>(dir.path().join(name), cfg)
     };
-    let (e, bad) = (echo(8, "echo.safetensors"), echo(9, "echo9.safetensors"));
+    let (e, bad) = (
+        echo(8, "echo.safetensors", 120),
+        echo(9, "echo9.safetensors", 120),
+    );
+    let long = echo(8, "echo_long.safetensors", 480);
     let syn = dir.path().join("syn");
     let (e, s) = (e.to_str().unwrap(), syn.to_str().unwrap());
     // A gate threshold of 1 never stops: 120 tokens, 3 rows of 40.
@@ -1272,9 +1276,11 @@ fn prepare_tts_and_synthesize_name_bad_input() {
     let vc = voc.to_str().unwrap();
     let offline = dir.path().join("offline");
     let o2 = offline.to_str().unwrap();
+    // 480 tokens: 12 rows of 2 frames, so blocks become final before the
+    // end (the vocoder's context is 6 frames).
     let common = [
         "--model",
-        e,
+        long.to_str().unwrap(),
         "--vqvae",
         v,
         "hello",
@@ -1291,7 +1297,11 @@ fn prepare_tts_and_synthesize_name_bad_input() {
     );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text = String::from_utf8_lossy(&r.stdout);
-    assert!(text.contains("stream block 0:"), "{text}");
+    // Several blocks, the first before generation ended.
+    assert!(
+        text.contains("stream block 0:") && text.contains("stream block 3:"),
+        "{text}"
+    );
     let (x, y) = (
         melvae::dsp::load_audio(offline.join("audio.wav")).unwrap(),
         melvae::dsp::load_audio(syn.join("audio.wav")).unwrap(),
@@ -1303,6 +1313,8 @@ fn prepare_tts_and_synthesize_name_bad_input() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(d <= 2.0 / 32768.0, "streamed differs from offline by {d}");
+    let peak = x.channels[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(peak > 1e-3, "silent audio proves nothing: peak {peak}");
     // Streaming needs a vocoder (Griffin-Lim needs the whole mel).
     let r = run(
         "synthesize",

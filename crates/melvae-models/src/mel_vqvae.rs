@@ -711,6 +711,33 @@ mod tests {
         assert!(d > 1e-4, "{d}");
     }
 
+    /// Decoding a prefix of token rows gives the leading frames of the
+    /// whole decode (the decoder is causal in time, with and without the
+    /// attention): what streaming synthesis relies on.
+    #[test]
+    fn decoding_is_causal_in_time() {
+        for cfg in [tiny(), with_attention()] {
+            let (vm, m) = build(cfg, DType::F32);
+            randomize(&vm, 0.5, 11).unwrap();
+            let mel = noise(&[1, 80, 12], 4)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let tokens = m.encode(&mel).unwrap();
+            let full = m.decode(&tokens).unwrap();
+            let cols = m.cols();
+            for rows in [1, 3, 5] {
+                let part = m
+                    .decode(&tokens.narrow(1, 0, rows * cols).unwrap())
+                    .unwrap();
+                let f = rows * m.time_factor();
+                let d = melvae_layers::testing::max_abs_diff(&part, &full.narrow(2, 0, f).unwrap())
+                    .unwrap();
+                assert!(d < 1e-5, "{rows} rows: {d}");
+            }
+        }
+    }
+
     /// f64 finite differences. The straight-through estimator and the
     /// stop-gradients are not derivatives of the loss's value (the
     /// quantiser is tested on its own in melvae-layers), so each part is

@@ -80,6 +80,13 @@ fn fsync_dir(dir: &Path) {
     }
 }
 
+/// The train state (`state.json`) of the checkpoint directory `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let sp = dir.join("state.json");
+    let text = fs::read_to_string(&sp).map_err(|e| io(&sp, e))?;
+    serde_json::from_str(&text).map_err(|e| io(&sp, format!("not a train state: {e}")))
+}
+
 /// `step-00001000`.
 pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -203,14 +210,10 @@ impl RunDir {
             let p = dir.join(f);
             candle_core::safetensors::load(&p, device).map_err(|e| io(&p, e))
         };
-        let sp = dir.join("state.json");
-        let text = fs::read_to_string(&sp).map_err(|e| io(&sp, e))?;
-        let state: TrainState =
-            serde_json::from_str(&text).map_err(|e| io(&sp, format!("not a train state: {e}")))?;
         Ok(Checkpoint {
             model: load("model.safetensors")?,
             optimizer: load("optimizer.safetensors")?,
-            state,
+            state: read_state(dir)?,
         })
     }
 

@@ -66,14 +66,18 @@ fn open(path: &Path) -> Result<PtFile> {
             _ => None,
         })
         .collect();
-    Ok(PtFile {
-        zip,
-        prefix: name
-            .trim_end_matches("data.pkl")
-            .trim_end_matches('/')
-            .into(),
-        dict,
-    })
+    let prefix: String = name
+        .trim_end_matches("data.pkl")
+        .trim_end_matches('/')
+        .into();
+    // Storages are little-endian unless the archive says otherwise.
+    if let Ok(mut f) = zip.by_name(&format!("{prefix}/byteorder")) {
+        let mut order = String::new();
+        if f.read_to_string(&mut order).is_ok() && order.trim() == "big" {
+            return Err(bad("holds big-endian storages (not supported)".into()));
+        }
+    }
+    Ok(PtFile { zip, prefix, dict })
 }
 
 fn usize_of(o: &Object) -> Option<usize> {
@@ -128,15 +132,24 @@ impl PtFile {
         else {
             return Err("malformed storage record".into());
         };
-        let numel: usize = shape.iter().product();
+        if shape.len() != stride.len() {
+            return Err(format!(
+                "shape {shape:?} and stride {stride:?} differ in rank"
+            ));
+        }
+        let malformed = || "malformed tensor record (sizes overflow)".to_string();
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(malformed)?;
         // Contiguous (row-major) layouts only, as torch.save writes fresh
         // tensors.
-        let mut expect = 1;
+        let mut expect = 1usize;
         for (d, s) in shape.iter().zip(&stride).rev() {
             if *d > 1 && *s != expect {
                 return Err(format!("a non-contiguous tensor (stride {stride:?})"));
             }
-            expect *= d;
+            expect = expect.checked_mul(*d).ok_or_else(malformed)?;
         }
         let size = match class_name.as_str() {
             "LongStorage" | "DoubleStorage" => 8,
@@ -152,7 +165,10 @@ impl PtFile {
             .map_err(|e| format!("{entry}: {e}"))?
             .read_to_end(&mut bytes)
             .map_err(|e| format!("{entry}: {e}"))?;
-        let (a, b) = (offset * size, (offset + numel) * size);
+        let (a, b) = offset
+            .checked_mul(size)
+            .zip(offset.checked_add(numel).and_then(|e| e.checked_mul(size)))
+            .ok_or_else(malformed)?;
         let raw = bytes
             .get(a..b)
             .ok_or_else(|| format!("{entry} holds {} bytes, the tensor needs {b}", bytes.len()))?;

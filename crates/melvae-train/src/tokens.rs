@@ -554,7 +554,7 @@ pub(crate) fn class_folders(dir: &Path) -> Result<Vec<PathBuf>> {
     if classes.is_empty() {
         return Err(Error::file(
             dir,
-            "has no class sub-folders (one folder of audio per class)",
+            "has no sub-folders (one folder of audio per class, or per speaker)",
         ));
     }
     Ok(classes)

@@ -20,6 +20,45 @@ use crate::tokens::{
 };
 use crate::{Error, Result};
 
+/// Refuses an output folder that exists and is not empty: TTS data is
+/// written only into a fresh folder, never over a run's data.
+fn check_fresh(out: &Path) -> Result<()> {
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty {
+        return Err(Error::file(
+            out,
+            "exists and is not empty; TTS data is written only into a fresh folder \
+             (delete it, or choose another -o)",
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the shard of `examples`, `symbols.json` and `speakers.json` into
+/// a temporary folder beside `out`, then renames it to `out` (an absent or
+/// empty folder): a run never sees a shard without its vocabulary.
+fn write_tts_dir(
+    out: &Path,
+    examples: &[TokenExample],
+    symbols: &[String],
+    speakers: &[String],
+) -> Result<PathBuf> {
+    check_fresh(out)?;
+    let name = out
+        .file_name()
+        .map_or_else(|| "tts".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_shard_dir(&tmp, examples)?;
+    write_json_list(&tmp.join(SYMBOLS_FILE), symbols)?;
+    write_json_list(&tmp.join(SPEAKERS_FILE), speakers)?;
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| Error::file(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, e))?;
+    Ok(out.join("tokens.safetensors"))
+}
+
 /// What [`prepare_tts_folder`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrepareSummary {
@@ -47,13 +86,15 @@ pub struct PrepareSummary {
 /// characters become the unknown id and are counted) or with the sorted
 /// character set of all transcripts. Files without a transcript, unreadable
 /// or too short are skipped and listed; no usable pair is an error naming
-/// `dir`.
+/// `dir`. `out` must be absent or empty: the three files appear together
+/// (written beside it, then renamed), never over existing data.
 pub fn prepare_tts_folder(
     model: &melvae_models::MelVqVae,
     dir: &Path,
     out: &Path,
     symbols: Option<&[String]>,
 ) -> Result<PrepareSummary> {
+    check_fresh(out)?;
     let speakers = class_folders(dir)?;
     let opts = mono_at(model.mel_config().sample_rate);
     let mut pairs = Vec::new();
@@ -109,10 +150,8 @@ pub fn prepare_tts_folder(
             }
         })
         .collect();
-    let shard = write_shard_dir(out, &examples)?;
     let names = folder_names(&speakers);
-    write_json_list(&out.join(SYMBOLS_FILE), &tokenizer.symbols())?;
-    write_json_list(&out.join(SPEAKERS_FILE), &names)?;
+    let shard = write_tts_dir(out, &examples, &tokenizer.symbols(), &names)?;
     Ok(PrepareSummary {
         speakers: names,
         counts,
@@ -140,20 +179,14 @@ pub struct DummyTts {
     pub seed: u64,
 }
 
-/// Writes a random TTS dataset into `out` (which must not hold a shard
-/// already: nothing is overwritten): `examples` sentences of 2-6 words of
+/// Writes a random TTS dataset into `out` (absent or empty: nothing is
+/// overwritten): `examples` sentences of 2-6 words of
 /// lower-case letters (the vocabulary `a`-`z` and space), each with 2-8
 /// random token rows, a random speaker, and a standard-normal emotion
 /// vector when asked. For trying the pipeline, as the seed's
 /// `--create_dummy`; it teaches nothing.
 pub fn write_dummy_tts(out: &Path, d: &DummyTts) -> Result<PathBuf> {
-    let shard = out.join("tokens.safetensors");
-    if shard.exists() {
-        return Err(Error::file(
-            &shard,
-            "exists already; --create-dummy writes only into a fresh folder",
-        ));
-    }
+    check_fresh(out)?;
     if d.examples == 0 || d.speakers == 0 || d.mel_vocab_size == 0 || d.cols == 0 {
         return Err(Error::invalid(
             "dummy dataset",
@@ -202,9 +235,6 @@ pub fn write_dummy_tts(out: &Path, d: &DummyTts) -> Result<PathBuf> {
             );
         }
     }
-    let shard = write_shard_dir(out, &examples)?;
-    write_json_list(&out.join(SYMBOLS_FILE), &symbols)?;
     let names: Vec<String> = (0..d.speakers).map(|i| format!("speaker{i}")).collect();
-    write_json_list(&out.join(SPEAKERS_FILE), &names)?;
-    Ok(shard)
+    write_tts_dir(out, &examples, &symbols, &names)
 }

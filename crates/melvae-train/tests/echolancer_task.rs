@@ -108,7 +108,7 @@ fn trains_resumes_and_writes_a_model_file_with_its_tokenizer() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("exists already"), "{e}");
+    assert!(e.contains("not empty"), "{e}");
 
     let run = RunDir::create(d.path().join("a")).unwrap();
     let s = sections(model(12, 2), EcholancerTestConfig::default());
@@ -139,12 +139,54 @@ fn trains_resumes_and_writes_a_model_file_with_its_tokenizer() {
         .unwrap()
         .fit(&mut b, false)
         .unwrap();
-    let mut b2 = task(&tokens, s).unwrap();
+    let mut b2 = task(&tokens, s.clone()).unwrap();
     Trainer::new(cfg(20), &split)
         .unwrap()
         .fit(&mut b2, true)
         .unwrap();
     assert_eq!(weights(a.vars()), weights(b2.vars()));
+
+    // The run keeps its tokenizer: export writes it (and the speaker
+    // names) from the checkpoint, and resuming on data whose symbols.json
+    // was rewritten is refused.
+    let out = d.path().join("exported.safetensors");
+    let yaml = d.path().join("echolancer.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "data: {}\necholancer: {}\ntraining: {{steps: 20, learning_rate: 5.0e-3}}\n",
+            serde_json::to_string(&data_cfg(&tokens)).unwrap(),
+            serde_json::to_string(&model(12, 2)).unwrap()
+        ),
+    )
+    .unwrap();
+    split
+        .write_config(&ResolvedConfig::load(&yaml, &[]).unwrap())
+        .unwrap();
+    run::export(split.root(), &run::Which::Latest, run::Weights::Auto, &out).unwrap();
+    let info = melvae_models::model_file::read_info(&out).unwrap();
+    assert!(info.metadata["speaker_names"].contains("speaker1"));
+    let m = Echolancer::load(&out, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(m.config().symbols.len(), 27);
+    let mut symbols: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(tokens.join("symbols.json")).unwrap())
+            .unwrap();
+    symbols.swap(0, 1);
+    std::fs::write(
+        tokens.join("symbols.json"),
+        serde_json::to_string(&symbols).unwrap(),
+    )
+    .unwrap();
+    let mut c = task(&tokens, s).unwrap();
+    let e = Trainer::new(cfg(30), &split)
+        .unwrap()
+        .fit(&mut c, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("echolancer tokenizer") && e.contains("symbols.json"),
+        "{e}"
+    );
 }
 
 fn vqvae() -> MelVqVae {
@@ -230,10 +272,11 @@ fn prepare_tts_and_test_sentences() {
     };
     // Test sentences through the decoder: one WAV and PNG per sentence and
     // speaker.
+    // A threshold of 1 never stops: every sample runs to max_len (10 rows).
     let test = EcholancerTestConfig {
         test_sentences: vec!["bob says 1".into()],
         test_speakers: vec![0, 1],
-        gate_threshold: 0.5,
+        gate_threshold: 1.0,
     };
     let decoder = || {
         let vq = vqvae();
@@ -262,13 +305,17 @@ fn prepare_tts_and_test_sentences() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    // Untrained, the gate may fire before a whole row: each sample that
-    // has a row is a PNG and a WAV.
-    assert_eq!(names.len() % 2, 0);
-    assert!(
-        names.iter().all(|n| n.starts_with("step00000004_s")),
-        "{names:?}"
+    assert_eq!(
+        names,
+        [
+            "step00000004_s0_0.png",
+            "step00000004_s0_0.wav",
+            "step00000004_s1_0.png",
+            "step00000004_s1_0.wav"
+        ]
     );
+    let wav = melvae_dsp::load_audio(dir.join("step00000004_s1_0.wav")).unwrap();
+    assert_eq!(wav.n_samples(), vqvae().mel_config().stft.n_samples(20));
 
     // Bad settings and data are named.
     let bad = EcholancerTestConfig {

@@ -209,7 +209,7 @@ fn data_must_fit_the_model() {
     let e = tokenize_folder(&vqvae(), &audio.join("low"), &d.path().join("x"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("class sub-folders"), "{e}");
+    assert!(e.contains("has no sub-folders"), "{e}");
 }
 
 fn gpt_vae_task(tokens: &Path, loss: GptVaeLossConfig) -> GptVaeTask {

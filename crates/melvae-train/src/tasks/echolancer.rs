@@ -157,13 +157,31 @@ pub fn with_data_symbols(
     Ok(cfg)
 }
 
-/// The model config of a resolved Echolancer config, its tokenizer taken
-/// from the data when the config lists none (as [`EcholancerTask::new`]
-/// does): what `export` writes into model files.
-pub fn model_config(cfg: &crate::ResolvedConfig) -> Result<EcholancerConfig> {
+/// The model config and speaker names of a checkpoint of a run with the
+/// resolved config `cfg`: the tokenizer and speakers the run trained with
+/// (kept in the checkpoint's task state), or, for a config that lists its
+/// symbols, the config's. What `export` writes into model files.
+pub fn model_config(
+    cfg: &crate::ResolvedConfig,
+    checkpoint: &Path,
+) -> Result<(EcholancerConfig, Vec<String>)> {
     let data: TokenDataConfig = cfg.get("data")?;
-    let symbols = crate::tokens::side_list(&data.tokens, crate::tokens::SYMBOLS_FILE)?;
-    with_data_symbols(echolancer_config(cfg)?.model, &symbols, &data.tokens)
+    let state = crate::checkpoint::read_state(checkpoint)
+        .ok()
+        .and_then(|s| s.extra.get("task").cloned())
+        .unwrap_or(serde_json::Value::Null);
+    let list = |key: &str| -> Vec<String> {
+        state
+            .get(key)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    };
+    let model = with_data_symbols(
+        echolancer_config(cfg)?.model,
+        &list("symbols"),
+        &data.tokens,
+    )?;
+    Ok((model, list("speaker_names")))
 }
 
 /// A batch: the model inputs, the flattened target tokens `[batch, len]`
@@ -496,11 +514,34 @@ impl TrainTask for EcholancerTask {
         super::write_model_file::<Echolancer>(path, self.model.config(), &self.varmap, &metadata)
     }
 
+    /// The data position, and the tokenizer and speaker names the run
+    /// trains with (so that resume can check the data and `export` can
+    /// write them).
     fn state(&self) -> serde_json::Value {
-        super::cursor_state(&self.cursor)
+        let mut s = super::cursor_state(&self.cursor);
+        s["symbols"] = self.model.config().symbols.clone().into();
+        s["speaker_names"] = self.data.speaker_names.clone().into();
+        s
     }
 
+    /// Restores the data position; data whose tokenizer differs from the
+    /// run's (a `symbols.json` rewritten since) is an error naming it.
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        if let Some(saved) = state.get("symbols") {
+            let saved: Vec<String> = serde_json::from_value(saved.clone()).unwrap_or_default();
+            if saved != self.model.config().symbols {
+                return Err(Error::invalid(
+                    "echolancer tokenizer",
+                    format!(
+                        "the run trained with the symbols {:?}, the data now has {:?} \
+                         (was {} rewritten? resume with the data the run started on)",
+                        saved.concat(),
+                        self.model.config().symbols.concat(),
+                        crate::tokens::SYMBOLS_FILE
+                    ),
+                ));
+            }
+        }
         super::load_cursor(&mut self.cursor, state);
         Ok(())
     }

@@ -278,8 +278,15 @@ pub fn save_model_file(
             model_file::save::<GptVae>(out, &c, tensors, metadata, origin)?;
         }
         "echolancer" => {
-            let c = echolancer::model_config(cfg)?;
-            model_file::save::<Echolancer>(out, &c, tensors, metadata, origin)?;
+            let (c, speakers) = echolancer::model_config(cfg, origin)?;
+            let mut metadata = metadata.clone();
+            if !speakers.is_empty() {
+                metadata.insert(
+                    "speaker_names".into(),
+                    serde_json::to_string(&speakers).unwrap_or_default(),
+                );
+            }
+            model_file::save::<Echolancer>(out, &c, tensors, &metadata, origin)?;
         }
         other => {
             return Err(Error::invalid(
