@@ -16,6 +16,9 @@
 //! characters are reported). Clips without a transcript, unreadable or
 //! shorter than one token row are skipped and listed.
 //!
+//! The output folder must be new or empty (`--overwrite` replaces the TTS
+//! data of an earlier run of this program there, and nothing else).
+//!
 //! `--create-dummy N` writes `N` random examples instead (the seed's
 //! `--create_dummy`: letters for text, random tokens; for trying the
 //! pipeline, not for learning), into a folder without a shard.
@@ -44,6 +47,10 @@ struct Args {
     /// characters).
     #[arg(long)]
     symbols: Option<PathBuf>,
+    /// Replace the TTS data already in the output folder (a folder with
+    /// anything else in it is still refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Write this many random examples instead.
     #[arg(long, conflicts_with_all = ["model", "dir", "symbols"])]
     create_dummy: Option<usize>,
@@ -96,7 +103,7 @@ fn run() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let s = prepare_tts_folder(&vq, dir, &a.out, symbols.as_deref())?;
+    let s = prepare_tts_folder(&vq, dir, &a.out, symbols.as_deref(), a.overwrite)?;
     for (name, n) in s.speakers.iter().zip(&s.counts) {
         println!("{name}: {n} clips");
     }

@@ -20,15 +20,33 @@ use crate::tokens::{
 };
 use crate::{Error, Result};
 
-/// Refuses an output folder that exists and is not empty: TTS data is
-/// written only into a fresh folder, never over a run's data.
-fn check_fresh(out: &Path) -> Result<()> {
-    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if non_empty {
+/// The files a TTS data folder holds.
+const TTS_FILES: [&str; 3] = ["tokens.safetensors", SYMBOLS_FILE, SPEAKERS_FILE];
+
+/// Refuses an output folder that exists and is not empty, unless
+/// `overwrite` and it holds nothing but TTS data (the files this module
+/// writes): data is never written over anything else.
+fn check_fresh(out: &Path, overwrite: bool) -> Result<()> {
+    let entries: Vec<String> = match std::fs::read_dir(out) {
+        Ok(d) => d
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect(),
+        Err(_) => return Ok(()),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
         return Err(Error::file(
             out,
             "exists and is not empty; TTS data is written only into a fresh folder \
-             (delete it, or choose another -o)",
+             (choose another -o, or --overwrite to replace TTS data there)",
+        ));
+    }
+    if let Some(other) = entries.iter().find(|e| !TTS_FILES.contains(&e.as_str())) {
+        return Err(Error::file(
+            out,
+            format!("holds {other}, which is not TTS data: --overwrite replaces only TTS data"),
         ));
     }
     Ok(())
@@ -42,8 +60,9 @@ fn write_tts_dir(
     examples: &[TokenExample],
     symbols: &[String],
     speakers: &[String],
+    overwrite: bool,
 ) -> Result<PathBuf> {
-    check_fresh(out)?;
+    check_fresh(out, overwrite)?;
     let name = out
         .file_name()
         .map_or_else(|| "tts".into(), |n| n.to_string_lossy().into_owned());
@@ -53,6 +72,12 @@ fn write_tts_dir(
     write_json_list(&tmp.join(SYMBOLS_FILE), symbols)?;
     write_json_list(&tmp.join(SPEAKERS_FILE), speakers)?;
     if out.exists() {
+        for f in TTS_FILES {
+            let p = out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::file(&p, e))?;
+            }
+        }
         std::fs::remove_dir(out).map_err(|e| Error::file(out, e))?;
     }
     std::fs::rename(&tmp, out).map_err(|e| Error::file(out, e))?;
@@ -86,15 +111,17 @@ pub struct PrepareSummary {
 /// characters become the unknown id and are counted) or with the sorted
 /// character set of all transcripts. Files without a transcript, unreadable
 /// or too short are skipped and listed; no usable pair is an error naming
-/// `dir`. `out` must be absent or empty: the three files appear together
-/// (written beside it, then renamed), never over existing data.
+/// `dir`. `out` must be absent or empty, or with `overwrite` hold nothing
+/// but TTS data: the three files appear together (written beside it, then
+/// renamed), never over anything else.
 pub fn prepare_tts_folder(
     model: &melvae_models::MelVqVae,
     dir: &Path,
     out: &Path,
     symbols: Option<&[String]>,
+    overwrite: bool,
 ) -> Result<PrepareSummary> {
-    check_fresh(out)?;
+    check_fresh(out, overwrite)?;
     let speakers = class_folders(dir)?;
     let opts = mono_at(model.mel_config().sample_rate);
     let mut pairs = Vec::new();
@@ -151,7 +178,7 @@ pub fn prepare_tts_folder(
         })
         .collect();
     let names = folder_names(&speakers);
-    let shard = write_tts_dir(out, &examples, &tokenizer.symbols(), &names)?;
+    let shard = write_tts_dir(out, &examples, &tokenizer.symbols(), &names, overwrite)?;
     Ok(PrepareSummary {
         speakers: names,
         counts,
@@ -186,7 +213,7 @@ pub struct DummyTts {
 /// vector when asked. For trying the pipeline, as the seed's
 /// `--create_dummy`; it teaches nothing.
 pub fn write_dummy_tts(out: &Path, d: &DummyTts) -> Result<PathBuf> {
-    check_fresh(out)?;
+    check_fresh(out, false)?;
     if d.examples == 0 || d.speakers == 0 || d.mel_vocab_size == 0 || d.cols == 0 {
         return Err(Error::invalid(
             "dummy dataset",
@@ -236,5 +263,5 @@ pub fn write_dummy_tts(out: &Path, d: &DummyTts) -> Result<PathBuf> {
         }
     }
     let names: Vec<String> = (0..d.speakers).map(|i| format!("speaker{i}")).collect();
-    write_tts_dir(out, &examples, &symbols, &names)
+    write_tts_dir(out, &examples, &symbols, &names, false)
 }

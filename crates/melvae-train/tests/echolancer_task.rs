@@ -232,7 +232,7 @@ fn prepare_tts_and_test_sentences() {
     let audio = d.path().join("audio");
     tts_folder(&audio);
     let out = d.path().join("tokens");
-    let s = prepare_tts_folder(&vqvae(), &audio, &out, None).unwrap();
+    let s = prepare_tts_folder(&vqvae(), &audio, &out, None, false).unwrap();
     assert_eq!(s.speakers, ["alice", "bob"]);
     assert_eq!(s.counts, [3, 2]);
     assert_eq!(s.skipped.len(), 1);
@@ -261,9 +261,20 @@ fn prepare_tts_and_test_sentences() {
         &audio,
         &d.path().join("t2"),
         Some(&["a".to_string(), " ".into()]),
+        false,
     )
     .unwrap();
     assert!(s2.unknown[&'s'] >= 5, "{:?}", s2.unknown);
+    // The folder holds TTS data now: refused without --overwrite, replaced
+    // with it; a folder holding anything else is never written into.
+    let again = |overwrite| prepare_tts_folder(&vqvae(), &audio, &out, None, overwrite);
+    let e = again(false).unwrap_err().to_string();
+    assert!(e.contains("not empty") && e.contains("--overwrite"), "{e}");
+    assert_eq!(again(true).unwrap().counts, [3, 2]);
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let e = again(true).unwrap_err().to_string();
+    assert!(e.contains("notes.txt"), "{e}");
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
 
     // 8 rows of 40 codes per clip: 320 tokens.
     let long = |v, s| EcholancerConfig {
