@@ -50,6 +50,7 @@ pub mod mel_vqvae;
 pub mod model_file;
 pub mod priors;
 pub mod vocoder;
+pub mod vqvae;
 pub mod wave_vae;
 
 pub use convformer::{ConvformerConfig, ConvformerEncoder};
@@ -72,6 +73,7 @@ pub use model_file::{Family, ModelFileInfo};
 pub use priors::gpt::{Gpt, GptConfig, GptPositions, SamplingOptions};
 pub use priors::gpt_vae::{GptVae, GptVaeConfig, GptVaeLoss, LatentInjection};
 pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
+pub use vqvae::{VqDecoderStream, VqEncoderStream, VqVae, VqVaeConfig, VqVaeOutput};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,
     WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae,

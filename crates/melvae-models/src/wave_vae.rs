@@ -316,8 +316,16 @@ pub struct WaveEncoder {
 }
 
 impl WaveEncoder {
-    /// Builds the encoder; fails on an invalid config, naming the field.
+    /// Builds the encoder (`2 * latent_dim` outputs: mean and log-variance);
+    /// fails on an invalid config, naming the field.
     pub fn new(cfg: WaveVaeConfig, vb: VarBuilder) -> Result<Self> {
+        let outputs = 2 * cfg.latent_dim;
+        Self::with_outputs(cfg, outputs, vb)
+    }
+
+    /// The encoder with `outputs` channels out of its last conv (the
+    /// VQ-VAE's: `latent_dim`, the vectors to quantise).
+    pub fn with_outputs(cfg: WaveVaeConfig, outputs: usize, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let w = cfg.widths();
         let input = Conv1d::new(
@@ -351,10 +359,7 @@ impl WaveEncoder {
         };
         Ok(Self {
             act_out: Activation::new(cfg.activation.kind(), last, vb.pp("act_out"))?,
-            out: Conv1d::new(
-                cfg.conv(last, 2 * cfg.latent_dim, cfg.kernel_size, 1),
-                vb.pp("out"),
-            )?,
+            out: Conv1d::new(cfg.conv(last, outputs, cfg.kernel_size, 1), vb.pp("out"))?,
             input,
             stages,
             bottleneck,
@@ -396,6 +401,13 @@ impl WaveEncoder {
     /// `audio` `[batch, audio_channels, samples]` (samples a multiple of the
     /// hop) to `(mean, logvar)`, each `[batch, latent_dim, samples / hop]`.
     pub fn forward(&self, audio: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.split(&self.features(audio)?)
+    }
+
+    /// The last conv's output `[batch, outputs, samples / hop]` (see
+    /// [`WaveEncoder::with_outputs`]) of `audio` as in
+    /// [`WaveEncoder::forward`].
+    pub fn features(&self, audio: &Tensor) -> Result<Tensor> {
         self.check(audio, true)?;
         let mut h = self.input.forward(audio)?;
         for s in &self.stages {
@@ -407,15 +419,15 @@ impl WaveEncoder {
         if let Some(b) = &self.bottleneck {
             h = b.forward(&h)?;
         }
-        let h = self.out.forward(&self.act_out.forward(&h)?)?;
-        self.split(&h)
+        Ok(self.out.forward(&self.act_out.forward(&h)?)?)
     }
 }
 
 impl Streaming for WaveEncoder {
     /// Audio chunks `[batch, audio_channels, t]` (any `t >= 1`) to the latent
-    /// frames that became final, mean and log-variance stacked on the
-    /// channel axis: `[batch, 2 * latent_dim, n]` (causal models only).
+    /// frames that became final, as [`WaveEncoder::features`] (mean and
+    /// log-variance stacked on the channel axis, `[batch, 2 * latent_dim,
+    /// n]`, for the VAE; causal models only).
     fn step(&mut self, chunk: &Tensor) -> melvae_layers::Result<Option<Tensor>> {
         let err = |e: Error| melvae_layers::Error::Invalid {
             what: "wave_vae encoder stream".into(),

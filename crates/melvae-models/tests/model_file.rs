@@ -396,6 +396,30 @@ fn token_models_round_trip_through_model_files() {
     };
     let (vm, vb) = built(4);
     let mut tts = Echolancer::new(cfg.clone(), vb).unwrap();
+    let wave_cfg = melvae_models::VqVaeConfig {
+        net: melvae_models::WaveVaeConfig {
+            sample_rate: 22050,
+            channels: 4,
+            channel_mults: vec![2, 2],
+            strides: vec![2, 4],
+            latent_dim: 4,
+            bottleneck: Default::default(),
+            ..Default::default()
+        },
+        codebook_size: 16,
+        commitment: 0.25,
+        ema_decay: None,
+        restart_threshold: Some(1.0),
+    };
+    let (wvm, wvb) = built(5);
+    let wave = melvae_models::VqVae::new(wave_cfg.clone(), wvb).unwrap();
+    let loaded_wave: melvae_models::VqVae = round_trip(dir.path(), &wave_cfg, &wvm);
+    let audio = Tensor::randn(0f32, 0.3, (1, 1, 64), &dev).unwrap();
+    let (a, b) = (
+        wave.encode(&audio).unwrap(),
+        loaded_wave.encode(&audio).unwrap(),
+    );
+    assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
     let mut loaded: Echolancer = round_trip(dir.path(), &cfg, &vm);
     // The tokenizer travels in the config.
     let (ids, unknown) = loaded.config().tokenizer().unwrap().encode("abc ba");

@@ -1,0 +1,469 @@
+//! The waveform VQ-VAE of the hierarchical system (the seed's VQWave): the
+//! waveform VAE's SEANet encoder and decoder with a [`VectorQuantizer`]
+//! bottleneck, one model per compression level (512x, 128x, 32x, 8x: the
+//! product of the strides).
+//!
+//! Audio `[batch, audio_channels, samples]` (samples a multiple of the hop)
+//! to codes `[batch, samples / hop]` (u32 below `codebook_size`) and back to
+//! audio `[batch, audio_channels, frames * hop]`. The encoder's last conv
+//! gives one `net.latent_dim`-vector per frame (the code vector size: 32 in
+//! the seed), quantised to its nearest code (straight-through, codebook and
+//! commitment losses or EMA updates, restarts of dead codes from recent
+//! encoder outputs). Parameters: `encoder.*` and `decoder.*` as the waveform
+//! VAE's (`crate::wave_vae`), `vq.codebook` `[codebook_size, latent_dim]`
+//! and the quantiser's buffers.
+//!
+//! In causal mode both halves stream: audio chunks become codes as their
+//! frames are final ([`VqVae::encoder_stream`]), and codes become audio
+//! ([`VqVae::decoder_stream`]), each equal to the offline pass.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use melvae_layers::{Streaming, VectorQuantizer, VqConfig, VqOutput};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ensure;
+use crate::model_file::Family;
+use crate::wave_vae::{WaveDecoder, WaveEncoder, WaveVaeConfig};
+use crate::{Error, Result};
+
+/// Configuration of [`VqVae`] (the `vqvae:` config section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqVaeConfig {
+    /// The encoder and decoder (the waveform VAE's network; its
+    /// `latent_dim` is the code vector size, its strides' product the
+    /// compression).
+    pub net: WaveVaeConfig,
+    /// Number of codes.
+    pub codebook_size: usize,
+    /// Weight of the commitment loss.
+    #[serde(default = "quarter")]
+    pub commitment: f64,
+    /// EMA codebook updates with this decay instead of the codebook loss.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// Restart codes used less than this many times per batch on average
+    /// (`null`: never).
+    #[serde(default = "one")]
+    pub restart_threshold: Option<f64>,
+}
+
+fn quarter() -> f64 {
+    0.25
+}
+
+fn one() -> Option<f64> {
+    Some(1.0)
+}
+
+impl VqVaeConfig {
+    /// Checks every field; the error names it (`vqvae.net.<field>`,
+    /// `vqvae.<field>`).
+    pub fn validate(&self) -> Result<()> {
+        let rename = |e: Error, from: &str, to: &str| match e {
+            Error::Invalid { what, reason } => Error::invalid(what.replacen(from, to, 1), reason),
+            e => e,
+        };
+        self.net
+            .validate()
+            .map_err(|e| rename(e, "wave_vae.", "vqvae.net."))?;
+        ensure(
+            self.commitment.is_finite() && self.commitment >= 0.0,
+            "vqvae.commitment",
+            || format!("must be a finite weight >= 0, got {}", self.commitment),
+        )?;
+        self.vq_config().validate().map_err(|e| match e {
+            melvae_layers::Error::Invalid { what, reason } => {
+                Error::invalid(what.replacen("vq.", "vqvae.", 1), reason)
+            }
+            e => e.into(),
+        })
+    }
+
+    /// Samples per code: the product of the strides.
+    pub fn hop(&self) -> usize {
+        self.net.hop()
+    }
+
+    fn vq_config(&self) -> VqConfig {
+        VqConfig {
+            commitment: self.commitment,
+            ema_decay: self.ema_decay,
+            restart_threshold: self.restart_threshold,
+            ..VqConfig::new(self.codebook_size, self.net.latent_dim)
+        }
+    }
+}
+
+/// What [`VqVae::forward`] returns.
+#[derive(Debug)]
+pub struct VqVaeOutput {
+    /// The decoded audio `[batch, audio_channels, samples]`.
+    pub recon: Tensor,
+    /// The quantiser's output (codes `[batch, frames]`, losses, usage,
+    /// perplexity).
+    pub vq: VqOutput,
+}
+
+/// The waveform VQ-VAE; see the module docs.
+#[derive(Debug)]
+pub struct VqVae {
+    cfg: VqVaeConfig,
+    encoder: WaveEncoder,
+    vq: VectorQuantizer,
+    decoder: WaveDecoder,
+}
+
+impl VqVae {
+    /// Builds the model; fails on an invalid config, naming the field.
+    pub fn new(cfg: VqVaeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.net.latent_dim;
+        Ok(Self {
+            encoder: WaveEncoder::with_outputs(cfg.net.clone(), d, vb.pp("encoder"))?,
+            vq: VectorQuantizer::new(cfg.vq_config(), vb.pp("vq"))?,
+            decoder: WaveDecoder::new(cfg.net.clone(), vb.pp("decoder"))?,
+            cfg,
+        })
+    }
+
+    /// Loads a `vqvae` model file.
+    pub fn load(
+        path: &std::path::Path,
+        device: &candle_core::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(crate::model_file::load::<Self>(path, device, dtype)?.0)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VqVaeConfig {
+        &self.cfg
+    }
+
+    /// Samples per code.
+    pub fn hop(&self) -> usize {
+        self.cfg.hop()
+    }
+
+    /// The quantiser (codebook, usage, restart sampler state).
+    pub fn quantizer(&self) -> &VectorQuantizer {
+        &self.vq
+    }
+
+    /// The quantiser, to restore its sampler state on resume.
+    pub fn quantizer_mut(&mut self) -> &mut VectorQuantizer {
+        &mut self.vq
+    }
+
+    /// The encoder's vectors `[batch, frames, latent_dim]` of `audio`.
+    fn vectors(&self, audio: &Tensor) -> Result<Tensor> {
+        let z = self.encoder.features(audio)?;
+        Ok(z.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Codes `[batch, samples / hop]` (u32) of `audio` `[batch,
+    /// audio_channels, samples]` (samples a positive multiple of the hop).
+    pub fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let z = self.vectors(audio)?;
+        let (b, n, d) = z.dims3()?;
+        Ok(self.vq.nearest(&z.reshape((b * n, d))?)?.reshape((b, n))?)
+    }
+
+    /// Audio `[batch, audio_channels, frames * hop]` of codes `[batch,
+    /// frames]` (any integer dtype, each below `codebook_size`).
+    pub fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        let k = self.cfg.codebook_size;
+        let bad = |got: String| Error::Shape {
+            what: "vqvae codes".into(),
+            expected: format!("[batch, frames] with codes below {k}"),
+            got,
+        };
+        let (_, n) = codes
+            .dims2()
+            .map_err(|_| bad(format!("{:?}", codes.dims())))?;
+        if n == 0 {
+            return Err(bad(format!("{:?}", codes.dims())));
+        }
+        let codes = codes.to_dtype(DType::U32)?;
+        let max = codes.max_all()?.to_scalar::<u32>()? as usize;
+        if max >= k {
+            return Err(bad(format!("a code {max}")));
+        }
+        let q = self.vq.decode(&codes)?; // [b, n, d]
+        self.decoder.forward(&q.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// The training pass: encode, quantise (straight-through; with `train`,
+    /// EMA updates and restarts), decode. The reconstruction loss is the
+    /// caller's (the task's multi-scale STFT loss).
+    pub fn forward(&mut self, audio: &Tensor, train: bool) -> Result<VqVaeOutput> {
+        let z = self.vectors(audio)?;
+        let vq = self.vq.forward(&z, train)?;
+        let recon = self
+            .decoder
+            .forward(&vq.quantized.transpose(1, 2)?.contiguous()?)?;
+        Ok(VqVaeOutput { recon, vq })
+    }
+
+    /// A streaming encoder (causal models): audio chunks in, the codes of
+    /// the frames that became final out.
+    pub fn encoder_stream(&self) -> Result<VqEncoderStream<'_>> {
+        ensure(self.cfg.net.causal, "vqvae.net.causal", || {
+            "streaming needs a causal model".into()
+        })?;
+        Ok(VqEncoderStream {
+            encoder: self.encoder.clone(),
+            vq: &self.vq,
+        })
+    }
+
+    /// A streaming decoder (causal models): codes in, the audio that became
+    /// final out.
+    pub fn decoder_stream(&self) -> Result<VqDecoderStream<'_>> {
+        ensure(self.cfg.net.causal, "vqvae.net.causal", || {
+            "streaming needs a causal model".into()
+        })?;
+        Ok(VqDecoderStream {
+            decoder: self.decoder.clone(),
+            vq: &self.vq,
+            codebook_size: self.cfg.codebook_size,
+        })
+    }
+}
+
+/// Streaming encoding (see [`VqVae::encoder_stream`]): its own encoder
+/// state, the model's codebook.
+#[derive(Debug, Clone)]
+pub struct VqEncoderStream<'a> {
+    encoder: WaveEncoder,
+    vq: &'a VectorQuantizer,
+}
+
+impl VqEncoderStream<'_> {
+    /// Feeds audio `[batch, audio_channels, t]` (any `t >= 1`); returns the
+    /// codes `[batch, n]` of the frames that became final, if any.
+    pub fn push(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
+        let Some(z) = self.encoder.step(chunk)? else {
+            return Ok(None);
+        };
+        let z = z.transpose(1, 2)?.contiguous()?;
+        let (b, n, d) = z.dims3()?;
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.vq.nearest(&z.reshape((b * n, d))?)?.reshape((b, n))?,
+        ))
+    }
+
+    /// Numbers carried between chunks.
+    pub fn state_elements(&self) -> usize {
+        self.encoder.state_elements()
+    }
+}
+
+/// Streaming decoding (see [`VqVae::decoder_stream`]): its own decoder
+/// state, the model's codebook.
+#[derive(Debug, Clone)]
+pub struct VqDecoderStream<'a> {
+    decoder: WaveDecoder,
+    vq: &'a VectorQuantizer,
+    codebook_size: usize,
+}
+
+impl VqDecoderStream<'_> {
+    /// Feeds codes `[batch, n]`; returns the audio `[batch, audio_channels,
+    /// t]` that became final, if any.
+    pub fn push(&mut self, codes: &Tensor) -> Result<Option<Tensor>> {
+        let codes = codes.to_dtype(DType::U32)?;
+        if codes.elem_count() > 0 {
+            let max = codes.max_all()?.to_scalar::<u32>()? as usize;
+            if max >= self.codebook_size {
+                return Err(Error::Shape {
+                    what: "vqvae codes".into(),
+                    expected: format!("codes below {}", self.codebook_size),
+                    got: format!("a code {max}"),
+                });
+            }
+        }
+        let q = self.vq.decode(&codes)?.transpose(1, 2)?.contiguous()?;
+        Ok(self.decoder.step(&q)?)
+    }
+
+    /// Numbers carried between chunks.
+    pub fn state_elements(&self) -> usize {
+        self.decoder.state_elements()
+    }
+}
+
+impl Family for VqVae {
+    const NAME: &'static str = "vqvae";
+    type Config = VqVaeConfig;
+
+    fn build(cfg: VqVaeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+    use melvae_layers::testing::{
+        check_gradients, max_abs_diff, named_vars, noise, randomize, GradCheck,
+    };
+
+    /// 8x compression (strides 2, 4), 16 codes of 4 dims.
+    fn tiny(causal: bool) -> VqVaeConfig {
+        VqVaeConfig {
+            net: WaveVaeConfig {
+                sample_rate: 22050,
+                audio_channels: 1,
+                channels: 4,
+                channel_mults: vec![2, 2],
+                strides: vec![2, 4],
+                dilations: vec![1, 3],
+                causal,
+                latent_dim: 4,
+                bottleneck: Default::default(),
+                ..WaveVaeConfig::default()
+            },
+            codebook_size: 16,
+            commitment: 0.25,
+            ema_decay: None,
+            restart_threshold: None,
+        }
+    }
+
+    fn build(cfg: VqVaeConfig, dtype: DType, seed: u64) -> (VarMap, VqVae) {
+        let vm = VarMap::new();
+        let m = VqVae::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+        randomize(&vm, 0.5, seed).unwrap();
+        (vm, m)
+    }
+
+    #[test]
+    fn shapes_at_each_rate() {
+        for strides in [vec![2, 4], vec![2, 4, 4], vec![2, 4, 4, 4]] {
+            let hop: usize = strides.iter().product();
+            let mut cfg = tiny(true);
+            cfg.net.channel_mults = vec![2; strides.len()];
+            cfg.net.strides = strides;
+            let (_, m) = build(cfg, DType::F32, 1);
+            let audio = noise(&[2, 1, hop * 5], 1)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let codes = m.encode(&audio).unwrap();
+            assert_eq!((codes.dims(), codes.dtype()), (&[2, 5][..], DType::U32));
+            let out = m.decode(&codes).unwrap();
+            assert_eq!(out.dims(), audio.dims());
+        }
+    }
+
+    /// Streaming in chunks of any size gives the offline codes and audio.
+    #[test]
+    fn streaming_equals_offline() {
+        let (_, m) = build(tiny(true), DType::F32, 2);
+        let audio = noise(&[1, 1, 8 * 12], 3)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let codes = m.encode(&audio).unwrap();
+        let mut enc = m.encoder_stream().unwrap();
+        let mut got = Vec::new();
+        let mut at = 0;
+        for size in [5, 1, 17, 30, 43] {
+            if let Some(c) = enc.push(&audio.narrow(2, at, size).unwrap()).unwrap() {
+                got.extend(c.flatten_all().unwrap().to_vec1::<u32>().unwrap());
+            }
+            at += size;
+        }
+        assert_eq!(got, codes.flatten_all().unwrap().to_vec1::<u32>().unwrap());
+        let offline = m.decode(&codes).unwrap();
+        let mut dec = m.decoder_stream().unwrap();
+        let mut parts = Vec::new();
+        for (a, n) in [(0, 1), (1, 4), (5, 7)] {
+            if let Some(x) = dec.push(&codes.narrow(1, a, n).unwrap()).unwrap() {
+                parts.push(x);
+            }
+        }
+        let streamed = Tensor::cat(&parts, 2).unwrap();
+        let n = streamed.dim(2).unwrap();
+        let d = max_abs_diff(&streamed, &offline.narrow(2, 0, n).unwrap()).unwrap();
+        assert!(d < 1e-5, "{d}");
+        assert!(n >= 8 * 10, "{n} samples final of 96");
+        assert!(VqVae::new(
+            tiny(false),
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)
+        )
+        .unwrap()
+        .encoder_stream()
+        .is_err());
+    }
+
+    /// f64 finite differences of what each part truly differentiates: the
+    /// decoder on a loss of the reconstruction, the encoder (and the audio)
+    /// on its continuous output, the codebook on the codebook loss.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (vm, m) = build(tiny(true), DType::F64, 4);
+        let m = std::cell::RefCell::new(m);
+        let part = |prefix: &str| -> Vec<(String, Var)> {
+            named_vars(&vm)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .collect()
+        };
+        let audio = noise(&[1, 1, 32], 5).unwrap();
+        let err = |e: Error| candle_core::Error::Msg(e.to_string());
+        check_gradients(&part("decoder."), GradCheck::default(), || {
+            let r = m.borrow_mut().forward(&audio, false).map_err(err)?.recon;
+            (&r * &r.sin()?)?.sum_all()
+        })
+        .unwrap_or_else(|e| panic!("decoder: {e}"));
+        let a = Var::from_tensor(&audio).unwrap();
+        let mut enc = part("encoder.");
+        enc.push(("audio".into(), a.clone()));
+        check_gradients(&enc, GradCheck::default(), || {
+            let z = m.borrow().vectors(a.as_tensor()).map_err(err)?;
+            (&z * &z.cos()?)?.sum_all()
+        })
+        .unwrap_or_else(|e| panic!("encoder: {e}"));
+        check_gradients(&part("vq.codebook"), GradCheck::default(), || {
+            m.borrow_mut()
+                .forward(a.as_tensor(), false)
+                .map(|o| o.vq.codebook_loss)
+                .map_err(err)
+        })
+        .unwrap_or_else(|e| panic!("codebook: {e}"));
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_named() {
+        let mut cfg = tiny(true);
+        cfg.net.strides = vec![];
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("vqvae.net.strides"), "{e}");
+        let cfg = VqVaeConfig {
+            codebook_size: 0,
+            ..tiny(true)
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("vqvae.codebook_size"), "{e}");
+        let (_, m) = build(tiny(true), DType::F32, 6);
+        let e = m
+            .decode(&Tensor::new(&[[3u32, 16]], &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vqvae codes") && e.contains("a code 16"), "{e}");
+        let e = m
+            .encode(&Tensor::zeros((1, 1, 12), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple of the hop 8"), "{e}");
+    }
+}
