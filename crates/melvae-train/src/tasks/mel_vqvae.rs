@@ -327,19 +327,10 @@ impl TrainTask for MelVqVaeTask {
     }
 
     fn state(&self) -> serde_json::Value {
-        let mut s = super::cursor_state(&self.cursor);
-        s["vq_rng"] = self.model.quantizer().rng_state().to_string().into();
-        s
+        super::quantizer_state(&self.cursor, self.model.quantizer())
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        super::load_cursor(&mut self.cursor, state);
-        if let Some(r) = state.get("vq_rng").and_then(|v| v.as_str()) {
-            let r = r.parse::<u64>().map_err(|e| {
-                Error::invalid("checkpoint state vq_rng", format!("not a u64: {e}"))
-            })?;
-            self.model.quantizer_mut().set_rng_state(r);
-        }
-        Ok(())
+        super::load_quantizer_state(&mut self.cursor, self.model.quantizer_mut(), state)
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, Echolancer, Gpt, GptVae, MelVae, MelVqVae, Vocos, WaveVae};
+use melvae_models::{model_file, Echolancer, Gpt, GptVae, MelVae, MelVqVae, Vocos, VqVae, WaveVae};
 
 use crate::data::EpochCursor;
 
@@ -20,6 +20,7 @@ pub mod gpt_vae;
 pub mod mel_vae;
 pub mod mel_vqvae;
 pub mod vocos;
+pub mod vqvae;
 pub mod wave_vae;
 mod waveform;
 
@@ -39,6 +40,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
         "echolancer",
         &["echolancer", "echolancer_loss", "echolancer_test"],
     ),
+    ("vqvae", &["vqvae"]),
 ];
 
 /// Families trained on token shards (`data:` is a
@@ -165,6 +167,33 @@ pub(crate) fn sample_options(seed: u64, step: u64) -> melvae_models::SamplingOpt
     }
 }
 
+/// A quantising task's checkpoint state: the data position and the
+/// quantiser's restart sampler (so resume is exact with restarts on).
+pub(crate) fn quantizer_state(
+    cursor: &EpochCursor,
+    vq: &melvae_layers::VectorQuantizer,
+) -> serde_json::Value {
+    let mut s = cursor_state(cursor);
+    s["vq_rng"] = vq.rng_state().to_string().into();
+    s
+}
+
+/// Restores [`quantizer_state`].
+pub(crate) fn load_quantizer_state(
+    cursor: &mut EpochCursor,
+    vq: &mut melvae_layers::VectorQuantizer,
+    state: &serde_json::Value,
+) -> Result<()> {
+    load_cursor(cursor, state);
+    if let Some(r) = state.get("vq_rng").and_then(|v| v.as_str()) {
+        let r = r
+            .parse::<u64>()
+            .map_err(|e| Error::invalid("checkpoint state vq_rng", format!("not a u64: {e}")))?;
+        vq.set_rng_state(r);
+    }
+    Ok(())
+}
+
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
     serde_json::json!({"epoch": cursor.epoch, "pos": cursor.pos})
@@ -276,6 +305,10 @@ pub fn save_model_file(
         "gpt_vae" => {
             let c = gpt_vae::gpt_vae_config(cfg)?.0;
             model_file::save::<GptVae>(out, &c, tensors, metadata, origin)?;
+        }
+        "vqvae" => {
+            let c = vqvae::vqvae_config(cfg)?;
+            model_file::save::<VqVae>(out, &c, tensors, metadata, origin)?;
         }
         "echolancer" => {
             let (c, speakers) = echolancer::model_config(cfg, origin)?;
@@ -428,6 +461,10 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
         "echolancer" => {
             echolancer::echolancer_config(cfg)?;
             no_adversarial("Echolancer")?
+        }
+        "vqvae" => {
+            vqvae::vqvae_config(cfg)?;
+            no_adversarial("waveform VQ-VAE")?
         }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
@@ -717,6 +754,11 @@ pub fn train(
         "vocos" => {
             let sections = vocos::vocos_config(cfg)?;
             let mut task = vocos::VocosTask::new(sections, data, data_cfg, seed, &device, dtype)?;
+            trainer.fit(&mut task, resume)
+        }
+        "vqvae" => {
+            let c = vqvae::vqvae_config(cfg)?;
+            let mut task = vqvae::VqVaeTask::new(c, data, data_cfg, seed, &device, dtype)?;
             trainer.fit(&mut task, resume)
         }
         "mel_vqvae" => {
