@@ -72,6 +72,7 @@ pub use mel_vqvae::{MelVqVae, MelVqVaeConfig, MelVqVaeOutput, ReconLoss};
 pub use model_file::{Family, ModelFileInfo};
 pub use priors::gpt::{Gpt, GptConfig, GptPositions, SamplingOptions};
 pub use priors::gpt_vae::{GptVae, GptVaeConfig, GptVaeLoss, LatentInjection};
+pub use priors::lstm::{ContextCombine, ContextConfig, LstmPrior, LstmPriorConfig};
 pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
 pub use vqvae::{VqDecoderStream, VqEncoderStream, VqVae, VqVaeConfig, VqVaeOutput};
 pub use wave_vae::{

@@ -420,6 +420,31 @@ fn token_models_round_trip_through_model_files() {
         loaded_wave.encode(&audio).unwrap(),
     );
     assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
+    let prior_cfg = melvae_models::LstmPriorConfig {
+        vocab_size: 16,
+        embed_dim: 4,
+        hidden: 8,
+        layers: 2,
+        context: Some(melvae_models::ContextConfig {
+            vocab_size: 16,
+            embed_dim: 4,
+            channels: 4,
+            dilations: vec![1, 2],
+            kernel_size: 3,
+            upsample: 4,
+            combine: Default::default(),
+        }),
+    };
+    let (pvm, pvb) = built(6);
+    let prior = melvae_models::LstmPrior::new(prior_cfg.clone(), pvb).unwrap();
+    let loaded_prior: melvae_models::LstmPrior = round_trip(dir.path(), &prior_cfg, &pvm);
+    let ctx = Tensor::new(&[[3u32, 9]], &dev).unwrap();
+    let opts = melvae_models::SamplingOptions::default();
+    let (a, b) = (
+        prior.sample(1, 8, Some(&ctx), &opts, &dev).unwrap(),
+        loaded_prior.sample(1, 8, Some(&ctx), &opts, &dev).unwrap(),
+    );
+    assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
     let mut loaded: Echolancer = round_trip(dir.path(), &cfg, &vm);
     // The tokenizer travels in the config.
     let (ids, unknown) = loaded.config().tokenizer().unwrap().encode("abc ba");
