@@ -125,6 +125,20 @@ impl LstmPriorConfig {
     }
 }
 
+/// `vb.pp("embed")`: an embedding of `rows` x `dim`, initialised from
+/// `N(0, 1)` as torch's `nn.Embedding`.
+fn embedding(vb: &VarBuilder, rows: usize, dim: usize) -> Result<Embedding> {
+    let w = vb.pp("embed").get_with_hints(
+        (rows, dim),
+        "weight",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )?;
+    Ok(Embedding::new(w, dim))
+}
+
 /// The context model: coarse codes to per-fine-step features.
 #[derive(Debug, Clone)]
 struct ContextModel {
@@ -154,17 +168,7 @@ impl ContextModel {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            embed: Embedding::new(
-                vb.pp("embed").get_with_hints(
-                    (cfg.vocab_size, cfg.embed_dim),
-                    "weight",
-                    candle_nn::Init::Randn {
-                        mean: 0.0,
-                        stdev: 1.0,
-                    },
-                )?,
-                cfg.embed_dim,
-            ),
+            embed: embedding(&vb, cfg.vocab_size, cfg.embed_dim)?,
             input: Conv1d::new(
                 conv(cfg.embed_dim, cfg.channels, cfg.kernel_size, 1),
                 vb.pp("input"),
@@ -219,17 +223,7 @@ impl LstmPrior {
             None => None,
         };
         Ok(Self {
-            embed: Embedding::new(
-                vb.pp("embed").get_with_hints(
-                    (cfg.vocab_size + 1, cfg.embed_dim),
-                    "weight",
-                    candle_nn::Init::Randn {
-                        mean: 0.0,
-                        stdev: 1.0,
-                    },
-                )?,
-                cfg.embed_dim,
-            ),
+            embed: embedding(&vb, cfg.vocab_size + 1, cfg.embed_dim)?,
             context,
             lstm: LstmStack::new(cfg.lstm_input(), cfg.hidden, cfg.layers, vb.pp("lstm"))?,
             head: candle_nn::linear(cfg.hidden, cfg.vocab_size, vb.pp("head"))?,
