@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use melvae_models::{model_file, Echolancer, Gpt, GptVae, MelVae, MelVqVae, Vocos, VqVae, WaveVae};
+use melvae_models::{
+    model_file, Echolancer, Gpt, GptVae, LstmPrior, MelVae, MelVqVae, Vocos, VqVae, WaveVae,
+};
 
 use crate::data::EpochCursor;
 
@@ -17,6 +19,7 @@ use crate::{Error, Result};
 pub mod echolancer;
 pub mod gpt;
 pub mod gpt_vae;
+pub mod lstm_prior;
 pub mod mel_vae;
 pub mod mel_vqvae;
 pub mod vocos;
@@ -41,6 +44,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
         &["echolancer", "echolancer_loss", "echolancer_test"],
     ),
     ("vqvae", &["vqvae"]),
+    ("lstm_prior", &["lstm_prior", "lstm_prior_codes"]),
 ];
 
 /// Families trained on token shards (`data:` is a
@@ -310,6 +314,10 @@ pub fn save_model_file(
             let c = vqvae::vqvae_config(cfg)?;
             model_file::save::<VqVae>(out, &c, tensors, metadata, origin)?;
         }
+        "lstm_prior" => {
+            let c = lstm_prior::lstm_prior_config(cfg)?.0;
+            model_file::save::<LstmPrior>(out, &c, tensors, metadata, origin)?;
+        }
         "echolancer" => {
             let (c, speakers) = echolancer::model_config(cfg, origin)?;
             let mut metadata = metadata.clone();
@@ -363,6 +371,16 @@ pub fn load_vocos(
     load_from_run::<Vocos>(run_or_checkpoint, which, device, |c| {
         Ok(vocos::vocos_config(c)?.model)
     })
+}
+
+/// A trained waveform VQ-VAE level from a run or checkpoint directory, as
+/// [`load_mel_vae`].
+pub fn load_vqvae(
+    run_or_checkpoint: &Path,
+    which: &crate::run::Which,
+    device: &Device,
+) -> Result<VqVae> {
+    load_from_run::<VqVae>(run_or_checkpoint, which, device, vqvae::vqvae_config)
 }
 
 /// A trained mel VQ-VAE from a run or checkpoint directory, as
@@ -465,6 +483,13 @@ fn check(cfg: &ResolvedConfig) -> Result<(&'static str, SampleDecoding)> {
         "vqvae" => {
             vqvae::vqvae_config(cfg)?;
             no_adversarial("waveform VQ-VAE")?
+        }
+        "lstm_prior" => {
+            // The training order: the VQ-VAEs the prior learns must exist
+            // and fit it, before anything is written.
+            let (prior, codes) = lstm_prior::lstm_prior_config(cfg)?;
+            lstm_prior::frozen_vqvaes(&prior, &codes, &Device::Cpu)?;
+            no_adversarial("LSTM prior")?
         }
         _ => {
             mel_vae::mel_vae_config(cfg)?;
@@ -759,6 +784,12 @@ pub fn train(
         "vqvae" => {
             let c = vqvae::vqvae_config(cfg)?;
             let mut task = vqvae::VqVaeTask::new(c, data, data_cfg, seed, &device, dtype)?;
+            trainer.fit(&mut task, resume)
+        }
+        "lstm_prior" => {
+            let sections = lstm_prior::lstm_prior_config(cfg)?;
+            let mut task =
+                lstm_prior::LstmPriorTask::new(sections, data, data_cfg, seed, &device, dtype)?;
             trainer.fit(&mut task, resume)
         }
         "mel_vqvae" => {
