@@ -1369,3 +1369,95 @@ fn prepare_tts_and_synthesize_name_bad_input() {
     );
     assert_one_line_error(&r, "generation length");
 }
+
+#[test]
+fn generate_vqwave_walks_the_hierarchy_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let vq = |strides: Vec<usize>| melvae::models::VqVaeConfig {
+        net: melvae::models::WaveVaeConfig {
+            sample_rate: 22050,
+            channels: 4,
+            channel_mults: vec![2; strides.len()],
+            strides,
+            dilations: vec![1],
+            latent_dim: 4,
+            bottleneck: Default::default(),
+            ..Default::default()
+        },
+        codebook_size: 16,
+        commitment: 0.25,
+        ema_decay: None,
+        restart_threshold: None,
+    };
+    let prior = |upsample: Option<usize>| melvae::models::LstmPriorConfig {
+        vocab_size: 16,
+        embed_dim: 4,
+        hidden: 6,
+        layers: 1,
+        context: upsample.map(|upsample| melvae::models::ContextConfig {
+            vocab_size: 16,
+            embed_dim: 4,
+            channels: 4,
+            dilations: vec![1],
+            kernel_size: 3,
+            upsample,
+            combine: Default::default(),
+        }),
+    };
+    let levels = dir.path().join("vqwave");
+    std::fs::create_dir(&levels).unwrap();
+    seeded_model_file::<melvae::models::VqVae>(
+        levels.join("vqvae_32.safetensors"),
+        vq(vec![2, 4, 4]),
+    );
+    seeded_model_file::<melvae::models::VqVae>(levels.join("vqvae_8.safetensors"), vq(vec![2, 4]));
+    seeded_model_file::<melvae::models::LstmPrior>(
+        levels.join("prior_32.safetensors"),
+        prior(None),
+    );
+    seeded_model_file::<melvae::models::LstmPrior>(
+        levels.join("prior_8.safetensors"),
+        prior(Some(4)),
+    );
+    let (l, out) = (levels.to_str().unwrap(), dir.path().join("out.wav"));
+    let o = out.to_str().unwrap();
+    let r = run(
+        "generate",
+        &["--vqwave", l, "--length", "100", "--output", o],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.contains("32x: 4, 8x: 16"), "{text}");
+    assert_eq!(
+        melvae::dsp::load_audio(&out).unwrap().channels[0].len(),
+        128
+    );
+    // Greedy by temperature 0; stopping at the 32x level.
+    let r = run(
+        "generate",
+        &[
+            "--vqwave",
+            l,
+            "--generators",
+            "32",
+            "--temperature",
+            "0",
+            "--length",
+            "100",
+            "--output",
+            o,
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("32x: 4)"));
+    let r = run(
+        "generate",
+        &["--vqwave", l, "--generators", "64", "--output", o],
+    );
+    assert_one_line_error(&r, "--generators 64");
+    let r = run("generate", &["--vqwave", l]);
+    assert_one_line_error(&r, "--output");
+    std::fs::remove_file(levels.join("prior_8.safetensors")).unwrap();
+    let r = run("generate", &["--vqwave", l, "--output", o]);
+    assert_one_line_error(&r, "prior_8");
+}

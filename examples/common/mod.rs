@@ -90,6 +90,12 @@ pub fn best_model_file(path: &Path) -> anyhow::Result<std::path::PathBuf> {
     })
 }
 
+/// A waveform VQ-VAE level from a model file, or from a run or checkpoint
+/// directory (its latest checkpoint).
+pub fn load_vqvae(path: &Path) -> anyhow::Result<melvae::models::VqVae> {
+    load_model(path, melvae::train::tasks::load_vqvae)
+}
+
 /// A mel VQ-VAE from a model file, or from a run or checkpoint directory
 /// (its latest checkpoint).
 pub fn load_mel_vqvae(path: &Path) -> anyhow::Result<melvae::models::MelVqVae> {
@@ -428,10 +434,10 @@ impl BenchSetting {
 /// `interpolate`).
 #[derive(clap::Args)]
 pub struct TokenSampling {
-    /// Logits are divided by this.
+    /// Logits are divided by this (0: greedy).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// Keep the k most likely tokens.
+    /// Keep the k most likely tokens (1: greedy; 0: all).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling threshold.
@@ -446,11 +452,17 @@ pub struct TokenSampling {
 }
 
 impl TokenSampling {
-    /// The sampling options.
+    /// The sampling options (temperature 0 is greedy: top-k 1; top-k 0 is
+    /// no top-k, as the VQWave seed's flags).
     pub fn options(&self) -> melvae::models::SamplingOptions {
+        let greedy = self.temperature == 0.0;
         melvae::models::SamplingOptions {
-            temperature: self.temperature,
-            top_k: self.top_k,
+            temperature: if greedy { 1.0 } else { self.temperature },
+            top_k: if greedy {
+                Some(1)
+            } else {
+                self.top_k.filter(|&k| k > 0)
+            },
             top_p: self.top_p,
             seed: self.seed,
         }

@@ -74,7 +74,9 @@ pub use priors::gpt::{Gpt, GptConfig, GptPositions, SamplingOptions};
 pub use priors::gpt_vae::{GptVae, GptVaeConfig, GptVaeLoss, LatentInjection};
 pub use priors::lstm::{ContextCombine, ContextConfig, LstmPrior, LstmPriorConfig};
 pub use vocoder::{Vocos, VocosConfig, VocosFeatures, VocosPadding, VocosStream};
-pub use vqvae::{VqDecoderStream, VqEncoderStream, VqVae, VqVaeConfig, VqVaeOutput};
+pub use vqvae::{
+    Hierarchy, HierarchySample, VqDecoderStream, VqEncoderStream, VqVae, VqVaeConfig, VqVaeOutput,
+};
 pub use wave_vae::{
     AdversarialWeights, BalancerSection, FreeBitsConfig, GanLossKind, StereoWeights,
     WaveActivation, WaveBottleneck, WaveDecoder, WaveEncoder, WaveEncoderStream, WaveVae,

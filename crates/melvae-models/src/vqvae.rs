@@ -442,6 +442,83 @@ mod tests {
         .unwrap_or_else(|e| panic!("codebook: {e}"));
     }
 
+    fn level(strides: Vec<usize>, upsample: Option<usize>, seed: u64) -> (VqVae, crate::LstmPrior) {
+        let mut cfg = tiny(true);
+        cfg.net.channel_mults = vec![2; strides.len()];
+        cfg.net.strides = strides;
+        let (_, vq) = build(cfg, DType::F32, seed);
+        let prior_cfg = crate::LstmPriorConfig {
+            vocab_size: 16,
+            embed_dim: 4,
+            hidden: 6,
+            layers: 1,
+            context: upsample.map(|upsample| crate::ContextConfig {
+                vocab_size: 16,
+                embed_dim: 4,
+                channels: 4,
+                dilations: vec![1],
+                kernel_size: 3,
+                upsample,
+                combine: Default::default(),
+            }),
+        };
+        let vm = VarMap::new();
+        let prior = crate::LstmPrior::new(
+            prior_cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        randomize(&vm, 0.5, seed).unwrap();
+        (vq, prior)
+    }
+
+    /// Coarse to fine: each level samples its hop ratio times the codes of
+    /// the level above, and the finest level used decodes; the order and
+    /// the priors' contexts are checked.
+    #[test]
+    fn hierarchical_generation_respects_the_length_ratios() {
+        let h = Hierarchy::new(vec![
+            level(vec![2, 4, 4, 4], None, 1),
+            level(vec![2, 4, 4], Some(4), 2),
+            level(vec![2, 4], Some(4), 3),
+        ])
+        .unwrap();
+        assert_eq!(h.hops(), [128, 32, 8]);
+        let opts = crate::SamplingOptions::default();
+        let s = h.generate(300, 3, &opts, &Device::Cpu).unwrap();
+        let lens: Vec<usize> = s.codes.iter().map(|c| c.dim(1).unwrap()).collect();
+        assert_eq!(lens, [3, 12, 48]);
+        assert_eq!(s.audio.dims(), &[1, 1, 384]);
+        // Stopping at the coarsest level decodes there.
+        let s = h.generate(300, 1, &opts, &Device::Cpu).unwrap();
+        assert_eq!((s.codes.len(), s.audio.dim(2).unwrap()), (1, 384));
+        // Same seed, same codes.
+        let again = h.generate(300, 1, &opts, &Device::Cpu).unwrap();
+        assert_eq!(
+            again.codes[0].to_vec2::<u32>().unwrap(),
+            s.codes[0].to_vec2::<u32>().unwrap()
+        );
+        let e = h
+            .generate(300, 4, &opts, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vqwave generators"), "{e}");
+        let e = Hierarchy::new(vec![level(vec![2, 4], Some(4), 1)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("level 0") && e.contains("no context"), "{e}");
+        let e = Hierarchy::new(vec![
+            level(vec![2, 4, 4], None, 1),
+            level(vec![2, 4], Some(2), 2),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("level 1") && e.contains("hop ratio 32 / 8"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_configs_and_inputs_are_named() {
         let mut cfg = tiny(true);
@@ -465,5 +542,135 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("multiple of the hop 8"), "{e}");
+    }
+}
+
+/// A hierarchy of VQ-VAE levels and their priors, coarsest first (the
+/// seed's generators 512 -> 128 -> 32 -> 8): the coarsest prior samples
+/// unconditionally, each finer one conditioned on the codes just sampled
+/// above it, and the finest level reached decodes its codes to audio.
+#[derive(Debug)]
+pub struct Hierarchy {
+    levels: Vec<(VqVae, crate::LstmPrior)>,
+}
+
+/// What [`Hierarchy::generate`] returns.
+#[derive(Debug)]
+pub struct HierarchySample {
+    /// Each level's codes `[1, frames]`, coarsest first.
+    pub codes: Vec<Tensor>,
+    /// The audio `[1, audio_channels, samples]` decoded by the finest level
+    /// used.
+    pub audio: Tensor,
+}
+
+impl Hierarchy {
+    /// Levels coarsest first: hops must fall level by level, the coarsest
+    /// prior take no context, and every other prior's context be the level
+    /// above (its vocabulary and hop ratio); errors name the level.
+    pub fn new(levels: Vec<(VqVae, crate::LstmPrior)>) -> Result<Self> {
+        ensure(!levels.is_empty(), "vqwave hierarchy", || {
+            "needs at least one level".into()
+        })?;
+        for (i, (vq, prior)) in levels.iter().enumerate() {
+            let name = format!("vqwave level {i} ({}x)", vq.hop());
+            let pc = prior.config();
+            ensure(pc.vocab_size == vq.config().codebook_size, &name, || {
+                format!(
+                    "the prior's vocab_size {} is not the VQ-VAE's codebook_size {}",
+                    pc.vocab_size,
+                    vq.config().codebook_size
+                )
+            })?;
+            match (i.checked_sub(1).map(|j| &levels[j].0), &pc.context) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    return Err(Error::invalid(
+                        name,
+                        "the coarsest prior must take no context",
+                    ))
+                }
+                (Some(_), None) => {
+                    return Err(Error::invalid(
+                        name,
+                        "a finer level's prior needs the coarser level's codes as context",
+                    ))
+                }
+                (Some(above), Some(c)) => {
+                    let ratio = above.hop() / vq.hop().max(1);
+                    ensure(
+                        above.hop() > vq.hop()
+                            && above.hop() % vq.hop() == 0
+                            && ratio == c.upsample,
+                        &name,
+                        || {
+                            format!(
+                                "its prior's context.upsample {} is not the hop ratio {} / {}",
+                                c.upsample,
+                                above.hop(),
+                                vq.hop()
+                            )
+                        },
+                    )?;
+                    ensure(c.vocab_size == above.config().codebook_size, &name, || {
+                        format!(
+                            "its prior's context.vocab_size {} is not the coarser codebook_size {}",
+                            c.vocab_size,
+                            above.config().codebook_size
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(Self { levels })
+    }
+
+    /// The audio's sample rate (the finest level's).
+    pub fn sample_rate(&self) -> u32 {
+        self.levels
+            .last()
+            .map_or(0, |(v, _)| v.config().net.sample_rate)
+    }
+
+    /// The levels' hops, coarsest first.
+    pub fn hops(&self) -> Vec<usize> {
+        self.levels.iter().map(|(v, _)| v.hop()).collect()
+    }
+
+    /// Samples about `samples` of audio (rounded up to the coarsest hop)
+    /// through the first `upto` levels (1: the coarsest only), each level's
+    /// draws seeded from `opts.seed` and the level; the finest level used
+    /// decodes.
+    pub fn generate(
+        &self,
+        samples: usize,
+        upto: usize,
+        opts: &crate::SamplingOptions,
+        device: &candle_core::Device,
+    ) -> Result<HierarchySample> {
+        ensure(
+            upto >= 1 && upto <= self.levels.len(),
+            "vqwave generators",
+            || format!("must be 1..={}, got {upto}", self.levels.len()),
+        )?;
+        ensure(samples > 0, "vqwave length", || "must be > 0".into())?;
+        let top = self.levels[0].0.hop();
+        let mut len = samples.div_ceil(top);
+        let mut codes: Vec<Tensor> = Vec::with_capacity(upto);
+        for (i, (vq, prior)) in self.levels.iter().take(upto).enumerate() {
+            if let Some(above) = codes.last() {
+                len = above.dim(1)? * (self.levels[i - 1].0.hop() / vq.hop());
+            }
+            let level_opts = crate::SamplingOptions {
+                seed: opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ..*opts
+            };
+            codes.push(prior.sample(1, len, codes.last(), &level_opts, device)?);
+        }
+        let last = codes
+            .last()
+            .ok_or_else(|| Error::invalid("vqwave", "no level sampled"))?;
+        let audio = self.levels[upto - 1].0.decode(last)?;
+        Ok(HierarchySample { codes, audio })
     }
 }
