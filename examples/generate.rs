@@ -122,7 +122,7 @@ fn vqwave_levels(dir: &std::path::Path) -> anyhow::Result<Vec<(usize, PathBuf, P
         "--vqwave {}: no vqvae_<hop> levels in it",
         dir.display()
     );
-    levels.sort_by(|a, b| b.0.cmp(&a.0));
+    levels.sort_by_key(|l| std::cmp::Reverse(l.0));
     Ok(levels)
 }
 
