@@ -129,3 +129,24 @@ fn data_must_match_the_model() {
         "{e}"
     );
 }
+
+/// The bundled level settings parse and compress as their names say.
+#[test]
+fn the_level_settings_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/settings");
+    for hop in [512, 128, 32, 8] {
+        for name in [
+            format!("vqvae_{hop}.yaml"),
+            format!("vqvae_{hop}_tiny.yaml"),
+        ] {
+            let r = ResolvedConfig::load(&root.join(&name), &[]).unwrap();
+            let c = melvae_train::tasks::vqvae::vqvae_config(&r).unwrap();
+            assert_eq!(c.hop(), hop, "{name}");
+            let _: AudioDataConfig = r.get("data").unwrap();
+        }
+        let r = ResolvedConfig::load(&root.join(format!("prior_{hop}_tiny.yaml")), &[]).unwrap();
+        let (p, codes) = melvae_train::tasks::lstm_prior::lstm_prior_config(&r).unwrap();
+        assert_eq!(p.context.is_some(), hop != 512);
+        assert!(codes.vqvae.ends_with(format!("vqvae_{hop}")));
+    }
+}
