@@ -174,6 +174,21 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
         } else {
             out.push((name, codec(vq)));
         }
+    } else if family == "vqvae" {
+        anyhow::ensure!(
+            args.vocoder.is_none(),
+            "--vocoder is for mel models; {} is a waveform VQ-VAE",
+            path.display()
+        );
+        let vq = common::load_vqvae(path)?;
+        if args.baselines {
+            let vm = candle_nn::VarMap::new();
+            let fresh = melvae::models::VqVae::new(vq.config().clone(), seeded(&vm))?;
+            out.push((name, Box::new(vq)));
+            out.push((untrained, Box::new(fresh)));
+        } else {
+            out.push((name, Box::new(vq)));
+        }
     } else if family == "wave_vae" {
         anyhow::ensure!(
             args.vocoder.is_none(),

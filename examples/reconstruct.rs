@@ -151,8 +151,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "--vocoder is for mel models; {} is a {family} model",
         args.model.display()
     );
+    anyhow::ensure!(
+        family != "vqvae"
+            || (args.interpolate.is_none() && args.scale == 1.0 && args.shift == 0.0),
+        "{}: a waveform VQ-VAE has discrete codes; latent edits and interpolation need a continuous latent",
+        args.model.display()
+    );
     let codec: Box<dyn Codec> = if family == "vocos" {
         Box::new(MelCodec::vocos(common::load_vocos(&args.model)?)?)
+    } else if family == "vqvae" {
+        Box::new(common::load_vqvae(&args.model)?)
     } else if family == "wave_vae" {
         Box::new(common::load_wave_vae(&args.model)?)
     } else {

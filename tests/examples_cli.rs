@@ -1457,6 +1457,44 @@ fn generate_vqwave_walks_the_hierarchy_and_names_bad_input() {
     assert_one_line_error(&r, "--generators 64");
     let r = run("generate", &["--vqwave", l]);
     assert_one_line_error(&r, "--output");
+    // A level reconstructs audio -> codes -> audio, and evaluate scores it
+    // as a codec; latent edits are refused (its codes are discrete).
+    let vq8 = levels.join("vqvae_8.safetensors");
+    let v8 = vq8.to_str().unwrap();
+    let rec = dir.path().join("rec.wav");
+    let s = sample();
+    let r = run(
+        "reconstruct",
+        &["--model", v8, &s, "-o", rec.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = run(
+        "reconstruct",
+        &[
+            "--model",
+            v8,
+            &s,
+            "-o",
+            rec.to_str().unwrap(),
+            "--scale",
+            "2",
+        ],
+    );
+    assert_one_line_error(&r, "discrete codes");
+    let refs = dir.path().join("refs");
+    std::fs::create_dir(&refs).unwrap();
+    std::fs::copy(sample(), refs.join("x.flac")).unwrap();
+    let r = run(
+        "evaluate",
+        &[
+            "--reference",
+            refs.to_str().unwrap(),
+            "--model",
+            v8,
+            "--no-pesq",
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     std::fs::remove_file(levels.join("prior_8.safetensors")).unwrap();
     let r = run("generate", &["--vqwave", l, "--output", o]);
     assert_one_line_error(&r, "prior_8");

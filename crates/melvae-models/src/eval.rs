@@ -294,6 +294,35 @@ impl Codec for WaveVae {
     }
 }
 
+impl Codec for crate::VqVae {
+    fn sample_rate(&self) -> u32 {
+        self.config().net.sample_rate
+    }
+    fn audio_channels(&self) -> usize {
+        self.config().net.audio_channels
+    }
+    /// The codes `[1, 1, frames]` (u32) of the audio zero-padded to the
+    /// hop.
+    fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        let t = audio.dim(D::Minus1)?;
+        let hop = self.hop();
+        let padded = audio.pad_with_zeros(D::Minus1, 0, t.div_ceil(hop).max(1) * hop - t)?;
+        Ok(crate::VqVae::encode(self, &padded.to_dtype(candle_core::DType::F32)?)?.unsqueeze(1)?)
+    }
+    fn decode(&self, latents: &Tensor, samples: usize) -> Result<Tensor> {
+        let y = crate::VqVae::decode(self, &latents.squeeze(1)?)?;
+        Ok(y.narrow(D::Minus1, 0, samples)?
+            .to_dtype(candle_core::DType::F32)?)
+    }
+    fn device(&self) -> Device {
+        self.quantizer().codebook().device().clone()
+    }
+    /// Codes per second.
+    fn latent_rate(&self) -> f64 {
+        self.sample_rate() as f64 / self.hop() as f64
+    }
+}
+
 /// How a mel becomes audio.
 #[derive(Debug, Clone)]
 pub enum MelToAudio {
