@@ -58,12 +58,11 @@ fn load_model<F: melvae::models::Family>(
         &candle_core::Device,
     ) -> melvae::train::Result<F>,
 ) -> anyhow::Result<F> {
-    let dev = candle_core::Device::Cpu;
-    Ok(if path.is_file() {
-        melvae::models::model_file::load::<F>(path, &dev, candle_core::DType::F32)?.0
-    } else {
-        from_run(path, &melvae::train::run::Which::Latest, &dev)?
-    })
+    Ok(melvae::train::tasks::load_model_at(
+        path,
+        from_run,
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// A waveform VAE from a model file or a run or checkpoint directory, as

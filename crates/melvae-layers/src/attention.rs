@@ -635,6 +635,50 @@ impl MultiHeadAttention {
         )?)
     }
 
+    /// [`MultiHeadAttention::forward_cross`] for incremental decoding: the
+    /// context's keys and values are projected on the first call after
+    /// [`MultiHeadAttention::clear_cache`] and kept (detached), so each
+    /// new position costs its query and the attention, not a projection of
+    /// the whole context. The context must stay the same until the cache
+    /// is cleared (inference: no dropout).
+    pub fn forward_cross_cached(
+        &mut self,
+        x: &Tensor,
+        context: &Tensor,
+        context_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (q, kv) = match (&self.q, &self.kv, self.cfg.context_dim) {
+            (Some(q), Some(kv), Some(c)) => {
+                self.check(context, "attention context", c)?;
+                (q, kv)
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "attention",
+                    "self-attention has no context: use forward_cached",
+                ))
+            }
+        };
+        self.check(x, "attention input", self.cfg.dim)?;
+        let q = self.split_heads(&q.forward(x)?, 1)?.remove(0);
+        let (k, v) = match &self.cache {
+            Some(kv) => kv.clone(),
+            None => {
+                let mut p = self.split_heads(&kv.forward(context)?.detach(), 2)?;
+                let v = p.remove(1);
+                let k = p.remove(0);
+                self.cache = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        self.merge(&attend(
+            &q,
+            &k,
+            &v,
+            &self.opts(context_mask, None, false, Mode::Eval),
+        )?)
+    }
+
     /// Incremental causal self-attention: `x_new` (`[batch, t, dim]`) are the
     /// next `t` positions; they attend to the cached positions (the last
     /// `window - 1` with a window) and causally to each other. Equals the

@@ -145,6 +145,11 @@ impl DecoderLayer {
                 ))
             }
         };
+        self.ffn_branch(x, mask, mode)
+    }
+
+    /// `x += ffn(norm2(x))`.
+    fn ffn_branch(&self, x: Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let h = self.ffn.forward(&self.norm2.forward(&x)?, mask, mode)?;
         Ok((&x + mode.dropout(&h, self.dropout)?)?)
     }
@@ -174,12 +179,24 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = self.self_attn.forward_cached(&self.norm1.forward(x_new)?)?;
         let x = (x_new + h)?;
-        self.tail(x, context, None, Mode::Eval)
+        match (&mut self.cross, context) {
+            // The context's keys and values are projected once per cache.
+            (Some((norm, attn)), Some((ctx, ctx_mask))) => {
+                let h = attn.forward_cross_cached(&norm.forward(&x)?, ctx, ctx_mask)?;
+                let x = (&x + h)?;
+                self.ffn_branch(x, None, Mode::Eval)
+            }
+            _ => self.tail(x, context, None, Mode::Eval),
+        }
     }
 
-    /// Forgets the KV cache.
+    /// Forgets the KV caches (self-attention, and the cross-attention's
+    /// projected context).
     pub fn clear_cache(&mut self) {
         self.self_attn.clear_cache();
+        if let Some((_, a)) = &mut self.cross {
+            a.clear_cache();
+        }
     }
 
     /// Numbers held in the KV cache.

@@ -288,8 +288,14 @@ impl VqDecoderStream<'_> {
                 });
             }
         }
-        let q = self.vq.decode(&codes)?.transpose(1, 2)?.contiguous()?;
-        Ok(self.decoder.step(&q)?)
+        // Detached: the stream's state never holds the codebook's graph.
+        let q = self
+            .vq
+            .decode(&codes)?
+            .detach()
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok(self.decoder.step(&q)?.map(|a| a.detach()))
     }
 
     /// Numbers carried between chunks.
@@ -388,6 +394,8 @@ mod tests {
         let mut parts = Vec::new();
         for (a, n) in [(0, 1), (1, 4), (5, 7)] {
             if let Some(x) = dec.push(&codes.narrow(1, a, n).unwrap()).unwrap() {
+                // Trainable weights, but the streamed audio holds no graph.
+                assert!(!x.track_op());
                 parts.push(x);
             }
         }

@@ -454,7 +454,7 @@ fn token_samples_decode_through_the_vqvae() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("training.sample_vqvae") && e.contains("cannot load a mel VQ-VAE"),
+        e.contains("training.sample_vqvae") && e.contains("cannot load a mel_vqvae"),
         "{e}"
     );
 }

@@ -70,15 +70,7 @@ fn prior(upsample: usize) -> LstmPriorConfig {
 }
 
 fn data_cfg(dir: &Path) -> AudioDataConfig {
-    AudioDataConfig {
-        dir: dir.to_path_buf(),
-        sample_rate: 22050,
-        channels: 1,
-        crop_seconds: 0.05,
-        batch_size: 2,
-        val_fraction: 0.0,
-        cache_dir: None,
-    }
+    common::mono_data(dir, 22050, 0.05)
 }
 
 fn task(dir: &Path, cfg: LstmPriorConfig, codes: LstmPriorCodes) -> Result<LstmPriorTask> {

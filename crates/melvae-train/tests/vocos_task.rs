@@ -42,15 +42,7 @@ fn tiny() -> VocosConfig {
 }
 
 fn data_cfg(dir: &Path, rate: u32) -> AudioDataConfig {
-    AudioDataConfig {
-        dir: dir.to_path_buf(),
-        sample_rate: rate,
-        channels: 1,
-        crop_seconds: 0.1,
-        batch_size: 2,
-        val_fraction: 0.0,
-        cache_dir: None,
-    }
+    common::mono_data(dir, rate, 0.1)
 }
 
 fn task(dir: &Path, discriminators: Option<DiscriminatorsConfig>) -> VocosTask {

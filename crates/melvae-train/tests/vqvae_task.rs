@@ -33,15 +33,7 @@ fn tiny() -> VqVaeConfig {
 }
 
 fn data_cfg(dir: &Path, rate: u32, crop: f64) -> AudioDataConfig {
-    AudioDataConfig {
-        dir: dir.to_path_buf(),
-        sample_rate: rate,
-        channels: 1,
-        crop_seconds: crop,
-        batch_size: 2,
-        val_fraction: 0.0,
-        cache_dir: None,
-    }
+    common::mono_data(dir, rate, crop)
 }
 
 fn task(dir: &Path) -> VqVaeTask {

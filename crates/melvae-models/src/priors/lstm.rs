@@ -358,7 +358,12 @@ impl LstmPrior {
                 x = self.combine(x, Some(&c.narrow(1, t, 1)?))?;
             }
             let (h, s) = self.lstm.step(&x.squeeze(1)?, &state)?;
-            state = s;
+            // The carried state holds no autograd graph (a prior built from
+            // trainable weights would otherwise grow one per code).
+            state = s
+                .into_iter()
+                .map(|s| candle_nn::rnn::LSTMState::new(s.h.detach(), s.c.detach()))
+                .collect();
             let logits = self.head.forward(&h)?.detach();
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             for (i, r) in rows.iter().enumerate() {

@@ -58,16 +58,7 @@ fn load_vqvae(path: &std::path::Path, key: &str, device: &Device) -> Result<VqVa
             path.display()
         )));
     }
-    if path.is_dir() {
-        super::load_vqvae(path, &crate::run::Which::Latest, device).map_err(|e| {
-            named(format!(
-                "{}: cannot load a vqvae from it ({e})",
-                path.display()
-            ))
-        })
-    } else {
-        VqVae::load(path, device, DType::F32).map_err(|e| named(e.to_string()))
-    }
+    super::load_model_at(path, super::load_vqvae, device).map_err(|e| named(e.to_string()))
 }
 
 /// The frozen VQ-VAEs of a prior, checked against it: `vocab_size` is this

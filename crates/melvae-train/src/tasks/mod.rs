@@ -373,6 +373,23 @@ pub fn load_vocos(
     })
 }
 
+/// A model of family `F` from a model file, or from a run or checkpoint
+/// directory through `from_run` (its latest checkpoint: what `tokenize`,
+/// `prepare_tts` and the programs read), in f32 on `device`. A directory
+/// that does not hold such a run is an error naming it.
+pub fn load_model_at<F: model_file::Family>(
+    path: &Path,
+    from_run: impl FnOnce(&Path, &crate::run::Which, &Device) -> Result<F>,
+    device: &Device,
+) -> Result<F> {
+    if path.is_dir() {
+        from_run(path, &crate::run::Which::Latest, device)
+            .map_err(|e| Error::file(path, format!("cannot load a {} from it ({e})", F::NAME)))
+    } else {
+        Ok(model_file::load::<F>(path, device, DType::F32)?.0)
+    }
+}
+
 /// A trained waveform VQ-VAE level from a run or checkpoint directory, as
 /// [`load_mel_vae`].
 pub fn load_vqvae(
@@ -590,14 +607,8 @@ fn sample_decoding(
         Some(path) => {
             // A run's latest checkpoint, as `tokenize` reads it: the
             // codebook that made the tokens.
-            let vq = if path.is_dir() {
-                load_mel_vqvae(path, &crate::run::Which::Latest, &Device::Cpu).map_err(|e| {
-                    let why = format!("{}: cannot load a mel VQ-VAE from it ({e})", path.display());
-                    named(VQVAE, why)
-                })
-            } else {
-                MelVqVae::load(path, &Device::Cpu, DType::F32).map_err(|e| named(VQVAE, e.to_string()))
-            }?;
+            let vq = load_model_at(path, load_mel_vqvae, &Device::Cpu)
+                .map_err(|e| named(VQVAE, e.to_string()))?;
             let vocab = match family {
                 "gpt" => gpt::gpt_config(cfg)?.0.vocab_size,
                 "gpt_vae" => gpt_vae::gpt_vae_config(cfg)?.0.vocab_size,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use melvae_dsp::{save_wav, Audio, WavFormat};
-use melvae_train::{GanConfig, RunDir, StepContext};
+use melvae_train::{AudioDataConfig, GanConfig, RunDir, StepContext};
 
 /// Writes `tone{i}.wav` (mono 16-bit, `samples` at `rate`) for each of
 /// `freqs`: `harmonics` harmonics of amplitude `amp / h`.
@@ -65,4 +65,18 @@ pub fn assert_adversarial_from_step_3(run: &RunDir) {
             .any(|r| r["step"].as_u64() == Some(step) && r.get(key).is_some())
     };
     assert!(!has(2, "adv") && has(3, "adv") && has(3, "fm") && has(3, "disc/d"));
+}
+
+/// Mono audio of `dir` at `rate`, crops of `crop` seconds, batches of 2,
+/// nothing held out (the training clips are the validation set).
+pub fn mono_data(dir: &Path, rate: u32, crop: f64) -> AudioDataConfig {
+    AudioDataConfig {
+        dir: dir.to_path_buf(),
+        sample_rate: rate,
+        channels: 1,
+        crop_seconds: crop,
+        batch_size: 2,
+        val_fraction: 0.0,
+        cache_dir: None,
+    }
 }
