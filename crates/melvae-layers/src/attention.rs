@@ -601,6 +601,25 @@ impl MultiHeadAttention {
         )?)
     }
 
+    /// Cross-attention's checked inputs: the queries of `x` split into
+    /// heads, and the context's key/value projection.
+    fn cross_query(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, &Linear)> {
+        let (q, kv) = match (&self.q, &self.kv, self.cfg.context_dim) {
+            (Some(q), Some(kv), Some(c)) => {
+                self.check(context, "attention context", c)?;
+                (q, kv)
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "attention",
+                    "self-attention has no context: use forward or forward_cached",
+                ))
+            }
+        };
+        self.check(x, "attention input", self.cfg.dim)?;
+        Ok((self.split_heads(&q.forward(x)?, 1)?.remove(0), kv))
+    }
+
     /// Cross-attention from `x` (`[batch, time, dim]`) to `context`
     /// (`[batch, ctx_time, context_dim]`), with an optional `context_mask`
     /// (`[batch, ctx_time]`, non-zero = valid) that masks keys only: every
@@ -612,20 +631,7 @@ impl MultiHeadAttention {
         context_mask: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let (q, kv) = match (&self.q, &self.kv, self.cfg.context_dim) {
-            (Some(q), Some(kv), Some(c)) => {
-                self.check(context, "attention context", c)?;
-                (q, kv)
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "attention",
-                    "self-attention has no context: use forward",
-                ))
-            }
-        };
-        self.check(x, "attention input", self.cfg.dim)?;
-        let q = self.split_heads(&q.forward(x)?, 1)?.remove(0);
+        let (q, kv) = self.cross_query(x, context)?;
         let kv = self.split_heads(&kv.forward(context)?, 2)?;
         self.merge(&attend(
             &q,
@@ -647,20 +653,7 @@ impl MultiHeadAttention {
         context: &Tensor,
         context_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (q, kv) = match (&self.q, &self.kv, self.cfg.context_dim) {
-            (Some(q), Some(kv), Some(c)) => {
-                self.check(context, "attention context", c)?;
-                (q, kv)
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "attention",
-                    "self-attention has no context: use forward_cached",
-                ))
-            }
-        };
-        self.check(x, "attention input", self.cfg.dim)?;
-        let q = self.split_heads(&q.forward(x)?, 1)?.remove(0);
+        let (q, kv) = self.cross_query(x, context)?;
         let (k, v) = match &self.cache {
             Some(kv) => kv.clone(),
             None => {
