@@ -21,7 +21,10 @@
 //!     --temperature 1.0 [--top-k 40] [--seed 0] --output out.wav
 //! ```
 //!
-//! `--top-k 1` or `--temperature 0` is greedy.
+//! `--top-k 1` or `--temperature 0` is greedy. `--stream-codes N` samples
+//! the levels together and decodes every `N` finest-level codes as they
+//! become final (a causal VQ-VAE), printing when the first audio was ready;
+//! the WAV equals the offline one.
 //!
 //! `--class` takes a class name (from the GPT model file's `class_names`)
 //! or an index, or `all` for `--n` of every class. `--check DIR` (one
@@ -72,6 +75,10 @@ struct Args {
     /// With --vqwave: the WAV to write.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// With --vqwave: stream, decoding every N codes of the finest level as
+    /// they become final; prints when the first audio was ready.
+    #[arg(long)]
+    stream_codes: Option<usize>,
     /// Samples per class.
     #[arg(long, default_value_t = 4)]
     n: usize,
@@ -169,8 +176,25 @@ fn run_vqwave(a: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         .clone()
         .context("--vqwave needs --output FILE.wav (nothing is played)")?;
     let t = std::time::Instant::now();
-    let sample = hierarchy.generate(a.length, upto, &a.sampling.options(), &dev)?;
+    let opts = a.sampling.options();
+    let mut first_audio = None;
+    let sample = match a.stream_codes {
+        None => hierarchy.generate(a.length, upto, &opts, &dev)?,
+        Some(0) => anyhow::bail!("--stream-codes must be > 0"),
+        Some(n) => hierarchy.generate_stream(a.length, upto, n, &opts, &dev, |_| {
+            first_audio.get_or_insert_with(|| t.elapsed().as_secs_f64());
+            Ok(())
+        })?,
+    };
     let took = t.elapsed().as_secs_f64();
+    if let Some(f) = first_audio {
+        println!(
+            "streamed: the first audio was final after {:.0} ms (every {} codes of the {}x level)",
+            f * 1e3,
+            a.stream_codes.unwrap_or(0),
+            hierarchy.hops()[upto - 1]
+        );
+    }
     let rate = hierarchy.sample_rate();
     let audio: Vec<f32> = sample.audio.flatten_all()?.to_vec1()?;
     let secs = audio.len() as f64 / rate as f64;

@@ -1428,10 +1428,33 @@ fn generate_vqwave_walks_the_hierarchy_and_names_bad_input() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("32x: 4, 8x: 16"), "{text}");
-    assert_eq!(
-        melvae::dsp::load_audio(&out).unwrap().channels[0].len(),
-        128
+    let offline = melvae::dsp::load_audio(&out).unwrap().channels[0].clone();
+    assert_eq!(offline.len(), 128);
+    // Streamed generation writes the same audio.
+    let r = run(
+        "generate",
+        &[
+            "--vqwave",
+            l,
+            "--length",
+            "100",
+            "--stream-codes",
+            "3",
+            "--output",
+            o,
+        ],
     );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("first audio was final"));
+    // (Within one 16-bit step: the two decodes agree to 1e-5.)
+    let streamed = melvae::dsp::load_audio(&out).unwrap().channels[0].clone();
+    assert_eq!(streamed.len(), offline.len());
+    let d = streamed
+        .iter()
+        .zip(&offline)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 1.0 / 32768.0 + 1e-6, "{d}");
     // Greedy by temperature 0; stopping at the 32x level.
     let r = run(
         "generate",

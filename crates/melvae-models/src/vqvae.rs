@@ -527,6 +527,95 @@ mod tests {
         );
     }
 
+    /// Streaming generation samples the levels together and gives the
+    /// offline codes and audio, whatever the chunk, with audio arriving
+    /// piece by piece.
+    #[test]
+    fn streamed_generation_equals_offline() {
+        let h = Hierarchy::new(vec![
+            level(vec![2, 4, 4, 4], None, 4),
+            level(vec![2, 4, 4], Some(4), 5),
+            level(vec![2, 4], Some(4), 6),
+        ])
+        .unwrap();
+        let opts = crate::SamplingOptions {
+            temperature: 0.8,
+            seed: 11,
+            ..Default::default()
+        };
+        for upto in [1, 3] {
+            let offline = h.generate(2000, upto, &opts, &Device::Cpu).unwrap();
+            for chunk in [1, 7, 1000] {
+                let mut pieces = 0;
+                let s = h
+                    .generate_stream(2000, upto, chunk, &opts, &Device::Cpu, |a| {
+                        assert!(!a.track_op());
+                        pieces += 1;
+                        Ok(())
+                    })
+                    .unwrap();
+                for (a, b) in s.codes.iter().zip(&offline.codes) {
+                    assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
+                }
+                assert_eq!(s.codes.len(), upto);
+                assert_eq!(
+                    s.audio.dims(),
+                    offline.audio.dims(),
+                    "upto {upto} chunk {chunk}"
+                );
+                let d = max_abs_diff(&s.audio, &offline.audio).unwrap();
+                assert!(d < 1e-5, "upto {upto} chunk {chunk}: {d}");
+                let codes = offline.codes[upto - 1].dim(1).unwrap();
+                assert_eq!(pieces, codes.div_ceil(chunk), "upto {upto} chunk {chunk}");
+            }
+        }
+        let e = h
+            .generate_stream(100, 3, 0, &opts, &Device::Cpu, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vqwave stream chunk"), "{e}");
+    }
+
+    /// A context block equals the same rows of the whole sequence's
+    /// features, at the start, inside and at the end; too few known codes
+    /// are refused.
+    #[test]
+    fn context_blocks_equal_the_whole_sequence() {
+        let (_, prior) = level(vec![2, 4], Some(4), 7);
+        let mut cfg = prior.config().clone();
+        if let Some(c) = cfg.context.as_mut() {
+            c.dilations = vec![1, 2, 4];
+        }
+        let vm = VarMap::new();
+        let prior =
+            crate::LstmPrior::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+                .unwrap();
+        randomize(&vm, 0.5, 8).unwrap();
+        assert_eq!(prior.context_radius(), 1 + 1 + 2 + 4);
+        let coarse: Vec<u32> = (0..30).map(|i| (i * 7 % 16) as u32).collect();
+        let all = Tensor::new(coarse.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let whole = prior.context_block(&all, 30, 0, 30).unwrap();
+        for (first, count) in [(0, 3), (12, 5), (27, 3), (29, 1)] {
+            let need = (first + count + 8).min(30);
+            let b = prior
+                .context_block(&all.narrow(1, 0, need).unwrap(), 30, first, count)
+                .unwrap();
+            let d = max_abs_diff(&b, &whole.narrow(1, first * 4, count * 4).unwrap()).unwrap();
+            assert!(d < 1e-6, "{first}+{count}: {d}");
+        }
+        let e = prior
+            .context_block(&all.narrow(1, 0, 20).unwrap(), 30, 12, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("context block") && e.contains("20 codes known"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_configs_and_inputs_are_named() {
         let mut cfg = tiny(true);
@@ -645,6 +734,32 @@ impl Hierarchy {
         self.levels.iter().map(|(v, _)| v.hop()).collect()
     }
 
+    /// Each level's code count for about `samples` of audio through the
+    /// first `upto` levels: the coarsest rounds up to its hop, each finer
+    /// level has its hop ratio times the codes above.
+    fn lengths(&self, samples: usize, upto: usize) -> Result<Vec<usize>> {
+        ensure(
+            upto >= 1 && upto <= self.levels.len(),
+            "vqwave generators",
+            || format!("must be 1..={}, got {upto}", self.levels.len()),
+        )?;
+        ensure(samples > 0, "vqwave length", || "must be > 0".into())?;
+        let mut lens = vec![samples.div_ceil(self.levels[0].0.hop())];
+        for w in self.levels[..upto].windows(2) {
+            let above = lens[lens.len() - 1];
+            lens.push(above * (w[0].0.hop() / w[1].0.hop()));
+        }
+        Ok(lens)
+    }
+
+    /// Each level's draws are seeded from `opts.seed` and the level.
+    fn level_options(opts: &crate::SamplingOptions, level: usize) -> crate::SamplingOptions {
+        crate::SamplingOptions {
+            seed: opts.seed ^ (level as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..*opts
+        }
+    }
+
     /// Samples about `samples` of audio (rounded up to the coarsest hop)
     /// through the first `upto` levels (1: the coarsest only), each level's
     /// draws seeded from `opts.seed` and the level; the finest level used
@@ -656,23 +771,10 @@ impl Hierarchy {
         opts: &crate::SamplingOptions,
         device: &candle_core::Device,
     ) -> Result<HierarchySample> {
-        ensure(
-            upto >= 1 && upto <= self.levels.len(),
-            "vqwave generators",
-            || format!("must be 1..={}, got {upto}", self.levels.len()),
-        )?;
-        ensure(samples > 0, "vqwave length", || "must be > 0".into())?;
-        let top = self.levels[0].0.hop();
-        let mut len = samples.div_ceil(top);
+        let lens = self.lengths(samples, upto)?;
         let mut codes: Vec<Tensor> = Vec::with_capacity(upto);
-        for (i, (vq, prior)) in self.levels.iter().take(upto).enumerate() {
-            if let Some(above) = codes.last() {
-                len = above.dim(1)? * (self.levels[i - 1].0.hop() / vq.hop());
-            }
-            let level_opts = crate::SamplingOptions {
-                seed: opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ..*opts
-            };
+        for (i, ((_, prior), &len)) in self.levels.iter().zip(&lens).enumerate() {
+            let level_opts = Self::level_options(opts, i);
             codes.push(prior.sample(1, len, codes.last(), &level_opts, device)?);
         }
         let last = codes
@@ -681,4 +783,112 @@ impl Hierarchy {
         let audio = self.levels[upto - 1].0.decode(last)?;
         Ok(HierarchySample { codes, audio })
     }
+
+    /// [`Hierarchy::generate`], streamed: all levels are sampled together,
+    /// each coarser level only as far ahead as the finer one's context
+    /// needs ([`crate::LstmPrior::context_radius`]), and every `chunk`
+    /// codes of the finest level used go through its VQ-VAE's streaming
+    /// decoder (a causal model) to `on_audio` (`[1, audio_channels, t]`,
+    /// the samples that became final, in order). Codes and audio equal
+    /// [`Hierarchy::generate`]'s with the same options; the returned sample
+    /// holds them all.
+    pub fn generate_stream(
+        &self,
+        samples: usize,
+        upto: usize,
+        chunk: usize,
+        opts: &crate::SamplingOptions,
+        device: &candle_core::Device,
+        mut on_audio: impl FnMut(&Tensor) -> Result<()>,
+    ) -> Result<HierarchySample> {
+        ensure(chunk > 0, "vqwave stream chunk", || "must be > 0".into())?;
+        let lens = self.lengths(samples, upto)?;
+        let mut levels = self.levels[..upto]
+            .iter()
+            .enumerate()
+            .map(|(i, (_, prior))| {
+                Ok(StreamLevel {
+                    prior,
+                    sampler: prior.sampler(1, &Self::level_options(opts, i))?,
+                    codes: Vec::with_capacity(lens[i]),
+                    block: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let finest = upto - 1;
+        let mut decoder = self.levels[finest].0.decoder_stream()?;
+        let mut parts = Vec::new();
+        while levels[finest].codes.len() < lens[finest] {
+            let done = levels[finest].codes.len();
+            let to = (done + chunk).min(lens[finest]);
+            advance(&mut levels, &lens, finest, to, device)?;
+            let new = Tensor::new(&levels[finest].codes[done..to], device)?.unsqueeze(0)?;
+            if let Some(audio) = decoder.push(&new)? {
+                on_audio(&audio)?;
+                parts.push(audio);
+            }
+        }
+        let codes = levels
+            .iter()
+            .zip(&lens)
+            .map(|(l, &n)| Ok(Tensor::from_slice(&l.codes, (1, n), device)?))
+            .collect::<Result<Vec<_>>>()?;
+        let audio = Tensor::cat(&parts, 2)?;
+        Ok(HierarchySample { codes, audio })
+    }
+}
+
+/// One level's sampling state in [`Hierarchy::generate_stream`].
+struct StreamLevel<'a> {
+    prior: &'a crate::LstmPrior,
+    sampler: crate::priors::lstm::PriorSampler,
+    codes: Vec<u32>,
+    /// Context features of this level's codes `from..from + rows`: `(from,
+    /// [1, rows, ...])`.
+    block: Option<(usize, Tensor)>,
+}
+
+/// Coarse frames whose context features are computed at once.
+const CONTEXT_BLOCK: usize = 8;
+
+/// Samples level `i` up to `target` codes, the coarser levels only as far
+/// as its context needs.
+fn advance(
+    levels: &mut [StreamLevel],
+    lens: &[usize],
+    i: usize,
+    target: usize,
+    device: &candle_core::Device,
+) -> Result<()> {
+    while levels[i].codes.len() < target {
+        let t = levels[i].codes.len();
+        let row = if i == 0 {
+            None
+        } else {
+            let stale = match &levels[i].block {
+                Some((from, b)) => t >= from + b.dim(1)?,
+                None => true,
+            };
+            if stale {
+                let prior = levels[i].prior;
+                let up = prior.config().context.as_ref().map_or(1, |c| c.upsample);
+                let (first, total) = (t / up, lens[i - 1]);
+                let count = CONTEXT_BLOCK.min(total - first);
+                let need = (first + count + prior.context_radius()).min(total);
+                advance(levels, lens, i - 1, need, device)?;
+                let known = Tensor::new(&levels[i - 1].codes[..need], device)?.unsqueeze(0)?;
+                let b = prior.context_block(&known, total, first, count)?;
+                levels[i].block = Some((first * up, b));
+            }
+            levels[i]
+                .block
+                .as_ref()
+                .map(|(from, b)| b.narrow(1, t - from, 1))
+                .transpose()?
+        };
+        let l = &mut levels[i];
+        l.prior.sample_step(&mut l.sampler, row.as_ref())?;
+        l.codes.push(l.sampler.next[0]);
+    }
+    Ok(())
 }

@@ -329,6 +329,88 @@ impl LstmPrior {
         )?)
     }
 
+    /// Coarse frames on each side of a coarse frame that its context
+    /// features read (the "same"-padded convs' reach; 0 without a context).
+    pub fn context_radius(&self) -> usize {
+        self.context.as_ref().map_or(0, |m| {
+            let reach = |d: usize| ((m.cfg.kernel_size - 1) * d).div_ceil(2);
+            reach(1) + m.cfg.dilations.iter().map(|&d| reach(d)).sum::<usize>()
+        })
+    }
+
+    /// The context features `[batch, count * upsample, ...]` of coarse
+    /// frames `first..first + count` of a coarse sequence of `total` frames
+    /// of which the prefix `known` `[batch, n]` is sampled: `n` must reach
+    /// `min(total, first + count + context_radius())`. Equal to the same
+    /// rows of the whole sequence's features (the convs read no further),
+    /// so a finer level can be sampled while the coarser one still is.
+    pub fn context_block(
+        &self,
+        known: &Tensor,
+        total: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<Tensor> {
+        let m = self
+            .context
+            .as_ref()
+            .ok_or_else(|| Error::invalid("lstm_prior context", "this prior takes no context"))?;
+        let (_, n) = self.check_codes(known, "context", m.cfg.vocab_size)?;
+        let r = self.context_radius();
+        let end = (first + count + r).min(total);
+        if count == 0 || first + count > total || n < end {
+            return Err(Error::Shape {
+                what: "lstm_prior context block".into(),
+                expected: format!(
+                    "coarse frames {first}..{} of {total} and codes up to frame {end}",
+                    first + count
+                ),
+                got: format!("{n} codes known"),
+            });
+        }
+        let start = first.saturating_sub(r);
+        let f = m.forward(&known.narrow(1, start, end - start)?.to_dtype(DType::U32)?)?;
+        let u = m.cfg.upsample;
+        Ok(f.narrow(1, (first - start) * u, count * u)?)
+    }
+
+    /// A stepwise sampler for `batch` examples (see
+    /// [`LstmPrior::sample_step`]).
+    pub(crate) fn sampler(&self, batch: usize, opts: &SamplingOptions) -> Result<PriorSampler> {
+        opts.validate()?;
+        ensure(batch > 0, "lstm_prior sample batch", || {
+            "must be > 0".into()
+        })?;
+        Ok(PriorSampler {
+            state: self.lstm.zero_state(batch)?,
+            rng: SplitMix64::new(opts.seed),
+            next: vec![self.cfg.vocab_size as u32; batch],
+            opts: *opts,
+        })
+    }
+
+    /// Draws the next code of every example: `ctx` is this step's context
+    /// features `[batch, 1, ...]` (a row of [`LstmPrior::context_block`]
+    /// or of the whole sequence's). Returns the step's logits `[batch,
+    /// vocab_size]`; the codes drawn are `s.next`. The carried state holds
+    /// no autograd graph (a prior built from trainable weights would
+    /// otherwise grow one per code).
+    pub(crate) fn sample_step(&self, s: &mut PriorSampler, ctx: Option<&Tensor>) -> Result<Tensor> {
+        let ids = Tensor::new(s.next.as_slice(), self.embed.embeddings().device())?;
+        let x = self.combine(self.embed.forward(&ids)?.unsqueeze(1)?, ctx)?;
+        let (h, state) = self.lstm.step(&x.squeeze(1)?, &s.state)?;
+        s.state = state
+            .into_iter()
+            .map(|s| candle_nn::rnn::LSTMState::new(s.h.detach(), s.c.detach()))
+            .collect();
+        let logits = self.head.forward(&h)?.detach();
+        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        for (next, r) in s.next.iter_mut().zip(&rows) {
+            *next = s.opts.draw(r, &mut s.rng)?;
+        }
+        Ok(logits)
+    }
+
     /// Samples `len` codes per example (`batch` examples; the context's
     /// batch when there is one) one at a time, the LSTM state carried from
     /// step to step; `on_step` sees each step's logits `[batch,
@@ -342,35 +424,17 @@ impl LstmPrior {
         device: &Device,
         mut on_step: impl FnMut(usize, &Tensor, &[u32]) -> Result<()>,
     ) -> Result<Tensor> {
-        opts.validate()?;
-        ensure(len > 0 && batch > 0, "lstm_prior sample length", || {
-            "batch and length must be > 0".into()
-        })?;
+        ensure(len > 0, "lstm_prior sample length", || "must be > 0".into())?;
+        let mut s = self.sampler(batch, opts)?;
         let ctx = self.context_features(context, batch, len)?;
-        let mut state = self.lstm.zero_state(batch)?;
-        let mut rng = SplitMix64::new(opts.seed);
-        let mut next = vec![self.cfg.vocab_size as u32; batch];
         let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(len); batch];
         for t in 0..len {
-            let ids = Tensor::new(next.as_slice(), device)?;
-            let mut x = self.embed.forward(&ids)?.unsqueeze(1)?;
-            if let Some(c) = &ctx {
-                x = self.combine(x, Some(&c.narrow(1, t, 1)?))?;
+            let row = ctx.as_ref().map(|c| c.narrow(1, t, 1)).transpose()?;
+            let logits = self.sample_step(&mut s, row.as_ref())?;
+            for (o, &c) in out.iter_mut().zip(&s.next) {
+                o.push(c);
             }
-            let (h, s) = self.lstm.step(&x.squeeze(1)?, &state)?;
-            // The carried state holds no autograd graph (a prior built from
-            // trainable weights would otherwise grow one per code).
-            state = s
-                .into_iter()
-                .map(|s| candle_nn::rnn::LSTMState::new(s.h.detach(), s.c.detach()))
-                .collect();
-            let logits = self.head.forward(&h)?.detach();
-            let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            for (i, r) in rows.iter().enumerate() {
-                next[i] = opts.draw(r, &mut rng)?;
-                out[i].push(next[i]);
-            }
-            on_step(t, &logits, &next)?;
+            on_step(t, &logits, &s.next)?;
         }
         let flat: Vec<u32> = out.into_iter().flatten().collect();
         Ok(Tensor::from_vec(flat, (batch, len), device)?)
@@ -387,6 +451,18 @@ impl LstmPrior {
     ) -> Result<Tensor> {
         self.sample_with(batch, len, context, opts, device, |_, _, _| Ok(()))
     }
+}
+
+/// The state [`LstmPrior::sample_step`] carries: the LSTM state, the
+/// draws' generator and the codes just drawn.
+#[derive(Debug)]
+pub(crate) struct PriorSampler {
+    state: Vec<candle_nn::rnn::LSTMState>,
+    rng: SplitMix64,
+    /// The codes drawn at the last step, one per example (the begin code
+    /// before the first).
+    pub(crate) next: Vec<u32>,
+    opts: SamplingOptions,
 }
 
 impl Family for LstmPrior {
