@@ -1,16 +1,20 @@
-//! Measures the spectrogram-token models (the mel VQ-VAE, the class GPT,
-//! the GPT-VAE, Echolancer): training steps per second (the family's loss on one
+//! Measures the token models (the mel VQ-VAE, the class GPT, the GPT-VAE,
+//! Echolancer, and the LSTM priors of the hierarchical waveform VQ-VAE):
+//! training steps per second (the family's loss on one
 //! batch, backward and an AdamW update, as `train` runs it), inference
 //! speed (VQ-VAE: tokenizing and decoding in multiples of real time; GPT,
 //! GPT-VAE and Echolancer: KV-cached sampling in tokens per second) and the process's
 //! peak resident memory.
 //!
 //! ```text
-//! cargo run --release --example mel_tokens_throughput -- [--setting mel_vqvae_tiny|gpt_tiny|gpt_vae_tiny_stage2|echolancer_tiny] [--steps 5] [--dump DIR]
+//! cargo run --release --example mel_tokens_throughput -- [--setting mel_vqvae_tiny|gpt_tiny|gpt_vae_tiny_stage2|echolancer_tiny|prior_8_tiny] [--steps 5] [--dump DIR] [--codes 256]
 //! ```
 //!
 //! `--setting` names a file in configs/settings/; its family (`mel_vqvae`,
-//! `gpt`, `gpt_vae` or `echolancer`) picks the model. The batch is synthetic and needs no
+//! `gpt`, `gpt_vae`, `echolancer` or `lstm_prior`) picks the model. An
+//! LSTM prior learns on `data.batch_size` x `--codes` random codes (and
+//! random coarser codes as its context; the LSTM steps once per code, so
+//! its cost is linear in `--codes`), and sampling draws `--codes` codes. The batch is synthetic and needs no
 //! data on disk: `data.batch_size` log-mels of `data.crop_seconds` of test
 //! audio (cut to the time factor) for the VQ-VAE, `data.batch_size`
 //! sequences of `max_len` seeded random tokens for the priors (GPT classes
@@ -36,9 +40,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use melvae::dsp::{SplitMix64, TensorMel};
 use melvae::layers::{DropoutRng, Mode};
-use melvae::models::{Echolancer, EcholancerInputs, Gpt, GptVae, MelVqVae, SamplingOptions};
+use melvae::models::{
+    Echolancer, EcholancerInputs, Gpt, GptVae, LstmPrior, MelVqVae, SamplingOptions,
+};
 use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
-use melvae::train::tasks::{echolancer, family_of, gpt, gpt_vae, mel_vqvae};
+use melvae::train::tasks::{echolancer, family_of, gpt, gpt_vae, lstm_prior, mel_vqvae};
 
 #[derive(Parser)]
 struct Args {
@@ -50,6 +56,9 @@ struct Args {
     /// Write the weights, the batch and the loss for the PyTorch twin here.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// LSTM priors: codes per example of the batch and of the sampling.
+    #[arg(long, default_value_t = 256)]
+    codes: usize,
 }
 
 /// The learning rate of the timed updates.
@@ -133,7 +142,7 @@ fn time_sampling(
     f()?;
     let s = t.elapsed().as_secs_f64();
     println!(
-        "sample {n} tokens ({what}, KV cache): {:.1} ms, {:.0} tokens/s",
+        "sample {n} tokens ({what}): {:.1} ms, {:.0} tokens/s",
         s * 1e3,
         n as f64 / s
     );
@@ -234,7 +243,7 @@ fn gpt_bench(
         Ok(model.loss(&batch, &class_t, None, ls, mode)?)
     })?;
     let opts = SamplingOptions::default();
-    time_sampling("one class", len, || {
+    time_sampling("one class, KV cache", len, || {
         model.sample(&class_t.narrow(0, 0, 1)?, len, &opts)?;
         Ok(())
     })?;
@@ -279,7 +288,7 @@ fn gpt_vae_bench(
             .total)
     })?;
     let z = Tensor::zeros((1, cfg.latent_dim), DType::F32, dev)?;
-    time_sampling("one latent", len, || {
+    time_sampling("one latent, KV cache", len, || {
         model.generate(&z, len, &SamplingOptions::default())?;
         Ok(())
     })?;
@@ -339,7 +348,7 @@ fn echolancer_bench(
         speakers: inputs.speakers.narrow(0, 0, 1)?,
         emotion: None,
     };
-    time_sampling("one sentence, gate off", len, || {
+    time_sampling("one sentence, gate off, KV cache", len, || {
         model.generate(&one, len, 1.0, &SamplingOptions::default())?;
         Ok(())
     })?;
@@ -358,6 +367,56 @@ fn echolancer_bench(
     })
 }
 
+/// An LSTM prior of the hierarchical waveform VQ-VAE on `--codes` random
+/// codes per example (and random coarse codes as context): the codes come
+/// from frozen VQ-VAEs in `train`, so the setting's VQ-VAE model files are
+/// not needed here.
+fn lstm_prior_bench(
+    setting: &common::BenchSetting,
+    args: &Args,
+    dev: &Device,
+) -> anyhow::Result<Measured> {
+    let (cfg, _) = lstm_prior::lstm_prior_config(&setting.resolved)?;
+    let data: melvae::train::AudioDataConfig = setting.resolved.get("data")?;
+    let model = LstmPrior::new(cfg.clone(), setting.var_builder(dev))?;
+    let (n, len) = (data.batch_size, args.codes);
+    anyhow::ensure!(len > 0, "--codes must be > 0");
+    let batch = random_tokens(n, len, cfg.vocab_size, dev)?;
+    let context = cfg
+        .context
+        .as_ref()
+        .map(|c| random_ids(n, len.div_ceil(c.upsample), 0, c.vocab_size as u32, dev))
+        .transpose()?;
+    println!(
+        "batch {n} x {len} codes{}",
+        if context.is_some() {
+            " (and their coarse context codes)"
+        } else {
+            ""
+        }
+    );
+    let eval = model.loss(&batch, context.as_ref())?;
+    let eval_terms = BTreeMap::from([("total".to_string(), scalar(&eval)?)]);
+    let (vars, _) = setting.vars();
+    let weights = snapshot(&vars)?;
+    let per_step = time_token_steps(args, dev, &vars, n * len, "", |_| {
+        Ok(model.loss(&batch, context.as_ref())?)
+    })?;
+    let one = context.as_ref().map(|c| c.narrow(0, 0, 1)).transpose()?;
+    time_sampling("one sequence, LSTM state carried", len, || {
+        model.sample(1, len, one.as_ref(), &SamplingOptions::default(), dev)?;
+        Ok(())
+    })?;
+    let context_rows: Option<Vec<Vec<u32>>> = context.map(|c| c.to_vec2()).transpose()?;
+    Ok(Measured {
+        weights,
+        batch: batch.to_dtype(DType::F32)?,
+        eval_terms,
+        meta: serde_json::json!({"model": cfg, "context": context_rows}),
+        per_step,
+    })
+}
+
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let dev = args.bench.device()?;
@@ -370,9 +429,10 @@ fn run() -> anyhow::Result<()> {
         "gpt" => gpt_bench(&setting, &args, &dev)?,
         "gpt_vae" => gpt_vae_bench(&setting, &args, &dev)?,
         "echolancer" => echolancer_bench(&setting, &args, &dev)?,
+        "lstm_prior" => lstm_prior_bench(&setting, &args, &dev)?,
         other => anyhow::bail!(
-            "--setting {}: family {other} is not a spectrogram-token model \
-             (mel_vqvae, gpt, gpt_vae, echolancer; see the other *_throughput examples)",
+            "--setting {}: family {other} is not a token model \
+             (mel_vqvae, gpt, gpt_vae, echolancer, lstm_prior; see the other *_throughput examples)",
             args.setting
         ),
     };

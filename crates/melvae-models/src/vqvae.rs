@@ -527,6 +527,73 @@ mod tests {
         );
     }
 
+    /// The level and its prior run in half precision (as `training.dtype:
+    /// bf16` trains them on CUDA; the CPU runs the same graph): loss and
+    /// gradients stay in the variables' dtype, finite, and the losses are
+    /// the f32 model's within bf16 rounding.
+    #[test]
+    fn half_precision_losses_and_gradients() {
+        let audio = noise(&[2, 1, 8 * 12], 9).unwrap();
+        let loss = |dtype: DType| {
+            let (vm, mut m) = build(tiny(true), dtype, 10);
+            let x = audio.to_dtype(dtype).unwrap();
+            let out = m.forward(&x, true).unwrap();
+            let l = ((&out.recon - &x)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                + &out.vq.loss)
+                .unwrap();
+            let grads = l.backward().unwrap();
+            for (name, v) in named_vars(&vm) {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    assert_eq!(g.dtype(), dtype, "{name}");
+                    let g = g.to_dtype(DType::F32).unwrap();
+                    let s = g
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(s.is_finite(), "{name}");
+                }
+            }
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let (full, half) = (loss(DType::F32), loss(DType::BF16));
+        assert!((full - half).abs() < 0.03 * full.abs(), "{full} vs {half}");
+        let (_, prior) = level(vec![2, 4], Some(4), 11);
+        let codes = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 0, 1]], &Device::Cpu).unwrap();
+        let ctx = Tensor::new(&[[0u32, 4]], &Device::Cpu).unwrap();
+        let vm = VarMap::new();
+        let half_prior = crate::LstmPrior::new(
+            prior.config().clone(),
+            VarBuilder::from_varmap(&vm, DType::BF16, &Device::Cpu),
+        )
+        .unwrap();
+        randomize(&vm, 0.5, 11).unwrap();
+        let full = prior.loss(&codes, Some(&ctx)).unwrap();
+        let half = half_prior.loss(&codes, Some(&ctx)).unwrap();
+        // The cross-entropy is reduced in f32; the gradients reach the
+        // bf16 weights in bf16.
+        let grads = half.backward().unwrap();
+        for (name, v) in named_vars(&vm) {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(g.dtype(), DType::BF16, "{name}");
+        }
+        let (f, h) = (
+            full.to_scalar::<f32>().unwrap(),
+            half.to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        assert!((f - h).abs() < 0.03 * f, "{f} vs {h}");
+    }
+
     /// Streaming generation samples the levels together and gives the
     /// offline codes and audio, whatever the chunk, with audio arriving
     /// piece by piece.

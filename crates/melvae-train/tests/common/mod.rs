@@ -30,7 +30,11 @@ pub fn tones(dir: &Path, rate: u32, samples: usize, freqs: &[f32], harmonics: us
 /// Every variable's values, in order (to compare runs exactly).
 pub fn weights(vars: Vec<(String, candle_core::Var)>) -> Vec<Vec<f32>> {
     vars.iter()
-        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .map(|(_, v)| {
+            // (Half-precision values widen to f32 exactly.)
+            let t = v.as_tensor().to_dtype(candle_core::DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        })
         .collect()
 }
 
