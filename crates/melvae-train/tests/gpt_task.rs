@@ -137,17 +137,7 @@ fn tokenizes_trains_and_resumes_exactly() {
     assert!(after["unigram_perplexity"] > 1.0);
     assert!((after["perplexity"] - after["ce"].exp()).abs() < 1e-9);
 
-    let split_run = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&tokens);
-    Trainer::new(cfg(10), &split_run)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&tokens);
-    Trainer::new(cfg(20), &split_run)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 10, 20, || task(&tokens));
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 }
 
@@ -302,17 +292,9 @@ fn gpt_vae_two_stages() {
     assert_eq!(w.last().copied(), Some(1.0), "{w:?}");
 
     // Resume of stage 2: 3 steps, then a new process to 6.
-    let run3 = RunDir::create(d.path().join("s3")).unwrap();
-    let mut c = gpt_vae_task(&tokens, stage2);
-    Trainer::new(with_init(3), &run3)
-        .unwrap()
-        .fit(&mut c, false)
-        .unwrap();
-    let mut c2 = gpt_vae_task(&tokens, stage2);
-    Trainer::new(with_init(6), &run3)
-        .unwrap()
-        .fit(&mut c2, true)
-        .unwrap();
+    let c2 = common::interrupted(d.path().join("s3"), with_init, 3, 6, || {
+        gpt_vae_task(&tokens, stage2)
+    });
     assert_eq!(weights(b.vars()), weights(c2.vars()));
 }
 

@@ -115,16 +115,7 @@ fn half_precision_trains_and_resumes_exactly() {
         "{before:?} -> {after:?}"
     );
     assert!(a.vars().iter().all(|(_, v)| v.dtype() == DType::BF16));
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    Trainer::new(cfg(10), &split)
-        .unwrap()
-        .fit(&mut bf16(&codes), false)
-        .unwrap();
-    let mut b2 = bf16(&codes);
-    Trainer::new(cfg(20), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 10, 20, || bf16(&codes));
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 }
 
@@ -158,17 +149,9 @@ fn trains_on_frozen_codes_and_resumes_exactly() {
     assert!(after["ce"] < before["ce"], "{before:?} -> {after:?}");
     assert!(after["unigram_perplexity"] > 1.0);
 
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio, prior(4), codes.clone()).unwrap();
-    Trainer::new(cfg(10), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&audio, prior(4), codes.clone()).unwrap();
-    Trainer::new(cfg(20), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 10, 20, || {
+        task(&audio, prior(4), codes.clone()).unwrap()
+    });
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 
     // The training order and the levels' fit, named.

@@ -8,6 +8,8 @@ use melvae_models::{CfmConfig, ConvformerConfig, MelVaeConfig};
 use melvae_train::tasks::mel_vae::MelVaeTask;
 use melvae_train::*;
 
+mod common;
+
 fn folder(dir: &Path) {
     for i in 0..6 {
         let f = 150.0 + 60.0 * i as f32;
@@ -115,17 +117,7 @@ fn trains_writes_samples_and_resumes_exactly() {
         assert!(samples.iter().any(|s| s == want), "{want} in {samples:?}");
     }
 
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio);
-    Trainer::new(cfg(10), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&audio);
-    Trainer::new(cfg(20), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 10, 20, || task(&audio));
     let weights = |t: &MelVaeTask| -> Vec<Vec<f32>> {
         t.vars()
             .iter()

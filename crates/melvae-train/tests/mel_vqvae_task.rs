@@ -91,17 +91,7 @@ fn trains_writes_samples_and_resumes_exactly() {
     assert_eq!(m.encode(&mel).unwrap().dims(), &[1, 8 * 40]);
 
     // 6 steps, then a resumed process to 12: the same weights and buffers.
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio);
-    Trainer::new(cfg(6), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&audio);
-    Trainer::new(cfg(12), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 6, 12, || task(&audio));
     assert_eq!(weights(a.vars()), weights(b2.vars()));
     assert_eq!(
         a.model.quantizer().rng_state(),
@@ -174,17 +164,7 @@ fn adversarial_phase_trains_and_resumes_exactly() {
     common::assert_adversarial_from_step_3(&run);
     assert_ne!(disc_weights(&a), before, "the discriminator trained");
 
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = gan_task();
-    Trainer::new(gan(3), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = gan_task();
-    Trainer::new(gan(6), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), gan, 3, 6, gan_task);
     assert_eq!(disc_weights(&a), disc_weights(&b2));
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 

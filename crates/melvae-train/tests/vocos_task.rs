@@ -99,17 +99,13 @@ fn trains_writes_samples_and_resumes_exactly() {
     assert_eq!(m.config(), &tiny());
 
     // 6 steps, then a resumed process to 12: the same weights.
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio, None);
-    Trainer::new(cfg(6, false), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&audio, None);
-    Trainer::new(cfg(12, false), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(
+        d.path().join("b"),
+        |n| cfg(n, false),
+        6,
+        12,
+        || task(&audio, None),
+    );
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 }
 

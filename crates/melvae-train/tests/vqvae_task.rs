@@ -85,17 +85,7 @@ fn trains_writes_a_model_file_and_resumes_exactly() {
     let m = VqVae::load(&best.join("export.safetensors"), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(m.config(), &tiny());
 
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task(&audio);
-    Trainer::new(cfg(6), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task(&audio);
-    Trainer::new(cfg(12), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 6, 12, || task(&audio));
     assert_eq!(weights(a.vars()), weights(b2.vars()));
     assert_eq!(
         a.model.quantizer().rng_state(),
@@ -125,17 +115,9 @@ fn half_precision_trains_and_resumes_exactly() {
         "{before:?} -> {after:?}"
     );
     assert!(a.vars().iter().all(|(_, v)| v.dtype() == DType::BF16));
-    let split = RunDir::create(d.path().join("b")).unwrap();
-    let mut b = task_in(&audio, DType::BF16);
-    Trainer::new(cfg(6), &split)
-        .unwrap()
-        .fit(&mut b, false)
-        .unwrap();
-    let mut b2 = task_in(&audio, DType::BF16);
-    Trainer::new(cfg(12), &split)
-        .unwrap()
-        .fit(&mut b2, true)
-        .unwrap();
+    let b2 = common::interrupted(d.path().join("b"), cfg, 6, 12, || {
+        task_in(&audio, DType::BF16)
+    });
     assert_eq!(weights(a.vars()), weights(b2.vars()));
 }
 

@@ -162,17 +162,9 @@ fn trains_writes_samples_and_resumes_exactly() {
             continue;
         }
         // 6 steps, then a resumed process to 12: the same weights.
-        let split = RunDir::create(d.path().join("b")).unwrap();
-        let mut b = task(&audio, channels, None);
-        Trainer::new(cfg(6), &split)
-            .unwrap()
-            .fit(&mut b, false)
-            .unwrap();
-        let mut b2 = task(&audio, channels, None);
-        Trainer::new(cfg(12), &split)
-            .unwrap()
-            .fit(&mut b2, true)
-            .unwrap();
+        let b2 = common::interrupted(d.path().join("b"), cfg, 6, 12, || {
+            task(&audio, channels, None)
+        });
         let weights = |t: &WaveVaeTask| -> Vec<Vec<f32>> {
             t.vars()
                 .iter()

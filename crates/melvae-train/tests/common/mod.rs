@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use melvae_dsp::{save_wav, Audio, WavFormat};
-use melvae_train::{AudioDataConfig, GanConfig, RunDir, StepContext};
+use melvae_train::{
+    AudioDataConfig, GanConfig, RunDir, StepContext, TrainTask, Trainer, TrainerConfig,
+};
 
 /// Writes `tone{i}.wav` (mono 16-bit, `samples` at `rate`) for each of
 /// `freqs`: `harmonics` harmonics of amplitude `amp / h`.
@@ -25,6 +27,30 @@ pub fn tones(dir: &Path, rate: u32, samples: usize, freqs: &[f32], harmonics: us
         )
         .unwrap();
     }
+}
+
+/// An interrupted run: a fresh `make()` trained in a new run at `dir` to
+/// `half` steps (`cfg(half)`), then another resumed there to `full`
+/// (`cfg(full)`); returns the resumed task, to compare with one trained
+/// to `full` without a break.
+pub fn interrupted<T: TrainTask>(
+    dir: impl AsRef<Path>,
+    cfg: impl Fn(u64) -> TrainerConfig,
+    half: u64,
+    full: u64,
+    mut make: impl FnMut() -> T,
+) -> T {
+    let run = RunDir::create(dir.as_ref()).unwrap();
+    Trainer::new(cfg(half), &run)
+        .unwrap()
+        .fit(&mut make(), false)
+        .unwrap();
+    let mut resumed = make();
+    Trainer::new(cfg(full), &run)
+        .unwrap()
+        .fit(&mut resumed, true)
+        .unwrap();
+    resumed
 }
 
 /// Every variable's values, in order (to compare runs exactly).
