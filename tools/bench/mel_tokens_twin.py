@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""PyTorch twin of melvae's spectrogram-token models' training steps (speed
-comparison): the mel VQ-VAE, the class GPT, the GPT-VAE and Echolancer.
+"""PyTorch twin of melvae's token models' training steps (speed
+comparison): the mel VQ-VAE, the class GPT, the GPT-VAE, Echolancer and the
+LSTM priors of the hierarchical waveform VQ-VAE.
 
 Reads what `cargo run --release --example mel_tokens_throughput --
 --setting S --dump DIR` wrote:
 
     DIR/weights.safetensors  every variable by its melvae name (f32), untrained
     DIR/batch.npy            mel_vqvae: log-mels [batch, n_mels, frames];
-                             gpt, gpt_vae, echolancer: tokens [batch, len]
-                             (as f32; echolancer: the target tokens)
+                             gpt, gpt_vae, echolancer, lstm_prior: tokens
+                             [batch, len] (as f32; echolancer: the target
+                             tokens; lstm_prior: codes)
     DIR/meta.json            {"family", "setting", "config": {"model", ["loss"],
                               ["classes"], ["kl_weight"], ["text"],
-                              ["speakers"]}, "eval_terms", "melvae_step_ms",
-                              "threads", "learning_rate", "n_params"}
+                              ["speakers"], ["context"]}, "eval_terms",
+                              "melvae_step_ms", "threads", "learning_rate",
+                              "n_params"}
                              (echolancer: loss {gate_pos_weight}, text ids
                              [batch][text_len], speakers [batch];
-                             eval_terms {ce, gate})
+                             eval_terms {ce, gate}; lstm_prior: context the
+                             coarse context codes [batch][len / upsample]
+                             or null, eval_terms {total})
 
 builds the family's model as melvae does (`meta.family`):
 
@@ -44,7 +49,14 @@ builds the family's model as melvae does (`meta.family`):
   FFN, final norm, token_head and gate_head); cross-entropy + BCE with
   logits of the gate (target 1 at the last position, pos_weight
   gate_pos_weight). No emotion input (the benchmark passes none), no
-  text or token masks (the benchmark has none),
+  text or token masks (the benchmark has none);
+- lstm_prior (crates/melvae-models/src/priors/lstm.rs): `embed` with the
+  begin code as its last row, input [begin, codes[:-1]]; with a context,
+  the context model (`context.embed`, `input` conv, residual dilated
+  convs `h + conv(relu(h))`, `out` 1x1 conv of relu(h); "same" padding,
+  no weight norm; each coarse frame repeated `upsample` times) added to
+  or concatenated with the embedding; `lstm` as torch's nn.LSTM
+  (batch_first), `head`; cross-entropy mean over all codes,
 
 with melvae's parameter names, loads the weights strictly by name, checks
 the evaluation-mode loss terms of the batch against melvae's (`eval_terms`:
@@ -189,7 +201,8 @@ class Stack(nn.Module):
 class VectorQuantizer(nn.Module):
     """melvae_layers::VectorQuantizer: `codebook` [K, D] (a parameter,
     trained by the codebook loss unless EMA), `usage` [K] and, with EMA,
-    `ema_sum` [K, D] (variables without gradient: buffers here)."""
+    `ema_sum` [K, D] (variables without gradient: buffers here). Also the
+    waveform VQ-VAE's quantiser in tools/bench/wave_vae_twin.py."""
 
     def __init__(self, k, d, commitment, ema_decay, restart_threshold, usage_decay=0.99,
                  eps=1e-5, seed=0):
@@ -626,6 +639,86 @@ class Echolancer(nn.Module):
         return ce + g, {"ce": ce, "gate": g}
 
 
+# ---------------------------------------------------------------- LSTM prior
+
+
+class SameConv1d(nn.Module):
+    """melvae_layers::Conv1d with ConvPadding::Same and no weight norm (as
+    Conv1dConfig::causal builds it, padding overridden): `weight` [out, in,
+    k], `bias` [out]; `(span - 1) / 2` zeros on the left, the rest on the
+    right."""
+
+    def __init__(self, cin, cout, k, dilation=1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin, k))
+        self.bias = nn.Parameter(torch.empty(cout))
+        span = (k - 1) * dilation + 1
+        self.pad = ((span - 1) // 2, span - 1 - (span - 1) // 2)
+        self.dilation = dilation
+
+    def forward(self, x):
+        return F.conv1d(F.pad(x, self.pad), self.weight, self.bias, dilation=self.dilation)
+
+
+class PriorContext(nn.Module):
+    """The LSTM prior's context model: `embed` (coarse codes), `input`
+    (conv to `channels`), `layers.{i}` (`h + conv(relu(h))`, dilated),
+    `out` (1x1 of relu(h), to `out_dim`), each coarse frame's features
+    repeated `upsample` times: [batch, n * upsample, out_dim]."""
+
+    def __init__(self, cfg, out_dim):
+        super().__init__()
+        k, c = int(cfg.get("kernel_size", 3)), cfg["channels"]
+        self.upsample = cfg["upsample"]
+        self.embed = nn.Embedding(cfg["vocab_size"], cfg["embed_dim"])
+        self.input = SameConv1d(cfg["embed_dim"], c, k)
+        self.layers = nn.ModuleList(SameConv1d(c, c, k, d) for d in cfg["dilations"])
+        self.out = SameConv1d(c, out_dim, 1)
+
+    def forward(self, codes):
+        h = self.input(self.embed(codes).transpose(1, 2))
+        for layer in self.layers:
+            h = h + layer(F.relu(h))
+        h = self.out(F.relu(h))  # [b, out, n]
+        return h.repeat_interleave(self.upsample, dim=2).transpose(1, 2)
+
+
+class LstmPrior(nn.Module):
+    """melvae_models::LstmPrior: `embed` [vocab_size + 1, embed_dim] (the
+    last row begins), optional `context.*` (added to the code embedding, or
+    concatenated), `lstm` (torch's nn.LSTM, batch_first; candle-nn's cell
+    has the same gate order i, f, g, o and both biases), `head`. Teacher
+    forcing: input [begin, codes[:-1]], logits for every position;
+    cross-entropy mean over all codes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        v, e, hidden = cfg["vocab_size"], cfg["embed_dim"], cfg["hidden"]
+        ctx = cfg.get("context")
+        self.vocab = v
+        self.concat = ctx is not None and ctx.get("combine", "add") == "concat"
+        self.embed = nn.Embedding(v + 1, e)
+        if ctx is not None:
+            self.context = PriorContext(ctx, ctx["channels"] if self.concat else e)
+        else:
+            self.context = None
+        lstm_in = e + ctx["channels"] if self.concat else e
+        self.lstm = nn.LSTM(lstm_in, hidden, cfg["layers"], batch_first=True)
+        self.head = nn.Linear(hidden, v)
+
+    def terms(self, codes, context):
+        b, n = codes.shape
+        begin = torch.full((b, 1), self.vocab, dtype=codes.dtype)
+        x = self.embed(torch.cat([begin, codes[:, :n - 1]], 1))
+        if self.context is not None:
+            c = self.context(context)[:, :n]
+            x = torch.cat([x, c], -1) if self.concat else x + c
+        h, _ = self.lstm(x)
+        logits = self.head(h)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return ce, {"total": ce}
+
+
 # ---------------------------------------------------------------- families
 
 
@@ -634,7 +727,11 @@ class Family:
     training loss."""
 
     def __init__(self, meta, batch):
-        cfg, self.name = meta["config"], meta["family"]
+        self.name = meta.get("family")
+        if self.name not in ("mel_vqvae", "gpt", "gpt_vae", "echolancer", "lstm_prior"):
+            raise SystemExit(f"family {self.name!r}: not a token model "
+                             "(mel_vqvae, gpt, gpt_vae, echolancer, lstm_prior; see the other *_twin.py)")
+        cfg = meta["config"]
         m = cfg["model"]
         self.gen = torch.Generator().manual_seed(1)
         if self.name == "mel_vqvae":
@@ -672,9 +769,20 @@ class Family:
                              f"{'ALiBi (alpha ' + str(m.get('alibi_alpha', 1.0)) + ')' if m.get('use_alibi', True) else 'rotary'}, "
                              f"{m.get('activation', 'relu')}, dropout {m.get('encoder_dropout', 0.0)}/"
                              f"{m.get('decoder_dropout', 0.0)}, gate pos_weight {self.gate_pos_weight}")
+        elif self.name == "lstm_prior":
+            self.model = LstmPrior(m)
+            self.x = torch.from_numpy(batch).round().long()
+            ctx = cfg.get("context")
+            self.context = None if ctx is None else torch.tensor(ctx, dtype=torch.long)
+            c = m.get("context")
+            self.describe = (f"batch {list(self.x.shape)} (codes), vocab {m['vocab_size']}, embed "
+                             f"{m['embed_dim']}, LSTM {m['layers']} x {m['hidden']}, context "
+                             + ("none" if c is None else
+                                f"{list(self.context.shape)} codes (vocab {c['vocab_size']}, "
+                                f"{c['channels']} channels, dilations {c['dilations']}, upsample "
+                                f"{c['upsample']}, {c.get('combine', 'add')})"))
         else:
-            raise SystemExit(f"family {self.name!r}: not a spectrogram-token model "
-                             "(mel_vqvae, gpt, gpt_vae, echolancer)")
+            raise AssertionError(self.name)
 
     def eval_terms(self):
         """As mel_tokens_throughput computes them: eval mode (no dropout; the
@@ -687,6 +795,8 @@ class Family:
                 _, terms = self.model.terms(self.x, self.classes, self.ls)
             elif self.name == "echolancer":
                 _, terms = self.model.terms(self.text, self.speakers, self.x, self.gate_pos_weight)
+            elif self.name == "lstm_prior":
+                _, terms = self.model.terms(self.x, self.context)
             else:
                 _, terms = self.model.terms(self.x, 0.0, self.loss_cfg)
         return {k: float(v) for k, v in terms.items()}
@@ -698,6 +808,8 @@ class Family:
             return self.model.terms(x, self.classes, self.ls)[0]
         if self.name == "echolancer":
             return self.model.terms(self.text, self.speakers, x, self.gate_pos_weight)[0]
+        if self.name == "lstm_prior":
+            return self.model.terms(x, self.context)[0]
         return self.model.terms(x, self.kl_weight, self.loss_cfg, self.gen)[0]
 
 

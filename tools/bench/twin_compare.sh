@@ -5,18 +5,21 @@
 #
 #   bash tools/bench/twin_compare.sh FAMILY [SETTING] [PYTHON]
 #
-# FAMILY: wave_vae (twin tools/bench/wave_vae_twin.py), vocos (the `vocos`
-# package, tools/bench/vocos_twin.py), or one of the spectrogram-token
-# models mel_vqvae, gpt, gpt_vae, echolancer (example
-# mel_tokens_throughput, twin tools/bench/mel_tokens_twin.py); SETTING: a
-# file of configs/settings/ (default FAMILY_tiny, so echolancer_tiny for
-# echolancer; gpt_vae_tiny_stage2 for gpt_vae); PYTHON: an
-# interpreter with torch, numpy, safetensors (and vocos) (default
+# FAMILY: wave_vae or vqvae (a level of the hierarchical waveform VQ-VAE)
+# (example wave_vae_throughput, twin tools/bench/wave_vae_twin.py), vocos
+# (the `vocos` package, tools/bench/vocos_twin.py), or one of the token
+# models mel_vqvae, gpt, gpt_vae, echolancer, lstm_prior (the hierarchy's
+# priors) (example mel_tokens_throughput, twin
+# tools/bench/mel_tokens_twin.py); SETTING: a file of configs/settings/
+# (default FAMILY_tiny, so echolancer_tiny for echolancer;
+# gpt_vae_tiny_stage2 for gpt_vae, vqvae_8_tiny for vqvae, prior_8_tiny
+# (with a context) for lstm_prior); PYTHON: an interpreter with torch,
+# numpy, safetensors, librosa (and vocos) (default
 # /tmp/refvenv/bin/python). Run it on an idle machine: the load average is
 # printed before each side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: twin_compare.sh wave_vae|vocos|mel_vqvae|gpt|gpt_vae|echolancer [SETTING] [PYTHON]"
+usage="usage: twin_compare.sh wave_vae|vqvae|vocos|mel_vqvae|gpt|gpt_vae|echolancer|lstm_prior [SETTING] [PYTHON]"
 family="${1:?$usage}"
 case "$family" in
   wave_vae|vocos)
@@ -25,6 +28,10 @@ case "$family" in
     example=mel_tokens_throughput; twin=mel_tokens_twin.py; default="${family}_tiny" ;;
   gpt_vae)
     example=mel_tokens_throughput; twin=mel_tokens_twin.py; default=gpt_vae_tiny_stage2 ;;
+  vqvae)
+    example=wave_vae_throughput; twin=wave_vae_twin.py; default=vqvae_8_tiny ;;
+  lstm_prior)
+    example=mel_tokens_throughput; twin=mel_tokens_twin.py; default=prior_8_tiny ;;
   *) echo "twin_compare.sh: unknown family '$family' ($usage)" >&2; exit 2 ;;
 esac
 setting="${2:-$default}"

@@ -1,30 +1,58 @@
 #!/usr/bin/env python3
-"""PyTorch twin of melvae's waveform VAE training step (speed comparison).
+"""PyTorch twin of melvae's waveform codecs' training steps (speed
+comparison): the waveform VAE and a level of the hierarchical waveform
+VQ-VAE.
 
-Reads a dump directory written by the Rust side:
+Reads a dump directory written by the Rust side (`wave_vae_throughput
+--setting S --dump DIR`):
 
-    DIR/weights.safetensors  every trainable tensor by its melvae name (f32)
+    DIR/weights.safetensors  every tensor by its melvae name (f32; the
+                             VQ-VAE's quantiser buffers included)
     DIR/batch.npy            audio [batch, channels, samples] (f32)
-    DIR/meta.json            {"setting", "model": WaveVaeConfig, "loss":
-                              WaveVaeLossConfig, "step", "kl_weight",
-                              "eval_terms", "eval_total", "melvae_step_ms",
-                              "threads", "learning_rate", ["grad_clip"]}
+    DIR/meta.json            {"family", "setting", "model", "eval_terms",
+                              "eval_total", "melvae_step_ms", "threads",
+                              "learning_rate", "n_params", ...}:
+                             wave_vae: model WaveVaeConfig, "loss":
+                             WaveVaeLossConfig, "step", "kl_weight",
+                             ["grad_clip"]; eval_terms {stft, [mel], [l1], kl}
+                             vqvae: model VqVaeConfig {net: WaveVaeConfig,
+                             codebook_size, commitment, ema_decay,
+                             restart_threshold}; eval_terms {stft, codebook,
+                             commitment}
+                             (no "family": wave_vae)
 
-builds the same model as crates/melvae-models/src/wave_vae.rs (SEANet
-encoder/decoder, causal or centred convs, ELU or Snake, weight norm on/off,
-bottleneck none/LSTM, mono/stereo) with the same parameter names, loads the
-weights strictly by name, checks the evaluation loss terms (posterior mean,
-no noise) against melvae's, then times the training step (reparameterised
-sample, recon + kl_weight * kl, backward, AdamW) on the CPU with melvae's
-thread count.
+builds the family's model with melvae's parameter names:
+
+- wave_vae (crates/melvae-models/src/wave_vae.rs): SEANet encoder/decoder,
+  causal or centred convs, ELU or Snake, weight norm on/off, bottleneck
+  none/LSTM, mono/stereo; the loss of WaveVaeObjective (MR-STFT, stereo
+  mid/side, DAC mel, L1) + kl_weight * KL (free bits);
+- vqvae (crates/melvae-models/src/vqvae.rs): the same encoder with
+  latent_dim outputs (the vectors to quantise), the VectorQuantizer of
+  crates/melvae-layers/src/vq.rs (tools/bench/mel_tokens_twin.py's twin of
+  it: nearest code, straight-through, codebook + commitment * commitment
+  loss, EMA codebook when ema_decay is set, usage averages and dead-code
+  restarts from the batch with melvae's SplitMix64 draws), the same
+  decoder; the loss of crates/melvae-train/src/tasks/vqvae.rs: auraloss'
+  MultiResolutionSTFTLoss defaults of the reconstruction + the
+  quantiser's loss,
+
+loads the weights strictly by name, checks the evaluation-mode loss terms
+(VAE: the posterior mean, no noise; VQ-VAE: the quantiser not updated, no
+restarts) against melvae's, then times the training step (VAE:
+reparameterised sample, recon + kl_weight * kl; VQ-VAE: the quantiser in
+training mode, usage updates and restarts included, as melvae's step; then
+backward and AdamW) on the CPU with melvae's thread count: one warm-up
+step, then the mean of --steps.
 
     /tmp/refvenv/bin/python tools/bench/wave_vae_twin.py /tmp/wave_twin_dump
     /tmp/refvenv/bin/python tools/bench/wave_vae_twin.py DIR --steps 10 --compile
     /tmp/refvenv/bin/python tools/bench/wave_vae_twin.py --selftest   # no dump needed
 
 Exits 1 when a loss term differs from melvae's by more than --tol
-(relative), 2 on a weight mismatch. Needs torch, numpy, safetensors, librosa
-(mel filters). Nothing here is used by the tests.
+(relative), 2 on a weight mismatch or an unknown family. Needs torch,
+numpy, safetensors, librosa (mel filters). Nothing here is used by the
+tests.
 """
 
 import argparse
@@ -216,10 +244,14 @@ class UpStage(nn.Module):
 
 
 class WaveEncoder(nn.Module):
-    def __init__(self, cfg):
+    """`outputs` channels out of the last conv (WaveEncoder::with_outputs):
+    2 * latent_dim (mean, logvar) for the VAE, latent_dim for the VQ-VAE."""
+
+    def __init__(self, cfg, outputs=None):
         super().__init__()
         w, k, a, c, wn = widths(cfg), cfg["kernel_size"], cfg["activation"], cfg["causal"], cfg["weight_norm"]
         self.latent = cfg["latent_dim"]
+        outputs = 2 * self.latent if outputs is None else outputs
         self.input = Conv1d(cfg["audio_channels"], w[0], k, 1, 1, wn, c)
         self.stages = nn.ModuleList(
             DownStage(cfg, w[i], w[i + 1], s) for i, s in enumerate(cfg["strides"]))
@@ -229,15 +261,19 @@ class WaveEncoder(nn.Module):
         else:
             self.bottleneck = None
         self.act_out = Activation(a, w[-1])
-        self.out = Conv1d(w[-1], 2 * cfg["latent_dim"], k, 1, 1, wn, c)
+        self.out = Conv1d(w[-1], outputs, k, 1, 1, wn, c)
 
-    def forward(self, x):
+    def features(self, x):
+        """The last conv's output [batch, outputs, frames]."""
         h = self.input(x)
         for s in self.stages:
             h = s(h)
         if self.bottleneck is not None:
             h = self.bottleneck(h)
-        h = self.out(self.act_out(h))
+        return self.out(self.act_out(h))
+
+    def forward(self, x):
+        h = self.features(x)
         return h[:, :self.latent], h[:, self.latent:]
 
 
@@ -282,6 +318,56 @@ class WaveVae(nn.Module):
         else:
             z = mean
         return self.decoder(z), mean, logvar
+
+
+def vector_quantizer_class():
+    """tools/bench/mel_tokens_twin.py's VectorQuantizer, the twin of
+    melvae_layers::VectorQuantizer: `codebook` (a parameter), buffers
+    `usage` and (EMA) `ema_sum`; nearest code as melvae computes it,
+    straight-through, codebook + commitment losses; in training the usage
+    and EMA updates and dead-code restarts from the batch's vectors with
+    melvae's SplitMix64 draws."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from mel_tokens_twin import VectorQuantizer
+
+    return VectorQuantizer
+
+
+class VqVae(nn.Module):
+    """melvae_models::VqVae: the waveform VAE's encoder with `latent_dim`
+    outputs (WaveEncoder::with_outputs; the vectors to quantise, no
+    mean/logvar split), `vq.codebook` [codebook_size, latent_dim] and the
+    quantiser's buffers (`vq.usage`, with EMA `vq.ema_sum`), the waveform
+    VAE's decoder; `net` is a WaveVaeConfig."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = dict(cfg, net=defaults(cfg["net"]))
+        net, k = self.cfg["net"], int(self.cfg["codebook_size"])
+        d = net["latent_dim"]
+        self.encoder = WaveEncoder(net, d)
+        thr = self.cfg.get("restart_threshold", 1.0)
+        self.vq = vector_quantizer_class()(
+            k, d, float(self.cfg.get("commitment", 0.25)), self.cfg.get("ema_decay"),
+            None if thr is None else float(thr))
+        self.decoder = WaveDecoder(net)
+        # melvae's init (a dump overwrites it): codebook uniform in +-1/K,
+        # usage at the restart threshold (1 without), ema_sum = codebook *
+        # usage.
+        with torch.no_grad():
+            self.vq.codebook.uniform_(-1.0 / k, 1.0 / k)
+            self.vq.usage.fill_(1.0 if thr is None else float(thr))
+            if self.vq.ema_sum is not None:
+                self.vq.ema_sum.copy_(self.vq.codebook * self.vq.usage[:, None])
+
+    def pass_(self, audio, train):
+        """VqVae::forward: (recon, codebook loss, commitment loss, vq loss);
+        with `train` the quantiser's usage/EMA updates and restarts."""
+        z = self.encoder.features(audio).transpose(1, 2)  # [b, frames, latent]
+        st, _, cb_loss, commit_loss, vq_loss = self.vq(z, train)
+        return self.decoder(st.transpose(1, 2)), cb_loss, commit_loss, vq_loss
 
 
 # ---------------------------------------------------------------- losses
@@ -412,14 +498,100 @@ class Objective:
         return total, terms
 
 
+# ---------------------------------------------------------------- families
+
+
+def wave_vae_loss(model, objective, kl_weight, gen):
+    """The VAE's training loss of a batch: reparameterised sample, recon +
+    kl_weight * kl."""
+    def loss_fn(x):
+        recon, mean, logvar = model.pass_(x, True, gen)
+        recon_total, terms = objective.terms(recon, x, mean, logvar)
+        return recon_total + kl_weight * terms["kl"]
+
+    return loss_fn
+
+
+def vqvae_loss(model, stft):
+    """The VQ-VAE's training loss of a batch (crates/melvae-train/src/tasks/
+    vqvae.rs): MR-STFT of the reconstruction + the quantiser's loss, the
+    quantiser in training mode (usage updates, EMA, restarts)."""
+    def loss_fn(x):
+        recon, _, _, vq_loss = model.pass_(x, True)
+        return stft(recon, x) + vq_loss
+
+    return loss_fn
+
+
+class WaveVaeTwin:
+    """family wave_vae: meta {model: WaveVaeConfig, loss, kl_weight}."""
+
+    terms = ["stft", "mel", "l1", "kl", "total"]
+
+    def __init__(self, meta):
+        self.cfg, self.loss_cfg = defaults(meta["model"]), meta["loss"]
+        self.kl_weight = float(meta["kl_weight"])
+
+    def build(self):
+        return WaveVae(self.cfg)
+
+    def describe(self):
+        return f"hop {int(np.prod(self.cfg['strides']))}"
+
+    def eval_terms(self, model, x):
+        """WaveVae::loss with train=false (the posterior mean decoded)."""
+        obj = Objective(self.loss_cfg, self.cfg, x.dtype)
+        recon, mean, logvar = model.pass_(x, False)
+        total, terms = obj.terms(recon, x, mean, logvar)
+        return terms, total + self.kl_weight * terms["kl"]
+
+    def train_loss(self, model, gen):
+        return wave_vae_loss(model, Objective(self.loss_cfg, self.cfg, torch.float32), self.kl_weight, gen)
+
+
+class VqVaeTwin:
+    """family vqvae: meta {model: VqVaeConfig}; the loss is auraloss'
+    MR-STFT + the quantiser's (codebook + commitment * commitment loss)."""
+
+    terms = ["stft", "codebook", "commitment", "total"]
+
+    def __init__(self, meta):
+        self.cfg = meta["model"]
+
+    def build(self):
+        return VqVae(self.cfg)
+
+    def describe(self):
+        c, net = self.cfg, self.cfg["net"]
+        return (f"hop {int(np.prod(net['strides']))}, codebook {c['codebook_size']} x {net['latent_dim']}, "
+                f"commitment {c.get('commitment', 0.25)}, EMA {c.get('ema_decay')}, "
+                f"restart {c.get('restart_threshold', 1.0)}")
+
+    def eval_terms(self, model, x):
+        """VqVae::forward with train=false (no usage updates, no restarts)."""
+        recon, cb_loss, commit_loss, vq_loss = model.pass_(x, False)
+        stft = MrStft(x.dtype)(recon, x)
+        return {"stft": stft, "codebook": cb_loss, "commitment": commit_loss}, stft + vq_loss
+
+    def train_loss(self, model, gen):
+        return vqvae_loss(model, MrStft(torch.float32))
+
+
+FAMILIES = {"wave_vae": WaveVaeTwin, "vqvae": VqVaeTwin}
+
+
 # ---------------------------------------------------------------- weights
 
 
 def load_weights(model, path):
+    """Every parameter and buffer (the quantiser's usage / ema_sum) from the
+    dump by name; exits 2 listing what is missing, unused or mis-shaped.
+    Returns the element count."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
     params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
     missing = sorted(set(params) - set(tensors))
     unused = sorted(set(tensors) - set(params))
     shapes = [f"{n}: twin {tuple(params[n].shape)} vs melvae {tuple(tensors[n].shape)}"
@@ -436,7 +608,7 @@ def load_weights(model, path):
         for n, p in params.items():
             p.copy_(tensors[n].to(p.dtype))
     n_dump = sum(t.numel() for t in tensors.values())
-    n_twin = sum(p.numel() for p in model.parameters())
+    n_twin = sum(p.numel() for p in params.values())
     if n_dump != n_twin:
         print(f"parameter count: twin {n_twin} vs dump {n_dump}", file=sys.stderr)
         sys.exit(2)
@@ -446,12 +618,9 @@ def load_weights(model, path):
 # ---------------------------------------------------------------- timing
 
 
-def make_step(model, objective, audio, kl_weight, opt, grad_clip, gen):
-    def loss_fn(x):
-        recon, mean, logvar = model.pass_(x, True, gen)
-        recon_total, terms = objective.terms(recon, x, mean, logvar)
-        return recon_total + kl_weight * terms["kl"]
-
+def make_step(model, loss_fn, audio, opt, grad_clip):
+    """One training step on `audio`: `fn` (default `loss_fn`; a compiled
+    one for --compile), backward, optional global-norm clipping, AdamW."""
     def step(fn=loss_fn):
         opt.zero_grad(set_to_none=True)
         total = fn(audio)
@@ -461,7 +630,7 @@ def make_step(model, objective, audio, kl_weight, opt, grad_clip, gen):
         opt.step()
         return total.detach()
 
-    return loss_fn, step
+    return step
 
 
 def time_steps(step, n):
@@ -487,34 +656,33 @@ def run_dump(args):
     d = args.dir
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
+    family = meta.get("family", "wave_vae")
+    if family not in FAMILIES:
+        print(f"family {family!r}: not a waveform codec ({', '.join(FAMILIES)}; "
+              "see the other *_twin.py)", file=sys.stderr)
+        return 2
     torch.set_num_threads(int(meta.get("threads", torch.get_num_threads())))
     torch.manual_seed(0)
-    cfg, loss_cfg = defaults(meta["model"]), meta["loss"]
-    model = WaveVae(cfg)
+    twin = FAMILIES[family](meta)
+    model = twin.build()
     n = load_weights(model, os.path.join(d, "weights.safetensors"))
     if "n_params" in meta and int(meta["n_params"]) != n:
         print(f"parameter count: twin {n} vs melvae {meta['n_params']}", file=sys.stderr)
         sys.exit(2)
     audio = torch.from_numpy(np.load(os.path.join(d, "batch.npy")).astype(np.float32))
-    print(f"setting {meta.get('setting')}: {n} parameters, batch {list(audio.shape)}, "
-          f"hop {int(np.prod(cfg['strides']))}, threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
-    kl_weight = float(meta["kl_weight"])
+    print(f"setting {meta.get('setting')} ({family}): {n} parameters, batch {list(audio.shape)}, "
+          f"{twin.describe()}, threads {torch.get_num_threads()}, torch {torch.__version__}")
 
-    # Parity: WaveVae::loss with train=false.
+    # Parity: the evaluation-mode loss terms.
     ok = True
     dtypes = [torch.float32] + ([torch.float64] if args.f64 else [])
     results = {}
     for dt in dtypes:
-        m = model if dt == torch.float32 else WaveVae(cfg).to(dt)
+        m = model if dt == torch.float32 else twin.build().to(dt)
         if dt != torch.float32:
             m.load_state_dict(model.state_dict())
-        obj = Objective(loss_cfg, cfg, dt)
         with torch.no_grad():
-            x = audio.to(dt)
-            recon, mean, logvar = m.pass_(x, False)
-            total, terms = obj.terms(recon, x, mean, logvar)
-            total = total + kl_weight * terms["kl"]
+            terms, total = twin.eval_terms(m, audio.to(dt))
         results[dt] = ({k: float(v) for k, v in terms.items()}, float(total))
     ref_terms = dict(meta["eval_terms"])
     ref_terms["total"] = meta["eval_total"]
@@ -523,25 +691,30 @@ def run_dump(args):
     t64 = None
     if torch.float64 in results:
         t64 = dict(results[torch.float64][0], total=results[torch.float64][1])
-    print(f"{'term':>6} {'melvae':>14} {'torch f32':>14} {'rel diff':>10}"
+    w = max(6, max(len(k) for k in twin.terms))
+    print(f"{'term':>{w}} {'melvae':>14} {'torch f32':>14} {'rel diff':>10}"
           + (f" {'torch f64':>14} {'mv-f64':>10} {'t32-f64':>10}" if t64 else ""))
-    for k in ["stft", "mel", "l1", "kl", "total"]:
+    for k in twin.terms:
         if k not in ref_terms:
             continue
         if k not in t32:
-            print(f"{k:>6}: melvae has it, the twin does not")
+            print(f"{k:>{w}}: melvae has it, the twin does not")
             ok = False
             continue
         r = rel(t32[k], ref_terms[k])
         bad = not (r <= args.tol)
         ok &= not bad
-        line = f"{k:>6} {ref_terms[k]:14.8g} {t32[k]:14.8g} {r:10.2e}"
+        line = f"{k:>{w}} {ref_terms[k]:14.8g} {t32[k]:14.8g} {r:10.2e}"
         if t64:
             line += f" {t64[k]:14.8g} {rel(ref_terms[k], t64[k]):10.2e} {rel(t32[k], t64[k]):10.2e}"
         print(line + ("  <-- FAIL" if bad else ""))
+    for k in ref_terms:
+        if k not in twin.terms:
+            print(f"{k:>{w}}: melvae has it, the twin does not")
+            ok = False
     for k in t32:
         if k not in ref_terms:
-            print(f"{k:>6}: the twin has it, melvae does not")
+            print(f"{k:>{w}}: the twin has it, melvae does not")
             ok = False
     print(f"parity (tol {args.tol:g} relative): {'OK' if ok else 'FAILED'}")
 
@@ -551,10 +724,10 @@ def run_dump(args):
     # Timing: the training step.
     lr = float(meta["learning_rate"])
     grad_clip = args.grad_clip if args.grad_clip is not None else meta.get("grad_clip")
-    obj = Objective(loss_cfg, cfg, torch.float32)
     gen = torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    loss_fn, step = make_step(model, obj, audio, kl_weight, opt, grad_clip, gen)
+    loss_fn = twin.train_loss(model, gen)
+    step = make_step(model, loss_fn, audio, opt, grad_clip)
     mean_ms, min_ms = time_steps(step, args.steps)
     mv = meta.get("melvae_step_ms")
     print(f"train step (eager): mean {mean_ms:.1f} ms, min {min_ms:.1f} ms over {args.steps} steps "
@@ -608,12 +781,48 @@ def selftest():
                 assert torch.allclose(ra[..., :1200], rb[..., :1200], atol=1e-6)
         obj = Objective(dict(loss, free_bits={"mode": "per_dim", "target": 0.01}), cfg, torch.float32)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
-        _, step = make_step(m, obj, x, 1e-5, opt, 1.0, torch.Generator().manual_seed(0))
+        step = make_step(m, wave_vae_loss(m, obj, 1e-5, torch.Generator().manual_seed(0)), x, opt, 1.0)
         l0 = float(step())
         for _ in range(3):
             l1 = float(step())
         assert math.isfinite(l1)
         print(f"ok {v}: {sum(p.numel() for p in m.parameters())} params, loss {l0:.4f} -> {l1:.4f}")
+    # The VQ-VAE: gradient or EMA codebook, restarts on or off.
+    for label, v in [("gradient codebook, restarts", {}), ("EMA codebook, restarts", {"ema_decay": 0.99}),
+                     ("no restarts, centred", {"restart_threshold": None, "net": dict(base, causal=False)})]:
+        cfg = dict(dict(net=base, codebook_size=16, commitment=0.25, ema_decay=None,
+                        restart_threshold=1.0), **v)
+        m = VqVae(cfg)
+        x = 0.3 * torch.randn(2, 1, 2400)
+        with torch.no_grad():
+            usage0, cb0 = m.vq.usage.clone(), m.vq.codebook.clone()
+            recon, cb_loss, commit_loss, vq_loss = m.pass_(x, False)
+            assert recon.shape == x.shape, recon.shape
+            assert torch.equal(m.vq.usage, usage0) and torch.equal(m.vq.codebook, cb0)
+            z = m.encoder.features(x).transpose(1, 2).reshape(-1, 3)
+            assert z.shape == (800, 3), z.shape
+            if cfg["ema_decay"] is None:
+                assert torch.allclose(cb_loss, commit_loss)
+            else:
+                assert float(cb_loss) == 0.0
+            m.pass_(x, True)
+            restarted = (m.vq.codebook != cb0).any(1)
+            if cfg["restart_threshold"] is None and cfg["ema_decay"] is None:
+                assert not restarted.any()
+            elif cfg["ema_decay"] is None:
+                # Restarted rows are batch vectors, their usage the threshold.
+                assert restarted.any()
+                for i in restarted.nonzero().flatten():
+                    assert (m.vq.codebook[i] == z).all(1).any()
+                    assert float(m.vq.usage[i]) == 1.0
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
+        step = make_step(m, vqvae_loss(m, MrStft(torch.float32)), x, opt, None)
+        l0 = float(step())
+        for _ in range(3):
+            l1 = float(step())
+        assert math.isfinite(l1)
+        n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+        print(f"ok vqvae ({label}): {n} variables, loss {l0:.4f} -> {l1:.4f}")
     return 0
 
 
@@ -627,7 +836,8 @@ def main():
     p.add_argument("--grad-clip", type=float, default=None,
                    help="global-norm clipping in the step (default: meta['grad_clip'] if present, else none)")
     p.add_argument("--no-time", action="store_true", help="parity check only")
-    p.add_argument("--selftest", action="store_true", help="random-weight shape/causality checks, no dump")
+    p.add_argument("--selftest", action="store_true",
+                   help="random-weight shape/causality/quantiser checks, no dump")
     args = p.parse_args()
     if args.selftest:
         return selftest()
