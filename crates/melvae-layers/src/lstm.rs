@@ -1,18 +1,66 @@
 //! Stacked LSTM with its state carried across calls.
 
 use candle_core::Tensor;
-use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
+use candle_nn::rnn::LSTMState;
 use candle_nn::VarBuilder;
 
 use crate::error::ensure;
 use crate::{Error, Result, Streaming};
 
-/// A multi-layer LSTM on candle-nn's cell, `[batch, time, input]` to
-/// `[batch, time, hidden]`. Parameters as torch's `nn.LSTM`:
-/// `weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`.
+/// One LSTM layer (torch's gate order: input, forget, cell, output).
+#[derive(Debug, Clone)]
+struct LstmLayer {
+    /// `[4 * hidden, input]`.
+    w_ih: Tensor,
+    /// `[4 * hidden, hidden]`.
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+impl LstmLayer {
+    /// Variables and initialisation as candle-nn's `lstm` (torch's names).
+    fn new(input: usize, hidden: usize, k: usize, vb: &VarBuilder) -> Result<Self> {
+        let kaiming = candle_nn::init::DEFAULT_KAIMING_UNIFORM;
+        let zero = candle_nn::Init::Const(0.);
+        Ok(Self {
+            w_ih: vb.get_with_hints((4 * hidden, input), &format!("weight_ih_l{k}"), kaiming)?,
+            w_hh: vb.get_with_hints((4 * hidden, hidden), &format!("weight_hh_l{k}"), kaiming)?,
+            b_ih: vb.get_with_hints(4 * hidden, &format!("bias_ih_l{k}"), zero)?,
+            b_hh: vb.get_with_hints(4 * hidden, &format!("bias_hh_l{k}"), zero)?,
+        })
+    }
+
+    /// The input's share of the gates, `x W_ih^T + b_ih + b_hh` for inputs
+    /// `[rows, input]`: `[rows, 4 * hidden]`.
+    fn input_gates(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.w_ih.t()?)?
+            .broadcast_add(&(&self.b_ih + &self.b_hh)?)?)
+    }
+
+    /// One step from the input's share of the gates `[batch, 4 * hidden]`.
+    fn cell(&self, input_gates: &Tensor, s: &LSTMState) -> Result<LSTMState> {
+        let gates = (input_gates + s.h.matmul(&self.w_hh.t()?)?)?;
+        let g = gates.chunk(4, 1)?;
+        let (i, f) = (
+            candle_nn::ops::sigmoid(&g[0])?,
+            candle_nn::ops::sigmoid(&g[1])?,
+        );
+        let (cell, o) = (g[2].tanh()?, candle_nn::ops::sigmoid(&g[3])?);
+        let c = ((f * &s.c)? + (i * cell)?)?;
+        let h = (o * c.tanh()?)?;
+        Ok(LSTMState::new(h, c))
+    }
+}
+
+/// A multi-layer LSTM, `[batch, time, input]` to `[batch, time, hidden]`.
+/// Parameters as torch's `nn.LSTM`: `weight_ih_l{k}`, `weight_hh_l{k}`,
+/// `bias_ih_l{k}`, `bias_hh_l{k}`. A sequence runs layer by layer, each
+/// layer's input projection one matrix product over all time steps (only
+/// the recurrent product is stepped).
 #[derive(Debug, Clone)]
 pub struct LstmStack {
-    layers: Vec<candle_nn::LSTM>,
+    layers: Vec<LstmLayer>,
     input: usize,
     hidden: usize,
     /// Streaming state (one per layer).
@@ -27,14 +75,8 @@ impl LstmStack {
             "input and hidden sizes must be > 0".into()
         })?;
         let layers = (0..num_layers)
-            .map(|k| {
-                let cfg = LSTMConfig {
-                    layer_idx: k,
-                    ..Default::default()
-                };
-                candle_nn::lstm(if k == 0 { input } else { hidden }, hidden, cfg, vb.clone())
-            })
-            .collect::<candle_core::Result<_>>()?;
+            .map(|k| LstmLayer::new(if k == 0 { input } else { hidden }, hidden, k, &vb))
+            .collect::<Result<_>>()?;
         Ok(Self {
             layers,
             input,
@@ -50,24 +92,30 @@ impl LstmStack {
 
     /// Zero state for `batch` sequences.
     pub fn zero_state(&self, batch: usize) -> Result<Vec<LSTMState>> {
+        let w = &self.layers[0].w_hh;
+        let zeros = Tensor::zeros((batch, self.hidden), w.dtype(), w.device())?;
         Ok(self
             .layers
             .iter()
-            .map(|l| l.zero_state(batch))
-            .collect::<candle_core::Result<_>>()?)
+            .map(|_| LSTMState::new(zeros.clone(), zeros.clone()))
+            .collect())
+    }
+
+    fn check_state(&self, state: &[LSTMState]) -> Result<()> {
+        ensure(state.len() == self.layers.len(), "lstm state", || {
+            format!("{} layers, got {} states", self.layers.len(), state.len())
+        })
     }
 
     /// One time step: `x` `[batch, input]` and the per-layer state to the top
     /// layer's `h` `[batch, hidden]` and the new state.
     pub fn step(&self, x: &Tensor, state: &[LSTMState]) -> Result<(Tensor, Vec<LSTMState>)> {
-        ensure(state.len() == self.layers.len(), "lstm state", || {
-            format!("{} layers, got {} states", self.layers.len(), state.len())
-        })?;
+        self.check_state(state)?;
         let mut h = x.clone();
         let mut next = Vec::with_capacity(state.len());
         for (layer, s) in self.layers.iter().zip(state) {
-            let ns = layer.step(&h, s)?;
-            h = ns.h().clone();
+            let ns = layer.cell(&layer.input_gates(&h)?, s)?;
+            h = ns.h.clone();
             next.push(ns);
         }
         Ok((h, next))
@@ -88,17 +136,31 @@ impl LstmStack {
                 x.dims(),
             ));
         }
-        let mut s = match state {
-            Some(s) => s.to_vec(),
+        let init = match state {
+            Some(s) => {
+                self.check_state(s)?;
+                s.to_vec()
+            }
             None => self.zero_state(b)?,
         };
-        let mut outs = Vec::with_capacity(t);
-        for k in 0..t {
-            let (h, ns) = self.step(&x.narrow(1, k, 1)?.squeeze(1)?, &s)?;
-            outs.push(h);
-            s = ns;
+        let mut y = x.clone();
+        let mut last = Vec::with_capacity(self.layers.len());
+        for (layer, s) in self.layers.iter().zip(init) {
+            let width = y.dim(2)?;
+            let gates =
+                layer
+                    .input_gates(&y.reshape((b * t, width))?)?
+                    .reshape((b, t, 4 * self.hidden))?;
+            let mut s = s;
+            let mut outs = Vec::with_capacity(t);
+            for k in 0..t {
+                s = layer.cell(&gates.narrow(1, k, 1)?.squeeze(1)?, &s)?;
+                outs.push(s.h.clone());
+            }
+            y = Tensor::stack(&outs, 1)?;
+            last.push(s);
         }
-        Ok((Tensor::stack(&outs, 1)?, s))
+        Ok((y, last))
     }
 }
 
@@ -162,6 +224,34 @@ mod tests {
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
         .unwrap();
+    }
+
+    /// The layer-by-layer sequence pass equals candle-nn's LSTM cell
+    /// stepped layer over layer on the same variables (f64), final state
+    /// included.
+    #[test]
+    fn equals_candle_nn_lstm() {
+        use candle_nn::rnn::RNN;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+        let l = LstmStack::new(3, 4, 2, vb.clone()).unwrap();
+        randomize(&vm, 0.5, 4).unwrap();
+        let x = noise(&[2, 9, 3], 5).unwrap();
+        let (y, last) = l.forward(&x, None).unwrap();
+        let mut h = x.clone();
+        for (k, s) in last.iter().enumerate() {
+            let cfg = candle_nn::rnn::LSTMConfig {
+                layer_idx: k,
+                ..Default::default()
+            };
+            let reference =
+                candle_nn::lstm(if k == 0 { 3 } else { 4 }, 4, cfg, vb.clone()).unwrap();
+            let states = reference.seq(&h).unwrap();
+            h = reference.states_to_tensor(&states).unwrap();
+            let end = states.last().unwrap();
+            assert!(max_abs_diff(&end.c, &s.c).unwrap() < 1e-12, "layer {k}");
+        }
+        assert!(max_abs_diff(&h, &y).unwrap() < 1e-12);
     }
 
     #[test]
