@@ -184,6 +184,50 @@ fn the_bundled_vocos_configs_check() {
     .unwrap();
     let e = tasks::check_config(&r).unwrap_err().to_string();
     assert!(e.contains("vocos_loss.mel_weight"), "{e}");
+    let r = ResolvedConfig::load(
+        &dir.join("vocos_tiny.yaml"),
+        &["vocos_loss.multiscale_mel_weight=-1".into()],
+    )
+    .unwrap();
+    let e = tasks::check_config(&r).unwrap_err().to_string();
+    assert!(e.contains("vocos_loss.multiscale_mel_weight"), "{e}");
+}
+
+/// `multiscale_mel_weight` adds DAC's multi-scale mel loss to the total,
+/// logged as its own term.
+#[test]
+fn the_multiscale_mel_term_joins_the_loss() {
+    let d = tempfile::tempdir().unwrap();
+    folder(d.path());
+    let dc = data_cfg(d.path(), 16000);
+    let new = |w: f64| {
+        let sections = VocosSections {
+            model: tiny(),
+            loss: VocosLossConfig {
+                multiscale_mel_weight: w,
+                ..Default::default()
+            },
+            discriminators: None,
+        };
+        let data = AudioFolder::load(&dc).unwrap();
+        VocosTask::new(sections, data, dc.clone(), 3, &Device::Cpu, DType::F32).unwrap()
+    };
+    let (mut plain, mut with) = (new(0.0), new(2.0));
+    let batch = plain
+        .train_batch(&mut melvae_dsp::SplitMix64::new(1))
+        .unwrap();
+    let scalar = |t: &candle_core::Tensor| t.to_scalar::<f32>().unwrap();
+    let p = plain.losses(&batch, eval_ctx()).unwrap();
+    let w = with.losses(&batch, eval_ctx()).unwrap();
+    assert!(!p.terms.contains_key("multiscale_mel"));
+    let ms = scalar(&w.terms["multiscale_mel"]);
+    assert!(ms > 0.0);
+    let want = scalar(&p.total) + 2.0 * ms;
+    assert!(
+        (scalar(&w.total) - want).abs() < 1e-4 * want,
+        "{} vs {want}",
+        scalar(&w.total)
+    );
 }
 
 /// The converted 24 kHz (`vocos-24k`) or 22.05 kHz fixture vocoder as a

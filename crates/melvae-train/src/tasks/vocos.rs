@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use melvae_dsp::{SplitMix64, TensorMel};
+use melvae_losses::{MultiScaleMelLoss, WaveformLoss};
 use melvae_models::{AdversarialWeights, DiscOutput, Discriminators, Vocos, VocosConfig};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,12 @@ pub struct VocosLossConfig {
     /// Weight of the L1 between the log-mels of the output and of the
     /// target (Vocos: 45).
     pub mel_weight: f64,
+    /// Weight of DAC's multi-scale mel loss (seven windows from 32 to 2048
+    /// samples, `MultiScaleMelLoss::dac`, the waveform VAE's `mel` term)
+    /// of the output against the target audio; 0 (the package's recipe):
+    /// off.
+    #[serde(default)]
+    pub multiscale_mel_weight: f64,
     /// Adversarial terms (with `discriminators:` and `training.gan`).
     #[serde(default)]
     pub adversarial: AdversarialWeights,
@@ -36,6 +43,7 @@ impl Default for VocosLossConfig {
     fn default() -> Self {
         Self {
             mel_weight: 45.0,
+            multiscale_mel_weight: 0.0,
             adversarial: AdversarialWeights::default(),
         }
     }
@@ -46,6 +54,10 @@ impl crate::Validate for VocosLossConfig {
         let a = self.adversarial;
         for (v, key) in [
             (self.mel_weight, "vocos_loss.mel_weight"),
+            (
+                self.multiscale_mel_weight,
+                "vocos_loss.multiscale_mel_weight",
+            ),
             (a.weight, "vocos_loss.adversarial.weight"),
             (
                 a.feature_matching,
@@ -89,6 +101,8 @@ pub struct VocosTask {
     pub discriminators: Option<(VarMap, Discriminators)>,
     loss: VocosLossConfig,
     mel: TensorMel,
+    /// DAC's multi-scale mel loss, when `multiscale_mel_weight > 0`.
+    multiscale_mel: Option<MultiScaleMelLoss>,
     data: AudioFolder,
     data_cfg: AudioDataConfig,
     /// The generator output and the real audio's discriminator view of a
@@ -132,6 +146,9 @@ impl VocosTask {
             super::waveform::build_discriminators(sections.discriminators, seed, dtype, device)?;
         Ok(Self {
             mel: TensorMel::new(cfg.mel_config(), device)?,
+            multiscale_mel: (sections.loss.multiscale_mel_weight > 0.0)
+                .then(|| MultiScaleMelLoss::dac(cfg.sample_rate, device))
+                .transpose()?,
             varmap,
             model,
             discriminators,
@@ -205,7 +222,8 @@ impl TrainTask for VocosTask {
         }))
     }
 
-    /// `mel_weight * mel`, plus `adversarial.weight * adv +
+    /// `mel_weight * mel` (+ `multiscale_mel_weight * multiscale_mel`),
+    /// plus `adversarial.weight * adv +
     /// adversarial.feature_matching * fm` in the adversarial phase.
     fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
         let ((target, fake), real) = match self.pending.take() {
@@ -217,6 +235,11 @@ impl TrainTask for VocosTask {
         let mel = self.mel_loss(&target, &fake)?;
         let mut total = (&mel * self.loss.mel_weight)?;
         let mut terms = BTreeMap::from([("mel".to_string(), mel)]);
+        if let Some(ms) = &self.multiscale_mel {
+            let l = ms.loss(&fake, batch)?;
+            total = (total + (&l * self.loss.multiscale_mel_weight)?)?;
+            terms.insert("multiscale_mel".into(), l);
+        }
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = self.loss.adversarial;
             let (adv, fm) = super::waveform::generator_terms(disc, w, batch, &fake, real)?;
