@@ -3,8 +3,16 @@
 //! in multiples of real time, and the process's peak resident memory.
 //!
 //! ```text
-//! cargo run --release --example mel_vae_throughput -- [--setting tiny|setting1] [--steps 5]
+//! cargo run --release --example mel_vae_throughput -- [--setting tiny|setting1] [--steps 5] [--dump DIR]
 //! ```
+//!
+//! `--dump DIR` also writes what `tools/bench/mel_vae_twin.py` needs to
+//! rebuild the same model in PyTorch, check that it computes the same loss
+//! and time the same step: `weights.safetensors` (every variable by name),
+//! `batch.npy` (the log-mels `[batch, mel, frames]`), `eps.npy` and
+//! `x0.npy` (the loss's reparameterisation and flow noise, `melvae::models::LossDraws`),
+//! and `meta.json` (the config, the flow times, the evaluation-mode loss
+//! terms at step `STEP`, the measured step time).
 //!
 //! `--setting` names a file in configs/settings/. Like the other model
 //! examples it calls `common::tune_allocator` first. Audio seconds assume the
@@ -28,6 +36,51 @@ struct Args {
     setting: String,
     #[command(flatten)]
     bench: common::BenchArgs,
+    /// Write the weights, the batch, the loss's draws and its value for the
+    /// PyTorch twin here.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
+}
+
+/// The step the KL weight of the dumped loss is taken at: past any warm-up.
+const STEP: u64 = 1_000_000;
+
+/// Writes the twin's inputs (before any training step changes the weights).
+fn dump(
+    bench: &MelVaeBench,
+    dir: &std::path::Path,
+    setting: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let mel = bench.random_mel(bench.batch, bench.frames, 1)?;
+    let mut rng = melvae::dsp::SplitMix64::new(0);
+    let draws = bench.model.loss_draws(&mel, &mut rng, false)?;
+    let l = bench.model.loss_with(&mel, STEP, &draws, false)?;
+    let scalar = |t: &candle_core::Tensor| -> anyhow::Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    };
+    let weights: std::collections::HashMap<String, candle_core::Tensor> = bench
+        .vars
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect::<anyhow::Result<_>>()?;
+    common::dump_for_twin(dir, &weights, &mel, serde_json::json!({}))?;
+    for (name, t) in [("eps", &draws.eps), ("x0", &draws.x0)] {
+        let t = t.to_dtype(DType::F32)?;
+        let a =
+            ndarray::ArrayD::from_shape_vec(t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)?;
+        melvae::dsp::write_npy(dir.join(format!("{name}.npy")), &a)?;
+    }
+    let t: Vec<f32> = draws.t.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(serde_json::json!({
+        "family": "mel_vae",
+        "setting": setting,
+        "model": bench.model.config(),
+        "t": t,
+        "step": STEP,
+        "kl_weight": l.kl_weight,
+        "eval_terms": {"cfm": scalar(&l.cfm)?, "kl": scalar(&l.kl)?, "total": scalar(&l.total)?},
+        "n_params": bench.n_params(),
+    }))
 }
 
 fn run() -> anyhow::Result<()> {
@@ -44,6 +97,11 @@ fn run() -> anyhow::Result<()> {
         candle_core::utils::get_num_threads()
     );
 
+    let dumped = args
+        .dump
+        .as_deref()
+        .map(|d| dump(&bench, d, &args.setting))
+        .transpose()?;
     let per_step = bench.time_train_steps(args.bench.steps)?;
     let audio_per_step = batch as f64 * crop_frames as f64 / MEL_FRAME_RATE;
     common::print_train_step(per_step, audio_per_step);
@@ -77,6 +135,16 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(mib) = common::proc_status_mib("VmHWM") {
         println!("peak resident memory: {mib:.0} MiB");
+    }
+    if let (Some(dir), Some(mut meta)) = (&args.dump, dumped) {
+        meta["melvae_step_ms"] = serde_json::json!(per_step * 1e3);
+        meta["threads"] = serde_json::json!(candle_core::utils::get_num_threads());
+        meta["learning_rate"] = serde_json::json!(1e-4);
+        std::fs::write(
+            dir.join("meta.json"),
+            serde_json::to_string_pretty(&meta)? + "\n",
+        )?;
+        println!("wrote {}", dir.display());
     }
     Ok(())
 }

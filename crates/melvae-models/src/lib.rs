@@ -65,8 +65,8 @@ pub use echolancer::{
 };
 pub use error::{Error, Result};
 pub use mel_vae::{
-    mel_to_array, EncoderStream, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction, SampleOptions,
-    StreamedLatents,
+    mel_to_array, EncoderStream, LossDraws, MelVae, MelVaeConfig, MelVaeLoss, Reconstruction,
+    SampleOptions, StreamedLatents,
 };
 pub use mel_vqvae::{MelVqVae, MelVqVaeConfig, MelVqVaeOutput, ReconLoss};
 pub use model_file::{Family, ModelFileInfo};

@@ -109,6 +109,23 @@ pub struct MelVaeLoss {
     pub kl_weight: f64,
 }
 
+/// The random values of one [`MelVae::loss`] (see
+/// [`MelVae::loss_draws`]).
+#[derive(Debug, Clone)]
+pub struct LossDraws {
+    /// Seeds the dropout masks (training only).
+    pub dropout_seed: u64,
+    /// Reparameterisation noise `[batch, frames / C, latent_dim]`.
+    pub eps: Tensor,
+    /// 1 where the example keeps its condition, 0 where it is dropped
+    /// `[batch, 1, 1]`.
+    pub keep: Tensor,
+    /// Flow noise `[batch, mel, frames]`.
+    pub x0: Tensor,
+    /// Flow times `[batch]` in `[0, 1)`.
+    pub t: Tensor,
+}
+
 /// A clip and its reconstruction, from [`MelVae::reconstruct`].
 #[derive(Debug, Clone)]
 pub struct Reconstruction {
@@ -303,7 +320,8 @@ impl MelVae {
     /// noise, the flow noise and times and, in training (`train`), the
     /// dropout masks and the per-example condition drop (probability
     /// `cfm.cond_drop_prob`, for classifier-free guidance). In evaluation
-    /// (`train` false) dropout is off and every condition kept.
+    /// (`train` false) dropout is off and every condition kept. Equal to
+    /// [`MelVae::loss_with`] on [`MelVae::loss_draws`] from the same `rng`.
     pub fn loss(
         &self,
         mel: &Tensor,
@@ -311,29 +329,67 @@ impl MelVae {
         rng: &mut SplitMix64,
         train: bool,
     ) -> Result<MelVaeLoss> {
-        let dropout = DropoutRng::new(rng.next_u64());
+        let draws = self.loss_draws(mel, rng, train)?;
+        self.loss_with(mel, step, &draws, train)
+    }
+
+    /// The random values one [`MelVae::loss`] of `mel` draws from `rng`,
+    /// in its order.
+    pub fn loss_draws(&self, mel: &Tensor, rng: &mut SplitMix64, train: bool) -> Result<LossDraws> {
+        let (b, m, frames) = mel.dims3()?;
+        let dev = mel.device();
+        let dt = mel.dtype();
+        let dropout_seed = rng.next_u64();
+        let latent = (b, frames / self.compress(), self.latent_dim());
+        let eps = normal_noise(&[latent.0, latent.1, latent.2], rng, dev)?.to_dtype(dt)?;
+        let keep: Vec<f32> = (0..b)
+            .map(|_| (!train || rng.next_f64() >= self.cfg.cfm.cond_drop_prob) as u8 as f32)
+            .collect();
+        let keep = Tensor::from_vec(keep, (b, 1, 1), dev)?.to_dtype(dt)?;
+        let x0 = normal_noise(&[b, m, frames], rng, dev)?.to_dtype(dt)?;
+        let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
+        let t = Tensor::from_vec(t, b, dev)?.to_dtype(time_dtype(dt))?;
+        Ok(LossDraws {
+            dropout_seed,
+            eps,
+            keep,
+            x0,
+            t,
+        })
+    }
+
+    /// [`MelVae::loss`] with its random values given: deterministic (a
+    /// PyTorch twin reproduces it from the same draws).
+    pub fn loss_with(
+        &self,
+        mel: &Tensor,
+        step: u64,
+        draws: &LossDraws,
+        train: bool,
+    ) -> Result<MelVaeLoss> {
+        let dropout = DropoutRng::new(draws.dropout_seed);
         let mode = if train {
             Mode::Train(&dropout)
         } else {
             Mode::Eval
         };
         let x1 = self.normalize(mel)?;
-        let (b, _, _) = x1.dims3()?;
         let (mean, logvar) = self.encoder.forward(&x1, mode)?;
-        let dev = mel.device();
-        let dt = mel.dtype();
-        let eps = normal_noise(mean.dims(), rng, dev)?.to_dtype(dt)?;
-        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
-        let keep: Vec<f32> = (0..b)
-            .map(|_| (!train || rng.next_f64() >= self.cfg.cfm.cond_drop_prob) as u8 as f32)
-            .collect();
-        let keep = Tensor::from_vec(keep, (b, 1, 1), dev)?.to_dtype(dt)?;
-        let cond = z.broadcast_mul(&keep)?;
-        let x0 = normal_noise(x1.dims(), rng, dev)?.to_dtype(dt)?;
-        let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
-        let t = Tensor::from_vec(t, b, dev)?.to_dtype(time_dtype(dt))?;
-        let (xt, u) = flow_matching_target(&x0, &x1, &t, self.cfg.cfm.sigma)?;
-        let v = self.decoder.forward(&xt, &t, &cond, mode)?;
+        ensure(
+            mean.dims() == draws.eps.dims(),
+            "mel_vae loss draws",
+            || {
+                format!(
+                    "eps {:?} does not match the latent {:?}",
+                    draws.eps.dims(),
+                    mean.dims()
+                )
+            },
+        )?;
+        let z = (&mean + ((&logvar * 0.5)?.exp()? * &draws.eps)?)?;
+        let cond = z.broadcast_mul(&draws.keep)?;
+        let (xt, u) = flow_matching_target(&draws.x0, &x1, &draws.t, self.cfg.cfm.sigma)?;
+        let v = self.decoder.forward(&xt, &draws.t, &cond, mode)?;
         let cfm = flow_matching_loss(&v, &u, None)?;
         let kl = kl_loss(&mean, &logvar, FreeBits::None)?;
         let kl_weight = self.cfg.kl_schedule().weight(step);
