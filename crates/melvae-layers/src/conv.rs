@@ -196,8 +196,27 @@ impl CausalBuffer {
 /// `x` `[batch, in, positions]` (already padded, spatial dims flattened);
 /// `idx` `[outputs * taps]` the position read by tap `k` of output `p` at
 /// `p * taps + k`; `weight` `[out, in / groups, taps]`. Returns
-/// `[batch, out, outputs]`.
+/// `[batch, out, outputs]`. On the CPU in f32/f64 one fused op with its own
+/// backward computes it (`kernels::gather_conv`); elsewhere candle ops
+/// ([`gather_conv_composed`]).
 pub(crate) fn gather_conv(
+    x: &Tensor,
+    idx: &[u32],
+    outputs: usize,
+    weight: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    if crate::kernels::fused(x) && x.dtype() == weight.dtype() {
+        return Ok(crate::kernels::gather_conv(
+            x, idx, outputs, weight, groups,
+        )?);
+    }
+    gather_conv_composed(x, idx, outputs, weight, groups)
+}
+
+/// [`gather_conv`] from candle ops (any device and dtype): `index_select`,
+/// permutes and a batched matmul.
+pub(crate) fn gather_conv_composed(
     x: &Tensor,
     idx: &[u32],
     outputs: usize,

@@ -37,6 +37,7 @@ mod error;
 pub mod ffn;
 pub mod flops;
 pub mod init;
+mod kernels;
 pub mod lstm;
 pub mod norm;
 pub mod precision;

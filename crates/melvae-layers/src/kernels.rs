@@ -1,0 +1,441 @@
+//! Fused CPU kernels: custom candle ops with their own backward, for the
+//! hot paths profiles show (docs/benchmarks.md, "CPU speed"). Each has a
+//! composed fallback built from candle ops, used on other devices and
+//! dtypes, and a test that the two agree in value and gradient.
+//!
+//! [`gather_conv`]: a convolution given as a gather — output position `p`,
+//! tap `k` reads input position `idx[p * K + k]` of the flattened spatial
+//! axis — computed as im2col into a scratch buffer and one GEMM per batch
+//! item and group, its backward as two GEMMs and a direct col2im
+//! accumulation (no index_select/index_add round trips, no permute
+//! copies). CPU, f32 and f64.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+/// The element types the CPU kernels run on.
+trait Elem: Copy + Default + std::ops::AddAssign + 'static {
+    const ONE: Self;
+}
+
+impl Elem for f32 {
+    const ONE: Self = 1.0;
+}
+
+impl Elem for f64 {
+    const ONE: Self = 1.0;
+}
+
+/// Whether the fused kernels take tensors of this device and dtype (and
+/// the environment variable `MELVAE_NO_FUSED_KERNELS` is unset: the
+/// composed paths, for benchmarking one against the other).
+pub(crate) fn fused(t: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var_os("MELVAE_NO_FUSED_KERNELS").is_some());
+    !off && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Sizes of one gather convolution.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    c_in: usize,
+    len: usize,
+    c_out: usize,
+    /// Input channels per group.
+    cg: usize,
+    k: usize,
+    p: usize,
+    groups: usize,
+}
+
+impl Dims {
+    fn of(x: &Layout, w: &Layout, p: usize, k: usize, groups: usize) -> candle_core::Result<Self> {
+        let (batch, c_in, len) = x.shape().dims3()?;
+        let (c_out, cg, kw) = w.shape().dims3()?;
+        if kw != k || cg * groups != c_in || c_out % groups != 0 {
+            candle_core::bail!(
+                "gather_conv: input {:?}, weight {:?}, {k} taps, {groups} groups do not fit",
+                x.shape(),
+                w.shape()
+            );
+        }
+        Ok(Self {
+            batch,
+            c_in,
+            len,
+            c_out,
+            cg,
+            k,
+            p,
+            groups,
+        })
+    }
+
+    /// Output channels per group.
+    fn og(&self) -> usize {
+        self.c_out / self.groups
+    }
+
+    /// Rows of one group's column matrix (`cg * k`).
+    fn rows(&self) -> usize {
+        self.cg * self.k
+    }
+}
+
+/// The gather indices, tap-major (`[k][p]`) for streaming fills.
+#[derive(Debug)]
+struct Taps {
+    by_tap: Vec<u32>,
+}
+
+impl Taps {
+    fn new(idx: &[u32], p: usize, k: usize) -> Self {
+        let mut by_tap = vec![0u32; p * k];
+        for (pi, row) in idx.chunks_exact(k).enumerate() {
+            for (ki, &i) in row.iter().enumerate() {
+                by_tap[ki * p + pi] = i;
+            }
+        }
+        Self { by_tap }
+    }
+
+    /// Fills `cols` (`[cg * k, p]`) from `x` (`[cg, len]`, one group of one
+    /// batch item).
+    fn im2col<T: Elem>(&self, x: &[T], d: &Dims, cols: &mut [T]) {
+        for c in 0..d.cg {
+            let row = &x[c * d.len..(c + 1) * d.len];
+            for ki in 0..d.k {
+                let dst = &mut cols[(c * d.k + ki) * d.p..(c * d.k + ki + 1) * d.p];
+                let src = &self.by_tap[ki * d.p..(ki + 1) * d.p];
+                for (o, &i) in dst.iter_mut().zip(src) {
+                    *o = row[i as usize];
+                }
+            }
+        }
+    }
+
+    /// Adds `cols` (`[cg * k, p]`) into `dx` (`[cg, len]`) at the gathered
+    /// positions.
+    fn col2im<T: Elem>(&self, cols: &[T], d: &Dims, dx: &mut [T]) {
+        for c in 0..d.cg {
+            let row = &mut dx[c * d.len..(c + 1) * d.len];
+            for ki in 0..d.k {
+                let src = &cols[(c * d.k + ki) * d.p..(c * d.k + ki + 1) * d.p];
+                let at = &self.by_tap[ki * d.p..(ki + 1) * d.p];
+                for (&v, &i) in src.iter().zip(at) {
+                    row[i as usize] += v;
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` on row-major slices given by
+/// their (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the slices hold every element the strides address (checked
+    // above in debug builds; the callers derive both from the same dims).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("gather_conv: {what} must be contiguous"),
+    }
+}
+
+fn forward<T: Elem>(x: &[T], w: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
+    let (og, rows) = (d.og(), d.rows());
+    let mut y = vec![T::default(); d.batch * d.c_out * d.p];
+    let mut cols = vec![T::default(); rows * d.p];
+    for b in 0..d.batch {
+        for g in 0..d.groups {
+            let xs = &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
+            taps.im2col(xs, d, &mut cols);
+            let ys = &mut y[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
+            let wg = &w[g * og * rows..(g + 1) * og * rows];
+            matmul((og, d.p, rows), ys, false, wg, (rows, 1), &cols, (d.p, 1));
+        }
+    }
+    y
+}
+
+/// `dx` (`[batch, c_in, len]`) then `dw` (`[c_out, cg, k]`), flattened
+/// one after the other.
+fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
+    let (og, rows) = (d.og(), d.rows());
+    let n_x = d.batch * d.c_in * d.len;
+    let mut out = vec![T::default(); n_x + d.c_out * rows];
+    let (dx, dw) = out.split_at_mut(n_x);
+    let mut cols = vec![T::default(); rows * d.p];
+    for b in 0..d.batch {
+        for g in 0..d.groups {
+            let span = (b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len;
+            let dys = &dy[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
+            let wg = &w[g * og * rows..(g + 1) * og * rows];
+            // dW_g += dY [og, p] * cols^T [p, rows].
+            taps.im2col(&x[span.clone()], d, &mut cols);
+            let dwg = &mut dw[g * og * rows..(g + 1) * og * rows];
+            matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), &cols, (1, d.p));
+            // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
+            matmul(
+                (rows, d.p, og),
+                &mut cols,
+                false,
+                wg,
+                (1, rows),
+                dys,
+                (d.p, 1),
+            );
+            taps.col2im(&cols, d, &mut dx[span]);
+        }
+    }
+    out
+}
+
+/// The forward op: `(x [batch, c_in, len], w [c_out, c_in / groups, k])`
+/// to `[batch, c_out, p]`.
+struct GatherConv {
+    taps: Arc<Taps>,
+    p: usize,
+    k: usize,
+    groups: usize,
+}
+
+impl CustomOp2 for GatherConv {
+    fn name(&self) -> &'static str {
+        "melvae-gather-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
+        let shape = Shape::from((d.batch, d.c_out, d.p));
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
+                contiguous(x, l1, "input")?,
+                contiguous(w, l2, "weight")?,
+                &self.taps,
+                &d,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
+                contiguous(x, l1, "input")?,
+                contiguous(w, l2, "weight")?,
+                &self.taps,
+                &d,
+            )),
+            _ => candle_core::bail!("gather_conv: f32 or f64 input and weight of one dtype"),
+        };
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = GatherConvBackward {
+            taps: self.taps.clone(),
+            p: self.p,
+            k: self.k,
+            groups: self.groups,
+        };
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
+        let n_x = x.elem_count();
+        let dx = packed.narrow(0, 0, n_x)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n_x, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The backward op: `(x, w, dy)` to `dx` and `dw` flattened into one vector.
+struct GatherConvBackward {
+    taps: Arc<Taps>,
+    p: usize,
+    k: usize,
+    groups: usize,
+}
+
+impl CustomOp3 for GatherConvBackward {
+    fn name(&self) -> &'static str {
+        "melvae-gather-conv-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
+        let n = d.batch * d.c_in * d.len + d.c_out * d.rows();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(backward(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(dy, l3, "output gradient")?,
+                    &self.taps,
+                    &d,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(backward(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(dy, l3, "output gradient")?,
+                    &self.taps,
+                    &d,
+                ))
+            }
+            _ => candle_core::bail!("gather_conv backward: f32 or f64 tensors of one dtype"),
+        };
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// The fused gather convolution (see the module docs): `x` `[batch, c_in,
+/// len]`, `weight` `[c_out, c_in / groups, k]`, `idx` `[outputs * k]`
+/// positions below `len`; `[batch, c_out, outputs]`. CPU f32/f64 only
+/// ([`fused`]).
+pub(crate) fn gather_conv(
+    x: &Tensor,
+    idx: &[u32],
+    outputs: usize,
+    weight: &Tensor,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, len) = x.dims3()?;
+    let (_, _, k) = weight.dims3()?;
+    if idx.len() != outputs * k || idx.iter().any(|&i| i as usize >= len) {
+        candle_core::bail!(
+            "gather_conv: {} indices for {outputs} outputs of {k} taps below {len}",
+            idx.len()
+        );
+    }
+    let op = GatherConv {
+        taps: Arc::new(Taps::new(idx, outputs, k)),
+        p: outputs,
+        k,
+        groups,
+    };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::gather_conv_composed;
+    use crate::testing::{check_gradients, max_abs_diff, noise, GradCheck};
+    use candle_core::Var;
+
+    /// Strided, dilated taps over `len` positions: output `p`, tap `k` reads
+    /// `(p * 2 + k * 3) % len` (repeats included).
+    fn taps(outputs: usize, k: usize, len: usize) -> Vec<u32> {
+        (0..outputs)
+            .flat_map(|p| (0..k).map(move |ki| ((p * 2 + ki * 3) % len) as u32))
+            .collect()
+    }
+
+    /// The fused op equals the composed one in value and in both gradients
+    /// (f64, batch 3, 2 groups, a non-contiguous input), and passes a
+    /// finite-difference check of its own.
+    #[test]
+    fn fused_equals_composed_and_its_gradients_check() {
+        let (b, c_in, len, c_out, k, groups, outputs) = (3, 4, 11, 6, 3, 2, 5);
+        let idx = taps(outputs, k, len);
+        // [batch, len, c_in] transposed: a non-contiguous [batch, c_in, len].
+        let xt = Var::from_tensor(&noise(&[b, len, c_in], 1).unwrap()).unwrap();
+        let w = Var::from_tensor(&noise(&[c_out, c_in / groups, k], 2).unwrap()).unwrap();
+        let x = || xt.as_tensor().transpose(1, 2).unwrap();
+        assert!(!x().is_contiguous());
+        let probe = noise(&[b, c_out, outputs], 3).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                gather_conv(&x(), &idx, outputs, w.as_tensor(), groups).unwrap()
+            } else {
+                gather_conv_composed(&x(), &idx, outputs, w.as_tensor(), groups).unwrap()
+            };
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (
+                y,
+                g.get(xt.as_tensor()).unwrap().clone(),
+                g.get(w.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (a, b_) = (run(true), run(false));
+        assert!(max_abs_diff(&a.0, &b_.0).unwrap() < 1e-12);
+        assert!(max_abs_diff(&a.1, &b_.1).unwrap() < 1e-12);
+        assert!(max_abs_diff(&a.2, &b_.2).unwrap() < 1e-12);
+        let vars = vec![("x".to_string(), xt.clone()), ("w".to_string(), w.clone())];
+        check_gradients(&vars, GradCheck::default(), || {
+            gather_conv(&x(), &idx, outputs, w.as_tensor(), groups)
+        })
+        .unwrap();
+        // f32 runs too; bad indices are refused, naming the op.
+        let y32 = gather_conv(
+            &x().to_dtype(DType::F32).unwrap(),
+            &idx,
+            outputs,
+            &w.as_tensor().to_dtype(DType::F32).unwrap(),
+            groups,
+        )
+        .unwrap();
+        assert!(max_abs_diff(&y32.to_dtype(DType::F64).unwrap(), &a.0).unwrap() < 1e-5);
+        let e = gather_conv(&x(), &[99; 15], outputs, w.as_tensor(), groups).unwrap_err();
+        assert!(e.to_string().contains("gather_conv"), "{e}");
+        assert!(!fused(&x().to_dtype(DType::BF16).unwrap()));
+    }
+}
