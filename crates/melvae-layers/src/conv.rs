@@ -204,14 +204,19 @@ pub(crate) fn gather_conv(
     idx: &[u32],
     outputs: usize,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     groups: usize,
 ) -> Result<Tensor> {
     if crate::kernels::fused(x) && x.dtype() == weight.dtype() {
         return Ok(crate::kernels::gather_conv(
-            x, idx, outputs, weight, groups,
+            x, idx, outputs, weight, bias, groups,
         )?);
     }
-    gather_conv_composed(x, idx, outputs, weight, groups)
+    let y = gather_conv_composed(x, idx, outputs, weight, groups)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?)?,
+        None => y,
+    })
 }
 
 /// [`gather_conv`] from candle ops (any device and dtype): `index_select`,
@@ -400,11 +405,14 @@ impl Conv1d {
             self.cfg.stride,
             self.cfg.dilation,
         );
-        let y = gather_conv(x, &idx, n, &self.weight.get()?, self.cfg.groups)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?)?,
-            None => y,
-        })
+        gather_conv(
+            x,
+            &idx,
+            n,
+            &self.weight.get()?,
+            self.bias.as_ref(),
+            self.cfg.groups,
+        )
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -573,16 +581,15 @@ impl CausalConv2d {
             .weight
             .get()?
             .reshape((self.cfg.out_channels, c, kf * kt))?;
-        let y = gather_conv(&x.reshape((b, c, f * t))?, &idx, fo * to, &w, 1)?.reshape((
-            b,
-            self.cfg.out_channels,
-            fo,
-            to,
-        ))?;
-        Ok(match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
-            None => y,
-        })
+        let y = gather_conv(
+            &x.reshape((b, c, f * t))?,
+            &idx,
+            fo * to,
+            &w,
+            self.bias.as_ref(),
+            1,
+        )?;
+        Ok(y.reshape((b, self.cfg.out_channels, fo, to))?)
     }
 
     /// Offline forward of `x` (`[batch, in, freq, time]`).
@@ -729,7 +736,7 @@ impl Upsample {
             .reshape((c_out * s, c_in, m))?;
         let xp = x.pad_with_zeros(2, m - 1, m - 1)?;
         let (idx, n) = conv1d_indices(xp.dim(2)?, m, 1, 1);
-        let z = gather_conv(&xp, &idx, n, &w, 1)?; // [B, out * s, t + m - 1]
+        let z = gather_conv(&xp, &idx, n, &w, None, 1)?; // [B, out * s, t + m - 1]
         let (b, _, q) = z.dims3()?;
         let y = z
             .reshape((b, c_out, s, q))?

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// The element types the CPU kernels run on.
 trait Elem: Copy + Default + std::ops::AddAssign + 'static {
@@ -181,9 +181,12 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
-fn forward<T: Elem>(x: &[T], w: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
+fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
-    let mut y = vec![T::default(); d.batch * d.c_out * d.p];
+    // Every output row starts at its bias; the GEMMs accumulate onto it.
+    let mut y: Vec<T> = (0..d.batch * d.c_out)
+        .flat_map(|r| std::iter::repeat_n(bias[r % d.c_out], d.p))
+        .collect();
     let mut cols = vec![T::default(); rows * d.p];
     for b in 0..d.batch {
         for g in 0..d.groups {
@@ -191,19 +194,27 @@ fn forward<T: Elem>(x: &[T], w: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
             taps.im2col(xs, d, &mut cols);
             let ys = &mut y[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
             let wg = &w[g * og * rows..(g + 1) * og * rows];
-            matmul((og, d.p, rows), ys, false, wg, (rows, 1), &cols, (d.p, 1));
+            matmul((og, d.p, rows), ys, true, wg, (rows, 1), &cols, (d.p, 1));
         }
     }
     y
 }
 
-/// `dx` (`[batch, c_in, len]`) then `dw` (`[c_out, cg, k]`), flattened
-/// one after the other.
+/// `dx` (`[batch, c_in, len]`), `dw` (`[c_out, cg, k]`) and the bias
+/// gradient (`[c_out]`), flattened one after the other.
 fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
     let n_x = d.batch * d.c_in * d.len;
-    let mut out = vec![T::default(); n_x + d.c_out * rows];
-    let (dx, dw) = out.split_at_mut(n_x);
+    let mut out = vec![T::default(); n_x + d.c_out * rows + d.c_out];
+    let (dx, rest) = out.split_at_mut(n_x);
+    let (dw, db) = rest.split_at_mut(d.c_out * rows);
+    for (r, row) in dy.chunks_exact(d.p).enumerate() {
+        let mut acc = T::default();
+        for &v in row {
+            acc += v;
+        }
+        db[r % d.c_out] += acc;
+    }
     let mut cols = vec![T::default(); rows * d.p];
     for b in 0..d.batch {
         for g in 0..d.groups {
@@ -230,8 +241,8 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
     out
 }
 
-/// The forward op: `(x [batch, c_in, len], w [c_out, c_in / groups, k])`
-/// to `[batch, c_out, p]`.
+/// The forward op: `(x [batch, c_in, len], w [c_out, c_in / groups, k],
+/// bias [c_out])` to `[batch, c_out, p]`.
 struct GatherConv {
     taps: Arc<Taps>,
     p: usize,
@@ -239,7 +250,7 @@ struct GatherConv {
     groups: usize,
 }
 
-impl CustomOp2 for GatherConv {
+impl CustomOp3 for GatherConv {
     fn name(&self) -> &'static str {
         "melvae-gather-conv"
     }
@@ -250,23 +261,31 @@ impl CustomOp2 for GatherConv {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
         let shape = Shape::from((d.batch, d.c_out, d.p));
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
-                contiguous(x, l1, "input")?,
-                contiguous(w, l2, "weight")?,
-                &self.taps,
-                &d,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
-                contiguous(x, l1, "input")?,
-                contiguous(w, l2, "weight")?,
-                &self.taps,
-                &d,
-            )),
-            _ => candle_core::bail!("gather_conv: f32 or f64 input and weight of one dtype"),
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(b, l3, "bias")?,
+                    &self.taps,
+                    &d,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(b, l3, "bias")?,
+                    &self.taps,
+                    &d,
+                ))
+            }
+            _ => candle_core::bail!("gather_conv: f32 or f64 tensors of one dtype"),
         };
         Ok((y, shape))
     }
@@ -275,9 +294,10 @@ impl CustomOp2 for GatherConv {
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = GatherConvBackward {
             taps: self.taps.clone(),
             p: self.p,
@@ -285,10 +305,11 @@ impl CustomOp2 for GatherConv {
             groups: self.groups,
         };
         let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
-        let n_x = x.elem_count();
+        let (n_x, n_w) = (x.elem_count(), w.elem_count());
         let dx = packed.narrow(0, 0, n_x)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n_x, w.elem_count())?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        let dw = packed.narrow(0, n_x, n_w)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n_x + n_w, b.elem_count())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -315,7 +336,7 @@ impl CustomOp3 for GatherConvBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
-        let n = d.batch * d.c_in * d.len + d.c_out * d.rows();
+        let n = d.batch * d.c_in * d.len + d.c_out * d.rows() + d.c_out;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
                 CpuStorage::F32(backward(
@@ -342,18 +363,24 @@ impl CustomOp3 for GatherConvBackward {
 }
 
 /// The fused gather convolution (see the module docs): `x` `[batch, c_in,
-/// len]`, `weight` `[c_out, c_in / groups, k]`, `idx` `[outputs * k]`
-/// positions below `len`; `[batch, c_out, outputs]`. CPU f32/f64 only
-/// ([`fused`]).
+/// len]`, `weight` `[c_out, c_in / groups, k]`, `bias` `[c_out]` (added to
+/// every output, its gradient the sum of the output gradient's rows),
+/// `idx` `[outputs * k]` positions below `len`; `[batch, c_out, outputs]`.
+/// CPU f32/f64 only ([`fused`]).
 pub(crate) fn gather_conv(
     x: &Tensor,
     idx: &[u32],
     outputs: usize,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     groups: usize,
 ) -> candle_core::Result<Tensor> {
     let (_, _, len) = x.dims3()?;
-    let (_, _, k) = weight.dims3()?;
+    let (c_out, _, k) = weight.dims3()?;
+    let bias = match bias {
+        Some(b) => b.reshape(c_out)?.contiguous()?,
+        None => Tensor::zeros(c_out, weight.dtype(), weight.device())?,
+    };
     if idx.len() != outputs * k || idx.iter().any(|&i| i as usize >= len) {
         candle_core::bail!(
             "gather_conv: {} indices for {outputs} outputs of {k} taps below {len}",
@@ -366,7 +393,7 @@ pub(crate) fn gather_conv(
         k,
         groups,
     };
-    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
 }
 
 #[cfg(test)]
@@ -384,9 +411,10 @@ mod tests {
             .collect()
     }
 
-    /// The fused op equals the composed one in value and in both gradients
-    /// (f64, batch 3, 2 groups, a non-contiguous input), and passes a
-    /// finite-difference check of its own.
+    /// The fused op equals the composed one (plus a broadcast bias) in
+    /// value and in every gradient (f64, batch 3, 2 groups, a
+    /// non-contiguous input), and passes a finite-difference check of its
+    /// own.
     #[test]
     fn fused_equals_composed_and_its_gradients_check() {
         let (b, c_in, len, c_out, k, groups, outputs) = (3, 4, 11, 6, 3, 2, 5);
@@ -394,14 +422,28 @@ mod tests {
         // [batch, len, c_in] transposed: a non-contiguous [batch, c_in, len].
         let xt = Var::from_tensor(&noise(&[b, len, c_in], 1).unwrap()).unwrap();
         let w = Var::from_tensor(&noise(&[c_out, c_in / groups, k], 2).unwrap()).unwrap();
+        let bias = Var::from_tensor(&noise(&[c_out], 4).unwrap()).unwrap();
         let x = || xt.as_tensor().transpose(1, 2).unwrap();
         assert!(!x().is_contiguous());
         let probe = noise(&[b, c_out, outputs], 3).unwrap();
+        let fused_conv = || {
+            gather_conv(
+                &x(),
+                &idx,
+                outputs,
+                w.as_tensor(),
+                Some(bias.as_tensor()),
+                groups,
+            )
+        };
         let run = |fused: bool| {
             let y = if fused {
-                gather_conv(&x(), &idx, outputs, w.as_tensor(), groups).unwrap()
+                fused_conv().unwrap()
             } else {
-                gather_conv_composed(&x(), &idx, outputs, w.as_tensor(), groups).unwrap()
+                gather_conv_composed(&x(), &idx, outputs, w.as_tensor(), groups)
+                    .unwrap()
+                    .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1)).unwrap())
+                    .unwrap()
             };
             let g = (&y * &probe)
                 .unwrap()
@@ -409,32 +451,25 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            (
-                y,
-                g.get(xt.as_tensor()).unwrap().clone(),
-                g.get(w.as_tensor()).unwrap().clone(),
-            )
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            vec![y, grad(&xt), grad(&w), grad(&bias)]
         };
-        let (a, b_) = (run(true), run(false));
-        assert!(max_abs_diff(&a.0, &b_.0).unwrap() < 1e-12);
-        assert!(max_abs_diff(&a.1, &b_.1).unwrap() < 1e-12);
-        assert!(max_abs_diff(&a.2, &b_.2).unwrap() < 1e-12);
-        let vars = vec![("x".to_string(), xt.clone()), ("w".to_string(), w.clone())];
-        check_gradients(&vars, GradCheck::default(), || {
-            gather_conv(&x(), &idx, outputs, w.as_tensor(), groups)
-        })
-        .unwrap();
+        for (a, b) in run(true).iter().zip(&run(false)) {
+            assert!(max_abs_diff(a, b).unwrap() < 1e-12);
+        }
+        let vars = vec![
+            ("x".to_string(), xt.clone()),
+            ("w".to_string(), w.clone()),
+            ("bias".to_string(), bias.clone()),
+        ];
+        check_gradients(&vars, GradCheck::default(), fused_conv).unwrap();
         // f32 runs too; bad indices are refused, naming the op.
-        let y32 = gather_conv(
-            &x().to_dtype(DType::F32).unwrap(),
-            &idx,
-            outputs,
-            &w.as_tensor().to_dtype(DType::F32).unwrap(),
-            groups,
-        )
-        .unwrap();
-        assert!(max_abs_diff(&y32.to_dtype(DType::F64).unwrap(), &a.0).unwrap() < 1e-5);
-        let e = gather_conv(&x(), &[99; 15], outputs, w.as_tensor(), groups).unwrap_err();
+        let f32 = |v: &Var| v.as_tensor().to_dtype(DType::F32).unwrap();
+        let x32 = x().to_dtype(DType::F32).unwrap();
+        let y32 = gather_conv(&x32, &idx, outputs, &f32(&w), Some(&f32(&bias)), groups).unwrap();
+        let y = fused_conv().unwrap();
+        assert!(max_abs_diff(&y32.to_dtype(DType::F64).unwrap(), &y).unwrap() < 1e-5);
+        let e = gather_conv(&x(), &[99; 15], outputs, w.as_tensor(), None, groups).unwrap_err();
         assert!(e.to_string().contains("gather_conv"), "{e}");
         assert!(!fused(&x().to_dtype(DType::BF16).unwrap()));
     }
