@@ -88,17 +88,21 @@ impl Dims {
 #[derive(Debug)]
 struct Taps {
     by_tap: Vec<u32>,
+    /// One tap reading every position in order (a 1x1 conv): the input is
+    /// its own column matrix.
+    identity: bool,
 }
 
 impl Taps {
-    fn new(idx: &[u32], p: usize, k: usize) -> Self {
+    fn new(idx: &[u32], p: usize, k: usize, len: usize) -> Self {
         let mut by_tap = vec![0u32; p * k];
         for (pi, row) in idx.chunks_exact(k).enumerate() {
             for (ki, &i) in row.iter().enumerate() {
                 by_tap[ki * p + pi] = i;
             }
         }
-        Self { by_tap }
+        let identity = k == 1 && p == len && idx.iter().enumerate().all(|(i, &v)| v as usize == i);
+        Self { by_tap, identity }
     }
 
     /// Fills `cols` (`[cg * k, p]`) from `x` (`[cg, len]`, one group of one
@@ -191,10 +195,15 @@ fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<
     for b in 0..d.batch {
         for g in 0..d.groups {
             let xs = &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
-            taps.im2col(xs, d, &mut cols);
+            let cols: &[T] = if taps.identity {
+                xs
+            } else {
+                taps.im2col(xs, d, &mut cols);
+                &cols
+            };
             let ys = &mut y[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
             let wg = &w[g * og * rows..(g + 1) * og * rows];
-            matmul((og, d.p, rows), ys, true, wg, (rows, 1), &cols, (d.p, 1));
+            matmul((og, d.p, rows), ys, true, wg, (rows, 1), cols, (d.p, 1));
         }
     }
     y
@@ -221,9 +230,25 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
             let span = (b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len;
             let dys = &dy[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
             let wg = &w[g * og * rows..(g + 1) * og * rows];
-            // dW_g += dY [og, p] * cols^T [p, rows].
-            taps.im2col(&x[span.clone()], d, &mut cols);
             let dwg = &mut dw[g * og * rows..(g + 1) * og * rows];
+            let dxs = &mut dx[span.clone()];
+            if taps.identity {
+                // The input is its own column matrix, and its gradient the
+                // column gradient.
+                matmul(
+                    (og, rows, d.p),
+                    dwg,
+                    true,
+                    dys,
+                    (d.p, 1),
+                    &x[span],
+                    (1, d.p),
+                );
+                matmul((rows, d.p, og), dxs, false, wg, (1, rows), dys, (d.p, 1));
+                continue;
+            }
+            // dW_g += dY [og, p] * cols^T [p, rows].
+            taps.im2col(&x[span], d, &mut cols);
             matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), &cols, (1, d.p));
             // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
             matmul(
@@ -235,7 +260,7 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
                 dys,
                 (d.p, 1),
             );
-            taps.col2im(&cols, d, &mut dx[span]);
+            taps.col2im(&cols, d, dxs);
         }
     }
     out
@@ -388,7 +413,7 @@ pub(crate) fn gather_conv(
         );
     }
     let op = GatherConv {
-        taps: Arc::new(Taps::new(idx, outputs, k)),
+        taps: Arc::new(Taps::new(idx, outputs, k, len)),
         p: outputs,
         k,
         groups,
@@ -472,5 +497,22 @@ mod tests {
         let e = gather_conv(&x(), &[99; 15], outputs, w.as_tensor(), None, groups).unwrap_err();
         assert!(e.to_string().contains("gather_conv"), "{e}");
         assert!(!fused(&x().to_dtype(DType::BF16).unwrap()));
+        // A 1x1 conv (the input its own column matrix) agrees too.
+        let one = Var::from_tensor(&noise(&[c_out, c_in / groups, 1], 5).unwrap()).unwrap();
+        let ident: Vec<u32> = (0..len as u32).collect();
+        let pair = |fused: bool| {
+            let y = if fused {
+                gather_conv(&x(), &ident, len, one.as_tensor(), None, groups).unwrap()
+            } else {
+                gather_conv_composed(&x(), &ident, len, one.as_tensor(), groups).unwrap()
+            };
+            let p = noise(&[b, c_out, len], 6).unwrap();
+            let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            vec![y, grad(&xt), grad(&one)]
+        };
+        for (a, b) in pair(true).iter().zip(&pair(false)) {
+            assert!(max_abs_diff(a, b).unwrap() < 1e-12);
+        }
     }
 }
