@@ -63,8 +63,8 @@ impl Activation {
             ActivationKind::Relu => x.relu()?,
             ActivationKind::Elu { alpha } => x.elu(alpha)?,
             ActivationKind::LeakyRelu { slope } => candle_nn::ops::leaky_relu(x, slope)?,
-            ActivationKind::Gelu => x.gelu_erf()?,
-            ActivationKind::Silu => x.silu()?,
+            ActivationKind::Gelu => gelu(x)?,
+            ActivationKind::Silu => silu(x)?,
             ActivationKind::Tanh => x.tanh()?,
             ActivationKind::Snake => {
                 let mut shape = vec![1; x.rank()];
@@ -79,6 +79,19 @@ impl Activation {
             }
         })
     }
+}
+
+/// Exact (erf) GELU of `x` (any shape), as torch's `nn.GELU()`: one fused
+/// op with its own backward on the CPU in f32/f64, candle's `gelu_erf`
+/// elsewhere.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::activation(x, crate::kernels::Act::Gelu)?)
+}
+
+/// SiLU `x * sigmoid(x)` of `x` (any shape): one fused op with its own
+/// backward on the CPU in f32/f64, candle's `silu` elsewhere.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::activation(x, crate::kernels::Act::Silu)?)
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ pub(crate) fn gather_conv(
     bias: Option<&Tensor>,
     groups: usize,
 ) -> Result<Tensor> {
-    if crate::kernels::fused(x) && x.dtype() == weight.dtype() {
+    if crate::kernels::use_kernel("conv", x) && x.dtype() == weight.dtype() {
         return Ok(crate::kernels::gather_conv(
             x, idx, outputs, weight, bias, groups,
         )?);

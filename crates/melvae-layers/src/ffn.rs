@@ -118,10 +118,10 @@ impl FeedForward {
         let h = self.fc1.forward(x)?;
         let mut h = match self.cfg.activation {
             FfnActivation::Relu => h.relu()?,
-            FfnActivation::Gelu => h.gelu_erf()?,
-            FfnActivation::Silu => h.silu()?,
+            FfnActivation::Gelu => crate::act::gelu(&h)?,
+            FfnActivation::Silu => crate::act::silu(&h)?,
             FfnActivation::SwiGlu => match &self.gate {
-                Some(g) => (g.forward(x)?.silu()? * h)?,
+                Some(g) => (crate::act::silu(&g.forward(x)?)? * h)?,
                 None => return Err(Error::invalid("ffn.gate", "missing")),
             },
         };
@@ -214,7 +214,7 @@ impl TimestepEmbedder {
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
         let e =
             timestep_embedding(t, self.freq_dim, 10000.0)?.to_dtype(self.l1.weight().dtype())?;
-        Ok(self.l2.forward(&self.l1.forward(&e)?.silu()?)?)
+        Ok(self.l2.forward(&crate::act::silu(&self.l1.forward(&e)?)?)?)
     }
 }
 

@@ -27,13 +27,28 @@ impl Elem for f64 {
     const ONE: Self = 1.0;
 }
 
-/// Whether the fused kernels take tensors of this device and dtype (and
-/// the environment variable `MELVAE_NO_FUSED_KERNELS` is unset: the
-/// composed paths, for benchmarking one against the other).
+/// Whether the fused kernels take tensors of this device and dtype.
 pub(crate) fn fused(t: &Tensor) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var_os("MELVAE_NO_FUSED_KERNELS").is_some());
-    !off && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether kernel `name` (`conv`, `act`) is on: the environment variable
+/// `MELVAE_NO_FUSED_KERNELS` (a comma-separated list of names, or `all`)
+/// turns kernels off, so each can be benchmarked against its composed
+/// path.
+fn enabled(name: &str) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        std::env::var("MELVAE_NO_FUSED_KERNELS")
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    });
+    !off.iter().any(|o| o == name || o == "all")
+}
+
+/// [`fused`] for kernel `name` (and the kernel not turned off).
+pub(crate) fn use_kernel(name: &str, t: &Tensor) -> bool {
+    fused(t) && enabled(name)
 }
 
 /// Sizes of one gather convolution.
@@ -421,6 +436,189 @@ pub(crate) fn gather_conv(
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
 }
 
+/// The activations with a fused kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// `x * Phi(x)` (exact, erf), as torch's `nn.GELU()`.
+    Gelu,
+    /// `x * sigmoid(x)`.
+    Silu,
+}
+
+/// `e^x` in f32 to about 2 ulp, branch-free so loops over it vectorise
+/// (Cephes' `expf` polynomial; the argument clamped to the finite range,
+/// rounding by the 1.5 * 2^23 trick, the power of two built from bits).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    // x - n ln 2, with ln 2 split in two for precision.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `erf` in f32 to about 3e-7 absolute (4 ulp near 1): Abramowitz &
+/// Stegun 7.1.26 with one [`exp_f32`] (candle's `gelu_erf` calls a slower
+/// exact one).
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_f32(-a * a);
+    y.copysign(x)
+}
+
+/// Per-element value and derivative of the activations.
+trait ActElem:
+    Elem + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+{
+    fn act(a: Act, x: Self) -> Self;
+    fn act_grad(a: Act, x: Self) -> Self;
+}
+
+macro_rules! act_elem {
+    ($t:ty, $exp:expr, $erf:expr, $sqrt1_2:expr, $two_sqrt_pi:expr) => {
+        impl ActElem for $t {
+            #[inline(always)]
+            fn act(a: Act, x: Self) -> Self {
+                match a {
+                    Act::Gelu => 0.5 * x * (1.0 + $erf(x * $sqrt1_2)),
+                    Act::Silu => x / (1.0 + $exp(-x)),
+                }
+            }
+
+            #[inline(always)]
+            fn act_grad(a: Act, x: Self) -> Self {
+                match a {
+                    Act::Gelu => {
+                        let cdf = 0.5 * (1.0 + $erf(x * $sqrt1_2));
+                        let pdf = $exp(-0.5 * x * x) * ($two_sqrt_pi * $sqrt1_2 * 0.5);
+                        cdf + x * pdf
+                    }
+                    Act::Silu => {
+                        let s = 1.0 / (1.0 + $exp(-x));
+                        s * (1.0 + x * (1.0 - s))
+                    }
+                }
+            }
+        }
+    };
+}
+
+act_elem!(
+    f32,
+    exp_f32,
+    erf_f32,
+    std::f32::consts::FRAC_1_SQRT_2,
+    std::f32::consts::FRAC_2_SQRT_PI
+);
+act_elem!(
+    f64,
+    f64::exp,
+    libm::erf,
+    std::f64::consts::FRAC_1_SQRT_2,
+    std::f64::consts::FRAC_2_SQRT_PI
+);
+
+/// The activation's forward op (one pass) with its own backward.
+struct Activation(Act);
+
+impl candle_core::CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        "melvae-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: ActElem>(a: Act, x: &[T]) -> Vec<T> {
+            // One loop per activation (the match outside): they vectorise.
+            match a {
+                Act::Gelu => x.iter().map(|&v| T::act(Act::Gelu, v)).collect(),
+                Act::Silu => x.iter().map(|&v| T::act(Act::Silu, v)).collect(),
+            }
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(run(self.0, contiguous(x, l, "input")?)),
+            CpuStorage::F64(x) => CpuStorage::F64(run(self.0, contiguous(x, l, "input")?)),
+            _ => candle_core::bail!("activation: f32 or f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &ActivationGrad(self.0),
+        )?))
+    }
+}
+
+/// `(x, dy)` to `dy * act'(x)`.
+struct ActivationGrad(Act);
+
+impl candle_core::CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "melvae-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: ActElem>(a: Act, x: &[T], dy: &[T]) -> Vec<T> {
+            // One loop per activation (the match outside): they vectorise.
+            let pairs = x.iter().zip(dy);
+            match a {
+                Act::Gelu => pairs
+                    .map(|(&v, &g)| g * T::act_grad(Act::Gelu, v))
+                    .collect(),
+                Act::Silu => pairs
+                    .map(|(&v, &g)| g * T::act_grad(Act::Silu, v))
+                    .collect(),
+            }
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(run(
+                self.0,
+                contiguous(x, l1, "input")?,
+                contiguous(dy, l2, "output gradient")?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(run(
+                self.0,
+                contiguous(x, l1, "input")?,
+                contiguous(dy, l2, "output gradient")?,
+            )),
+            _ => candle_core::bail!("activation backward: f32 or f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The activation `a` of `x` (any shape): one fused op with its own
+/// backward on the CPU in f32/f64 ([`fused`]), candle's ops elsewhere.
+pub(crate) fn activation(x: &Tensor, a: Act) -> candle_core::Result<Tensor> {
+    if use_kernel("act", x) {
+        return x.contiguous()?.apply_op1(Activation(a));
+    }
+    match a {
+        Act::Gelu => x.gelu_erf(),
+        Act::Silu => x.silu(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +632,52 @@ mod tests {
         (0..outputs)
             .flat_map(|p| (0..k).map(move |ki| ((p * 2 + ki * 3) % len) as u32))
             .collect()
+    }
+
+    /// The fused activations equal candle's (values within 1e-12 in f64 and
+    /// 1e-6 in f32, gradients within 1e-6) and pass finite-difference
+    /// checks on a non-contiguous input.
+    #[test]
+    fn fused_activations_equal_candles() {
+        let xt = Var::from_tensor(&(noise(&[2, 7, 3], 8).unwrap() * 4.0).unwrap()).unwrap();
+        let x = || xt.as_tensor().transpose(1, 2).unwrap();
+        for a in [Act::Gelu, Act::Silu] {
+            let reference = |x: &Tensor| match a {
+                Act::Gelu => x.gelu_erf().unwrap(),
+                Act::Silu => x.silu().unwrap(),
+            };
+            let grad_of = |y: Tensor| {
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(xt.as_tensor()).unwrap().clone()
+            };
+            let (y, r) = (activation(&x(), a).unwrap(), reference(&x()));
+            assert!(max_abs_diff(&y, &r).unwrap() < 1e-12, "{a:?}");
+            // (candle's f64 GELU gradient carries its erf's ~4e-7 error;
+            // the finite differences below are the reference.)
+            let d = max_abs_diff(&grad_of(y), &grad_of(r)).unwrap();
+            assert!(d < 1e-6, "{a:?}: {d}");
+            let x32 = x().to_dtype(DType::F32).unwrap();
+            let d = max_abs_diff(&activation(&x32, a).unwrap(), &reference(&x32)).unwrap();
+            assert!(d < 1e-6, "{a:?} f32: {d}");
+            let vars = vec![("x".to_string(), xt.clone())];
+            check_gradients(&vars, GradCheck::default(), || activation(&x(), a)).unwrap();
+        }
+        // exp_f32 against std's exp, relative, over its range [-87, 88].
+        let worst = (-869..=879)
+            .map(|i| {
+                let v = i as f32 / 10.0 + 0.037;
+                ((exp_f32(v) as f64 - (v as f64).exp()) / (v as f64).exp()).abs()
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 4e-7, "exp {worst}");
+        // erf_f32 against the exact erf over [-6, 6].
+        let worst = (-600..=600)
+            .map(|i| {
+                let v = i as f64 / 100.0;
+                (erf_f32(v as f32) as f64 - libm::erf(v)).abs()
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 5e-7, "{worst}");
     }
 
     /// The fused op equals the composed one (plus a broadcast bias) in

@@ -161,7 +161,10 @@ impl AdaLnZero {
 
     /// `cond` `[batch, cond_dim]` to `chunks` tensors of `[batch, 1, dim]`.
     pub fn forward(&self, cond: &Tensor) -> Result<Vec<Tensor>> {
-        let m = self.linear.forward(&cond.silu()?)?.unsqueeze(1)?;
+        let m = self
+            .linear
+            .forward(&crate::act::silu(cond)?)?
+            .unsqueeze(1)?;
         Ok(m.chunk(self.chunks, D::Minus1)?)
     }
 }

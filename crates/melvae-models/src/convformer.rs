@@ -325,7 +325,7 @@ impl ConvformerEncoder {
                 got: format!("{t} frames"),
             });
         }
-        let mut h = self.input.forward(&mel.unsqueeze(1)?)?.silu()?;
+        let mut h = melvae_layers::act::silu(&self.input.forward(&mel.unsqueeze(1)?)?)?;
         for u in &self.context {
             h = u.forward(&h)?;
         }
@@ -356,7 +356,7 @@ impl Streaming for ConvformerEncoder {
         let Some(mut h) = self.input.step(&chunk.unsqueeze(1)?)? else {
             return Ok(None);
         };
-        h = h.silu()?;
+        h = melvae_layers::act::silu(&h)?;
         for u in &mut self.context {
             match u.step(&h)? {
                 Some(y) => h = y,

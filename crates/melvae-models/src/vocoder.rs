@@ -411,7 +411,7 @@ impl ConvNeXtBlock {
         let h = self.norm.forward(&h, cond)?;
         let h = self
             .pwconv2
-            .forward(&self.pwconv1.forward(&h)?.gelu_erf()?)?;
+            .forward(&melvae_layers::act::gelu(&self.pwconv1.forward(&h)?)?)?;
         let h = match &self.gamma {
             Some(g) => h.broadcast_mul(g)?,
             None => h,
