@@ -6,8 +6,9 @@
 //! cargo run --release --example mel_vae_throughput -- [--setting tiny|setting1] [--steps 5] [--dump DIR]
 //! ```
 //!
-//! `--dump DIR` also writes what `tools/bench/mel_vae_twin.py` needs to
-//! rebuild the same model in PyTorch, check that it computes the same loss
+//! `--dump DIR` perturbs the weights (so both networks shape the loss) and
+//! writes what `tools/bench/mel_vae_twin.py` needs to rebuild the same
+//! model in PyTorch, check that it computes the same loss
 //! and time the same step: `weights.safetensors` (every variable by name),
 //! `batch.npy` (the log-mels `[batch, mel, frames]`), `eps.npy` and
 //! `x0.npy` (the loss's reparameterisation and flow noise, `melvae::models::LossDraws`),
@@ -46,11 +47,20 @@ struct Args {
 const STEP: u64 = 1_000_000;
 
 /// Writes the twin's inputs (before any training step changes the weights).
+/// The weights are perturbed first (uniform noise of 0.05 added to each,
+/// seeded): at initialisation the encoder's and decoder's output layers are
+/// zero, and the loss would not depend on either network.
 fn dump(
     bench: &MelVaeBench,
     dir: &std::path::Path,
     setting: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    for (i, (_, v)) in bench.vars.iter().enumerate() {
+        let noise = melvae::layers::testing::noise(v.dims(), 100 + i as u64)?
+            .to_dtype(v.dtype())?
+            .to_device(v.device())?;
+        v.set(&(v.as_tensor() + (noise * 0.05)?)?)?;
+    }
     let mel = bench.random_mel(bench.batch, bench.frames, 1)?;
     let mut rng = melvae::dsp::SplitMix64::new(0);
     let draws = bench.model.loss_draws(&mel, &mut rng, false)?;

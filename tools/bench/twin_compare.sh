@@ -7,23 +7,27 @@
 #
 # FAMILY: wave_vae or vqvae (a level of the hierarchical waveform VQ-VAE)
 # (example wave_vae_throughput, twin tools/bench/wave_vae_twin.py), vocos
-# (the `vocos` package, tools/bench/vocos_twin.py), or one of the token
-# models mel_vqvae, gpt, gpt_vae, echolancer, lstm_prior (the hierarchy's
-# priors) (example mel_tokens_throughput, twin
+# (the `vocos` package, tools/bench/vocos_twin.py), mel_vae (the mel VAE:
+# example mel_vae_throughput, twin tools/bench/mel_vae_twin.py), or one of
+# the token models mel_vqvae, gpt, gpt_vae, echolancer, lstm_prior (the
+# hierarchy's priors) (example mel_tokens_throughput, twin
 # tools/bench/mel_tokens_twin.py); SETTING: a file of configs/settings/
 # (default FAMILY_tiny, so echolancer_tiny for echolancer;
 # gpt_vae_tiny_stage2 for gpt_vae, vqvae_8_tiny for vqvae, prior_8_tiny
-# (with a context) for lstm_prior); PYTHON: an interpreter with torch,
+# (with a context) for lstm_prior, tiny for mel_vae, whose settings are
+# tiny and setting1); PYTHON: an interpreter with torch,
 # numpy, safetensors, librosa (and vocos) (default
 # /tmp/refvenv/bin/python). Run it on an idle machine: the load average is
 # printed before each side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: twin_compare.sh wave_vae|vqvae|vocos|mel_vqvae|gpt|gpt_vae|echolancer|lstm_prior [SETTING] [PYTHON]"
+usage="usage: twin_compare.sh wave_vae|vqvae|vocos|mel_vae|mel_vqvae|gpt|gpt_vae|echolancer|lstm_prior [SETTING] [PYTHON]"
 family="${1:?$usage}"
 case "$family" in
   wave_vae|vocos)
     example="${family}_throughput"; twin="${family}_twin.py"; default="${family}_tiny" ;;
+  mel_vae)
+    example=mel_vae_throughput; twin=mel_vae_twin.py; default=tiny ;;
   mel_vqvae|gpt|echolancer)
     example=mel_tokens_throughput; twin=mel_tokens_twin.py; default="${family}_tiny" ;;
   gpt_vae)
