@@ -3,8 +3,9 @@
 //! incremental decoding, and one dispatch point ([`attend`]) between the
 //! differentiable math path and flash attention.
 
+use crate::Linear;
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use crate::error::ensure;
 use crate::{Error, Mode, Result, Streaming};
@@ -490,9 +491,9 @@ pub struct MultiHeadAttention {
 
 fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     Ok(if bias {
-        candle_nn::linear(i, o, vb)?
+        crate::linear(i, o, vb)?
     } else {
-        candle_nn::linear_no_bias(i, o, vb)?
+        crate::linear_no_bias(i, o, vb)?
     })
 }
 

@@ -1,7 +1,8 @@
 //! Position-wise feed-forward with sequence masking.
 
+use crate::Linear;
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use crate::error::ensure;
 use crate::{Error, Mode, Result};
@@ -89,9 +90,9 @@ impl FeedForward {
         })?;
         let lin = |i, o, name: &str| -> Result<Linear> {
             Ok(if cfg.bias {
-                candle_nn::linear(i, o, vb.pp(name))?
+                crate::linear(i, o, vb.pp(name))?
             } else {
-                candle_nn::linear_no_bias(i, o, vb.pp(name))?
+                crate::linear_no_bias(i, o, vb.pp(name))?
             })
         };
         Ok(Self {
@@ -202,8 +203,8 @@ impl TimestepEmbedder {
     pub fn new(dim: usize, freq_dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("mlp");
         Ok(Self {
-            l1: candle_nn::linear(freq_dim, dim, vb.pp(0))?,
-            l2: candle_nn::linear(dim, dim, vb.pp(2))?,
+            l1: crate::linear(freq_dim, dim, vb.pp(0))?,
+            l2: crate::linear(dim, dim, vb.pp(2))?,
             freq_dim,
         })
     }

@@ -32,7 +32,7 @@ pub(crate) fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether kernel `name` (`conv`, `act`) is on: the environment variable
+/// Whether kernel `name` (`conv`, `act`, `affine`) is on: the environment variable
 /// `MELVAE_NO_FUSED_KERNELS` (a comma-separated list of names, or `all`)
 /// turns kernels off, so each can be benchmarked against its composed
 /// path.
@@ -193,6 +193,24 @@ fn matmul<T: Elem>(
     }
 }
 
+/// Runs `$body` on the contiguous f32 or f64 slices of the storages (all
+/// of one dtype), naming the op and the culprit otherwise.
+macro_rules! float_op {
+    ($what:expr, [$(($v:ident, $s:expr, $l:expr, $name:expr)),+], $body:expr) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($v),)+) => {
+                $(let $v = contiguous($v, $l, $name)?;)+
+                CpuStorage::F32($body)
+            }
+            ($(CpuStorage::F64($v),)+) => {
+                $(let $v = contiguous($v, $l, $name)?;)+
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", $what),
+        }
+    };
+}
+
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
@@ -306,27 +324,15 @@ impl CustomOp3 for GatherConv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
         let shape = Shape::from((d.batch, d.c_out, d.p));
-        let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
-                    &self.taps,
-                    &d,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
-                    &self.taps,
-                    &d,
-                ))
-            }
-            _ => candle_core::bail!("gather_conv: f32 or f64 tensors of one dtype"),
-        };
+        let y = float_op!(
+            "gather_conv",
+            [
+                (x, s1, l1, "input"),
+                (w, s2, l2, "weight"),
+                (b, s3, l3, "bias")
+            ],
+            forward(x, w, b, &self.taps, &d)
+        );
         Ok((y, shape))
     }
 
@@ -377,27 +383,15 @@ impl CustomOp3 for GatherConvBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.p, self.k, self.groups)?;
         let n = d.batch * d.c_in * d.len + d.c_out * d.rows() + d.c_out;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(backward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(dy, l3, "output gradient")?,
-                    &self.taps,
-                    &d,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(backward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(dy, l3, "output gradient")?,
-                    &self.taps,
-                    &d,
-                ))
-            }
-            _ => candle_core::bail!("gather_conv backward: f32 or f64 tensors of one dtype"),
-        };
+        let out = float_op!(
+            "gather_conv backward",
+            [
+                (x, s1, l1, "input"),
+                (w, s2, l2, "weight"),
+                (dy, s3, l3, "output gradient")
+            ],
+            backward(x, w, dy, &self.taps, &d)
+        );
         Ok((out, Shape::from(n)))
     }
 }
@@ -547,11 +541,7 @@ impl candle_core::CustomOp1 for Activation {
                 Act::Silu => x.iter().map(|&v| T::act(Act::Silu, v)).collect(),
             }
         }
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(run(self.0, contiguous(x, l, "input")?)),
-            CpuStorage::F64(x) => CpuStorage::F64(run(self.0, contiguous(x, l, "input")?)),
-            _ => candle_core::bail!("activation: f32 or f64"),
-        };
+        let out = float_op!("activation", [(x, s, l, "input")], run(self.0, x));
         Ok((out, l.shape().clone()))
     }
 
@@ -590,19 +580,11 @@ impl candle_core::CustomOp2 for ActivationGrad {
                     .collect(),
             }
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(run(
-                self.0,
-                contiguous(x, l1, "input")?,
-                contiguous(dy, l2, "output gradient")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(run(
-                self.0,
-                contiguous(x, l1, "input")?,
-                contiguous(dy, l2, "output gradient")?,
-            )),
-            _ => candle_core::bail!("activation backward: f32 or f64 of one dtype"),
-        };
+        let out = float_op!(
+            "activation backward",
+            [(x, s1, l1, "input"), (dy, s2, l2, "output gradient")],
+            run(self.0, x, dy)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -619,6 +601,201 @@ pub(crate) fn activation(x: &Tensor, a: Act) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `x * scale + shift` with `x` viewed as `[outer, inner, dim]` and
+/// `scale`, `shift` `[outer, dim]` (each broadcast over `inner`): the
+/// bias of a linear layer (`outer` 1), adaLN's modulation and gate
+/// (`outer` the batch). `(x, scale, shift)`; the flags say which of the
+/// two are real (a missing one is ones or zeros and gets no gradient).
+struct RowsAffine {
+    outer: usize,
+    has_scale: bool,
+}
+
+impl CustomOp3 for RowsAffine {
+    fn name(&self) -> &'static str {
+        "melvae-rows-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: ActElem>(x: &[T], s: &[T], h: &[T], outer: usize, scale: bool) -> Vec<T> {
+            let d = s.len() / outer;
+            let per = x.len() / outer;
+            let mut y = Vec::with_capacity(x.len());
+            for o in 0..outer {
+                let (so, ho) = (&s[o * d..(o + 1) * d], &h[o * d..(o + 1) * d]);
+                for row in x[o * per..(o + 1) * per].chunks_exact(d) {
+                    if scale {
+                        y.extend(row.iter().zip(so).zip(ho).map(|((&v, &a), &b)| v * a + b));
+                    } else {
+                        y.extend(row.iter().zip(ho).map(|(&v, &b)| v + b));
+                    }
+                }
+            }
+            y
+        }
+        let (o, has) = (self.outer, self.has_scale);
+        let out = float_op!(
+            "rows_affine",
+            [
+                (x, s1, l1, "input"),
+                (sc, s2, l2, "scale"),
+                (h, s3, l3, "shift")
+            ],
+            run(x, sc, h, o, has)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        h: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = RowsAffineBackward {
+            outer: self.outer,
+            has_scale: self.has_scale,
+        };
+        let packed = x.apply_op3_no_bwd(s, &dy.contiguous()?, &op)?;
+        let (n_x, n_s) = (x.elem_count(), s.elem_count());
+        let dx = packed.narrow(0, 0, n_x)?.reshape(x.shape())?;
+        let ds = packed.narrow(0, n_x, n_s)?.reshape(s.shape())?;
+        let dh = packed
+            .narrow(0, n_x + n_s, h.elem_count())?
+            .reshape(h.shape())?;
+        Ok((Some(dx), self.has_scale.then_some(ds), Some(dh)))
+    }
+}
+
+/// `(x, scale, dy)` to `dx = dy * scale`, `dscale = sum dy * x`, `dshift =
+/// sum dy` (sums over `inner`), flattened one after the other.
+struct RowsAffineBackward {
+    outer: usize,
+    has_scale: bool,
+}
+
+impl CustomOp3 for RowsAffineBackward {
+    fn name(&self) -> &'static str {
+        "melvae-rows-affine-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: ActElem>(x: &[T], s: &[T], dy: &[T], outer: usize, scale: bool) -> Vec<T> {
+            let d = s.len() / outer;
+            let per = x.len() / outer;
+            let mut dx = Vec::with_capacity(x.len() + 2 * s.len());
+            let (mut ds, mut dh) = (vec![T::default(); s.len()], vec![T::default(); s.len()]);
+            for o in 0..outer {
+                let so = &s[o * d..(o + 1) * d];
+                let (dso, dho) = (&mut ds[o * d..(o + 1) * d], &mut dh[o * d..(o + 1) * d]);
+                let rows = x[o * per..(o + 1) * per]
+                    .chunks_exact(d)
+                    .zip(dy[o * per..(o + 1) * per].chunks_exact(d));
+                for (xr, gr) in rows {
+                    for (acc, &g) in dho.iter_mut().zip(gr) {
+                        *acc += g;
+                    }
+                    if scale {
+                        for ((acc, &g), &v) in dso.iter_mut().zip(gr).zip(xr) {
+                            *acc += g * v;
+                        }
+                        dx.extend(gr.iter().zip(so).map(|(&g, &a)| g * a));
+                    } else {
+                        dx.extend_from_slice(gr);
+                    }
+                }
+            }
+            dx.extend(ds);
+            dx.extend(dh);
+            dx
+        }
+        let (o, has) = (self.outer, self.has_scale);
+        let out = float_op!(
+            "rows_affine backward",
+            [
+                (x, s1, l1, "input"),
+                (sc, s2, l2, "scale"),
+                (dy, s3, l3, "output gradient")
+            ],
+            run(x, sc, dy, o, has)
+        );
+        let n = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// `x * scale + shift` for `x` `[..., dim]` and `scale`, `shift` (either
+/// may be absent) of `[dim]` or `[batch, 1, dim]` with `x` `[batch, t,
+/// dim]`, broadcast over the rows: one fused op with its own backward (the
+/// sums over rows in one pass; candle reduces such broadcasts with a slow
+/// strided sum). CPU f32/f64 ([`use_kernel`] `"affine"`), candle's
+/// broadcasts elsewhere.
+pub(crate) fn rows_affine(
+    x: &Tensor,
+    scale: Option<&Tensor>,
+    shift: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let composed = || -> candle_core::Result<Tensor> {
+        let mut y = x.clone();
+        if let Some(s) = scale {
+            y = y.broadcast_mul(s)?;
+        }
+        if let Some(h) = shift {
+            y = y.broadcast_add(h)?;
+        }
+        Ok(y)
+    };
+    let Some(like) = scale.or(shift) else {
+        return Ok(x.clone());
+    };
+    if !use_kernel("affine", x) || like.dtype() != x.dtype() {
+        return composed();
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let outer = match like.dims() {
+        [n] if *n == d => 1,
+        [b, 1, n] if *n == d && x.rank() == 3 && x.dim(0)? == *b => *b,
+        _ => return composed(),
+    };
+    let shaped = |t: Option<&Tensor>, fill: f64| -> candle_core::Result<Tensor> {
+        match t {
+            Some(t) if t.dims() == like.dims() => t.contiguous(),
+            Some(_) => candle_core::bail!(
+                "rows_affine: scale and shift must have one shape, got {:?}",
+                like.dims()
+            ),
+            None => Tensor::full(fill, like.dims(), x.device())?.to_dtype(x.dtype()),
+        }
+    };
+    let (s, h) = (shaped(scale, 1.0)?, shaped(shift, 0.0)?);
+    x.contiguous()?.apply_op3(
+        &s,
+        &h,
+        RowsAffine {
+            outer,
+            has_scale: scale.is_some(),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,6 +809,53 @@ mod tests {
         (0..outputs)
             .flat_map(|p| (0..k).map(move |ki| ((p * 2 + ki * 3) % len) as u32))
             .collect()
+    }
+
+    /// The fused row affine equals candle's broadcasts (bias `[dim]`,
+    /// per-batch scale and shift `[batch, 1, dim]`, scale or shift alone)
+    /// in value and gradients, and passes finite-difference checks.
+    #[test]
+    fn fused_rows_affine_equals_broadcasts() {
+        let xt = Var::from_tensor(&noise(&[2, 5, 4], 13).unwrap()).unwrap();
+        let x = || xt.as_tensor().transpose(1, 2).unwrap(); // [2, 4, 5]
+        let v = |shape: &[usize], seed| Var::from_tensor(&noise(shape, seed).unwrap()).unwrap();
+        let (bs, bh) = (v(&[2, 1, 5], 14), v(&[2, 1, 5], 15));
+        let (s1, h1) = (v(&[5], 16), v(&[5], 17));
+        let probe = noise(&[2, 4, 5], 18).unwrap();
+        for (scale, shift) in [
+            (Some(&bs), Some(&bh)),
+            (Some(&s1), Some(&h1)),
+            (None, Some(&h1)),
+            (Some(&bs), None),
+        ] {
+            let (so, ho) = (scale.map(|v| v.as_tensor()), shift.map(|v| v.as_tensor()));
+            let fused = || rows_affine(&x(), so, ho);
+            let composed = || {
+                let mut y = x();
+                if let Some(s) = so {
+                    y = y.broadcast_mul(s).unwrap();
+                }
+                if let Some(h) = ho {
+                    y = y.broadcast_add(h).unwrap();
+                }
+                y
+            };
+            let mut vars = vec![("x".to_string(), xt.clone())];
+            vars.extend(scale.map(|v| ("scale".to_string(), v.clone())));
+            vars.extend(shift.map(|v| ("shift".to_string(), v.clone())));
+            let grads = |y: Tensor| {
+                let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                vars.iter()
+                    .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+                    .collect::<Vec<_>>()
+            };
+            let (yf, yc) = (fused().unwrap(), composed());
+            assert!(max_abs_diff(&yf, &yc).unwrap() < 1e-12);
+            for (a, b) in grads(yf).iter().zip(grads(yc)) {
+                assert!(max_abs_diff(a, &b).unwrap() < 1e-12);
+            }
+            check_gradients(&vars, GradCheck::default(), fused).unwrap();
+        }
     }
 
     /// The fused activations equal candle's (values within 1e-12 in f64 and

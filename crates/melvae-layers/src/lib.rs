@@ -38,6 +38,7 @@ pub mod ffn;
 pub mod flops;
 pub mod init;
 mod kernels;
+pub mod linear;
 pub mod lstm;
 pub mod norm;
 pub mod precision;
@@ -62,8 +63,9 @@ pub use ffn::{
     FeedForwardConfig, FfnActivation, TimestepEmbedder,
 };
 pub use init::{named_tensors, named_vars, seeded_var_builder};
+pub use linear::{linear, linear_no_bias, Linear};
 pub use lstm::LstmStack;
-pub use norm::{modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
+pub use norm::{gate, modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use precision::{is_half, upcast};
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
 pub use streaming::Streaming;

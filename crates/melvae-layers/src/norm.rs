@@ -1,8 +1,9 @@
 //! Normalisations built from differentiable ops (candle's fused `layer_norm`
 //! / `rms_norm` return no gradient), and adaLN-Zero modulation.
 
+use crate::Linear;
 use candle_core::{Tensor, D};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 
 use crate::error::ensure;
 use crate::{Error, Result};
@@ -46,14 +47,12 @@ impl LayerNorm {
 
     /// Normalises `x` (`[..., dim]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = normalize_last(x, self.eps, true)?;
-        if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        let y = normalize_last(x, self.eps, true)?;
+        Ok(crate::kernels::rows_affine(
+            &y,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+        )?)
     }
 }
 
@@ -76,7 +75,11 @@ impl RmsNorm {
 
     /// Normalises `x` (`[..., dim]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(normalize_last(x, self.eps, false)?.broadcast_mul(&self.weight)?)
+        Ok(crate::kernels::rows_affine(
+            &normalize_last(x, self.eps, false)?,
+            Some(&self.weight),
+            None,
+        )?)
     }
 }
 
@@ -133,7 +136,17 @@ impl GroupNorm {
 /// `x * (1 + scale) + shift`, with `x` `[batch, time, dim]` and `shift`,
 /// `scale` `[batch, 1, dim]` (as returned by [`AdaLnZero::forward`]).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+    Ok(crate::kernels::rows_affine(
+        x,
+        Some(&(scale + 1.0)?),
+        Some(shift),
+    )?)
+}
+
+/// `x * gate`, with `x` `[batch, time, dim]` and `gate` `[batch, 1, dim]`
+/// (adaLN-Zero's residual gate).
+pub fn gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::rows_affine(x, Some(gate), None)?)
 }
 
 /// adaLN-Zero (DiT): `SiLU -> Linear(cond_dim, n * dim)` producing `n`

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::attention::{AttentionConfig, MultiHeadAttention};
 use crate::ffn::{FeedForward, FeedForwardConfig};
-use crate::norm::{modulate, AdaLnZero, LayerNorm};
+use crate::norm::{gate, modulate, AdaLnZero, LayerNorm};
 use crate::{Mode, Result};
 
 /// Configuration shared by the blocks.
@@ -247,13 +247,13 @@ impl DitBlock {
             mask,
             mode,
         )?;
-        let x = (x + mode.dropout(&h.broadcast_mul(&m[2])?, self.dropout)?)?;
+        let x = (x + mode.dropout(&gate(&h, &m[2])?, self.dropout)?)?;
         let h = self.mlp.forward(
             &modulate(&self.norm2.forward(&x)?, &m[3], &m[4])?,
             mask,
             mode,
         )?;
-        Ok((&x + mode.dropout(&h.broadcast_mul(&m[5])?, self.dropout)?)?)
+        Ok((&x + mode.dropout(&gate(&h, &m[5])?, self.dropout)?)?)
     }
 }
 

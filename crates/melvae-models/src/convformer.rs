@@ -3,7 +3,8 @@
 //! `[batch, frames / C, latent_dim]`, causal in time and streaming.
 
 use candle_core::{Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+use melvae_layers::Linear;
 use melvae_layers::{
     flops, ActivationKind, AttentionConfig, BlockConfig, CausalConv2d, Conv2dConfig, DecoderLayer,
     FeedForwardConfig, FfnActivation, LayerNorm, Mode, ResidualUnit2d, Streaming,
@@ -243,7 +244,8 @@ impl ConvformerEncoder {
                 Ok(Stage { down, blocks })
             })
             .collect::<Result<_>>()?;
-        let collapse = candle_nn::linear(ch * cfg.collapsed_freq(), cfg.tf_dim, vb.pp("collapse"))?;
+        let collapse =
+            melvae_layers::linear(ch * cfg.collapsed_freq(), cfg.tf_dim, vb.pp("collapse"))?;
         let block = cfg.block_config();
         let tail = (0..cfg.tf_layers)
             .map(|k| DecoderLayer::new(block, None, vb.pp("tail").pp(k)))

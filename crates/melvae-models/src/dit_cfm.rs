@@ -4,8 +4,9 @@
 //! classifier-free guidance.
 
 use candle_core::{Device, Tensor, D};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
+use melvae_layers::Linear;
 use melvae_layers::{
     flops, modulate, time_dtype, AdaLnZero, AttentionConfig, BlockConfig, DitBlock,
     FeedForwardConfig, FfnActivation, LayerNorm, Mode, TimestepEmbedder,
@@ -230,7 +231,7 @@ impl DitDecoder {
             .pp("out")
             .get_with_hints(cfg.mel_channels, "bias", Init::Const(0.0))?;
         Ok(Self {
-            in_proj: candle_nn::linear(cfg.mel_channels + latent_dim, d, vb.pp("in_proj"))?,
+            in_proj: melvae_layers::linear(cfg.mel_channels + latent_dim, d, vb.pp("in_proj"))?,
             time: TimestepEmbedder::new(d, TIME_FREQ_DIM, vb.pp("time"))?,
             blocks,
             final_norm: LayerNorm::new(d, 1e-6, false, vb.pp("final_norm"))?,

@@ -35,8 +35,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
+use melvae_layers::Linear;
 use melvae_layers::{
     AttentionConfig, BlockConfig, DecoderLayer, EncoderLayer, FeedForwardConfig, FfnActivation,
     LayerNorm, Mode,
@@ -436,7 +437,7 @@ impl Echolancer {
             .collect::<Result<_>>()?;
         let emotion_proj = match cfg.emotion_channels {
             0 => None,
-            n => Some(candle_nn::linear_no_bias(n, ed, e.pp("emotion_proj"))?),
+            n => Some(melvae_layers::linear_no_bias(n, ed, e.pp("emotion_proj"))?),
         };
         Ok(Self {
             text_emb: Embedding::new(
@@ -453,7 +454,7 @@ impl Echolancer {
                 )?,
                 cfg.speaker_channels,
             ),
-            speaker_proj: candle_nn::linear(cfg.speaker_channels, ed, e.pp("speaker_proj"))?,
+            speaker_proj: melvae_layers::linear(cfg.speaker_channels, ed, e.pp("speaker_proj"))?,
             emotion_proj,
             token_emb: Embedding::new(
                 normal(&d.pp("token_emb"), (cfg.mel_vocab_size + 1, dd), "weight")?,
@@ -461,8 +462,8 @@ impl Echolancer {
             ),
             dec_layers,
             dec_norm: LayerNorm::new(dd, 1e-5, true, d.pp("norm"))?,
-            token_head: candle_nn::linear(dd, cfg.mel_vocab_size, d.pp("token_head"))?,
-            gate_head: candle_nn::linear(dd, 1, d.pp("gate_head"))?,
+            token_head: melvae_layers::linear(dd, cfg.mel_vocab_size, d.pp("token_head"))?,
+            gate_head: melvae_layers::linear(dd, 1, d.pp("gate_head"))?,
             cfg,
         })
     }

@@ -32,8 +32,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use melvae_dsp::{MelConfig, PadMode, Padding, StftConfig, TensorIstft, WindowKind};
+use melvae_layers::Linear;
 use melvae_layers::{Conv1d, Conv1dConfig, ConvPadding, LayerNorm};
 use serde::{Deserialize, Serialize};
 
@@ -395,8 +396,8 @@ impl ConvNeXtBlock {
         Ok(Self {
             dwconv: Conv1d::new(dw, vb.pp("dwconv"))?,
             norm: Norm::new(cfg, vb.pp("norm"))?,
-            pwconv1: candle_nn::linear(cfg.dim, cfg.intermediate_dim, vb.pp("pwconv1"))?,
-            pwconv2: candle_nn::linear(cfg.intermediate_dim, cfg.dim, vb.pp("pwconv2"))?,
+            pwconv1: melvae_layers::linear(cfg.dim, cfg.intermediate_dim, vb.pp("pwconv1"))?,
+            pwconv2: melvae_layers::linear(cfg.intermediate_dim, cfg.dim, vb.pp("pwconv2"))?,
             gamma: if scale > 0.0 {
                 Some(vb.get_with_hints(cfg.dim, "gamma", candle_nn::Init::Const(scale))?)
             } else {
@@ -465,7 +466,7 @@ impl Vocos {
             norm: Norm::new(&cfg, bb.pp("norm"))?,
             blocks,
             final_norm: LayerNorm::new(cfg.dim, EPS, true, bb.pp("final_layer_norm"))?,
-            out: candle_nn::linear(cfg.dim, cfg.n_fft + 2, vb.pp("head").pp("out"))?,
+            out: melvae_layers::linear(cfg.dim, cfg.n_fft + 2, vb.pp("head").pp("out"))?,
             istft: TensorIstft::new(cfg.stft_config(), vb.device())?,
             cfg,
         })

@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Module, VarBuilder, VarMap};
 use melvae_dsp::SplitMix64;
 use melvae_layers::testing::{named_vars, noise};
+use melvae_layers::Linear;
 use melvae_train::*;
 
 struct Toy {
@@ -29,7 +30,7 @@ impl Toy {
     fn new(seed: u64) -> Self {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let lin = candle_nn::linear(3, 2, vb.pp("lin")).unwrap();
+        let lin = melvae_layers::linear(3, 2, vb.pp("lin")).unwrap();
         melvae_layers::testing::randomize(&vm, 0.5, seed).unwrap();
         let x = noise(&[64, 3], 1).unwrap().to_dtype(DType::F32).unwrap();
         let w = Tensor::new(&[[1.5f32, -2.0], [0.5, 1.0], [-1.0, 0.25]], &Device::Cpu).unwrap();

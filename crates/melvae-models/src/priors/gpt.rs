@@ -12,8 +12,9 @@
 //! logits equal the full forward pass's at every step (tested).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
+use melvae_layers::Linear;
 use melvae_layers::{
     AttentionConfig, BlockConfig, DecoderLayer, FeedForwardConfig, LayerNorm, Mode,
 };

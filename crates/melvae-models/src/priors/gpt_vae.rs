@@ -20,8 +20,9 @@
 //! reason). `prefix` and `add` alone are there to compare.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
+use melvae_layers::Linear;
 use melvae_layers::{BlockConfig, EncoderLayer, LayerNorm, Mode};
 use melvae_losses::{kl_loss, FreeBits};
 use serde::{Deserialize, Serialize};
@@ -134,7 +135,7 @@ pub struct GptVaeLoss {
 }
 
 fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(candle_nn::linear(i, o, vb)?)
+    Ok(melvae_layers::linear(i, o, vb)?)
 }
 
 impl GptVae {

@@ -22,8 +22,9 @@
 //! code, the prefix never re-run.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use melvae_dsp::SplitMix64;
+use melvae_layers::Linear;
 use melvae_layers::{Conv1d, Conv1dConfig, ConvPadding, LstmStack};
 use serde::{Deserialize, Serialize};
 
@@ -226,7 +227,7 @@ impl LstmPrior {
             embed: embedding(&vb, cfg.vocab_size + 1, cfg.embed_dim)?,
             context,
             lstm: LstmStack::new(cfg.lstm_input(), cfg.hidden, cfg.layers, vb.pp("lstm"))?,
-            head: candle_nn::linear(cfg.hidden, cfg.vocab_size, vb.pp("head"))?,
+            head: melvae_layers::linear(cfg.hidden, cfg.vocab_size, vb.pp("head"))?,
             cfg,
         })
     }
