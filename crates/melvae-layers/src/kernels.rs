@@ -99,10 +99,14 @@ impl Dims {
     }
 }
 
-/// The gather indices, tap-major (`[k][p]`) for streaming fills.
+/// The gather indices, per tap as runs of consecutive positions: tap `k`
+/// fills column-matrix entries `p0..p0 + n` from input positions `i0..i0 +
+/// n` (a stride-1 conv reads whole rows at once, so fills and
+/// accumulations are slice copies and adds).
 #[derive(Debug)]
 struct Taps {
-    by_tap: Vec<u32>,
+    /// `(tap, p0, i0, n)`.
+    runs: Vec<(usize, usize, usize, usize)>,
     /// One tap reading every position in order (a 1x1 conv): the input is
     /// its own column matrix.
     identity: bool,
@@ -110,14 +114,18 @@ struct Taps {
 
 impl Taps {
     fn new(idx: &[u32], p: usize, k: usize, len: usize) -> Self {
-        let mut by_tap = vec![0u32; p * k];
-        for (pi, row) in idx.chunks_exact(k).enumerate() {
-            for (ki, &i) in row.iter().enumerate() {
-                by_tap[ki * p + pi] = i;
+        let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for ki in 0..k {
+            for pi in 0..p {
+                let i = idx[pi * k + ki] as usize;
+                match runs.last_mut() {
+                    Some((t, p0, i0, n)) if *t == ki && *p0 + *n == pi && *i0 + *n == i => *n += 1,
+                    _ => runs.push((ki, pi, i, 1)),
+                }
             }
         }
         let identity = k == 1 && p == len && idx.iter().enumerate().all(|(i, &v)| v as usize == i);
-        Self { by_tap, identity }
+        Self { runs, identity }
     }
 
     /// Fills `cols` (`[cg * k, p]`) from `x` (`[cg, len]`, one group of one
@@ -125,12 +133,9 @@ impl Taps {
     fn im2col<T: Elem>(&self, x: &[T], d: &Dims, cols: &mut [T]) {
         for c in 0..d.cg {
             let row = &x[c * d.len..(c + 1) * d.len];
-            for ki in 0..d.k {
-                let dst = &mut cols[(c * d.k + ki) * d.p..(c * d.k + ki + 1) * d.p];
-                let src = &self.by_tap[ki * d.p..(ki + 1) * d.p];
-                for (o, &i) in dst.iter_mut().zip(src) {
-                    *o = row[i as usize];
-                }
+            for &(ki, p0, i0, n) in &self.runs {
+                let at = (c * d.k + ki) * d.p + p0;
+                cols[at..at + n].copy_from_slice(&row[i0..i0 + n]);
             }
         }
     }
@@ -140,11 +145,10 @@ impl Taps {
     fn col2im<T: Elem>(&self, cols: &[T], d: &Dims, dx: &mut [T]) {
         for c in 0..d.cg {
             let row = &mut dx[c * d.len..(c + 1) * d.len];
-            for ki in 0..d.k {
-                let src = &cols[(c * d.k + ki) * d.p..(c * d.k + ki + 1) * d.p];
-                let at = &self.by_tap[ki * d.p..(ki + 1) * d.p];
-                for (&v, &i) in src.iter().zip(at) {
-                    row[i as usize] += v;
+            for &(ki, p0, i0, n) in &self.runs {
+                let at = (c * d.k + ki) * d.p + p0;
+                for (o, &v) in row[i0..i0 + n].iter_mut().zip(&cols[at..at + n]) {
+                    *o += v;
                 }
             }
         }
