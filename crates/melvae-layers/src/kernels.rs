@@ -69,7 +69,7 @@ impl Dims {
     fn of(x: &Layout, w: &Layout, p: usize, k: usize, groups: usize) -> candle_core::Result<Self> {
         let (batch, c_in, len) = x.shape().dims3()?;
         let (c_out, cg, kw) = w.shape().dims3()?;
-        if kw != k || cg * groups != c_in || c_out % groups != 0 {
+        if groups == 0 || kw != k || cg * groups != c_in || c_out % groups != 0 {
             candle_core::bail!(
                 "gather_conv: input {:?}, weight {:?}, {k} taps, {groups} groups do not fit",
                 x.shape(),
@@ -167,11 +167,12 @@ fn matmul<T: Elem>(
     rhs: &[T],
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the slices hold every element the strides address (checked
-    // above in debug builds; the callers derive both from the same dims).
+    // The bounds the unsafe call relies on (O(1) next to the product).
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the slices hold every element the strides address (asserted
+    // above).
     unsafe {
         gemm::gemm(
             m,
@@ -218,7 +219,7 @@ macro_rules! float_op {
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("gather_conv: {what} must be contiguous"),
+        None => candle_core::bail!("melvae kernel: {what} must be contiguous"),
     }
 }
 
@@ -254,7 +255,7 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
     let mut out = vec![T::default(); n_x + d.c_out * rows + d.c_out];
     let (dx, rest) = out.split_at_mut(n_x);
     let (dw, db) = rest.split_at_mut(d.c_out * rows);
-    for (r, row) in dy.chunks_exact(d.p).enumerate() {
+    for (r, row) in dy.chunks_exact(d.p.max(1)).enumerate() {
         let mut acc = T::default();
         for &v in row {
             acc += v;
@@ -773,19 +774,24 @@ pub(crate) fn rows_affine(
     if !use_kernel("affine", x) || like.dtype() != x.dtype() {
         return composed();
     }
+    if x.rank() == 0 || x.elem_count() == 0 {
+        return composed();
+    }
     let d = x.dim(candle_core::D::Minus1)?;
     let outer = match like.dims() {
         [n] if *n == d => 1,
         [b, 1, n] if *n == d && x.rank() == 3 && x.dim(0)? == *b => *b,
         _ => return composed(),
     };
+    if let (Some(a), Some(b)) = (scale, shift) {
+        if a.dims() != b.dims() || a.dtype() != b.dtype() {
+            // Mixed shapes: candle's broadcasting handles them.
+            return composed();
+        }
+    }
     let shaped = |t: Option<&Tensor>, fill: f64| -> candle_core::Result<Tensor> {
         match t {
-            Some(t) if t.dims() == like.dims() => t.contiguous(),
-            Some(_) => candle_core::bail!(
-                "rows_affine: scale and shift must have one shape, got {:?}",
-                like.dims()
-            ),
+            Some(t) => t.contiguous(),
             None => Tensor::full(fill, like.dims(), x.device())?.to_dtype(x.dtype()),
         }
     };

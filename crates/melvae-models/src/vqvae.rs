@@ -664,23 +664,30 @@ mod tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let whole = prior.context_block(&all, 30, 0, 30).unwrap();
-        for (first, count) in [(0, 3), (12, 5), (27, 3), (29, 1)] {
+        let whole = prior.context_block(&all, 0, 30, 0, 30).unwrap();
+        for (first, count) in [(0usize, 3usize), (12, 5), (27, 3), (29, 1)] {
             let need = (first + count + 8).min(30);
+            let start = first.saturating_sub(8);
+            let window = all.narrow(1, start, need - start).unwrap();
             let b = prior
-                .context_block(&all.narrow(1, 0, need).unwrap(), 30, first, count)
+                .context_block(&window, start, 30, first, count)
                 .unwrap();
             let d = max_abs_diff(&b, &whole.narrow(1, first * 4, count * 4).unwrap()).unwrap();
             assert!(d < 1e-6, "{first}+{count}: {d}");
         }
         let e = prior
-            .context_block(&all.narrow(1, 0, 20).unwrap(), 30, 12, 5)
+            .context_block(&all.narrow(1, 0, 20).unwrap(), 0, 30, 12, 5)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("context block") && e.contains("20 codes known"),
+            e.contains("context block") && e.contains("frames 0..20"),
             "{e}"
         );
+        let e = prior
+            .context_block(&all.narrow(1, 6, 20).unwrap(), 6, 30, 12, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("frames 4..25"), "{e}");
     }
 
     #[test]
@@ -857,8 +864,12 @@ impl Hierarchy {
     /// codes of the finest level used go through its VQ-VAE's streaming
     /// decoder (a causal model) to `on_audio` (`[1, audio_channels, t]`,
     /// the samples that became final, in order). Codes and audio equal
-    /// [`Hierarchy::generate`]'s with the same options; the returned sample
-    /// holds them all.
+    /// [`Hierarchy::generate`]'s with the same options, as long as the
+    /// context features agree to the last bit (see
+    /// [`crate::LstmPrior::context_block`]: they do for the bundled
+    /// configs; a wider context model may round differently and, where a
+    /// draw sits on a boundary, diverge); the returned sample holds them
+    /// all.
     pub fn generate_stream(
         &self,
         samples: usize,
@@ -941,10 +952,14 @@ fn advance(
                 let up = prior.config().context.as_ref().map_or(1, |c| c.upsample);
                 let (first, total) = (t / up, lens[i - 1]);
                 let count = CONTEXT_BLOCK.min(total - first);
-                let need = (first + count + prior.context_radius()).min(total);
+                let r = prior.context_radius();
+                let need = (first + count + r).min(total);
                 advance(levels, lens, i - 1, need, device)?;
-                let known = Tensor::new(&levels[i - 1].codes[..need], device)?.unsqueeze(0)?;
-                let b = prior.context_block(&known, total, first, count)?;
+                // Only the window the block reads (constant work per block).
+                let start = first.saturating_sub(r);
+                let window = &levels[i - 1].codes[start..need];
+                let known = Tensor::new(window, device)?.unsqueeze(0)?;
+                let b = prior.context_block(&known, start, total, first, count)?;
                 levels[i].block = Some((first * up, b));
             }
             levels[i]

@@ -340,14 +340,18 @@ impl LstmPrior {
     }
 
     /// The context features `[batch, count * upsample, ...]` of coarse
-    /// frames `first..first + count` of a coarse sequence of `total` frames
-    /// of which the prefix `known` `[batch, n]` is sampled: `n` must reach
-    /// `min(total, first + count + context_radius())`. Equal to the same
-    /// rows of the whole sequence's features (the convs read no further),
-    /// so a finer level can be sampled while the coarser one still is.
+    /// frames `first..first + count` of a coarse sequence of `total` frames,
+    /// from `known` `[batch, n]`: the coarse codes of `n` frames from
+    /// `offset`, which must cover `first - context_radius()` (or 0) to
+    /// `min(total, first + count + context_radius())`. The same rows as the
+    /// whole sequence's features, up to rounding (the convs read no
+    /// further; bit-equal on the CPU where the products' blocking agrees,
+    /// as for the bundled configs), so a finer level can be sampled while
+    /// the coarser one still is.
     pub fn context_block(
         &self,
         known: &Tensor,
+        offset: usize,
         total: usize,
         first: usize,
         count: usize,
@@ -358,19 +362,19 @@ impl LstmPrior {
             .ok_or_else(|| Error::invalid("lstm_prior context", "this prior takes no context"))?;
         let (_, n) = self.check_codes(known, "context", m.cfg.vocab_size)?;
         let r = self.context_radius();
-        let end = (first + count + r).min(total);
-        if count == 0 || first + count > total || n < end {
+        let (start, end) = (first.saturating_sub(r), (first + count + r).min(total));
+        if count == 0 || first + count > total || offset > start || offset + n < end {
             return Err(Error::Shape {
                 what: "lstm_prior context block".into(),
                 expected: format!(
-                    "coarse frames {first}..{} of {total} and codes up to frame {end}",
+                    "coarse frames {first}..{} of {total}, codes of frames {start}..{end}",
                     first + count
                 ),
-                got: format!("{n} codes known"),
+                got: format!("codes of frames {offset}..{}", offset + n),
             });
         }
-        let start = first.saturating_sub(r);
-        let f = m.forward(&known.narrow(1, start, end - start)?.to_dtype(DType::U32)?)?;
+        let window = known.narrow(1, start - offset, end - start)?;
+        let f = m.forward(&window.to_dtype(DType::U32)?)?;
         let u = m.cfg.upsample;
         Ok(f.narrow(1, (first - start) * u, count * u)?)
     }
