@@ -54,8 +54,9 @@ fn scalar(t: &Tensor) -> anyhow::Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// What a waveform codec family plugs into [`bench`].
-trait Codec {
+/// What a waveform codec family plugs into this benchmark (not
+/// `eval::Codec`, which scores reconstructions).
+trait CodecBench {
     /// The network (rate, channels).
     fn net(&self) -> &WaveVaeConfig;
     /// Samples per frame.
@@ -78,7 +79,7 @@ struct WaveVaeBench {
     rng: SplitMix64,
 }
 
-impl Codec for WaveVaeBench {
+impl CodecBench for WaveVaeBench {
     fn net(&self) -> &WaveVaeConfig {
         self.model.config()
     }
@@ -126,7 +127,7 @@ struct VqVaeBench {
     stft: MultiResolutionStftLoss,
 }
 
-impl Codec for VqVaeBench {
+impl CodecBench for VqVaeBench {
     fn net(&self) -> &WaveVaeConfig {
         &self.model.config().net
     }
@@ -163,7 +164,7 @@ fn run() -> anyhow::Result<()> {
     let dev = args.bench.device()?;
     let setting = common::BenchSetting::load(&args.setting)?;
     let family = melvae::train::tasks::family_of(&setting.resolved)?;
-    let mut codec: Box<dyn Codec> = match family {
+    let mut codec: Box<dyn CodecBench> = match family {
         "wave_vae" => {
             let sections = melvae::train::tasks::wave_vae::wave_vae_config(&setting.resolved)?;
             let model = WaveVae::new(sections.model, setting.var_builder(&dev))?;
