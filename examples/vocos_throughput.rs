@@ -1,6 +1,6 @@
-//! Measures the Vocos vocoder: training steps per second (the mel loss of a
-//! batch of crops, backward and an AdamW update, as `train` runs it without
-//! the adversarial phase), offline synthesis speed in multiples of real
+//! Measures the Vocos vocoder: training steps per second (the training
+//! task's loss of a batch of crops, backward and an AdamW update, as
+//! `train` runs it without the adversarial phase), offline synthesis speed in multiples of real
 //! time, and the process's peak resident memory.
 //!
 //! ```text
@@ -8,7 +8,7 @@
 //! ```
 //!
 //! `--setting` names a file in configs/settings/ whose `vocos`,
-//! `vocos_loss` and `data` sections give the model, the loss weight and
+//! `vocos_loss` and `data` sections give the model, the loss weights and
 //! the batch (`data.batch_size` crops of `data.crop_seconds`, cut to the
 //! hop). `--dump DIR` also writes what `tools/bench/vocos_twin.py` needs to
 //! rebuild the same model with the `vocos` package, check that it computes
@@ -23,11 +23,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use clap::Parser;
 use melvae::dsp::TensorMel;
-use melvae::models::Vocos;
 use melvae::train::optim::{collect_grads, AdamW, AdamWConfig};
+use melvae::train::tasks::vocos::VocosTask;
+use melvae::train::{AudioFolder, StepContext, TrainTask};
 
 #[derive(Parser)]
 struct Args {
@@ -48,16 +49,25 @@ fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let dev = args.bench.device()?;
     let setting = common::BenchSetting::load(&args.setting)?;
-    let sections = melvae::train::tasks::vocos::vocos_config(&setting.resolved)?;
-    let model = Vocos::new(sections.model.clone(), setting.var_builder(&dev))?;
-    let cfg = model.config().clone();
+    let mut sections = melvae::train::tasks::vocos::vocos_config(&setting.resolved)?;
+    // The generator's step: no discriminators.
+    sections.discriminators = None;
+    let data = setting.audio_data()?;
+    // The task (seed 0) owns the model and its loss; the folder is only
+    // there to build it (the timed batch is synthetic).
+    let mut task = VocosTask::new(
+        sections.clone(),
+        AudioFolder::load(&data)?,
+        data.clone(),
+        0,
+        &dev,
+        DType::F32,
+    )?;
+    let cfg = task.model.config().clone();
     let mel = TensorMel::new(cfg.mel_config(), &dev)?;
-    let (vars, n_params) = setting.vars();
-    let (rate, hop, data) = (
-        cfg.sample_rate as f64,
-        cfg.hop_length,
-        setting.audio_data()?,
-    );
+    let vars = task.vars();
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let (rate, hop) = (cfg.sample_rate as f64, cfg.hop_length);
     let crop = common::BenchSetting::crop(&data, rate, hop);
     let threads = candle_core::utils::get_num_threads();
     println!(
@@ -68,15 +78,16 @@ fn run() -> anyhow::Result<()> {
         crop as f64 / rate
     );
 
-    let batch = common::test_audio(data.batch_size, 1, crop, 1, &dev)?.squeeze(1)?;
-    // The task's step: the log-mel of the crops in, the weighted L1 of the
-    // output's log-mel against it out.
-    let loss = |audio: &Tensor| -> anyhow::Result<Tensor> {
-        let target = mel.forward(audio)?.detach();
-        let fake = model.decode(&target, None)?;
-        let l1 = (mel.forward(&fake)? - &target)?.abs()?.mean_all()?;
-        Ok((l1 * sections.loss.mel_weight)?)
+    let batch = common::test_audio(data.batch_size, 1, crop, 1, &dev)?;
+    // The task's step: the log-mel of the crops in, its weighted loss terms
+    // out.
+    let ctx = StepContext {
+        step: 0,
+        train: true,
+        adversarial: false,
     };
+    let mut loss =
+        |audio: &Tensor| -> anyhow::Result<Tensor> { Ok(task.losses(audio, ctx)?.total) };
     let eval_total = loss(&batch)?.to_scalar::<f32>()? as f64;
     // The weights before any update, for the twin (it reproduces this loss).
     let weights: HashMap<String, Tensor> = vars
@@ -98,14 +109,14 @@ fn run() -> anyhow::Result<()> {
     let long = common::test_audio(1, 1, n, 2, &dev)?.squeeze(1)?;
     let long_mel = mel.forward(&long)?;
     let dec = common::median_of_3(&dev, || {
-        model.decode(&long_mel, None)?;
+        task.model.decode(&long_mel, None)?;
         Ok(())
     })?;
     common::print_speed("synthesise", secs, dec);
     common::finish_bench(
         args.dump.as_deref(),
         &weights,
-        &batch,
+        &batch.squeeze(1)?,
         serde_json::json!({
             "setting": args.setting,
             "model": cfg,

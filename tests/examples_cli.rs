@@ -1271,6 +1271,7 @@ fn prepare_tts_and_synthesize_name_bad_input() {
         num_layers: 1,
         layer_scale_init_value: None,
         adanorm_num_embeddings: None,
+        magnitude_prior: false,
     };
     let voc = seeded_model_file::<melvae::models::Vocos>(dir.path().join("voc.safetensors"), voc);
     let vc = voc.to_str().unwrap();

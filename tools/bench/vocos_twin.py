@@ -6,13 +6,16 @@ wrote (weights by the package's parameter names, the batch, the config
 and melvae's loss), builds the package's VocosBackbone + ISTFTHead +
 MelSpectrogramFeatures with those weights, checks that it computes the
 same loss on the same batch (this proves the twin is the same model), then
-times the same training step (log-mel of the crops, generator, mel_weight *
-L1 of the output's log-mel against it, backward, AdamW) on the CPU with
-melvae's thread count.
+times the same training step (log-mel of the crops, generator, the task's
+loss: mel_weight * L1 of the output's log-mel against it, plus the
+multi-scale mel and mel-distance terms when weighted, backward, AdamW) on
+the CPU with melvae's thread count. melvae's magnitude prior
+(`magnitude_prior`) is added to the package's head as melvae computes it.
 
     /tmp/refvenv/bin/python tools/bench/vocos_twin.py DIR [--steps 10]
 
-Needs torch, torchaudio, numpy, safetensors and the `vocos` package.
+Needs torch, torchaudio, numpy, safetensors, librosa and the `vocos`
+package (the mel losses are vocos_recipe_probe.py's port of melvae's).
 """
 import argparse
 import json
@@ -26,6 +29,9 @@ from safetensors.torch import load_file
 from vocos.feature_extractors import MelSpectrogramFeatures
 from vocos.heads import ISTFTHead
 from vocos.models import VocosBackbone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vocos_recipe_probe import DAC_SCALES, METRIC_SCALES, SR, MultiScaleMel  # noqa: E402
 
 
 def main():
@@ -54,12 +60,38 @@ def main():
     n = sum(v.numel() for v in model.parameters())
     print(f"setting {meta.get('setting')}: {n} parameters, batch {list(audio.shape)}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}")
-    weight = float(meta["loss"]["mel_weight"])
+    w = meta["loss"]
+    weight = float(w["mel_weight"])
+    extra = []  # (weight, loss of (fake [b, 1, t], real [b, 1, t]))
+    for key, scales, args_ in [("multiscale_mel_weight", DAC_SCALES, (1e-5, 1.0, 1.0, 0.0)),
+                               ("mel_distance_weight", METRIC_SCALES, (1e-5, 2.0, 1.0, 1.0))]:
+        if float(w.get(key, 0.0)):
+            if cfg["sample_rate"] != SR:
+                sys.exit(f"{key}: the ported mel losses are at {SR} Hz, the model at {cfg['sample_rate']}")
+            extra.append((float(w[key]), MultiScaleMel(scales, *args_)))
+    bins = cfg["n_fft"] // 2 + 1
+    pinv = None
+    if cfg.get("magnitude_prior"):
+        fb = feats.mel_spec.mel_scale.fb.T.double()  # [n_mels, bins]
+        pinv = torch.linalg.pinv(fb).float()  # [bins, n_mels]
+
+    def generate(mel):
+        if pinv is None:
+            return head(backbone(mel))
+        # The package's ISTFTHead with melvae's prior added to its log-magnitudes.
+        x = head.out(backbone(mel)).transpose(1, 2)
+        lm, p = x[:, :bins], x[:, bins:]
+        lm = lm + (pinv @ mel.exp()).clamp(min=1e-5).log()
+        mag = torch.exp(lm).clip(max=1e2)
+        return head.istft(mag * (torch.cos(p) + 1j * torch.sin(p)))
 
     def loss_fn(x):
         target = feats(x).detach()
-        fake = head(backbone(target))
-        return weight * (feats(fake) - target).abs().mean()
+        fake = generate(target)
+        total = weight * (feats(fake) - target).abs().mean()
+        for wt, l in extra:
+            total = total + wt * l(fake, x)
+        return total
 
     with torch.no_grad():
         ours = float(loss_fn(audio))

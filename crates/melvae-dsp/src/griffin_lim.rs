@@ -171,28 +171,18 @@ fn cholesky_solve(l: &[f64], n: usize, b: &mut [f64]) {
     }
 }
 
-/// Inverts a mel projection: finds non-negative `x` (`[n_bins, frames]`) with
-/// `filterbank . x ~= mel`, where `filterbank` is `[n_mels, n_bins]` and `mel`
-/// is `[n_mels, frames]` (linear, not log).
-pub fn mel_to_linear(
-    filterbank: &Array2<f32>,
-    mel: &Array2<f32>,
-    method: MelInversion,
-) -> Result<Array2<f32>> {
+/// The pseudo-inverse `F^T (F F^T)^-1` (`[n_bins, n_mels]`, f64) of a mel
+/// filterbank `F` (`[n_mels, n_bins]`), with a negligible ridge (1e-10 of
+/// the Gram matrix's mean diagonal) for numerical safety; maps linear mel
+/// magnitudes back to the least-norm linear spectrum. Fails when a filter is
+/// empty (more mels than the FFT resolves), naming the filterbank.
+pub fn mel_pseudo_inverse(filterbank: &Array2<f32>) -> Result<Array2<f64>> {
     let (n_mels, n_bins) = filterbank.dim();
-    if mel.nrows() != n_mels {
-        return Err(Error::shape(
-            "mel",
-            format!("[{n_mels}, frames]"),
-            format!("{:?}", mel.dim()),
-        ));
-    }
-    // Gram matrix G = F F^T (+ ridge), for the pseudo-inverse F^T G^-1.
+    // Gram matrix G = F F^T (+ ridge): one factorisation, one solve per
+    // bin; row b of the pseudo-inverse is G^-1 F[:, b].
     let fb64 = filterbank.mapv(f64::from);
     let gram = fb64.dot(&fb64.t());
     let ridge = 1e-10 * (0..n_mels).map(|i| gram[[i, i]]).sum::<f64>() / n_mels as f64 + 1e-300;
-    // Pseudo-inverse P = F^T G^-1 ([n_bins, n_mels]): one factorisation,
-    // one solve per bin; row b of P is G^-1 F[:, b].
     let mut chol: Vec<f64> = gram.iter().copied().collect();
     for i in 0..n_mels {
         chol[i * n_mels + i] += ridge;
@@ -204,6 +194,28 @@ pub fn mel_to_linear(
         cholesky_solve(&chol, n_mels, &mut col);
         row.assign(&ndarray::Array1::from(col));
     }
+    Ok(pinv)
+}
+
+/// Inverts a mel projection: finds non-negative `x` (`[n_bins, frames]`) with
+/// `filterbank . x ~= mel`, where `filterbank` is `[n_mels, n_bins]` and `mel`
+/// is `[n_mels, frames]` (linear, not log).
+pub fn mel_to_linear(
+    filterbank: &Array2<f32>,
+    mel: &Array2<f32>,
+    method: MelInversion,
+) -> Result<Array2<f32>> {
+    let n_mels = filterbank.nrows();
+    if mel.nrows() != n_mels {
+        return Err(Error::shape(
+            "mel",
+            format!("[{n_mels}, frames]"),
+            format!("{:?}", mel.dim()),
+        ));
+    }
+    let fb64 = filterbank.mapv(f64::from);
+    let gram = fb64.dot(&fb64.t());
+    let pinv = mel_pseudo_inverse(filterbank)?;
     let mut out = pinv.dot(&mel.mapv(f64::from)).mapv(|v| v.max(0.0) as f32);
     let sparse = SparseFilterbank::new(filterbank);
     if let MelInversion::Nnls { iterations } = method {
@@ -328,6 +340,25 @@ mod tests {
             sc32 < 0.12 && sc32 < sc0 / 4.0,
             "spectral convergence {sc0} -> {sc32}"
         );
+    }
+
+    /// `F pinv(F) = I` for both presets' filterbanks (full row rank), and
+    /// an empty filter gives a zero column instead of a failure.
+    #[test]
+    fn pseudo_inverse_is_a_right_inverse() {
+        for cfg in [MelConfig::vocos_24k(), MelConfig::hifigan_22k()] {
+            let fb = cfg.filterbank().unwrap();
+            let eye = fb.mapv(f64::from).dot(&mel_pseudo_inverse(&fb).unwrap());
+            for ((i, j), v) in eye.indexed_iter() {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-6, "{i} {j}: {v}");
+            }
+        }
+        let mut fb = MelConfig::vocos_24k().filterbank().unwrap();
+        fb.row_mut(5).fill(0.0);
+        let pinv = mel_pseudo_inverse(&fb).unwrap();
+        assert!(pinv.column(5).iter().all(|&v| v == 0.0));
+        assert!(pinv.iter().all(|v| v.is_finite()));
     }
 
     #[test]

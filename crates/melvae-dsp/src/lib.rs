@@ -62,7 +62,8 @@ pub use audio::{
 pub use error::{AudioErrorKind, Error, Result};
 pub use fsutil::atomic_write;
 pub use griffin_lim::{
-    griffin_lim, mel_to_audio, mel_to_linear, GriffinLimConfig, MelInversion, PhaseInit,
+    griffin_lim, mel_pseudo_inverse, mel_to_audio, mel_to_linear, GriffinLimConfig, MelInversion,
+    PhaseInit,
 };
 pub use mel::{
     hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,

@@ -51,6 +51,21 @@ pub const MIN_SAMPLES: usize = 1024;
 /// The rate wideband PESQ scores at.
 pub const PESQ_RATE: u32 = 16_000;
 
+/// The mel distance as a [`MultiScaleMelLoss`] (the metric [`Metrics`]
+/// reports, and a training loss that optimises it directly): audio
+/// `[batch, 1, samples]` at `sample_rate`.
+pub fn mel_distance(sample_rate: u32, device: &Device) -> Result<MultiScaleMelLoss> {
+    Ok(MultiScaleMelLoss::new(
+        sample_rate,
+        &MEL_DISTANCE_SCALES,
+        MEL_DISTANCE_CLAMP,
+        MEL_DISTANCE_POW,
+        1.0,
+        MEL_DISTANCE_MAG_WEIGHT,
+        device,
+    )?)
+}
+
 /// The metrics of one clip against its reference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
@@ -145,15 +160,7 @@ impl Metrics {
     pub fn new(sample_rate: u32, pesq: bool, device: &Device) -> Result<Self> {
         Ok(Self {
             sample_rate,
-            mel: MultiScaleMelLoss::new(
-                sample_rate,
-                &MEL_DISTANCE_SCALES,
-                MEL_DISTANCE_CLAMP,
-                MEL_DISTANCE_POW,
-                1.0,
-                MEL_DISTANCE_MAG_WEIGHT,
-                device,
-            )?,
+            mel: mel_distance(sample_rate, device)?,
             stft: MultiResolutionStftLoss::auraloss_default(device)?,
             pesq,
             device: device.clone(),

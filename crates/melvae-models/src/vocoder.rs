@@ -96,6 +96,14 @@ pub struct VocosConfig {
     /// AdaLayerNorm with this many condition embeddings (none: LayerNorm).
     #[serde(default)]
     pub adanorm_num_embeddings: Option<usize>,
+    /// melvae's extension, not in the `vocos` package (off for its
+    /// checkpoints): the head's log-magnitudes are a correction added to
+    /// `ln(max(pinv(F) exp(mel), 1e-5))`, the linear spectrum the mel
+    /// implies through the pseudo-inverse of the features' filterbank `F`
+    /// ([`melvae_dsp::mel_pseudo_inverse`]). Small models learn the fine
+    /// structure instead of the whole envelope (docs/models/vocoder.md).
+    #[serde(default)]
+    pub magnitude_prior: bool,
 }
 
 impl VocosConfig {
@@ -113,6 +121,7 @@ impl VocosConfig {
             num_layers: 8,
             layer_scale_init_value: None,
             adanorm_num_embeddings: None,
+            magnitude_prior: false,
         }
     }
 
@@ -264,6 +273,7 @@ impl VocosConfig {
                 }
                 _ => None,
             },
+            magnitude_prior: false,
         };
         let checks = [
             (
@@ -320,6 +330,15 @@ fn package_init(vb: &VarBuilder, shape: &[usize]) -> Result<()> {
     )?;
     vb.get_with_hints(shape[0], "bias", candle_nn::Init::Const(0.0))?;
     Ok(())
+}
+
+/// `pinv(F)` `[n_fft / 2 + 1, n_mels]` of the features' filterbank, for
+/// [`VocosConfig::magnitude_prior`].
+fn magnitude_prior(cfg: &VocosConfig, device: &Device, dtype: DType) -> Result<Tensor> {
+    let pinv = melvae_dsp::mel_pseudo_inverse(&cfg.mel_config().filterbank()?)?;
+    let (bins, mels) = pinv.dim();
+    let data: Vec<f64> = pinv.iter().copied().collect();
+    Ok(Tensor::from_vec(data, (bins, mels), device)?.to_dtype(dtype)?)
 }
 
 /// LayerNorm, or AdaLayerNorm (a row of `scale` and `shift` per condition).
@@ -430,6 +449,8 @@ pub struct Vocos {
     blocks: Vec<ConvNeXtBlock>,
     final_norm: LayerNorm,
     out: Linear,
+    /// `pinv(F)` `[n_fft / 2 + 1, n_mels]` with `magnitude_prior`.
+    prior: Option<Tensor>,
     istft: TensorIstft,
 }
 
@@ -467,6 +488,10 @@ impl Vocos {
             blocks,
             final_norm: LayerNorm::new(cfg.dim, EPS, true, bb.pp("final_layer_norm"))?,
             out: melvae_layers::linear(cfg.dim, cfg.n_fft + 2, vb.pp("head").pp("out"))?,
+            prior: cfg
+                .magnitude_prior
+                .then(|| magnitude_prior(&cfg, vb.device(), vb.dtype()))
+                .transpose()?,
             istft: TensorIstft::new(cfg.stft_config(), vb.device())?,
             cfg,
         })
@@ -591,12 +616,19 @@ impl Vocos {
     }
 
     /// The head's output `[batch, n_fft + 2, frames]` (log-magnitudes, then
-    /// phases).
+    /// phases), the magnitude prior added when the model has one.
     fn spectrum_frames(&self, mel: &Tensor, cond: Option<usize>) -> Result<Tensor> {
-        Ok(self
+        let h = self
             .out
             .forward(&self.backbone(mel, cond)?)?
-            .transpose(1, 2)?)
+            .transpose(1, 2)?;
+        let Some(pinv) = &self.prior else {
+            return Ok(h);
+        };
+        let bins = self.cfg.n_fft / 2 + 1;
+        let prior = pinv.broadcast_matmul(&mel.exp()?)?.maximum(1e-5)?.log()?;
+        let mag = (h.narrow(1, 0, bins)? + prior)?;
+        Ok(Tensor::cat(&[mag, h.narrow(1, bins, bins)?], 1)?)
     }
 
     /// Real and imaginary parts `[batch, n_bins, frames]` of the head's
@@ -796,22 +828,34 @@ mod tests {
             num_layers: 1,
             layer_scale_init_value: None,
             adanorm_num_embeddings: adanorm,
+            magnitude_prior: false,
         }
+    }
+
+    /// The configurations the tests below run through: both paddings, with
+    /// and without AdaLayerNorm and the magnitude prior.
+    fn variants() -> [VocosConfig; 3] {
+        [
+            tiny(VocosPadding::Center, None),
+            tiny(VocosPadding::Same, Some(2)),
+            VocosConfig {
+                magnitude_prior: true,
+                ..tiny(VocosPadding::Center, None)
+            },
+        ]
     }
 
     /// f64 finite differences through the whole generator, the ISTFT head
     /// included (the magnitude clip is far above these small outputs).
     #[test]
     fn gradients_match_finite_differences() {
-        for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
+        for cfg in variants() {
             let vm = VarMap::new();
-            let v = Vocos::new(
-                tiny(padding, ada),
-                VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
-            )
-            .unwrap();
+            let (padding, prior) = (cfg.padding, cfg.magnitude_prior);
+            let cond = cfg.adanorm_num_embeddings.map(|_| 1);
+            let v =
+                Vocos::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
             let mel = Var::from_tensor(&noise(&[1, 3, 5], 3).unwrap()).unwrap();
-            let cond = ada.map(|_| 1);
             check_module(&vm, 0.3, 5, &[("mel", &mel)], || {
                 v.decode(mel.as_tensor(), cond)
                     .map_err(|e| melvae_layers::Error::Invalid {
@@ -819,16 +863,49 @@ mod tests {
                         reason: e.to_string(),
                     })
             })
-            .unwrap_or_else(|e| panic!("{padding:?}: {e}"));
+            .unwrap_or_else(|e| panic!("{padding:?} prior {prior}: {e}"));
+        }
+    }
+
+    /// With the head's output at zero, the log-magnitudes are the prior
+    /// `ln(max(pinv(F) exp(mel), 1e-5))` and the phases zero.
+    #[test]
+    fn magnitude_prior_is_the_pseudo_inverse() {
+        let cfg = variants()[2].clone();
+        let vm = VarMap::new();
+        let v = Vocos::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        for name in ["head.out.weight", "head.out.bias"] {
+            let var = vm.data().lock().unwrap()[name].clone();
+            var.set(&var.zeros_like().unwrap()).unwrap();
+        }
+        let mel = noise(&[2, 3, 5], 7).unwrap();
+        let h = v.spectrum_frames(&mel, None).unwrap();
+        let pinv = melvae_dsp::mel_pseudo_inverse(&cfg.mel_config().filterbank().unwrap()).unwrap();
+        let m = mel.to_vec3::<f64>().unwrap();
+        let h = h.to_vec3::<f64>().unwrap();
+        let bins = cfg.n_fft / 2 + 1;
+        for (b, mb) in m.iter().enumerate() {
+            for t in 0..5 {
+                for k in 0..bins {
+                    let lin: f64 = (0..3).map(|j| pinv[[k, j]] * mb[j][t].exp()).sum();
+                    let want = lin.max(1e-5).ln();
+                    assert!((h[b][k][t] - want).abs() < 1e-9, "{b} {k} {t}");
+                    assert_eq!(h[b][bins + k][t], 0.0);
+                }
+            }
         }
     }
 
     /// A 2-block tiny model with random weights of scale 1 (f32).
-    fn two_blocks(padding: VocosPadding, ada: Option<usize>) -> Vocos {
+    fn two_blocks(cfg: VocosConfig) -> Vocos {
         let vm = VarMap::new();
         let cfg = VocosConfig {
             num_layers: 2,
-            ..tiny(padding, ada)
+            ..cfg
         };
         let v = Vocos::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         melvae_layers::testing::randomize(&vm, 1.0, 9).unwrap();
@@ -837,10 +914,10 @@ mod tests {
 
     #[test]
     fn chunked_equals_offline() {
-        for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
-            let v = two_blocks(padding, ada);
+        for cfg in variants() {
+            let (padding, cond) = (cfg.padding, cfg.adanorm_num_embeddings.map(|_| 1));
+            let v = two_blocks(cfg);
             let mel = noise(&[2, 3, 41], 4).unwrap().to_dtype(DType::F32).unwrap();
-            let cond = ada.map(|_| 1);
             let offline = v.decode(&mel, cond).unwrap();
             for chunk in [1, 5, 16, 41, 100] {
                 let chunked = v.decode_chunked(&mel, cond, chunk).unwrap();
@@ -867,10 +944,10 @@ mod tests {
     /// state stays bounded, and it restarts cleanly after `finish`.
     #[test]
     fn stream_equals_offline() {
-        for (padding, ada) in [(VocosPadding::Center, None), (VocosPadding::Same, Some(2))] {
-            let v = two_blocks(padding, ada);
+        for cfg in variants() {
+            let (padding, cond) = (cfg.padding, cfg.adanorm_num_embeddings.map(|_| 1));
+            let v = two_blocks(cfg);
             let mel = noise(&[2, 3, 61], 5).unwrap().to_dtype(DType::F32).unwrap();
-            let cond = ada.map(|_| 1);
             let offline = v.decode(&mel, cond).unwrap();
             let mut stream = v.stream(cond).unwrap();
             // Latency: with one frame per push, the audio of frame `k`'s

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use melvae_dsp::{save_wav, Audio, WavFormat};
+use melvae_losses::WaveformLoss;
 use melvae_models::{DiscriminatorsConfig, MpdConfig, VocosConfig, VocosFeatures, VocosPadding};
 use melvae_train::tasks::vocos::{VocosLossConfig, VocosSections, VocosTask};
 use melvae_train::*;
@@ -38,6 +39,7 @@ fn tiny() -> VocosConfig {
         num_layers: 1,
         layer_scale_init_value: None,
         adanorm_num_embeddings: None,
+        magnitude_prior: false,
     }
 }
 
@@ -46,11 +48,20 @@ fn data_cfg(dir: &Path, rate: u32) -> AudioDataConfig {
 }
 
 fn task(dir: &Path, discriminators: Option<DiscriminatorsConfig>) -> VocosTask {
+    task_of(dir, tiny(), VocosLossConfig::default(), discriminators)
+}
+
+fn task_of(
+    dir: &Path,
+    model: VocosConfig,
+    loss: VocosLossConfig,
+    discriminators: Option<DiscriminatorsConfig>,
+) -> VocosTask {
     let d = data_cfg(dir, 16000);
     let data = AudioFolder::load(&d).unwrap();
     let sections = VocosSections {
-        model: tiny(),
-        loss: VocosLossConfig::default(),
+        model,
+        loss,
         discriminators,
     };
     VocosTask::new(sections, data, d, 3, &Device::Cpu, DType::F32).unwrap()
@@ -174,60 +185,150 @@ fn the_bundled_vocos_configs_check() {
         let r = ResolvedConfig::load(&dir.join(name), &[]).unwrap();
         assert_eq!(tasks::check_config(&r).unwrap(), "vocos", "{name}");
         let s = tasks::vocos::vocos_config(&r).unwrap();
-        assert_eq!(s.loss.mel_weight, 45.0);
-        assert_eq!(s.discriminators.is_some(), name.contains("24khz"), "{name}");
+        let published = name.contains("24khz");
+        // The published recipe's loss and head; the tiny one's (see the file).
+        assert_eq!(s.loss.mel_weight, if published { 45.0 } else { 0.0 });
+        assert_eq!(
+            s.loss.mel_distance_weight,
+            if published { 0.0 } else { 45.0 }
+        );
+        assert_eq!(s.model.magnitude_prior, !published, "{name}");
+        assert_eq!(s.discriminators.is_some(), published, "{name}");
     }
-    let r = ResolvedConfig::load(
-        &dir.join("vocos_tiny.yaml"),
-        &["vocos_loss.mel_weight=-1".into()],
-    )
-    .unwrap();
-    let e = tasks::check_config(&r).unwrap_err().to_string();
-    assert!(e.contains("vocos_loss.mel_weight"), "{e}");
-    let r = ResolvedConfig::load(
-        &dir.join("vocos_tiny.yaml"),
-        &["vocos_loss.multiscale_mel_weight=-1".into()],
-    )
-    .unwrap();
-    let e = tasks::check_config(&r).unwrap_err().to_string();
-    assert!(e.contains("vocos_loss.multiscale_mel_weight"), "{e}");
+    // Bad weights are refused naming the key; so is no reconstruction term
+    // at all (the tiny recipe's only one switched off).
+    for (set, names) in [
+        ("vocos_loss.mel_weight=-1", &["vocos_loss.mel_weight"][..]),
+        (
+            "vocos_loss.multiscale_mel_weight=-1",
+            &["vocos_loss.multiscale_mel_weight"],
+        ),
+        (
+            "vocos_loss.mel_distance_weight=nan",
+            &["vocos_loss.mel_distance_weight"],
+        ),
+        (
+            "vocos_loss.mel_distance_weight=0",
+            &["vocos_loss.mel_weight", "mel_distance_weight"],
+        ),
+    ] {
+        let r = ResolvedConfig::load(&dir.join("vocos_tiny.yaml"), &[set.into()]).unwrap();
+        let e = tasks::check_config(&r).unwrap_err().to_string();
+        assert!(names.iter().all(|n| e.contains(n)), "{set}: {e}");
+    }
 }
 
-/// `multiscale_mel_weight` adds DAC's multi-scale mel loss to the total,
-/// logged as its own term.
+/// `multiscale_mel_weight` (DAC's multi-scale mel loss) and
+/// `mel_distance_weight` (the evaluation's mel distance) add their terms to
+/// the total, each logged by name.
 #[test]
-fn the_multiscale_mel_term_joins_the_loss() {
+fn the_extra_mel_terms_join_the_loss() {
     let d = tempfile::tempdir().unwrap();
     folder(d.path());
-    let dc = data_cfg(d.path(), 16000);
-    let new = |w: f64| {
-        let sections = VocosSections {
-            model: tiny(),
-            loss: VocosLossConfig {
-                multiscale_mel_weight: w,
-                ..Default::default()
-            },
-            discriminators: None,
-        };
-        let data = AudioFolder::load(&dc).unwrap();
-        VocosTask::new(sections, data, dc.clone(), 3, &Device::Cpu, DType::F32).unwrap()
-    };
-    let (mut plain, mut with) = (new(0.0), new(2.0));
+    let new = |loss: VocosLossConfig| task_of(d.path(), tiny(), loss, None);
+    let mut plain = new(VocosLossConfig::default());
     let batch = plain
         .train_batch(&mut melvae_dsp::SplitMix64::new(1))
         .unwrap();
     let scalar = |t: &candle_core::Tensor| t.to_scalar::<f32>().unwrap();
     let p = plain.losses(&batch, eval_ctx()).unwrap();
-    let w = with.losses(&batch, eval_ctx()).unwrap();
-    assert!(!p.terms.contains_key("multiscale_mel"));
-    let ms = scalar(&w.terms["multiscale_mel"]);
-    assert!(ms > 0.0);
-    let want = scalar(&p.total) + 2.0 * ms;
-    assert!(
-        (scalar(&w.total) - want).abs() < 1e-4 * want,
-        "{} vs {want}",
-        scalar(&w.total)
-    );
+    let with = |loss| new(loss).losses(&batch, eval_ctx()).unwrap();
+    let ms = with(VocosLossConfig {
+        multiscale_mel_weight: 2.0,
+        ..Default::default()
+    });
+    let md = with(VocosLossConfig {
+        mel_distance_weight: 3.0,
+        ..Default::default()
+    });
+    for (l, term, w) in [(&ms, "multiscale_mel", 2.0), (&md, "mel_distance", 3.0)] {
+        assert!(!p.terms.contains_key(term));
+        let v = scalar(&l.terms[term]);
+        assert!(v > 0.0, "{term}");
+        let want = scalar(&p.total) + w * v;
+        let got = scalar(&l.total);
+        assert!((got - want).abs() < 1e-4 * want, "{term}: {got} vs {want}");
+    }
+    // The mel distance term is the metric `evaluate` reports.
+    let metric = melvae_models::eval::mel_distance(16000, &Device::Cpu)
+        .unwrap()
+        .loss(
+            &plain
+                .model
+                .decode(&plain_mel(&plain, &batch), None)
+                .unwrap()
+                .unsqueeze(1)
+                .unwrap(),
+            &batch,
+        )
+        .unwrap();
+    assert!((scalar(&metric) - scalar(&md.terms["mel_distance"])).abs() < 1e-6);
+}
+
+/// The log-mel a task feeds its vocoder for `batch`.
+fn plain_mel(t: &VocosTask, batch: &candle_core::Tensor) -> candle_core::Tensor {
+    let m = t.model.config().mel_config();
+    melvae_dsp::TensorMel::new(m, &Device::Cpu)
+        .unwrap()
+        .forward(&batch.squeeze(1).unwrap())
+        .unwrap()
+}
+
+/// With the magnitude prior, training starts at it (the head's magnitude
+/// rows scaled by 0.01, their biases zero; the phase rows untouched) and
+/// learns from there.
+#[test]
+fn the_magnitude_prior_starts_training_at_the_prior() {
+    let d = tempfile::tempdir().unwrap();
+    folder(d.path());
+    let new = |prior: bool| {
+        let model = VocosConfig {
+            magnitude_prior: prior,
+            ..tiny()
+        };
+        let loss = VocosLossConfig {
+            mel_weight: 0.0,
+            mel_distance_weight: 45.0,
+            ..Default::default()
+        };
+        task_of(d.path(), model, loss, None)
+    };
+    let (plain, mut prior) = (new(false), new(true));
+    let get = |t: &VocosTask, name: &str| {
+        let v: std::collections::HashMap<_, _> = t.vars().into_iter().collect();
+        v[name].as_tensor().clone()
+    };
+    let bins = 129;
+    for name in ["head.out.weight", "head.out.bias"] {
+        let (a, b) = (get(&plain, name), get(&prior, name));
+        let scale = if name.ends_with("weight") { 0.01 } else { 0.0 };
+        let want = (a.narrow(0, 0, bins).unwrap() * scale).unwrap();
+        let d = (b.narrow(0, 0, bins).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap();
+        assert!(
+            d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-7,
+            "{name}"
+        );
+        let rest = |t: &candle_core::Tensor| {
+            t.narrow(0, bins, bins)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(rest(&a), rest(&b), "{name}: phase rows");
+    }
+    let before = mel(&mut prior);
+    let run = RunDir::create(d.path().join("run")).unwrap();
+    Trainer::new(cfg(6, false), &run)
+        .unwrap()
+        .fit(&mut prior, false)
+        .unwrap();
+    let after = mel(&mut prior);
+    assert!(after < before, "mel {before} -> {after}");
 }
 
 /// The converted 24 kHz (`vocos-24k`) or 22.05 kHz fixture vocoder as a

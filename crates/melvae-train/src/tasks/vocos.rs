@@ -34,6 +34,12 @@ pub struct VocosLossConfig {
     /// off.
     #[serde(default)]
     pub multiscale_mel_weight: f64,
+    /// Weight of the evaluation's own mel distance
+    /// ([`melvae_models::eval::mel_distance`]: two scales, log and linear
+    /// terms, the `mel_distance` that `evaluate` reports) of the output
+    /// against the target audio; 0: off.
+    #[serde(default)]
+    pub mel_distance_weight: f64,
     /// Adversarial terms (with `discriminators:` and `training.gan`).
     #[serde(default)]
     pub adversarial: AdversarialWeights,
@@ -44,6 +50,7 @@ impl Default for VocosLossConfig {
         Self {
             mel_weight: 45.0,
             multiscale_mel_weight: 0.0,
+            mel_distance_weight: 0.0,
             adversarial: AdversarialWeights::default(),
         }
     }
@@ -58,6 +65,7 @@ impl crate::Validate for VocosLossConfig {
                 self.multiscale_mel_weight,
                 "vocos_loss.multiscale_mel_weight",
             ),
+            (self.mel_distance_weight, "vocos_loss.mel_distance_weight"),
             (a.weight, "vocos_loss.adversarial.weight"),
             (
                 a.feature_matching,
@@ -68,8 +76,13 @@ impl crate::Validate for VocosLossConfig {
                 return Err((key.into(), format!("must be a finite weight >= 0, got {v}")));
             }
         }
-        if self.mel_weight == 0.0 {
-            return Err(("vocos_loss.mel_weight".into(), "must be > 0".into()));
+        if self.mel_weight + self.multiscale_mel_weight + self.mel_distance_weight == 0.0 {
+            return Err((
+                "vocos_loss.mel_weight".into(),
+                "is 0, and so are multiscale_mel_weight and mel_distance_weight: \
+                 no reconstruction loss"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -83,6 +96,24 @@ pub type VocosSections = super::GeneratorSections<VocosConfig, VocosLossConfig>;
 /// naming file and key.
 pub fn vocos_config(cfg: &crate::ResolvedConfig) -> Result<VocosSections> {
     super::generator_sections(cfg, "vocos", "vocos_loss")
+}
+
+/// With the magnitude prior, training starts near it: the head's
+/// log-magnitude rows (the first `bins` of `head.out`) are scaled by 0.01
+/// and their biases zeroed, so the first outputs are the prior's spectrum
+/// (the phase rows keep the package's initialisation).
+fn start_at_prior(varmap: &VarMap, bins: usize) -> Result<()> {
+    let vars: BTreeMap<String, Var> = melvae_layers::named_vars(varmap).into_iter().collect();
+    for (name, scale) in [("head.out.weight", 0.01), ("head.out.bias", 0.0)] {
+        let var = vars
+            .get(name)
+            .ok_or_else(|| Error::invalid("vocos.magnitude_prior", format!("no `{name}`")))?;
+        let t = var.as_tensor();
+        let rest = t.dim(0)? - bins;
+        let mag = (t.narrow(0, 0, bins)? * scale)?;
+        var.set(&Tensor::cat(&[mag, t.narrow(0, bins, rest)?], 0)?)?;
+    }
+    Ok(())
 }
 
 /// The Vocos vocoder as a [`TrainTask`]: random crops of an
@@ -103,6 +134,8 @@ pub struct VocosTask {
     mel: TensorMel,
     /// DAC's multi-scale mel loss, when `multiscale_mel_weight > 0`.
     multiscale_mel: Option<MultiScaleMelLoss>,
+    /// The evaluation's mel distance, when `mel_distance_weight > 0`.
+    mel_distance: Option<MultiScaleMelLoss>,
     data: AudioFolder,
     data_cfg: AudioDataConfig,
     /// The generator output and the real audio's discriminator view of a
@@ -142,12 +175,18 @@ impl VocosTask {
             cfg.clone(),
             melvae_layers::seeded_var_builder(&varmap, seed, dtype, device),
         )?;
+        if cfg.magnitude_prior {
+            start_at_prior(&varmap, cfg.n_fft / 2 + 1)?;
+        }
         let discriminators =
             super::waveform::build_discriminators(sections.discriminators, seed, dtype, device)?;
         Ok(Self {
             mel: TensorMel::new(cfg.mel_config(), device)?,
             multiscale_mel: (sections.loss.multiscale_mel_weight > 0.0)
                 .then(|| MultiScaleMelLoss::dac(cfg.sample_rate, device))
+                .transpose()?,
+            mel_distance: (sections.loss.mel_distance_weight > 0.0)
+                .then(|| melvae_models::eval::mel_distance(cfg.sample_rate, device))
                 .transpose()?,
             varmap,
             model,
@@ -222,7 +261,8 @@ impl TrainTask for VocosTask {
         }))
     }
 
-    /// `mel_weight * mel` (+ `multiscale_mel_weight * multiscale_mel`),
+    /// `mel_weight * mel` (+ `multiscale_mel_weight * multiscale_mel` +
+    /// `mel_distance_weight * mel_distance`),
     /// plus `adversarial.weight * adv +
     /// adversarial.feature_matching * fm` in the adversarial phase.
     fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
@@ -239,6 +279,11 @@ impl TrainTask for VocosTask {
             let l = ms.loss(&fake, batch)?;
             total = (total + (&l * self.loss.multiscale_mel_weight)?)?;
             terms.insert("multiscale_mel".into(), l);
+        }
+        if let Some(md) = &self.mel_distance {
+            let l = md.loss(&fake, batch)?;
+            total = (total + (&l * self.loss.mel_distance_weight)?)?;
+            terms.insert("mel_distance".into(), l);
         }
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
             let w = self.loss.adversarial;
