@@ -3,10 +3,13 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
+#[macro_use]
+mod support;
+
 use common::noise;
 
 use candle_core::{Device, Tensor, Var};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use melvae::dsp::{
     resample, MelConfig, MelExtractor, ResampleQuality, Stft, StftConfig, TensorStft,
 };
@@ -81,4 +84,4 @@ fn tensor(c: &mut Criterion) {
 }
 
 criterion_group!(benches, host, tensor);
-criterion_main!(benches);
+tuned_main!(benches);

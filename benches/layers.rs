@@ -1,8 +1,11 @@
 //! Criterion benches of melvae-layers (CPU, f32): `cargo bench --bench layers`.
 
+#[macro_use]
+mod support;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use melvae::layers::{
     testing::noise, AttentionConfig, Mode, MultiHeadAttention, ResidualStack, ResidualUnitConfig,
     Upsample, UpsampleConfig, VectorQuantizer, VqConfig,
@@ -123,4 +126,4 @@ fn upsample(c: &mut Criterion) {
 }
 
 criterion_group!(benches, attention, conv_stack, vq_search, upsample);
-criterion_main!(benches);
+tuned_main!(benches);

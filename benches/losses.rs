@@ -1,7 +1,10 @@
 //! Criterion benches of melvae-losses (CPU, f32): `cargo bench --bench losses`.
 
+#[macro_use]
+mod support;
+
 use candle_core::{DType, Device, Var};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use melvae::layers::testing::noise;
 use melvae::losses::{MultiResolutionStftLoss, MultiScaleMelLoss, WaveformLoss};
 
@@ -42,4 +45,4 @@ fn losses(c: &mut Criterion) {
 }
 
 criterion_group!(benches, losses);
-criterion_main!(benches);
+tuned_main!(benches);

@@ -14,11 +14,14 @@
 //! random weights): synthesis of 2 s (188 frames), offline and in chunks
 //! of 32 frames.
 
+#[macro_use]
+mod support;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use melvae::dsp::SplitMix64;
 use melvae::layers::{seeded_var_builder, testing::noise};
 use melvae::models::{MelVae, SampleOptions, Vocos, VocosConfig, WaveVae, WaveVaeObjective};
@@ -132,4 +135,4 @@ fn vocos(c: &mut Criterion) {
 }
 
 criterion_group!(benches, mel_vae, wave_vae, vocos);
-criterion_main!(benches);
+tuned_main!(benches);

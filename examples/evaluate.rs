@@ -339,6 +339,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::tune_allocator();
+    melvae::layers::tune_cpu();
     common::exit_with(run(&Args::parse()))
 }

@@ -132,5 +132,6 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    melvae::layers::tune_cpu();
     common::exit_with(run())
 }

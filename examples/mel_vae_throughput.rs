@@ -16,7 +16,7 @@
 //! terms at step `STEP`, the measured step time).
 //!
 //! `--setting` names a file in configs/settings/. Like the other model
-//! examples it calls `common::tune_allocator` first. Audio seconds assume the
+//! examples it calls `melvae::layers::tune_cpu` first. Audio seconds assume the
 //! `vocos-24k` mel (24 kHz, hop 256). Runs on the CPU, or on the first CUDA
 //! device when built with `--features cuda` and `--cuda` is given.
 
@@ -160,6 +160,6 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::tune_allocator();
+    melvae::layers::tune_cpu();
     common::exit_with(run())
 }

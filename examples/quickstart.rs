@@ -180,6 +180,6 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::tune_allocator();
+    melvae::layers::tune_cpu();
     common::exit_with(run())
 }

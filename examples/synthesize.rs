@@ -308,5 +308,6 @@ impl Streamer {
 }
 
 fn main() -> ExitCode {
+    melvae::layers::tune_cpu();
     common::exit_with(run())
 }

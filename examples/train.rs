@@ -111,6 +111,6 @@ fn run(args: &Args) -> melvae::train::Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::tune_allocator();
+    melvae::layers::tune_cpu();
     common::exit_with(run(&Args::parse()))
 }

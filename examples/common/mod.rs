@@ -114,27 +114,6 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Keeps freed memory in the process instead of handing it back to the
-/// kernel (glibc on Linux; elsewhere a no-op).
-///
-/// candle allocates a fresh buffer for every tensor op; with glibc's
-/// defaults each buffer over 128 KiB-32 MiB is a new `mmap` that the kernel
-/// must zero page by page, then `munmap` on drop. On the 2-core development
-/// machine that page-fault traffic cost 40% of a mel VAE training step and
-/// 55% of sampling time (docs/benchmarks.md). Raising the mmap and trim
-/// thresholds to their maximum makes the heap reuse freed buffers; peak
-/// memory is unchanged. Call it first thing in `main`.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; it is called
-    // before any other thread exists.
-    unsafe {
-        // glibc caps the mmap threshold at 32 MiB on 64-bit targets.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 /// Mel frames per second of the `vocos-24k` preset the settings use.
 pub const MEL_FRAME_RATE: f64 = 24000.0 / 256.0;
 

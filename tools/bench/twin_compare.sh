@@ -43,7 +43,26 @@ python="${3:-/tmp/refvenv/bin/python}"
 dump="$(mktemp -d)"
 trap 'rm -rf "$dump"' EXIT
 cargo build --release --example "$example"
-echo "load average before melvae: $(cut -d' ' -f1-3 /proc/loadavg)"
-"target/release/examples/$example" --setting "$setting" --steps 10 --dump "$dump"
-echo "load average before PyTorch: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$python" "tools/bench/$twin" "$dump" --steps 10
+
+# Busy and total jiffies of the whole machine (/proc/stat).
+cpu_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# Runs a command and reports the share of the machine's CPU that other
+# processes took while it ran: busy time minus the command's own user and
+# system time, over the total.
+measured() {
+  local label="$1"; shift
+  local b0 t0 b1 t1 own
+  read -r b0 t0 < <(cpu_jiffies)
+  exec 3>&2
+  own=$( { TIMEFORMAT='%U %S'; time "$@" 2>&3 1>&2; } 2>&1 )
+  exec 3>&-
+  read -r b1 t1 < <(cpu_jiffies)
+  awk -v b=$((b1 - b0)) -v t=$((t1 - t0)) -v own="$own" -v hz="$(getconf CLK_TCK)" -v label="$label" \
+    'BEGIN { split(own, o, " "); other = b - (o[1] + o[2]) * hz; if (other < 0) other = 0;
+             printf "%s: other processes took %.1f%% of the CPU while it ran (load average %s)\n",
+                    label, (t > 0 ? 100 * other / t : 0), ENVIRON["LOADAVG"] }'
+}
+LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)" measured melvae \
+  "target/release/examples/$example" --setting "$setting" --steps 10 --dump "$dump"
+LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)" measured PyTorch \
+  "$python" "tools/bench/$twin" "$dump" --steps 10

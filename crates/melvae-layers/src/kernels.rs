@@ -32,7 +32,7 @@ pub(crate) fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether kernel `name` (`conv`, `act`, `affine`) is on: the environment variable
+/// Whether kernel `name` (`conv`, `act`, `affine`, `linear`) is on: the environment variable
 /// `MELVAE_NO_FUSED_KERNELS` (a comma-separated list of names, or `all`)
 /// turns kernels off, so each can be benchmarked against its composed
 /// path.
@@ -214,6 +214,138 @@ macro_rules! float_op {
             _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", $what),
         }
     };
+}
+
+/// Output rows per parallel chunk of a [`Gemm`]: the rows split in at most
+/// [`MAX_CHUNKS`] chunks of at least 64, fixed by the shape alone (the
+/// same result on any thread count).
+fn gemm_chunk_rows(m: usize) -> usize {
+    m.div_ceil(MAX_CHUNKS).max(64)
+}
+
+/// [`matmul`] into a fresh `[m, n]`, the output rows in parallel chunks
+/// (each chunk one GEMM over the whole reduction, so no partial sums).
+fn par_matmul<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) -> Vec<T> {
+    let mut dst = vec![T::default(); m * n];
+    let rows = gemm_chunk_rows(m);
+    par_chunks(&mut dst, rows * n, |ci, chunk| {
+        let r0 = ci * rows;
+        let lhs = &lhs[(r0 * lhs_rs).min(lhs.len())..];
+        let m = chunk.len() / n.max(1);
+        matmul(
+            (m, n, k),
+            chunk,
+            false,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            rhs_strides,
+        );
+    });
+    dst
+}
+
+/// The products a linear layer needs, on contiguous 2-D operands.
+#[derive(Debug, Clone, Copy)]
+enum Gemm {
+    /// `a [m, k] * b^T` (`b` `[n, k]`): the forward `x W^T`.
+    ABt,
+    /// `a [m, n] * b [n, k]`: the input gradient `dY W`.
+    AB,
+    /// `a^T * b` (`a` `[r, m]`, `b` `[r, k]`): the weight gradient `dY^T X`.
+    AtB,
+}
+
+impl Gemm {
+    /// `(m, n, k)`, the left and the right strides, from the operands'
+    /// shapes.
+    #[allow(clippy::type_complexity)]
+    fn dims(
+        self,
+        (ar, ac): (usize, usize),
+        (br, bc): (usize, usize),
+    ) -> candle_core::Result<((usize, usize, usize), (usize, usize), (usize, usize))> {
+        let (ok, out) = match self {
+            Gemm::ABt => (ac == bc, ((ar, br, ac), (ac, 1), (1, bc))),
+            Gemm::AB => (ac == br, ((ar, bc, ac), (ac, 1), (bc, 1))),
+            Gemm::AtB => (ar == br, ((ac, bc, ar), (1, ac), (bc, 1))),
+        };
+        if !ok {
+            candle_core::bail!("melvae gemm {self:?}: [{ar}, {ac}] and [{br}, {bc}] do not fit");
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "melvae-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((m, n, k), ls, rs) = self.dims(l1.shape().dims2()?, l2.shape().dims2()?)?;
+        let out = float_op!(
+            "gemm",
+            [(a, s1, l1, "left operand"), (b, s2, l2, "right operand")],
+            par_matmul((m, n, k), a, ls, b, rs)
+        );
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// `x W^T` as one op with its own backward: the forward and both
+/// gradients are [`Gemm`]s.
+struct LinearOp;
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "melvae-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Gemm::ABt.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(w, &Gemm::AB)?;
+        let dw = dy.apply_op2_no_bwd(x, &Gemm::AtB)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x W^T` for `x` `[m, k]` and `w` `[n, k]`: the fused op on the CPU in
+/// f32/f64 (the output rows in parallel chunks), candle's matmul
+/// elsewhere.
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !use_kernel("linear", x) || w.dtype() != x.dtype() || x.rank() != 2 || w.rank() != 2 {
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, Tensor, Var};
 use melvae_layers::is_half;
 use serde::{Deserialize, Serialize};
 
@@ -158,6 +158,9 @@ pub struct AdamW {
     step: u64,
     /// Hyper-parameters.
     pub cfg: AdamWConfig,
+    /// Whether CPU f32/f64 updates run as in-place passes (off: the
+    /// composed ops everywhere, for the equality test).
+    in_place: bool,
 }
 
 impl AdamW {
@@ -172,7 +175,11 @@ impl AdamW {
             .zip(&master)
             .map(|((_, v), ms)| ms.as_ref().unwrap_or(v.as_tensor()).zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        // Separate buffers: the moments are updated in place.
+        let v = m
+            .iter()
+            .map(Tensor::zeros_like)
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             vars,
             master,
@@ -180,6 +187,7 @@ impl AdamW {
             v,
             step: 0,
             cfg,
+            in_place: true,
         })
     }
 
@@ -226,6 +234,19 @@ impl AdamW {
             // Detached (see collect_grads): the moments and master
             // weights must not record the ops that made them.
             let g = g.detach().to_dtype(self.m[i].dtype())?;
+            let p = self.master[i].as_ref().unwrap_or(var.as_tensor());
+            let update = AdamUpdate {
+                lr,
+                cfg: c,
+                bc1,
+                bc2,
+            };
+            if self.in_place && update.in_place(p, &mut self.m[i], &mut self.v[i], &g)? {
+                if let Some(master) = &self.master[i] {
+                    var.set(&master.to_dtype(var.dtype())?)?;
+                }
+                continue;
+            }
             self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&self.m[i] / bc1)?;
@@ -245,17 +266,18 @@ impl AdamW {
     }
 
     /// Moments as named tensors (`m.<var>`, `v.<var>`) and the f32 master
-    /// weights of half-precision variables (`master.<var>`), for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    /// weights of half-precision variables (`master.<var>`), for a
+    /// checkpoint: copies (later steps update the optimiser's own in place).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.m[i].clone());
-            out.insert(format!("v.{name}"), self.v[i].clone());
+            out.insert(format!("m.{name}"), self.m[i].copy()?);
+            out.insert(format!("v.{name}"), self.v[i].copy()?);
             if let Some(master) = &self.master[i] {
-                out.insert(format!("master.{name}"), master.clone());
+                out.insert(format!("master.{name}"), master.copy()?);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Restores what [`AdamW::state_tensors`] saved and the step; a missing
@@ -285,17 +307,202 @@ impl AdamW {
                 let t = get(&key)?.ok_or_else(|| {
                     Error::invalid("optimizer state", format!("`{key}` is missing"))
                 })?;
-                *slot = t.to_dtype(slot.dtype())?;
+                // Own copies: the optimiser updates them in place.
+                *slot = t.to_dtype(slot.dtype())?.copy()?;
             }
             if is_half(var.dtype()) {
                 self.master[i] = Some(match get(&format!("master.{name}"))? {
-                    Some(t) => t.to_dtype(DType::F32)?,
+                    Some(t) => t.to_dtype(DType::F32)?.copy()?,
                     None => var.as_tensor().to_dtype(DType::F32)?,
                 });
             }
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// One AdamW update of one variable as three in-place passes on the CPU
+/// (f32/f64, contiguous): `m` and `v` from the gradient, then the
+/// parameter, in the same arithmetic as the composed ops of
+/// [`AdamW::step`] (which other devices and dtypes run), without
+/// allocating a tensor per term.
+#[derive(Debug, Clone, Copy)]
+struct AdamUpdate {
+    lr: f64,
+    cfg: AdamWConfig,
+    bc1: f64,
+    bc2: f64,
+}
+
+/// The passes of [`AdamUpdate`].
+#[derive(Debug, Clone, Copy)]
+enum AdamPass {
+    /// `m <- b1 m + (1 - b1) g`.
+    First(f64),
+    /// `v <- b2 v + (1 - b2) g^2`.
+    Second(f64),
+    /// `p <- p (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps)`.
+    Param(AdamUpdate),
+}
+
+impl AdamUpdate {
+    /// Updates `p`, `m` and `v` in place and returns true, or returns false
+    /// (nothing changed) where the in-place passes do not apply.
+    fn in_place(&self, p: &Tensor, m: &mut Tensor, v: &mut Tensor, g: &Tensor) -> Result<bool> {
+        let ok = |t: &Tensor| {
+            t.device().is_cpu()
+                && t.dtype() == p.dtype()
+                && matches!(t.dtype(), DType::F32 | DType::F64)
+                && t.is_contiguous()
+                && t.dims() == p.dims()
+        };
+        if ![p, &*m, &*v, g].into_iter().all(ok) {
+            return Ok(false);
+        }
+        m.inplace_op2(g, &AdamPass::First(self.cfg.beta1))?;
+        v.inplace_op2(g, &AdamPass::Second(self.cfg.beta2))?;
+        p.inplace_op3(m, v, &AdamPass::Param(*self))?;
+        Ok(true)
+    }
+}
+
+/// The contiguous elements of `s` (f32 or f64) as `T`'s slice.
+macro_rules! elems {
+    ($s:expr, $l:expr, $v:ident) => {{
+        let (a, b) = $l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
+        match $s {
+            CpuStorage::$v(d) => &d[a..b],
+            _ => candle_core::bail!("adamw: mixed dtypes"),
+        }
+    }};
+}
+
+impl AdamPass {
+    fn run<T: AdamElem>(&self, dst: &mut [T], a: &[T], b: Option<&[T]>) -> candle_core::Result<()> {
+        let c = T::of;
+        match *self {
+            AdamPass::First(b1) => {
+                let (b1, a1) = (c(b1), c(1.0 - b1));
+                for (m, &g) in dst.iter_mut().zip(a) {
+                    *m = *m * b1 + g * a1;
+                }
+            }
+            AdamPass::Second(b2) => {
+                let (b2, a2) = (c(b2), c(1.0 - b2));
+                for (v, &g) in dst.iter_mut().zip(a) {
+                    *v = *v * b2 + g * g * a2;
+                }
+            }
+            AdamPass::Param(u) => {
+                let Some(v) = b else {
+                    candle_core::bail!("adamw: the parameter pass needs m and v");
+                };
+                let (i1, i2, eps) = (c(1.0 / u.bc1), c(1.0 / u.bc2), c(u.cfg.eps));
+                let (decay, lr) = (c(1.0 - u.lr * u.cfg.weight_decay), c(u.lr));
+                for ((p, &m), &v) in dst.iter_mut().zip(a).zip(v) {
+                    let step = (m * i1) / ((v * i2).sqrt() + eps);
+                    *p = *p * decay - step * lr;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cpu(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &candle_core::Layout,
+        a: (&CpuStorage, &candle_core::Layout),
+        b: Option<(&CpuStorage, &candle_core::Layout)>,
+    ) -> candle_core::Result<()> {
+        let (o, e) = dst_l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
+        match dst {
+            CpuStorage::F32(d) => {
+                let bs = match b {
+                    Some((s, l)) => Some(elems!(s, l, F32)),
+                    None => None,
+                };
+                self.run(&mut d[o..e], elems!(a.0, a.1, F32), bs)
+            }
+            CpuStorage::F64(d) => {
+                let bs = match b {
+                    Some((s, l)) => Some(elems!(s, l, F64)),
+                    None => None,
+                };
+                self.run(&mut d[o..e], elems!(a.0, a.1, F64), bs)
+            }
+            _ => candle_core::bail!("adamw: f32 or f64 only"),
+        }
+    }
+}
+
+impl candle_core::InplaceOp2 for AdamPass {
+    fn name(&self) -> &'static str {
+        "melvae-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &candle_core::Layout,
+        s: &CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        self.cpu(dst, dst_l, (s, l), None)
+    }
+}
+
+impl candle_core::InplaceOp3 for AdamPass {
+    fn name(&self) -> &'static str {
+        "melvae-adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &candle_core::Layout,
+        s2: &CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        self.cpu(dst, dst_l, (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// The element types of the in-place AdamW passes: constants cast from
+/// f64 as candle's affine casts them.
+trait AdamElem:
+    Copy
+    + std::ops::Mul<Output = Self>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    fn of(v: f64) -> Self;
+    fn sqrt(self) -> Self;
+}
+
+impl AdamElem for f32 {
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl AdamElem for f64 {
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
     }
 }
 
@@ -470,7 +677,12 @@ mod tests {
             opt.step(&grads, 1e-2).unwrap();
             ema.update(&vars).unwrap();
         }
-        for (k, t) in opt.state_tensors().iter().chain(&ema.state_tensors(&vars)) {
+        for (k, t) in opt
+            .state_tensors()
+            .unwrap()
+            .iter()
+            .chain(&ema.state_tensors(&vars))
+        {
             assert!(!t.track_op(), "{k} records the ops that made it");
         }
     }
@@ -532,6 +744,40 @@ mod tests {
         assert_eq!(opt.step_count(), 4);
     }
 
+    /// The in-place passes equal the composed ops (f32 and f64, and
+    /// through f32 master weights for bf16), bit for bit over a few steps.
+    #[test]
+    fn in_place_updates_equal_the_composed_ops() {
+        for dtype in [DType::F32, DType::F64, DType::BF16] {
+            let init = Tensor::new(&[0.3f64, -0.7, 1.5, 2.0], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |in_place: bool| {
+                let p = Var::from_tensor(&init).unwrap();
+                let cfg = AdamWConfig::default();
+                let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).unwrap();
+                opt.in_place = in_place;
+                for (k, lr) in [0.1, 0.05, 0.2].into_iter().enumerate() {
+                    let g = Tensor::new(&[0.5f64, -1.0, 0.25, k as f64], &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    opt.step(&vec![Some(g)], lr).unwrap();
+                }
+                let state = opt.state_tensors().unwrap();
+                let mut out = vec![p.as_tensor().to_dtype(DType::F64).unwrap()];
+                for k in ["m.p", "v.p"] {
+                    out.push(state[k].to_dtype(DType::F64).unwrap());
+                }
+                out.into_iter()
+                    .map(|t| t.to_vec1::<f64>().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(run(true), run(false), "{dtype:?}");
+        }
+    }
+
     #[test]
     fn state_round_trip_continues_identically() {
         let c = AdamWConfig::default();
@@ -542,13 +788,14 @@ mod tests {
         oa.step(&g(-2.0), 0.01).unwrap();
         let b = Var::from_tensor(&a.as_tensor().copy().unwrap()).unwrap();
         let mut ob = AdamW::new(vec![(n.clone(), b.clone())], c).unwrap();
-        ob.load_state(&oa.state_tensors(), oa.step_count()).unwrap();
+        ob.load_state(&oa.state_tensors().unwrap(), oa.step_count())
+            .unwrap();
         for x in [0.5, 3.0] {
             oa.step(&g(x), 0.01).unwrap();
             ob.step(&g(x), 0.01).unwrap();
         }
         assert_eq!(vals(&a), vals(&b));
-        let mut bad = oa.state_tensors();
+        let mut bad = oa.state_tensors().unwrap();
         bad.remove("v.p");
         let e = ob.load_state(&bad, 1).unwrap_err().to_string();
         assert!(e.contains("`v.p` is missing"), "{e}");
@@ -605,7 +852,7 @@ mod tests {
 
         // A checkpoint carries the master weights: a restored optimiser
         // continues exactly, not from the rounded variable.
-        let state = oh.state_tensors();
+        let state = oh.state_tensors().unwrap();
         assert!(state.contains_key("master.p"));
         let restored = Var::from_tensor(half.as_tensor()).unwrap();
         let mut or = AdamW::new(vec![("p".into(), restored.clone())], c).unwrap();
@@ -631,7 +878,7 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap()
         );
-        assert!(of.master(0).is_none() && !of.state_tensors().contains_key("master.p"));
+        assert!(of.master(0).is_none() && !of.state_tensors().unwrap().contains_key("master.p"));
 
         // sync_master re-reads weights loaded from outside.
         restored

@@ -854,13 +854,13 @@ impl<'a> Trainer<'a> {
             model.insert(name.clone(), t);
         }
         let mut optimizer: HashMap<String, Tensor> = opt
-            .state_tensors()
+            .state_tensors()?
             .into_iter()
             .map(|(k, v)| (format!("gen.{k}"), v))
             .collect();
         if let Some(d) = dopt {
             optimizer.extend(
-                d.state_tensors()
+                d.state_tensors()?
                     .into_iter()
                     .map(|(k, v)| (format!("disc.{k}"), v)),
             );
