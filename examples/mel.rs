@@ -51,5 +51,6 @@ fn run(args: &Args) -> melvae::dsp::Result<()> {
 }
 
 fn main() -> ExitCode {
+    melvae::layers::tune_cpu();
     common::exit_with(run(&Args::parse()))
 }

@@ -32,7 +32,7 @@ pub(crate) fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether kernel `name` (`conv`, `act`, `affine`, `linear`) is on: the environment variable
+/// Whether kernel `name` (`conv`, `act`, `affine`, `linear`, `lstm`) is on: the environment variable
 /// `MELVAE_NO_FUSED_KERNELS` (a comma-separated list of names, or `all`)
 /// turns kernels off, so each can be benchmarked against its composed
 /// path.
@@ -1062,6 +1062,348 @@ pub(crate) fn rows_affine(
     )
 }
 
+/// The element functions the fused LSTM needs (the same formulas as
+/// candle's `sigmoid` and `tanh`).
+trait LstmElem: Elem + num_like::Num {
+    fn sigmoid(self) -> Self;
+    fn tanh_(self) -> Self;
+}
+
+/// Minimal arithmetic for [`LstmElem`].
+mod num_like {
+    pub trait Num:
+        Copy
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Neg<Output = Self>
+    {
+    }
+    impl Num for f32 {}
+    impl Num for f64 {}
+}
+
+impl LstmElem for f32 {
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
+    }
+    fn tanh_(self) -> Self {
+        self.tanh()
+    }
+}
+
+impl LstmElem for f64 {
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
+    }
+    fn tanh_(self) -> Self {
+        self.tanh()
+    }
+}
+
+/// Sizes of one fused LSTM layer pass.
+#[derive(Debug, Clone, Copy)]
+struct LstmDims {
+    batch: usize,
+    time: usize,
+    hidden: usize,
+}
+
+impl LstmDims {
+    /// Values per output step: `h`, `c` and the four activated gates.
+    fn width(&self) -> usize {
+        6 * self.hidden
+    }
+
+    /// Offset of step `t` of batch item `b` in the output.
+    fn at(&self, b: usize, t: usize) -> usize {
+        (b * self.time + t) * self.width()
+    }
+}
+
+/// One LSTM layer over a whole sequence (torch's gate order i, f, g, o):
+/// `(xg [batch, time, 4h]` (the input's share of the gates, biases
+/// included), `w_hh [4h, h]`, `s0 [batch, 2h]` (`h0` then `c0`)) to
+/// `[batch, time, 6h]`: per step `h_t`, `c_t` and the activated gates
+/// (kept for the backward). Each step is one GEMM for the recurrent
+/// product and one pass over the gates, instead of a dozen candle ops.
+struct LstmSeq;
+
+fn lstm_forward<T: LstmElem>(xg: &[T], w: &[T], s0: &[T], d: LstmDims) -> Vec<T> {
+    let (hd, wd) = (d.hidden, d.width());
+    let mut out = vec![T::default(); d.batch * d.time * wd];
+    let mut gates = vec![T::default(); d.batch * 4 * hd];
+    for t in 0..d.time {
+        // gates = xg_t + h_{t-1} W^T.
+        for b in 0..d.batch {
+            let src = &xg[(b * d.time + t) * 4 * hd..(b * d.time + t + 1) * 4 * hd];
+            gates[b * 4 * hd..(b + 1) * 4 * hd].copy_from_slice(src);
+        }
+        let (h_prev, h_rs): (&[T], usize) = if t == 0 {
+            (s0, 2 * hd)
+        } else {
+            (&out[d.at(0, t - 1)..], d.time * wd)
+        };
+        matmul(
+            (d.batch, 4 * hd, hd),
+            &mut gates,
+            true,
+            h_prev,
+            (h_rs, 1),
+            w,
+            (1, hd),
+        );
+        for b in 0..d.batch {
+            let g = &gates[b * 4 * hd..(b + 1) * 4 * hd];
+            let c_prev: Vec<T> = if t == 0 {
+                s0[b * 2 * hd + hd..(b + 1) * 2 * hd].to_vec()
+            } else {
+                out[d.at(b, t - 1) + hd..d.at(b, t - 1) + 2 * hd].to_vec()
+            };
+            let o = &mut out[d.at(b, t)..d.at(b, t) + wd];
+            for j in 0..hd {
+                let (i, f) = (g[j].sigmoid(), g[hd + j].sigmoid());
+                let (gg, og) = (g[2 * hd + j].tanh_(), g[3 * hd + j].sigmoid());
+                let c = f * c_prev[j] + i * gg;
+                o[j] = og * c.tanh_();
+                o[hd + j] = c;
+                o[2 * hd + j] = i;
+                o[3 * hd + j] = f;
+                o[4 * hd + j] = gg;
+                o[5 * hd + j] = og;
+            }
+        }
+    }
+    out
+}
+
+/// The backward of [`lstm_forward`]: `d xg` (`[batch, time, 4h]`), `d w_hh`
+/// (`[4h, h]`) and `d s0` (`[batch, 2h]`), flattened one after the other.
+/// `dout` holds the gradients of every output value (`h_t`, `c_t`, gates).
+fn lstm_backward<T: LstmElem>(w: &[T], s0: &[T], out: &[T], dout: &[T], d: LstmDims) -> Vec<T> {
+    let (hd, wd) = (d.hidden, d.width());
+    let n_xg = d.batch * d.time * 4 * hd;
+    let mut res = vec![T::default(); n_xg + 4 * hd * hd + d.batch * 2 * hd];
+    let (dxg, rest) = res.split_at_mut(n_xg);
+    let (dw, ds0) = rest.split_at_mut(4 * hd * hd);
+    // The recurrent gradients into step t (from step t + 1).
+    let mut dh_rec = vec![T::default(); d.batch * hd];
+    let mut dc_rec = vec![T::default(); d.batch * hd];
+    let mut da = vec![T::default(); d.batch * 4 * hd];
+    let one = T::ONE;
+    for t in (0..d.time).rev() {
+        for b in 0..d.batch {
+            let o = &out[d.at(b, t)..d.at(b, t) + wd];
+            let go = &dout[d.at(b, t)..d.at(b, t) + wd];
+            let c_prev = |j: usize| {
+                if t == 0 {
+                    s0[b * 2 * hd + hd + j]
+                } else {
+                    out[d.at(b, t - 1) + hd + j]
+                }
+            };
+            for j in 0..hd {
+                let (c, i, f, g, og) = (
+                    o[hd + j],
+                    o[2 * hd + j],
+                    o[3 * hd + j],
+                    o[4 * hd + j],
+                    o[5 * hd + j],
+                );
+                let dh = go[j] + dh_rec[b * hd + j];
+                let tc = c.tanh_();
+                let dog = dh * tc + go[5 * hd + j];
+                let dc = dc_rec[b * hd + j] + go[hd + j] + dh * og * (one - tc * tc);
+                let di = dc * g + go[2 * hd + j];
+                let dgg = dc * i + go[4 * hd + j];
+                let df = dc * c_prev(j) + go[3 * hd + j];
+                dc_rec[b * hd + j] = dc * f;
+                let a = &mut da[b * 4 * hd..(b + 1) * 4 * hd];
+                a[j] = di * i * (one - i);
+                a[hd + j] = df * f * (one - f);
+                a[2 * hd + j] = dgg * (one - g * g);
+                a[3 * hd + j] = dog * og * (one - og);
+            }
+            let at = (b * d.time + t) * 4 * hd;
+            dxg[at..at + 4 * hd].copy_from_slice(&da[b * 4 * hd..(b + 1) * 4 * hd]);
+        }
+        // dW += da^T h_{t-1}; dh_rec = da W.
+        let (h_prev, h_rs): (&[T], usize) = if t == 0 {
+            (s0, 2 * hd)
+        } else {
+            (&out[d.at(0, t - 1)..], d.time * wd)
+        };
+        matmul(
+            (4 * hd, hd, d.batch),
+            dw,
+            true,
+            &da,
+            (1, 4 * hd),
+            h_prev,
+            (h_rs, 1),
+        );
+        matmul(
+            (d.batch, hd, 4 * hd),
+            &mut dh_rec,
+            false,
+            &da,
+            (4 * hd, 1),
+            w,
+            (hd, 1),
+        );
+    }
+    for b in 0..d.batch {
+        ds0[b * 2 * hd..b * 2 * hd + hd].copy_from_slice(&dh_rec[b * hd..(b + 1) * hd]);
+        ds0[b * 2 * hd + hd..(b + 1) * 2 * hd].copy_from_slice(&dc_rec[b * hd..(b + 1) * hd]);
+    }
+    res
+}
+
+impl LstmSeq {
+    fn dims(xg: &Layout, w: &Layout, s0: &Layout) -> candle_core::Result<LstmDims> {
+        let (batch, time, g4) = xg.shape().dims3()?;
+        let (wr, hidden) = w.shape().dims2()?;
+        let (sb, s2) = s0.shape().dims2()?;
+        if g4 != 4 * hidden || wr != 4 * hidden || sb != batch || s2 != 2 * hidden {
+            candle_core::bail!(
+                "melvae lstm: gates {:?}, w_hh {:?}, state {:?} do not fit",
+                xg.shape(),
+                w.shape(),
+                s0.shape()
+            );
+        }
+        Ok(LstmDims {
+            batch,
+            time,
+            hidden,
+        })
+    }
+}
+
+impl CustomOp3 for LstmSeq {
+    fn name(&self) -> &'static str {
+        "melvae-lstm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Self::dims(l1, l2, l3)?;
+        let out = float_op!(
+            "lstm",
+            [
+                (xg, s1, l1, "gates"),
+                (w, s2, l2, "w_hh"),
+                (s0, s3, l3, "state")
+            ],
+            lstm_forward(xg, w, s0, d)
+        );
+        Ok((out, Shape::from((d.batch, d.time, d.width()))))
+    }
+
+    fn bwd(
+        &self,
+        xg: &Tensor,
+        w: &Tensor,
+        s0: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, g4) = xg.dims3()?;
+        let h = g4 / 4;
+        let all = w.apply_op3_no_bwd(
+            &Tensor::cat(&[s0.flatten_all()?, out.flatten_all()?], 0)?,
+            &dout.contiguous()?,
+            &LstmSeqBackward { batch: b, time: t },
+        )?;
+        let n_xg = b * t * g4;
+        Ok((
+            Some(all.narrow(0, 0, n_xg)?.reshape((b, t, g4))?),
+            Some(all.narrow(0, n_xg, g4 * h)?.reshape((g4, h))?),
+            Some(
+                all.narrow(0, n_xg + g4 * h, b * 2 * h)?
+                    .reshape((b, 2 * h))?,
+            ),
+        ))
+    }
+}
+
+/// `(w_hh, [s0 | out] flattened, dout)` to the flattened gradients of
+/// [`lstm_backward`].
+struct LstmSeqBackward {
+    batch: usize,
+    time: usize,
+}
+
+impl CustomOp3 for LstmSeqBackward {
+    fn name(&self) -> &'static str {
+        "melvae-lstm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g4, hidden) = l1.shape().dims2()?;
+        let d = LstmDims {
+            batch: self.batch,
+            time: self.time,
+            hidden,
+        };
+        let n_s0 = d.batch * 2 * hidden;
+        if g4 != 4 * hidden
+            || l2.shape().elem_count() != n_s0 + d.batch * d.time * d.width()
+            || l3.shape().elem_count() != d.batch * d.time * d.width()
+        {
+            candle_core::bail!("melvae lstm backward: sizes do not fit");
+        }
+        let out = float_op!(
+            "lstm backward",
+            [
+                (w, s1, l1, "w_hh"),
+                (so, s2, l2, "state and outputs"),
+                (dout, s3, l3, "output gradient")
+            ],
+            lstm_backward(w, &so[..n_s0], &so[n_s0..], dout, d)
+        );
+        let n = d.batch * d.time * 4 * hidden + 4 * hidden * hidden + n_s0;
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// One LSTM layer over a sequence from the input's share of the gates
+/// `xg` `[batch, time, 4h]`, `w_hh` `[4h, h]` and the state `h0`, `c0`
+/// (`[batch, h]`): `[batch, time, 6h]` (per step `h_t`, `c_t`, then the
+/// gates), or `None` where the fused op does not apply (the caller steps
+/// the composed cell).
+pub(crate) fn lstm_sequence(
+    xg: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if !use_kernel("lstm", xg) || [w_hh, h0, c0].iter().any(|t| t.dtype() != xg.dtype()) {
+        return Ok(None);
+    }
+    let s0 = Tensor::cat(&[h0, c0], 1)?.contiguous()?;
+    Ok(Some(xg.contiguous()?.apply_op3(
+        &w_hh.contiguous()?,
+        &s0,
+        LstmSeq,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1075,6 +1417,48 @@ mod tests {
         (0..outputs)
             .flat_map(|p| (0..k).map(move |ki| ((p * 2 + ki * 3) % len) as u32))
             .collect()
+    }
+
+    /// The fused linear product equals candle's matmul in value and in both
+    /// gradients (f64, a non-contiguous input, more than one parallel row
+    /// block with a shorter last one), passes a finite-difference check,
+    /// and runs in f32.
+    #[test]
+    fn fused_linear_equals_matmul_and_its_gradients_check() {
+        for rows in [5, 150] {
+            // [k, rows] transposed: a non-contiguous [rows, k].
+            let xt = Var::from_tensor(&noise(&[3, rows], 1).unwrap()).unwrap();
+            let w = Var::from_tensor(&noise(&[4, 3], 2).unwrap()).unwrap();
+            let x = || xt.as_tensor().t().unwrap();
+            assert!(!x().is_contiguous());
+            let probe = noise(&[rows, 4], 3).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    linear(&x(), w.as_tensor()).unwrap()
+                } else {
+                    x().matmul(&w.as_tensor().t().unwrap()).unwrap()
+                };
+                let g = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                vec![y, grad(&xt), grad(&w)]
+            };
+            for (a, b) in run(true).iter().zip(&run(false)) {
+                assert!(max_abs_diff(a, b).unwrap() < 1e-12, "{rows} rows");
+            }
+            let vars = vec![("x".to_string(), xt.clone()), ("w".to_string(), w.clone())];
+            check_gradients(&vars, GradCheck::default(), || linear(&x(), w.as_tensor())).unwrap();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let y32 = linear(&f32(&x()), &f32(w.as_tensor())).unwrap();
+            let y = linear(&x(), w.as_tensor()).unwrap();
+            assert!(max_abs_diff(&y32.to_dtype(DType::F64).unwrap(), &y).unwrap() < 1e-5);
+        }
+        let bad = linear(&noise(&[2, 3], 1).unwrap(), &noise(&[4, 5], 1).unwrap());
+        assert!(bad.is_err());
     }
 
     /// The fused row affine equals candle's broadcasts (bias `[dim]`,

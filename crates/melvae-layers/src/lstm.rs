@@ -34,8 +34,33 @@ impl LstmLayer {
     /// The input's share of the gates, `x W_ih^T + b_ih + b_hh` for inputs
     /// `[rows, input]`: `[rows, 4 * hidden]`.
     fn input_gates(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.w_ih.t()?)?
-            .broadcast_add(&(&self.b_ih + &self.b_hh)?)?)
+        let bias = (&self.b_ih + &self.b_hh)?;
+        Ok(crate::kernels::rows_affine(
+            &crate::kernels::linear(x, &self.w_ih)?,
+            None,
+            Some(&bias),
+        )?)
+    }
+
+    /// The layer over a sequence from the input's share of the gates
+    /// `[batch, time, 4 * hidden]` and state `s`: outputs `[batch, time,
+    /// hidden]` and the final state. One fused op on the CPU in f32/f64
+    /// (`kernels::lstm_sequence`), the composed cell stepped elsewhere.
+    fn run(&self, gates: &Tensor, s: LSTMState) -> Result<(Tensor, LSTMState)> {
+        let (t, h) = (gates.dim(1)?, self.w_hh.dim(1)?);
+        if let Some(out) = crate::kernels::lstm_sequence(gates, &self.w_hh, &s.h, &s.c)? {
+            // Per step h, c (then the gates, kept for the backward).
+            let end = out.narrow(1, t - 1, 1)?.squeeze(1)?;
+            let last = LSTMState::new(end.narrow(1, 0, h)?, end.narrow(1, h, h)?);
+            return Ok((out.narrow(2, 0, h)?, last));
+        }
+        let mut s = s;
+        let mut outs = Vec::with_capacity(t);
+        for k in 0..t {
+            s = self.cell(&gates.narrow(1, k, 1)?.squeeze(1)?, &s)?;
+            outs.push(s.h.clone());
+        }
+        Ok((Tensor::stack(&outs, 1)?, s))
     }
 
     /// One step from the input's share of the gates `[batch, 4 * hidden]`.
@@ -114,8 +139,8 @@ impl LstmStack {
         let mut h = x.clone();
         let mut next = Vec::with_capacity(state.len());
         for (layer, s) in self.layers.iter().zip(state) {
-            let ns = layer.cell(&layer.input_gates(&h)?, s)?;
-            h = ns.h.clone();
+            let (out, ns) = layer.run(&layer.input_gates(&h)?.unsqueeze(1)?, s.clone())?;
+            h = out.squeeze(1)?;
             next.push(ns);
         }
         Ok((h, next))
@@ -151,13 +176,8 @@ impl LstmStack {
                 layer
                     .input_gates(&y.reshape((b * t, width))?)?
                     .reshape((b, t, 4 * self.hidden))?;
-            let mut s = s;
-            let mut outs = Vec::with_capacity(t);
-            for k in 0..t {
-                s = layer.cell(&gates.narrow(1, k, 1)?.squeeze(1)?, &s)?;
-                outs.push(s.h.clone());
-            }
-            y = Tensor::stack(&outs, 1)?;
+            let (out, s) = layer.run(&gates, s)?;
+            y = out;
             last.push(s);
         }
         Ok((y, last))
@@ -197,6 +217,65 @@ mod tests {
     };
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
+
+    #[test]
+    fn fused_sequence_equals_the_stepped_cell_and_its_gradients_check() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+        let layer = LstmLayer::new(3, 4, 0, &vb).unwrap();
+        randomize(&vm, 0.5, 1).unwrap();
+        // [batch, 4h, time] transposed: non-contiguous gates [2, 3, 16].
+        let gt = Var::from_tensor(&noise(&[2, 16, 3], 2).unwrap()).unwrap();
+        let gates = || gt.as_tensor().transpose(1, 2).unwrap();
+        assert!(!gates().is_contiguous());
+        let h0 = Var::from_tensor(&noise(&[2, 4], 3).unwrap()).unwrap();
+        let c0 = Var::from_tensor(&noise(&[2, 4], 4).unwrap()).unwrap();
+        let state = || LSTMState::new(h0.as_tensor().clone(), c0.as_tensor().clone());
+        let (py, pc) = (noise(&[2, 3, 4], 5).unwrap(), noise(&[2, 4], 6).unwrap());
+        let w_hh = named_vars(&vm)
+            .into_iter()
+            .find(|(n, _)| n == "weight_hh_l0")
+            .unwrap()
+            .1;
+        let run = |fused: bool| {
+            let (y, s) = if fused {
+                layer.run(&gates(), state()).unwrap()
+            } else {
+                let mut s = state();
+                let mut outs = Vec::new();
+                for k in 0..3 {
+                    s = layer
+                        .cell(&gates().narrow(1, k, 1).unwrap().squeeze(1).unwrap(), &s)
+                        .unwrap();
+                    outs.push(s.h.clone());
+                }
+                (Tensor::stack(&outs, 1).unwrap(), s)
+            };
+            let loss = ((&y * &py).unwrap().sum_all().unwrap()
+                + (&s.c * &pc).unwrap().sum_all().unwrap())
+            .unwrap();
+            let g = loss.backward().unwrap();
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            vec![y, s.h, s.c, grad(&gt), grad(&h0), grad(&c0), grad(&w_hh)]
+        };
+        for (i, (a, b)) in run(true).iter().zip(&run(false)).enumerate() {
+            let d = max_abs_diff(a, b).unwrap();
+            assert!(d < 1e-12, "output {i}: {d}");
+        }
+        let vars = vec![
+            ("gates".to_string(), gt.clone()),
+            ("h0".to_string(), h0.clone()),
+            ("c0".to_string(), c0.clone()),
+            ("w_hh".to_string(), w_hh.clone()),
+        ];
+        check_gradients(&vars, GradCheck::default(), || {
+            layer
+                .run(&gates(), state())
+                .map(|(y, s)| (y.sum_all().unwrap() + s.c.sum_all().unwrap()).unwrap())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .unwrap();
+    }
 
     #[test]
     fn gradients_and_names() {
