@@ -293,7 +293,13 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
     // Scores, masking and softmax in f32 for half inputs; probabilities are
     // returned in the inputs' dtype.
     let dtype = q.dtype();
-    let mut scores = crate::upcast(&(q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?)?;
+    let raw = crate::upcast(&q.contiguous()?.matmul(&k.contiguous()?.t()?)?)?;
+    if opts.alibi.is_none() && !opts.causal && opts.key_mask.is_none() && opts.query_mask.is_none()
+    {
+        // Scale and softmax in one pass (the fused op on the CPU).
+        return Ok(crate::kernels::scaled_softmax(&raw, scale)?.to_dtype(dtype)?);
+    }
+    let mut scores = (raw * scale)?;
     let offset = s as isize - t as isize;
     if let Some(slopes) = opts.alibi {
         ensure(slopes.len() == h, "alibi slopes", || {
@@ -353,12 +359,12 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, opts: &AttendOptions)
         )?;
     }
     let probs = match keep {
-        None => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        None => crate::kernels::scaled_softmax(&scores, 1.0)?,
         Some(keep) => {
             let keep = keep.broadcast_as(scores.shape())?;
             let fill = Tensor::full(neg_fill(scores.dtype()), scores.shape(), dev)?
                 .to_dtype(scores.dtype())?;
-            let p = candle_nn::ops::softmax(&keep.where_cond(&scores, &fill)?, D::Minus1)?;
+            let p = crate::kernels::scaled_softmax(&keep.where_cond(&scores, &fill)?, 1.0)?;
             p.mul(&keep.to_dtype(p.dtype())?)?
         }
     };
