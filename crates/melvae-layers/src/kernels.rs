@@ -1576,7 +1576,7 @@ mod tests {
             let xt = Var::from_tensor(&(noise(&shape, 1).unwrap() * 3.0).unwrap()).unwrap();
             let x = || xt.as_tensor().transpose(1, 2).unwrap();
             assert!(!x().is_contiguous());
-            let probe = noise(&x().dims().to_vec(), 2).unwrap();
+            let probe = noise(x().dims(), 2).unwrap();
             let run = |fused: bool| {
                 let y = if fused {
                     scaled_softmax(&x(), scale).unwrap()
