@@ -317,7 +317,13 @@ fn decode(path: &Path) -> Result<Audio> {
             continue;
         }
         if channels.is_empty() {
-            channels = vec![Vec::new(); spec.channels.count()];
+            // One allocation for the declared length (bounded by the file
+            // size, so a lying header cannot reserve gigabytes): no
+            // reallocation copies and page faults while the vectors grow.
+            let reserve = declared_frames.map_or(0, |n| n.min(size.saturating_mul(2)) as usize);
+            channels = (0..spec.channels.count())
+                .map(|_| Vec::with_capacity(reserve))
+                .collect();
         } else if channels.len() != spec.channels.count() {
             return Err(Error::audio(
                 path,

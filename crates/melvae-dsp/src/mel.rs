@@ -356,6 +356,27 @@ impl MelConfig {
     }
 }
 
+/// Frames per tile of the frame-major to `[n_mels, frames]` transpose.
+const TILE: usize = 64;
+
+/// Writes `n` frame-major frames of `tile` (`[n][n_mels]`) into columns
+/// `t0..t0 + n` of `out` (`[n_mels, n_frames]`).
+fn transpose_tile(
+    tile: &[f32],
+    n_mels: usize,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    n_frames: usize,
+) {
+    for m in 0..n_mels {
+        let row = &mut out[m * n_frames + t0..m * n_frames + t0 + n];
+        for (k, o) in row.iter_mut().enumerate() {
+            *o = tile[k * n_mels + m];
+        }
+    }
+}
+
 /// A planned (log-)mel extractor; cheap to share across threads.
 #[derive(Debug, Clone)]
 pub struct MelExtractor {
@@ -403,14 +424,22 @@ impl MelExtractor {
     pub fn extract(&self, audio: &[f32]) -> Result<Array2<f32>> {
         let n_frames = self.n_frames(audio.len())?;
         let n_mels = self.cfg.n_mels;
-        // Accumulate frame-major (contiguous writes), transpose once at the end.
-        let mut by_frame = vec![0.0f32; n_frames * n_mels];
+        // Frames accumulate frame-major in a small tile (contiguous writes)
+        // that is transposed into the output every TILE frames, while it is
+        // still in cache: no whole-length frame-major buffer.
+        let mut out = vec![0.0f32; n_frames * n_mels];
+        let mut tile = vec![0.0f32; TILE * n_mels];
         let mut scratch = self.stft.scratch();
         let mut mag = vec![0.0f32; self.cfg.stft.n_bins()];
         self.stft.for_each_frame(audio, &mut scratch, |t, spec| {
-            self.mel_frame(spec, &mut mag, &mut by_frame[t * n_mels..(t + 1) * n_mels]);
+            let k = t % TILE;
+            self.mel_frame(spec, &mut mag, &mut tile[k * n_mels..(k + 1) * n_mels]);
+            if k == TILE - 1 || t + 1 == n_frames {
+                transpose_tile(&tile, n_mels, t - k, k + 1, &mut out, n_frames);
+            }
         })?;
-        self.frames_to_mel(by_frame, n_frames)
+        Array2::from_shape_vec((n_mels, n_frames), out)
+            .map_err(|e| Error::invalid("mel output", e.to_string()))
     }
 
     /// One frame's spectrum to its (log-)mel values in `row` (`n_mels`);
@@ -434,9 +463,23 @@ impl MelExtractor {
 
     /// Frame-major values `[frames][n_mels]` as `[n_mels, frames]`.
     pub(crate) fn frames_to_mel(&self, by_frame: Vec<f32>, n_frames: usize) -> Result<Array2<f32>> {
-        let by_frame = Array2::from_shape_vec((n_frames, self.cfg.n_mels), by_frame)
-            .map_err(|e| Error::invalid("mel output", e.to_string()))?;
-        Ok(by_frame.t().as_standard_layout().into_owned())
+        let n_mels = self.cfg.n_mels;
+        if by_frame.len() != n_frames * n_mels {
+            return Err(Error::invalid(
+                "mel output",
+                format!("{} values for {n_frames} frames of {n_mels}", by_frame.len()),
+            ));
+        }
+        // A blocked transpose (ndarray's element-wise copy of the
+        // transposed view walked the input with a stride of n_mels).
+        let mut out = vec![0.0f32; n_frames * n_mels];
+        for t0 in (0..n_frames).step_by(TILE) {
+            let n = TILE.min(n_frames - t0);
+            let tile = &by_frame[t0 * n_mels..(t0 + n) * n_mels];
+            transpose_tile(tile, n_mels, t0, n, &mut out, n_frames);
+        }
+        Array2::from_shape_vec((n_mels, n_frames), out)
+            .map_err(|e| Error::invalid("mel output", e.to_string()))
     }
 
     /// [`MelExtractor::extract`] on many clips in parallel (rayon's pool).
