@@ -61,7 +61,9 @@ impl Activation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {
             ActivationKind::Relu => x.relu()?,
-            ActivationKind::Elu { alpha } => x.elu(alpha)?,
+            ActivationKind::Elu { alpha } => {
+                crate::kernels::activation(x, crate::kernels::Act::Elu(alpha))?
+            }
             ActivationKind::LeakyRelu { slope } => candle_nn::ops::leaky_relu(x, slope)?,
             ActivationKind::Gelu => gelu(x)?,
             ActivationKind::Silu => silu(x)?,

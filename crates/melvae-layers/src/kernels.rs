@@ -612,12 +612,14 @@ pub(crate) fn gather_conv(
 }
 
 /// The activations with a fused kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Act {
     /// `x * Phi(x)` (exact, erf), as torch's `nn.GELU()`.
     Gelu,
     /// `x * sigmoid(x)`.
     Silu,
+    /// `x` for `x > 0`, `alpha (e^x - 1)` otherwise (SEANet's ELU).
+    Elu(f64),
 }
 
 /// `e^x` in f32 to about 2 ulp, branch-free so loops over it vectorise
@@ -675,6 +677,14 @@ macro_rules! act_elem {
                 match a {
                     Act::Gelu => 0.5 * x * (1.0 + $erf(x * $sqrt1_2)),
                     Act::Silu => x / (1.0 + $exp(-x)),
+                    Act::Elu(alpha) => {
+                        let neg = alpha as $t * ($exp(x) - 1.0);
+                        if x > 0.0 {
+                            x
+                        } else {
+                            neg
+                        }
+                    }
                 }
             }
 
@@ -689,6 +699,14 @@ macro_rules! act_elem {
                     Act::Silu => {
                         let s = 1.0 / (1.0 + $exp(-x));
                         s * (1.0 + x * (1.0 - s))
+                    }
+                    Act::Elu(alpha) => {
+                        let neg = alpha as $t * $exp(x);
+                        if x > 0.0 {
+                            1.0
+                        } else {
+                            neg
+                        }
                     }
                 }
             }
@@ -773,6 +791,11 @@ fn act_values<T: ActElem>(a: Act, x: &[T], out: &mut [T]) {
                 *o = T::act(Act::Silu, v);
             }
         }
+        Act::Elu(alpha) => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = T::act(Act::Elu(alpha), v);
+            }
+        }
     }
 }
 
@@ -788,6 +811,11 @@ fn act_grads<T: ActElem>(a: Act, x: &[T], dy: &[T], out: &mut [T]) {
         Act::Silu => {
             for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
                 *o = g * T::act_grad(Act::Silu, v);
+            }
+        }
+        Act::Elu(alpha) => {
+            for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+                *o = g * T::act_grad(Act::Elu(alpha), v);
             }
         }
     }
@@ -859,6 +887,7 @@ pub(crate) fn activation(x: &Tensor, a: Act) -> candle_core::Result<Tensor> {
     match a {
         Act::Gelu => x.gelu_erf(),
         Act::Silu => x.silu(),
+        Act::Elu(alpha) => x.elu(alpha),
     }
 }
 
@@ -1705,10 +1734,11 @@ mod tests {
     fn fused_activations_equal_candles() {
         let xt = Var::from_tensor(&(noise(&[2, 7, 3], 8).unwrap() * 4.0).unwrap()).unwrap();
         let x = || xt.as_tensor().transpose(1, 2).unwrap();
-        for a in [Act::Gelu, Act::Silu] {
+        for a in [Act::Gelu, Act::Silu, Act::Elu(1.0), Act::Elu(0.7)] {
             let reference = |x: &Tensor| match a {
                 Act::Gelu => x.gelu_erf().unwrap(),
                 Act::Silu => x.silu().unwrap(),
+                Act::Elu(alpha) => x.elu(alpha).unwrap(),
             };
             let grad_of = |y: Tensor| {
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -1731,10 +1761,11 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        for a in [Act::Gelu, Act::Silu] {
+        for a in [Act::Gelu, Act::Silu, Act::Elu(1.0)] {
             let r = match a {
                 Act::Gelu => long.gelu_erf().unwrap(),
                 Act::Silu => long.silu().unwrap(),
+                Act::Elu(alpha) => long.elu(alpha).unwrap(),
             };
             assert!(max_abs_diff(&activation(&long, a).unwrap(), &r).unwrap() < 1e-5);
         }
