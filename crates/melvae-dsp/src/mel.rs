@@ -467,7 +467,10 @@ impl MelExtractor {
         if by_frame.len() != n_frames * n_mels {
             return Err(Error::invalid(
                 "mel output",
-                format!("{} values for {n_frames} frames of {n_mels}", by_frame.len()),
+                format!(
+                    "{} values for {n_frames} frames of {n_mels}",
+                    by_frame.len()
+                ),
             ));
         }
         // A blocked transpose (ndarray's element-wise copy of the

@@ -69,18 +69,26 @@ impl Activation {
             ActivationKind::Silu => silu(x)?,
             ActivationKind::Tanh => x.tanh()?,
             ActivationKind::Snake => {
-                let mut shape = vec![1; x.rank()];
-                shape[1] = x.dim(1)?;
                 let alpha = self
                     .alpha
                     .as_ref()
-                    .ok_or_else(|| crate::Error::invalid("snake.alpha", "missing"))?
-                    .reshape(shape.as_slice())?;
-                let s = x.broadcast_mul(&alpha)?.sin()?.sqr()?;
-                (x + s.broadcast_div(&(alpha + 1e-9)?)?)?
+                    .ok_or_else(|| crate::Error::invalid("snake.alpha", "missing"))?;
+                match crate::kernels::snake(x, alpha)? {
+                    Some(y) => y,
+                    None => snake_composed(x, alpha)?,
+                }
             }
         })
     }
+}
+
+/// Snake from candle's ops (devices and dtypes without the fused kernel).
+fn snake_composed(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = x.dim(1)?;
+    let alpha = alpha.reshape(shape.as_slice())?;
+    let s = x.broadcast_mul(&alpha)?.sin()?.sqr()?;
+    Ok((x + s.broadcast_div(&(alpha + 1e-9)?)?)?)
 }
 
 /// Exact (erf) GELU of `x` (any shape), as torch's `nn.GELU()`: one fused
@@ -131,6 +139,39 @@ mod tests {
             })
             .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
         }
+    }
+
+    /// The fused Snake equals the composed one in value and in both
+    /// gradients (f64, batch 2, a non-contiguous input, alphas other than
+    /// 1), and passes a finite-difference check.
+    #[test]
+    fn fused_snake_equals_the_composed_one() {
+        let xt = Var::from_tensor(&(noise(&[2, 5, 3], 1).unwrap() * 2.0).unwrap()).unwrap();
+        let x = || xt.as_tensor().transpose(1, 2).unwrap();
+        assert!(!x().is_contiguous());
+        let alpha =
+            Var::from_tensor(&(noise(&[3], 2).unwrap().abs().unwrap() + 0.3).unwrap()).unwrap();
+        let probe = noise(&[2, 3, 5], 3).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                crate::kernels::snake(&x(), alpha.as_tensor())
+                    .unwrap()
+                    .unwrap()
+            } else {
+                snake_composed(&x(), alpha.as_tensor()).unwrap()
+            };
+            crate::testing::value_and_grads(y, &probe, &[&xt, &alpha]).unwrap()
+        };
+        let d = crate::testing::max_abs_diff_all(&run(true), &run(false)).unwrap();
+        assert!(d < 1e-12, "{d}");
+        let vars = vec![
+            ("x".to_string(), xt.clone()),
+            ("alpha".to_string(), alpha.clone()),
+        ];
+        check_gradients(&vars, GradCheck::default(), || {
+            crate::kernels::snake(&x(), alpha.as_tensor()).map(|y| y.unwrap())
+        })
+        .unwrap();
     }
 
     #[test]

@@ -1091,6 +1091,171 @@ pub(crate) fn rows_affine(
     )
 }
 
+/// Snake, `x + sin^2(alpha x) / (alpha + 1e-9)` with `alpha` per channel:
+/// `(x [batch, channels, inner...], alpha [channels])` to `x`'s shape, one
+/// pass; its backward gives `dx` and `d alpha` in one pass too (the
+/// per-channel sums over batch and time reduced in a fixed order).
+struct Snake;
+
+/// The sine and cosine Snake needs (std's, as candle's `sin`).
+trait SnakeElem: ActElem + SoftmaxElem {
+    fn sin_cos(self) -> (Self, Self);
+}
+
+impl SnakeElem for f32 {
+    fn sin_cos(self) -> (Self, Self) {
+        f32::sin_cos(self)
+    }
+}
+
+impl SnakeElem for f64 {
+    fn sin_cos(self) -> (Self, Self) {
+        f64::sin_cos(self)
+    }
+}
+
+/// `(channels, inner)` of a Snake input `[batch, channels, inner...]`.
+fn snake_dims(x: &Layout, alpha: &Layout) -> candle_core::Result<(usize, usize)> {
+    let dims = x.shape().dims();
+    let c = alpha.shape().elem_count();
+    if dims.len() < 2 || dims[1] != c || alpha.shape().rank() != 1 {
+        candle_core::bail!(
+            "melvae snake: input {:?} and alpha {:?} do not fit",
+            x.shape(),
+            alpha.shape()
+        );
+    }
+    Ok((c, dims[2..].iter().product()))
+}
+
+fn snake_forward<T: SnakeElem>(x: &[T], alpha: &[T], c: usize, inner: usize) -> Vec<T> {
+    let eps = T::of(1e-9);
+    let mut y = vec![T::default(); x.len()];
+    par_chunks(&mut y, inner, |row, yr| {
+        let a = alpha[row % c];
+        let inv = T::ONE / (a + eps);
+        for (o, &v) in yr.iter_mut().zip(&x[row * inner..(row + 1) * inner]) {
+            let (s, _) = (a * v).sin_cos();
+            *o = v + s * s * inv;
+        }
+    });
+    y
+}
+
+/// `dx` (the input's shape) then `d alpha` (`[channels]`), flattened.
+fn snake_backward<T: SnakeElem>(x: &[T], alpha: &[T], dy: &[T], c: usize, inner: usize) -> Vec<T> {
+    let eps = T::of(1e-9);
+    let mut out = vec![T::default(); x.len() + c];
+    let (dx, dalpha) = out.split_at_mut(x.len());
+    let partials = par_chunks(dx, inner, |row, dr| {
+        let a = alpha[row % c];
+        let inv = T::ONE / (a + eps);
+        let mut da = T::default();
+        let (xr, gr) = (
+            &x[row * inner..(row + 1) * inner],
+            &dy[row * inner..(row + 1) * inner],
+        );
+        for ((o, &v), &g) in dr.iter_mut().zip(xr).zip(gr) {
+            let (s, co) = (a * v).sin_cos();
+            let s2 = T::of(2.0) * s * co;
+            *o = g * (T::ONE + s2 * a * inv);
+            da += g * (s2 * v * inv - s * s * inv * inv);
+        }
+        da
+    });
+    for (row, p) in partials.into_iter().enumerate() {
+        dalpha[row % c] += p;
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for Snake {
+    fn name(&self) -> &'static str {
+        "melvae-snake"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, inner) = snake_dims(l1, l2)?;
+        let out = float_op!(
+            "snake",
+            [(x, s1, l1, "input"), (a, s2, l2, "alpha")],
+            snake_forward(x, a, c, inner)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        alpha: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let all = x.apply_op3_no_bwd(alpha, &dy.contiguous()?, &SnakeBackward)?;
+        let n = x.elem_count();
+        Ok((
+            Some(all.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(all.narrow(0, n, alpha.elem_count())?),
+        ))
+    }
+}
+
+/// `(x, alpha, dy)` to [`snake_backward`]'s flattened gradients.
+struct SnakeBackward;
+
+impl CustomOp3 for SnakeBackward {
+    fn name(&self) -> &'static str {
+        "melvae-snake-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, inner) = snake_dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "melvae snake backward: gradient {:?} for input {:?}",
+                l3.shape(),
+                l1.shape()
+            );
+        }
+        let out = float_op!(
+            "snake backward",
+            [
+                (x, s1, l1, "input"),
+                (a, s2, l2, "alpha"),
+                (dy, s3, l3, "output gradient")
+            ],
+            snake_backward(x, a, dy, c, inner)
+        );
+        Ok((out, Shape::from(l1.shape().elem_count() + c)))
+    }
+}
+
+/// Snake of `x` `[batch, channels, ...]` with `alpha` `[channels]`: the
+/// fused op on the CPU in f32/f64, `None` elsewhere (the caller composes
+/// it).
+pub(crate) fn snake(x: &Tensor, alpha: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !use_kernel("act", x) || alpha.dtype() != x.dtype() || x.rank() < 2 || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?.apply_op2(&alpha.contiguous()?, Snake)?,
+    ))
+}
+
 /// Rows per parallel chunk of the softmax: about [`ELEMWISE_CHUNK`]
 /// elements, fixed by the shape.
 fn softmax_chunk_rows(len: usize) -> usize {
@@ -1583,7 +1748,9 @@ pub(crate) fn lstm_sequence(
 mod tests {
     use super::*;
     use crate::conv::gather_conv_composed;
-    use crate::testing::{check_gradients, max_abs_diff, noise, GradCheck};
+    use crate::testing::{
+        check_gradients, max_abs_diff, max_abs_diff_all, noise, value_and_grads, GradCheck,
+    };
     use candle_core::Var;
 
     /// Strided, dilated taps over `len` positions: output `p`, tap `k` reads
@@ -1613,18 +1780,10 @@ mod tests {
                     candle_nn::ops::softmax(&(x() * scale).unwrap(), candle_core::D::Minus1)
                         .unwrap()
                 };
-                let g = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                vec![y, g.get(xt.as_tensor()).unwrap().clone()]
+                value_and_grads(y, &probe, &[&xt]).unwrap()
             };
-            for (a, b) in run(true).iter().zip(&run(false)) {
-                let d = max_abs_diff(a, b).unwrap();
-                assert!(d < 1e-12, "{shape:?}: {d}");
-            }
+            let d = max_abs_diff_all(&run(true), &run(false)).unwrap();
+            assert!(d < 1e-12, "{shape:?}: {d}");
             let x32 = x().to_dtype(DType::F32).unwrap();
             let y32 = scaled_softmax(&x32, scale).unwrap();
             let r32 =
@@ -1657,18 +1816,10 @@ mod tests {
                 } else {
                     x().matmul(&w.as_tensor().t().unwrap()).unwrap()
                 };
-                let g = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                vec![y, grad(&xt), grad(&w)]
+                value_and_grads(y, &probe, &[&xt, &w]).unwrap()
             };
-            for (a, b) in run(true).iter().zip(&run(false)) {
-                assert!(max_abs_diff(a, b).unwrap() < 1e-12, "{rows} rows");
-            }
+            let d = max_abs_diff_all(&run(true), &run(false)).unwrap();
+            assert!(d < 1e-12, "{rows} rows: {d}");
             let vars = vec![("x".to_string(), xt.clone()), ("w".to_string(), w.clone())];
             check_gradients(&vars, GradCheck::default(), || linear(&x(), w.as_tensor())).unwrap();
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
@@ -1824,18 +1975,9 @@ mod tests {
                         .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1)).unwrap())
                         .unwrap()
                 };
-                let g = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                vec![y, grad(&xt), grad(&w), grad(&bias)]
+                value_and_grads(y, &probe, &[&xt, &w, &bias]).unwrap()
             };
-            for (a, b) in run(true).iter().zip(&run(false)) {
-                assert!(max_abs_diff(a, b).unwrap() < 1e-12);
-            }
+            assert!(max_abs_diff_all(&run(true), &run(false)).unwrap() < 1e-12);
             let vars = vec![
                 ("x".to_string(), xt.clone()),
                 ("w".to_string(), w.clone()),

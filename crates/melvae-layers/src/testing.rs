@@ -90,6 +90,35 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
         .to_scalar::<f64>()
 }
 
+/// `y` followed by the gradients of `sum(y * probe)` with respect to each
+/// of `vars`: what a fused op and its composed twin are compared on.
+pub fn value_and_grads(
+    y: Tensor,
+    probe: &Tensor,
+    vars: &[&candle_core::Var],
+) -> candle_core::Result<Vec<Tensor>> {
+    let g = (&y * probe)?.sum_all()?.backward()?;
+    let mut out = vec![y];
+    for v in vars {
+        out.push(
+            g.get(v.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("a variable got no gradient".into()))?
+                .clone(),
+        );
+    }
+    Ok(out)
+}
+
+/// The largest of [`max_abs_diff`] over pairs of tensors.
+pub fn max_abs_diff_all(a: &[Tensor], b: &[Tensor]) -> candle_core::Result<f64> {
+    if a.len() != b.len() {
+        candle_core::bail!("{} tensors against {}", a.len(), b.len());
+    }
+    a.iter()
+        .zip(b)
+        .try_fold(0.0f64, |m, (x, y)| Ok(m.max(max_abs_diff(x, y)?)))
+}
+
 /// Randomises every variable of `varmap` (uniform in `±scale`, seeded) and
 /// checks the gradients of `f` with respect to all of them and each named
 /// input, with the default [`GradCheck`]: the one-call check every
