@@ -264,6 +264,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    melvae::layers::tune_cpu();
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { melvae::layers::tune_cpu() };
     common::exit_with(run(&Args::parse()))
 }

@@ -168,6 +168,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    melvae::layers::tune_cpu();
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { melvae::layers::tune_cpu() };
     common::exit_with(run())
 }

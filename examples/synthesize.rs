@@ -308,6 +308,7 @@ impl Streamer {
 }
 
 fn main() -> ExitCode {
-    melvae::layers::tune_cpu();
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { melvae::layers::tune_cpu() };
     common::exit_with(run())
 }

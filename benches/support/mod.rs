@@ -6,7 +6,8 @@
 macro_rules! tuned_main {
     ($group:ident) => {
         fn main() {
-            melvae::layers::tune_cpu();
+            // SAFETY: first thing in main, before any other thread exists.
+            unsafe { melvae::layers::tune_cpu() };
             $group();
             criterion::Criterion::default()
                 .configure_from_args()

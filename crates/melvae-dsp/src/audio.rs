@@ -317,10 +317,14 @@ fn decode(path: &Path) -> Result<Audio> {
             continue;
         }
         if channels.is_empty() {
-            // One allocation for the declared length (bounded by the file
-            // size, so a lying header cannot reserve gigabytes): no
-            // reallocation copies and page faults while the vectors grow.
-            let reserve = declared_frames.map_or(0, |n| n.min(size.saturating_mul(2)) as usize);
+            // One allocation for the declared length plus a final block's
+            // slack (block codecs emit their last block whole), bounded by
+            // the file size so a lying header cannot reserve gigabytes (64
+            // frames per byte covers low-bit-rate codecs): no reallocation
+            // copies and page faults while the vectors grow.
+            let reserve = declared_frames.map_or(0, |n| {
+                (n.min(size.saturating_mul(64)) as usize).saturating_add(16_384)
+            });
             channels = (0..spec.channels.count())
                 .map(|_| Vec::with_capacity(reserve))
                 .collect();

@@ -174,8 +174,8 @@ fn cholesky_solve(l: &[f64], n: usize, b: &mut [f64]) {
 /// The pseudo-inverse `F^T (F F^T)^-1` (`[n_bins, n_mels]`, f64) of a mel
 /// filterbank `F` (`[n_mels, n_bins]`), with a negligible ridge (1e-10 of
 /// the Gram matrix's mean diagonal) for numerical safety; maps linear mel
-/// magnitudes back to the least-norm linear spectrum. Fails when a filter is
-/// empty (more mels than the FFT resolves), naming the filterbank.
+/// magnitudes back to the least-norm linear spectrum. An empty filter (more
+/// mels than the FFT resolves) gets a zero column, thanks to the ridge.
 pub fn mel_pseudo_inverse(filterbank: &Array2<f32>) -> Result<Array2<f64>> {
     let (n_mels, n_bins) = filterbank.dim();
     // Gram matrix G = F F^T (+ ridge): one factorisation, one solve per

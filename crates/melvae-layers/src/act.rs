@@ -146,6 +146,7 @@ mod tests {
     /// 1), and passes a finite-difference check.
     #[test]
     fn fused_snake_equals_the_composed_one() {
+        // (Rows of 5 time steps: many rows per parallel chunk.)
         let xt = Var::from_tensor(&(noise(&[2, 5, 3], 1).unwrap() * 2.0).unwrap()).unwrap();
         let x = || xt.as_tensor().transpose(1, 2).unwrap();
         assert!(!x().is_contiguous());
@@ -164,6 +165,21 @@ mod tests {
         };
         let d = crate::testing::max_abs_diff_all(&run(true), &run(false)).unwrap();
         assert!(d < 1e-12, "{d}");
+        // Long rows: one row per parallel chunk, d alpha summed across them.
+        let long = Var::from_tensor(&noise(&[4, 3, 9000], 4).unwrap()).unwrap();
+        let lp = noise(&[4, 3, 9000], 5).unwrap();
+        let run_long = |fused: bool| {
+            let y = if fused {
+                crate::kernels::snake(long.as_tensor(), alpha.as_tensor())
+                    .unwrap()
+                    .unwrap()
+            } else {
+                snake_composed(long.as_tensor(), alpha.as_tensor()).unwrap()
+            };
+            crate::testing::value_and_grads(y, &lp, &[&long, &alpha]).unwrap()
+        };
+        let d = crate::testing::max_abs_diff_all(&run_long(true), &run_long(false)).unwrap();
+        assert!(d < 1e-9, "long rows: {d}");
         let vars = vec![
             ("x".to_string(), xt.clone()),
             ("alpha".to_string(), alpha.clone()),

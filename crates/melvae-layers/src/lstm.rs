@@ -277,6 +277,23 @@ mod tests {
         .unwrap();
     }
 
+    /// An empty batch runs (the fused op hands it to the stepped cell).
+    #[test]
+    fn empty_batch_gives_empty_outputs() {
+        let vm = VarMap::new();
+        let l = LstmStack::new(
+            3,
+            4,
+            2,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Tensor::zeros((0, 5, 3), DType::F32, &Device::Cpu).unwrap();
+        let (y, s) = l.forward(&x, None).unwrap();
+        assert_eq!(y.dims(), &[0, 5, 4]);
+        assert_eq!(s[1].c.dims(), &[0, 4]);
+    }
+
     #[test]
     fn gradients_and_names() {
         let vm = VarMap::new();

@@ -21,19 +21,28 @@
 ///   131-135 ms without that pool and 134-207 ms with it (bimodal, the
 ///   slow mode most runs; docs/benchmarks.md). Unless `CANDLE_NUM_THREADS`
 ///   is set, it is set to 1 here: candle's element-wise ops then run on
-///   the calling thread. Setting either variable yourself overrides this.
-pub fn tune_cpu() {
+///   the calling thread. Setting `CANDLE_NUM_THREADS` yourself overrides
+///   this (`RAYON_NUM_THREADS` alone does not).
+///
+/// # Safety
+///
+/// It changes the process environment (`std::env::set_var`) and the
+/// allocator's parameters, which is only sound while no other thread can
+/// read the environment or allocate concurrently: call it first thing in
+/// `main`, before any thread (rayon's pools, candle's, a test harness'
+/// workers) exists.
+pub unsafe fn tune_cpu() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; it is called
-    // before any other thread exists (this function's contract).
+    // SAFETY: mallopt only changes allocator parameters; no other thread
+    // exists yet (this function's contract).
     unsafe {
         // glibc caps the mmap threshold at 32 MiB on 64-bit targets.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Before any other thread exists (this function's contract), so no
-        // other thread reads the environment concurrently.
+        // No other thread exists yet (this function's contract), so none
+        // reads the environment concurrently.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

@@ -114,9 +114,11 @@ pub fn max_abs_diff_all(a: &[Tensor], b: &[Tensor]) -> candle_core::Result<f64> 
     if a.len() != b.len() {
         candle_core::bail!("{} tensors against {}", a.len(), b.len());
     }
-    a.iter()
-        .zip(b)
-        .try_fold(0.0f64, |m, (x, y)| Ok(m.max(max_abs_diff(x, y)?)))
+    // NaN wins (f64::max would drop it and let a NaN-producing kernel pass).
+    a.iter().zip(b).try_fold(0.0f64, |m, (x, y)| {
+        let d = max_abs_diff(x, y)?;
+        Ok(if d.is_nan() || d > m { d } else { m })
+    })
 }
 
 /// Randomises every variable of `varmap` (uniform in `±scale`, seeded) and
