@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twin_common import load_weights, loadavg, rel, time_steps
+
 
 # ---------------------------------------------------------------- melvae's RNG
 
@@ -811,62 +813,6 @@ class Family:
         if self.name == "lstm_prior":
             return self.model.terms(x, self.context)[0]
         return self.model.terms(x, self.kl_weight, self.loss_cfg, self.gen)[0]
-
-
-# ---------------------------------------------------------------- weights
-
-
-def load_weights(model, path):
-    """Every parameter and buffer from the dump by name; exits 2 listing
-    what is missing, unexpected or mis-shaped. Returns the element count."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    ours = dict(model.named_parameters())
-    ours.update(dict(model.named_buffers()))
-    missing = sorted(set(ours) - set(tensors))
-    unexpected = sorted(set(tensors) - set(ours))
-    shapes = [f"{n}: twin {tuple(ours[n].shape)} vs melvae {tuple(tensors[n].shape)}"
-              for n in sorted(set(ours) & set(tensors)) if ours[n].shape != tensors[n].shape]
-    if missing or unexpected or shapes:
-        for what, names in [("missing from the dump", missing), ("unexpected (not in the twin)", unexpected),
-                            ("mis-shaped", shapes)]:
-            if names:
-                print(f"weights {what} ({len(names)}):", file=sys.stderr)
-                for n in names:
-                    print(f"  {n}", file=sys.stderr)
-        sys.exit(2)
-    with torch.no_grad():
-        for n, t in ours.items():
-            t.copy_(tensors[n].to(t.dtype))
-    return sum(t.numel() for t in ours.values())
-
-
-# ---------------------------------------------------------------- timing
-
-
-def time_steps(step, n):
-    step()  # warm-up
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        total = step()
-        times.append(time.perf_counter() - t)
-        if not math.isfinite(float(total)):
-            raise RuntimeError("non-finite training loss")
-    return 1e3 * float(np.mean(times)), 1e3 * float(np.min(times))
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 # ---------------------------------------------------------------- main

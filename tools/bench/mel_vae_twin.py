@@ -100,6 +100,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twin_common import load_weights, loadavg, rel, time_steps
+
 
 # ---------------------------------------------------------------- layers
 
@@ -391,67 +393,6 @@ class MelVae(nn.Module):
         if probe is not None:
             probe.update(mean=mean.detach(), logvar=logvar.detach(), v=v.detach())
         return total, {"cfm": cfm, "kl": kl, "total": total}
-
-
-# ---------------------------------------------------------------- weights
-
-
-def load_weights(model, path):
-    """Every parameter from the dump by name; exits 2 listing what is
-    missing, unused or mis-shaped. Returns the element count."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    missing = sorted(set(params) - set(tensors))
-    unused = sorted(set(tensors) - set(params))
-    shapes = [f"{n}: twin {tuple(params[n].shape)} vs melvae {tuple(tensors[n].shape)}"
-              for n in sorted(set(params) & set(tensors)) if params[n].shape != tensors[n].shape]
-    if missing or unused or shapes:
-        for what, names in [("missing from the dump", missing), ("unused by the twin", unused),
-                            ("mis-shaped", shapes)]:
-            if names:
-                print(f"weights {what} ({len(names)}):", file=sys.stderr)
-                for n in names:
-                    print(f"  {n}", file=sys.stderr)
-        sys.exit(2)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n].to(p.dtype))
-    n_dump = sum(t.numel() for t in tensors.values())
-    n_twin = sum(p.numel() for p in params.values())
-    if n_dump != n_twin:
-        print(f"parameter count: twin {n_twin} vs dump {n_dump}", file=sys.stderr)
-        sys.exit(2)
-    return n_twin
-
-
-# ---------------------------------------------------------------- timing
-
-
-def time_steps(step, n):
-    step()  # warm-up
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        total = step()
-        times.append(time.perf_counter() - t)
-        if not math.isfinite(float(total)):
-            raise RuntimeError("non-finite training loss")
-    return 1e3 * float(np.mean(times)), 1e3 * float(np.min(times))
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 # ---------------------------------------------------------------- main
