@@ -1434,23 +1434,9 @@ pub(crate) fn scaled_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tens
 
 /// The element functions the fused LSTM needs (the same formulas as
 /// candle's `sigmoid` and `tanh`).
-trait LstmElem: Elem + num_like::Num {
+trait LstmElem: ActElem {
     fn sigmoid(self) -> Self;
     fn tanh_(self) -> Self;
-}
-
-/// Minimal arithmetic for [`LstmElem`].
-mod num_like {
-    pub trait Num:
-        Copy
-        + std::ops::Add<Output = Self>
-        + std::ops::Sub<Output = Self>
-        + std::ops::Mul<Output = Self>
-        + std::ops::Neg<Output = Self>
-    {
-    }
-    impl Num for f32 {}
-    impl Num for f64 {}
 }
 
 impl LstmElem for f32 {
@@ -1525,12 +1511,14 @@ fn lstm_forward<T: LstmElem>(xg: &[T], w: &[T], s0: &[T], d: LstmDims) -> Vec<T>
         );
         for b in 0..d.batch {
             let g = &gates[b * 4 * hd..(b + 1) * 4 * hd];
-            let c_prev: Vec<T> = if t == 0 {
-                s0[b * 2 * hd + hd..(b + 1) * 2 * hd].to_vec()
+            // Step t - 1 lies before step t: split there, no copy.
+            let (before, rest) = out.split_at_mut(d.at(b, t));
+            let c_prev = if t == 0 {
+                &s0[b * 2 * hd + hd..(b + 1) * 2 * hd]
             } else {
-                out[d.at(b, t - 1) + hd..d.at(b, t - 1) + 2 * hd].to_vec()
+                &before[d.at(b, t - 1) + hd..d.at(b, t - 1) + 2 * hd]
             };
-            let o = &mut out[d.at(b, t)..d.at(b, t) + wd];
+            let o = &mut rest[..wd];
             for j in 0..hd {
                 let (i, f) = (g[j].sigmoid(), g[hd + j].sigmoid());
                 let (gg, og) = (g[2 * hd + j].tanh_(), g[3 * hd + j].sigmoid());

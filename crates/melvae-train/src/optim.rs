@@ -201,6 +201,8 @@ impl AdamW {
     }
 
     /// The f32 master copy of variable `i` (half-precision variables only).
+    /// The optimiser updates it in place on the CPU: copy it (`Tensor::copy`)
+    /// to keep a snapshot.
     pub fn master(&self, i: usize) -> Option<&Tensor> {
         self.master.get(i).and_then(Option::as_ref)
     }
