@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use melvae::dsp::{save_wav, Audio, SplitMix64, WavFormat};
-use melvae::train::{AudioDataConfig, AudioFolder, EpochCursor, Prefetcher};
+use melvae::train::{AudioDataConfig, AudioFolder, EpochCursor, Prefetcher, SplitBy};
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -33,6 +33,8 @@ fn main() -> anyhow::Result<()> {
         batch_size: 16,
         cache_dir: None,
         val_fraction: 0.0,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     };
     let dev = Device::Cpu;
     let batch = 16;

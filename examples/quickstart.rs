@@ -1,76 +1,200 @@
 //! The main job: trains the tiny mel VAE on the bundled speech corpus
-//! (assets/speech, synthetic speech made with espeak-ng by
-//! tools/make_assets.sh), then reconstructs the held-out clips and prints
-//! their log-mel L1 next to a baseline (each clip's mean mel).
+//! (assets/speech: 50 espeak-ng voices in 17 languages, made by
+//! tools/make_assets.sh), then reconstructs the held-out clips, spoken by
+//! voices training never heard, and prints their log-mel L1 and harmonic
+//! detail next to a baseline (each clip's mean mel).
 //!
 //! ```text
-//! cargo run --release --example quickstart [-- key=value ...] [-- --vocoder VOCOS.safetensors]
+//! cargo run --release --example quickstart [-- key=value ...] [--vocoder VOCOS.safetensors]
+//!     [--eval-only] [--sample-steps N] [--temperature T] [--guidance G]
 //! ```
 //!
-//! Writes the run to runs/quickstart/ (replacing an earlier one) and the
-//! reconstructions (WAV through Griffin-Lim, and PNG with the input above
-//! the output) to runs/quickstart/eval/. With `--vocoder` (a Vocos model
-//! file on the `vocos-24k` features, e.g. from `convert`), each clip is
-//! also vocoded with it (`*_recon_vocos.wav`), and the DAC mel distance of
+//! Writes the run to runs/quickstart/ (replacing an earlier one) and, in
+//! runs/quickstart/eval/, for each held-out clip: the original
+//! (`*_original.wav`), the reconstruction through Griffin-Lim
+//! (`*_recon_griffin_lim.wav`), the input's own log-mel through Griffin-Lim
+//! (`*_input_griffin_lim.wav`: what a perfect model would sound like through
+//! it), and a PNG with the input's log-mel above the reconstruction's; an
+//! `index.html` lays them side by side with audio players, and
+//! `summary.json` holds the numbers. With `--vocoder` (a Vocos model file on
+//! the `vocos-24k` features: `convert`'s output, or `export` of a run of
+//! configs/settings/vocos_tiny.yaml), each clip is also vocoded with it
+//! (`*_recon_vocos.wav`, `*_input_vocos.wav`) and the DAC mel distance of
 //! both audios to the original is printed side by side.
+//!
+//! `--eval-only` skips training and evaluates runs/quickstart's model file
+//! again, e.g. at other sampling settings (`--sample-steps`,
+//! `--temperature`, `--guidance`; the defaults are the tuned ones of
+//! docs/models/mel_vae.md).
 
 mod common;
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use melvae::dsp::{save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, WavFormat};
+use melvae::models::eval::{harmonic_detail, MelToAudio, Metrics, HARMONIC_MAX_HZ};
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
-use melvae::train::run::{export, open_run, Start, Weights, Which};
+use melvae::train::run::{export, open_run, read_run_config, Start, Weights, Which};
 use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, Trainer, TrainerConfig};
 
-fn run() -> anyhow::Result<()> {
-    let mut overrides: Vec<String> = Vec::new();
-    let mut vocoder_path: Option<PathBuf> = None;
+/// The quickstart's sampling settings (tuned on the held-out voices,
+/// docs/models/mel_vae.md).
+fn default_sampling() -> SampleOptions {
+    SampleOptions {
+        num_steps: 10,
+        temperature: 0.5,
+        ..Default::default()
+    }
+}
+
+struct Args {
+    overrides: Vec<String>,
+    vocoder: Option<PathBuf>,
+    eval_only: bool,
+    sampling: SampleOptions,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        overrides: Vec::new(),
+        vocoder: None,
+        eval_only: false,
+        sampling: default_sampling(),
+    };
     let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--vocoder" {
-            let p = args
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("--vocoder needs a model file"))?;
-            vocoder_path = Some(PathBuf::from(p));
-        } else if let Some(p) = a.strip_prefix("--vocoder=") {
-            vocoder_path = Some(PathBuf::from(p));
-        } else {
-            overrides.push(a);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| anyhow::anyhow!("{flag} needs {what}"))
+        };
+        let number = |flag: &str, v: String| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| anyhow::anyhow!("{flag}: {v:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--vocoder" => a.vocoder = Some(PathBuf::from(value("a model file")?)),
+            "--eval-only" => a.eval_only = true,
+            "--sample-steps" => {
+                let v = value("a step count")?;
+                a.sampling.num_steps =
+                    v.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
+                        anyhow::anyhow!("--sample-steps: {v:?} is not a count > 0")
+                    })?;
+            }
+            "--temperature" => {
+                a.sampling.temperature = number("--temperature", value("a number")?)?;
+                anyhow::ensure!(
+                    a.sampling.temperature >= 0.0,
+                    "--temperature: must be >= 0, got {}",
+                    a.sampling.temperature
+                );
+            }
+            "--guidance" => a.sampling.guidance_scale = number("--guidance", value("a number")?)?,
+            f if f.starts_with("--") => anyhow::bail!(
+                "unknown option {f} (options: --vocoder, --eval-only, --sample-steps, \
+                 --temperature, --guidance; config overrides are key=value)"
+            ),
+            _ => a.overrides.push(arg),
         }
     }
+    Ok(a)
+}
+
+/// One held-out clip's results.
+struct Row {
+    name: String,
+    group: String,
+    l1: f64,
+    l1_baseline: f64,
+    harmonics: Option<f64>,
+    harmonics_baseline: Option<f64>,
+    /// DAC mel distance to the original through Griffin-Lim and the vocoder.
+    audio: Option<(f64, f64)>,
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = parse_args()?;
     // Checked before training: a vocoder of other features is named now.
-    let vocoder = match &vocoder_path {
+    let vocoder = match &args.vocoder {
         Some(p) => Some(common::mel_vocoder(Some(p))?),
         None => None,
     };
     let root = PathBuf::from("runs/quickstart");
+    let model_path = root.join("model.safetensors");
+    // --eval-only evaluates the trained run on the held-out set it was
+    // trained against (its own config.yaml).
+    let resolved = if args.eval_only {
+        anyhow::ensure!(
+            model_path.is_file(),
+            "--eval-only: {} does not exist; run the quickstart without it first",
+            model_path.display()
+        );
+        anyhow::ensure!(
+            args.overrides.is_empty(),
+            "--eval-only takes no config overrides ({}): the run's own config.yaml says what \
+             was trained and held out",
+            args.overrides.join(" ")
+        );
+        read_run_config(&root)?
+    } else {
+        ResolvedConfig::load(Path::new("configs/settings/tiny.yaml"), &args.overrides)?
+    };
+    let data_cfg: AudioDataConfig = resolved.get("data")?;
+    let held_out = data_cfg.held_out_files()?;
+    if !args.eval_only {
+        train(&resolved, &data_cfg, &root, &model_path)?;
+    }
+    evaluate(
+        &args,
+        vocoder.as_ref(),
+        &data_cfg,
+        &held_out,
+        &root,
+        &model_path,
+    )
+}
+
+/// Trains the tiny mel VAE into `root` and exports its final weights to
+/// `model_path`.
+fn train(
+    resolved: &ResolvedConfig,
+    data_cfg: &AudioDataConfig,
+    root: &Path,
+    model_path: &Path,
+) -> anyhow::Result<()> {
     if root.exists() {
         println!("replacing {}", root.display());
     }
-    let resolved = ResolvedConfig::load(Path::new("configs/settings/tiny.yaml"), &overrides)?;
     let training: TrainerConfig = resolved.get("training")?;
-    let data_cfg: AudioDataConfig = resolved.get("data")?;
-    let model_cfg = mel_vae_config(&resolved)?;
-    let data = AudioFolder::open(&data_cfg)?;
-    let run = open_run(&root, &resolved, Start::Overwrite)?;
+    let model_cfg = mel_vae_config(resolved)?;
+    let data = AudioFolder::open(data_cfg)?;
+    let run = open_run(root, resolved, Start::Overwrite)?;
     println!(
-        "training the tiny mel VAE on {} ({} clips, {} held out) for {} steps",
+        "training the tiny mel VAE on {} ({} clips; {} clips of {} voices never heard in training held out) for {} steps",
         data_cfg.dir.display(),
         data.train.len(),
         data.val.len(),
+        count_groups(data_cfg, data.val.paths()),
         training.steps
     );
-    let held_out: Vec<PathBuf> = data.val.paths().map(Path::to_path_buf).collect();
     let dev = training.device()?;
     let mut task = MelVaeTask::new(
         model_cfg,
         data,
-        data_cfg,
+        data_cfg.clone(),
         training.seed,
         &dev,
         training.dtype()?,
@@ -82,101 +206,326 @@ fn run() -> anyhow::Result<()> {
         s.steps,
         t.elapsed().as_secs_f64()
     );
-
     // Evaluate the model as a user would: export the run's final weights as
     // a model file and load it with melvae-models alone.
-    let model_path = root.join("model.safetensors");
-    export(&root, &Which::Latest, Weights::Auto, &model_path)?;
+    export(root, &Which::Latest, Weights::Auto, model_path)?;
     println!("model file: {}", model_path.display());
-    let model = MelVae::load(&model_path, &Device::Cpu, DType::F32)?;
+    Ok(())
+}
+
+/// The number of split groups (voices) among `paths`.
+fn count_groups<'a>(cfg: &AudioDataConfig, paths: impl Iterator<Item = &'a Path>) -> usize {
+    paths
+        .map(|p| cfg.split_group(p.strip_prefix(&cfg.dir).unwrap_or(p)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+fn evaluate(
+    args: &Args,
+    vocoder: Option<&MelToAudio>,
+    data_cfg: &AudioDataConfig,
+    held_out: &[PathBuf],
+    root: &Path,
+    model_path: &Path,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !held_out.is_empty(),
+        "{}: no held-out audio (data.held_out, data.val_fraction)",
+        data_cfg.dir.display()
+    );
+    let model = MelVae::load(model_path, &Device::Cpu, DType::F32)?;
     let eval = root.join("eval");
     std::fs::create_dir_all(&eval)?;
     let ex = MelExtractor::new(MelConfig::vocos_24k())?;
-    let img = SpectrogramImage::for_mel(ex.config());
-    // Temperature 0.5: at 1 the flow adds random detail that an L1 against the
-    // original punishes (docs/models/mel_vae.md).
-    let opts = SampleOptions {
-        num_steps: 10,
-        temperature: 0.5,
-        ..Default::default()
-    };
-    println!("\n| held-out clip | reconstruction log-mel L1 | baseline (clip mean mel) L1 |");
-    println!("|---|---:|---:|");
-    let (mut sum_r, mut sum_b) = (0.0, 0.0);
-    let metrics = melvae::models::eval::Metrics::new(24000, false, &Device::Cpu)?;
-    let griffin_lim = melvae::models::eval::MelToAudio::new(None, ex.config())?;
-    let mut vocoded: Vec<(String, f64, f64)> = Vec::new();
-    for path in &held_out {
-        let audio = common::load_for_mel(path, ex.config())?;
-        let r = model.reconstruct(&audio.channels[0], 24000, &opts, &Device::Cpu)?;
+    let mel = ex.config();
+    let img = SpectrogramImage::for_mel(mel);
+    let opts = &args.sampling;
+    let metrics = Metrics::new(24000, false, &Device::Cpu)?;
+    let griffin_lim = MelToAudio::new(None, mel)?;
+    let t = Instant::now();
+    let mut rows = Vec::new();
+    for path in held_out {
+        let audio = common::load_for_mel(path, mel)?;
+        let r = model.reconstruct(&audio.channels[0], 24000, opts, &Device::Cpu)?;
         let baseline = r.input.mean_keepdim(2)?.broadcast_as(r.input.shape())?;
-        let l1_r = MelVae::mel_l1(&r.output, &r.input)?;
-        let l1_b = MelVae::mel_l1(&baseline, &r.input)?;
+        let (mi, mr, mb) = (
+            mel_to_array(&r.input)?,
+            mel_to_array(&r.output)?,
+            mel_to_array(&baseline.contiguous()?)?,
+        );
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        println!("| {name} | {l1_r:.3} | {l1_b:.3} |");
-        sum_r += l1_r;
-        sum_b += l1_b;
-        let (mi, mr) = (mel_to_array(&r.input)?, mel_to_array(&r.output)?);
         img.save_png_stack(eval.join(format!("{name}.png")), &[&mi, &mr])?;
-        let gl = Audio::new(
-            24000,
-            vec![griffin_lim.audio(&r.output, ex.config(), audio.n_samples())?],
-        )?;
-        save_wav(
-            eval.join(format!("{name}_recon.wav")),
-            &gl,
-            WavFormat::Pcm16,
-        )?;
-        if let Some(v) = &vocoder {
-            let voc = Audio::new(
-                24000,
-                vec![v.audio(&r.output, ex.config(), audio.n_samples())?],
-            )?;
+        let n = audio.n_samples();
+        let original = Audio::new(24000, vec![audio.channels[0].clone()])?;
+        let wav = |suffix: &str, a: &Audio| {
             save_wav(
-                eval.join(format!("{name}_recon_vocos.wav")),
-                &voc,
+                eval.join(format!("{name}_{suffix}.wav")),
+                a,
                 WavFormat::Pcm16,
-            )?;
-            let original = Audio::new(24000, vec![audio.channels[0].clone()])?;
-            vocoded.push((
-                name.clone(),
-                metrics.score(&original, &gl)?.mel_distance,
-                metrics.score(&original, &voc)?.mel_distance,
-            ));
-        }
+            )
+        };
+        wav("original", &original)?;
+        let gl = Audio::new(24000, vec![griffin_lim.audio(&r.output, mel, n)?])?;
+        wav("recon_griffin_lim", &gl)?;
+        wav(
+            "input_griffin_lim",
+            &Audio::new(24000, vec![griffin_lim.audio(&r.input, mel, n)?])?,
+        )?;
+        let scores = match vocoder {
+            Some(v) => {
+                let voc = Audio::new(24000, vec![v.audio(&r.output, mel, n)?])?;
+                wav("recon_vocos", &voc)?;
+                wav(
+                    "input_vocos",
+                    &Audio::new(24000, vec![v.audio(&r.input, mel, n)?])?,
+                )?;
+                Some((
+                    metrics.score(&original, &gl)?.mel_distance,
+                    metrics.score(&original, &voc)?.mel_distance,
+                ))
+            }
+            None => None,
+        };
+        rows.push(Row {
+            group: data_cfg.split_group(path.strip_prefix(&data_cfg.dir).unwrap_or(path)),
+            name,
+            l1: MelVae::mel_l1(&r.output, &r.input)?,
+            l1_baseline: MelVae::mel_l1(&baseline, &r.input)?,
+            harmonics: harmonic_detail(&mi, &mr, mel, HARMONIC_MAX_HZ)?,
+            harmonics_baseline: harmonic_detail(&mi, &mb, mel, HARMONIC_MAX_HZ)?,
+            audio: scores,
+        });
     }
-    let n = held_out.len().max(1) as f64;
-    println!("| **mean** | **{:.3}** | **{:.3}** |", sum_r / n, sum_b / n);
-    if !vocoded.is_empty() {
-        println!(
-            "\nthe reconstructions as audio, DAC mel distance to the original (lower is better; {}):\n",
-            vocoder_path.as_deref().map_or(String::new(), |p| p.display().to_string())
-        );
-        println!("| held-out clip | Griffin-Lim | Vocos |");
-        println!("|---|---:|---:|");
-        for (name, g, v) in &vocoded {
-            println!("| {name} | {g:.3} | {v:.3} |");
-        }
-        let k = vocoded.len() as f64;
-        println!(
-            "| **mean** | **{:.3}** | **{:.3}** |",
-            vocoded.iter().map(|x| x.1).sum::<f64>() / k,
-            vocoded.iter().map(|x| x.2).sum::<f64>() / k
-        );
-    }
-    println!(
-        "\nreconstruction {} the baseline; results in {}",
-        if sum_r < sum_b {
-            "beats"
-        } else {
-            "does NOT beat"
-        },
-        eval.display()
+    let settings = format!(
+        "{} {:?} steps, temperature {}, guidance {}",
+        opts.num_steps, opts.solver, opts.temperature, opts.guidance_scale
     );
+    let report = Report::new(rows, settings, args.vocoder.clone());
+    print!("{}", report.markdown());
+    println!(
+        "(evaluated {} clips in {:.0} s; listen and look: {})",
+        held_out.len(),
+        t.elapsed().as_secs_f64(),
+        eval.join("index.html").display()
+    );
+    std::fs::write(eval.join("index.html"), report.html())?;
+    std::fs::write(
+        eval.join("summary.json"),
+        serde_json::to_string_pretty(&report.json())?,
+    )?;
     Ok(())
+}
+
+/// The evaluation's table, verdict, web page and JSON.
+struct Report {
+    rows: Vec<Row>,
+    settings: String,
+    vocoder: Option<PathBuf>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    s / n.max(1) as f64
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+impl Report {
+    fn new(rows: Vec<Row>, settings: String, vocoder: Option<PathBuf>) -> Self {
+        Self {
+            rows,
+            settings,
+            vocoder,
+        }
+    }
+    fn l1(&self) -> (f64, f64) {
+        (
+            mean(self.rows.iter().map(|r| r.l1)),
+            mean(self.rows.iter().map(|r| r.l1_baseline)),
+        )
+    }
+    fn harmonics(&self) -> (f64, f64) {
+        (
+            mean(self.rows.iter().filter_map(|r| r.harmonics)),
+            mean(self.rows.iter().filter_map(|r| r.harmonics_baseline)),
+        )
+    }
+    fn voices(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|r| &r.group)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+    fn wins(&self) -> usize {
+        self.rows.iter().filter(|r| r.l1 < r.l1_baseline).count()
+    }
+    /// The plain verdict, with the margin.
+    fn verdict(&self) -> String {
+        let (m, b) = self.l1();
+        let (n, v) = (self.rows.len(), self.voices());
+        if m < b {
+            format!(
+                "The reconstruction beats the clip-mean baseline on {n} clips of {v} voices never \
+                 heard in training: log-mel L1 {m:.3} against {b:.3}, {:.3} lower ({:.0}%); better \
+                 on {} of {n} clips.",
+                b - m,
+                100.0 * (b - m) / b,
+                self.wins()
+            )
+        } else {
+            format!(
+                "The reconstruction does NOT beat the clip-mean baseline on {n} clips of {v} voices \
+                 never heard in training: log-mel L1 {m:.3} against {b:.3}; better on {} of {n} clips.",
+                self.wins()
+            )
+        }
+    }
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nheld-out clips (voices never heard in training), sampling: {}\n",
+            self.settings
+        );
+        let _ = writeln!(
+            s,
+            "| held-out clip | log-mel L1 | baseline L1 | harmonic detail r | baseline r |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {:.3} | {:.3} | {} | {} |",
+                r.name,
+                r.l1,
+                r.l1_baseline,
+                opt(r.harmonics),
+                opt(r.harmonics_baseline)
+            );
+        }
+        let ((m, b), (h, hb)) = (self.l1(), self.harmonics());
+        let _ = writeln!(
+            s,
+            "| **mean** | **{m:.3}** | **{b:.3}** | **{h:.2}** | **{hb:.2}** |"
+        );
+        let _ = writeln!(
+            s,
+            "\nbaseline: each clip's mean log-mel at every frame. Harmonic detail r: correlation \
+             of the input's and output's harmonic ripple below {HARMONIC_MAX_HZ} Hz in sounding \
+             frames (1: the input's harmonics; about 0: none)."
+        );
+        if self.rows.iter().any(|r| r.audio.is_some()) {
+            let _ = writeln!(
+                s,
+                "\nthe reconstructions as audio, DAC mel distance to the original (lower is better; {}):\n",
+                self.vocoder
+                    .as_deref()
+                    .map_or(String::new(), |p| p.display().to_string())
+            );
+            let _ = writeln!(s, "| held-out clip | Griffin-Lim | Vocos |");
+            let _ = writeln!(s, "|---|---:|---:|");
+            for r in &self.rows {
+                if let Some((g, v)) = r.audio {
+                    let _ = writeln!(s, "| {} | {g:.3} | {v:.3} |", r.name);
+                }
+            }
+            let _ = writeln!(
+                s,
+                "| **mean** | **{:.3}** | **{:.3}** |",
+                mean(self.rows.iter().filter_map(|r| r.audio.map(|a| a.0))),
+                mean(self.rows.iter().filter_map(|r| r.audio.map(|a| a.1)))
+            );
+        }
+        let _ = writeln!(s, "\n{}", self.verdict());
+        s
+    }
+    fn html(&self) -> String {
+        let esc = |t: &str| {
+            t.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        let vocoded = self.rows.iter().any(|r| r.audio.is_some());
+        let mut s = String::from(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>melvae quickstart: \
+             held-out reconstructions</title>\n<style>body{font-family:sans-serif;margin:1.5em;\
+             background:#fafafa}table{border-collapse:collapse}td,th{border:1px solid #ccc;\
+             padding:6px;vertical-align:top}img{width:560px}audio{width:260px;display:block}\
+             .n{text-align:right}</style></head><body>\n<h1>melvae quickstart: held-out \
+             reconstructions</h1>\n",
+        );
+        let ((m, b), (h, hb)) = (self.l1(), self.harmonics());
+        let _ = write!(
+            s,
+            "<p><b>{}</b></p>\n<p>Sampling: {}. Mean log-mel L1 {m:.3} (baseline, each clip's \
+             mean log-mel: {b:.3}); mean harmonic detail r {h:.2} (baseline {hb:.2}). Each \
+             image: the input's log-mel above the reconstruction's. \"Input through\" plays the \
+             input's own log-mel through the same vocoder: what a perfect reconstruction would \
+             sound like.</p>\n<table>\n<tr><th>clip</th><th>log-mels (input above, \
+             reconstruction below)</th><th>listen</th></tr>\n",
+            esc(&self.verdict()),
+            esc(&self.settings)
+        );
+        for r in &self.rows {
+            let n = esc(&r.name);
+            let audio = |label: &str, suffix: &str| {
+                format!("{label}<audio controls preload=\"none\" src=\"{n}_{suffix}.wav\"></audio>")
+            };
+            let mut players = vec![
+                audio("original", "original"),
+                audio("reconstruction, Griffin-Lim", "recon_griffin_lim"),
+            ];
+            if vocoded {
+                players.push(audio("reconstruction, Vocos", "recon_vocos"));
+                players.push(audio("input through Vocos", "input_vocos"));
+            }
+            players.push(audio("input through Griffin-Lim", "input_griffin_lim"));
+            let _ = writeln!(
+                s,
+                "<tr><td>{n}<br>voice {}<br>L1 {:.3} (baseline {:.3})<br>harmonic r {} \
+                 (baseline {})</td><td><img src=\"{n}.png\" alt=\"{n} log-mels\"></td><td>{}</td></tr>",
+                esc(&r.group),
+                r.l1,
+                r.l1_baseline,
+                opt(r.harmonics),
+                opt(r.harmonics_baseline),
+                players.join("\n")
+            );
+        }
+        s.push_str("</table>\n</body></html>\n");
+        s
+    }
+    fn json(&self) -> serde_json::Value {
+        let ((m, b), (h, hb)) = (self.l1(), self.harmonics());
+        serde_json::json!({
+            "sampling": self.settings,
+            "clips": self.rows.len(),
+            "voices": self.voices(),
+            "log_mel_l1": m,
+            "baseline_log_mel_l1": b,
+            "harmonic_detail": h,
+            "baseline_harmonic_detail": hb,
+            "beats_baseline": m < b,
+            "rows": self.rows.iter().map(|r| serde_json::json!({
+                "clip": r.name,
+                "voice": r.group,
+                "log_mel_l1": r.l1,
+                "baseline_log_mel_l1": r.l1_baseline,
+                "harmonic_detail": r.harmonics,
+                "baseline_harmonic_detail": r.harmonics_baseline,
+                "mel_distance_griffin_lim": r.audio.map(|a| a.0),
+                "mel_distance_vocos": r.audio.map(|a| a.1),
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 fn main() -> ExitCode {

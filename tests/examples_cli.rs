@@ -1523,3 +1523,153 @@ fn generate_vqwave_walks_the_hierarchy_and_names_bad_input() {
     let r = run("generate", &["--vqwave", l, "--output", o]);
     assert_one_line_error(&r, "prior_8");
 }
+
+/// The quickstart in `dir` (it reads configs/ and writes runs/ there).
+fn quickstart(dir: &Path, args: &[&str]) -> Output {
+    Command::new(example("quickstart"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["defaults", "settings"] {
+        std::fs::create_dir_all(d.join("configs").join(sub)).unwrap();
+    }
+    for f in ["train", "data", "bundled_speech", "convformer", "cfm"] {
+        let rel = format!("configs/defaults/{f}.yaml");
+        std::fs::copy(repo.join(&rel), d.join(&rel)).unwrap();
+    }
+    let rel = "configs/settings/tiny.yaml";
+    std::fs::copy(repo.join(rel), d.join(rel)).unwrap();
+    // Three "voices" (one folder each) of two harmonic clips.
+    for v in 0..3 {
+        let voice = d.join(format!("speech/v{v}"));
+        std::fs::create_dir_all(&voice).unwrap();
+        for k in 0..2 {
+            let f0 = 110.0 + 40.0 * v as f32 + 15.0 * k as f32;
+            let x: Vec<f32> = (0..14400)
+                .map(|n| {
+                    let t = n as f32 / 24000.0;
+                    (1..6)
+                        .map(|h| (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin() * 0.1)
+                        .sum()
+                })
+                .collect();
+            melvae::dsp::save_wav(
+                voice.join(format!("v{v}_s{k}.wav")),
+                &melvae::dsp::Audio::new(24000, vec![x]).unwrap(),
+                melvae::dsp::WavFormat::Pcm16,
+            )
+            .unwrap();
+        }
+    }
+    let tiny = [
+        "data.dir=speech",
+        "data.crop_seconds=0.3",
+        "data.batch_size=2",
+        "convformer.channels=2",
+        "convformer.tf_dim=16",
+        "convformer.tf_heads=2",
+        "convformer.tf_layers=1",
+        "convformer.latent_dim=4",
+        "cfm.unet_dim=16",
+        "cfm.unet_depth=1",
+        "cfm.unet_heads=2",
+        "training.steps=2",
+        "training.val_every=0",
+        "training.sample_every=0",
+        "training.tensorboard=false",
+        "training.progress=false",
+    ];
+    // Bad input is named before anything trains.
+    let bad = |extra: &[&str], culprit: &str| {
+        let args: Vec<&str> = tiny.iter().chain(extra).copied().collect();
+        assert_one_line_error(&quickstart(d, &args), culprit);
+    };
+    bad(&["data.held_out=[v1, v7]"], "data.held_out");
+    bad(&["data.held_out=[v7]"], "\"v7\"");
+    bad(&["--temperature", "warm"], "--temperature");
+    bad(&["--temperature=-1"], "--temperature");
+    bad(&["--sample-steps", "0"], "--sample-steps");
+    bad(&["--guidance"], "--guidance");
+    bad(&["--bogus"], "--bogus");
+    bad(&["--eval-only"], "runs/quickstart/model.safetensors");
+    bad(
+        &["--eval-only", "--vocoder", "missing.safetensors"],
+        "missing.safetensors",
+    );
+    assert!(!d.join("runs").exists());
+
+    let args: Vec<&str> = tiny
+        .iter()
+        .copied()
+        .chain(["data.held_out=[v1]", "--sample-steps", "2"])
+        .collect();
+    let out = quickstart(d, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("voices never heard in training"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| v1_s0 |") && stdout.contains("| v1_s1 |"),
+        "{stdout}"
+    );
+    let eval = d.join("runs/quickstart/eval");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["clips"], 2);
+    assert_eq!(summary["voices"], 1);
+    assert_eq!(summary["rows"][0]["voice"], "v1");
+    let (m, b) = (
+        summary["log_mel_l1"].as_f64().unwrap(),
+        summary["baseline_log_mel_l1"].as_f64().unwrap(),
+    );
+    assert_eq!(summary["beats_baseline"], m < b);
+    let verdict = if m < b {
+        "beats the clip-mean baseline"
+    } else {
+        "does NOT beat"
+    };
+    assert!(stdout.contains(verdict), "{stdout}");
+    let html = std::fs::read_to_string(eval.join("index.html")).unwrap();
+    for clip in ["v1_s0", "v1_s1"] {
+        assert!(html.contains(&format!("src=\"{clip}.png\"")), "{html}");
+        for kind in ["original", "recon_griffin_lim", "input_griffin_lim"] {
+            let f = format!("{clip}_{kind}.wav");
+            assert!(html.contains(&format!("src=\"{f}\"")), "{f}");
+            let a = melvae::dsp::load_audio(eval.join(&f)).unwrap();
+            assert_eq!((a.sample_rate, a.n_samples()), (24000, 14400), "{f}");
+        }
+        assert!(eval.join(format!("{clip}.png")).is_file());
+    }
+    assert!(!html.contains("v0_s0") && !html.contains("vocos"));
+
+    // Evaluated again at other settings, without training.
+    let metrics = std::fs::read(d.join("runs/quickstart/metrics.jsonl")).unwrap();
+    let out = quickstart(d, &["--eval-only", "--temperature", "0.25"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = std::fs::read_to_string(eval.join("summary.json")).unwrap();
+    assert!(summary.contains("temperature 0.25"), "{summary}");
+    assert_eq!(
+        std::fs::read(d.join("runs/quickstart/metrics.jsonl")).unwrap(),
+        metrics
+    );
+    let out = quickstart(d, &["--eval-only", "training.steps=5"]);
+    assert_one_line_error(&out, "training.steps=5");
+}

@@ -1124,3 +1124,76 @@ impl ClassCentroids {
             .unwrap_or(0)
     }
 }
+
+/// Mel bins below this frequency carry the resolved harmonics of speech in
+/// the 100-band `vocos-24k` log-mel (bands narrower than half of a 100-250
+/// Hz pitch); [`harmonic_detail`] looks there.
+pub const HARMONIC_MAX_HZ: f64 = 1000.0;
+
+/// How much of the input's harmonic fine structure a reconstructed log-mel
+/// keeps, as a Pearson correlation in [-1, 1].
+///
+/// Each log-mel's *detail* is every bin minus the mean of its bins within
+/// two bands (the spectral envelope removed, the ripple of harmonics kept).
+/// The correlation of the two details runs over the bands whose centre lies
+/// below `max_hz` (see [`HARMONIC_MAX_HZ`]) and the input's sounding frames
+/// (whose mean log-mel there is within 4 nats of the loudest frame's). 1: the
+/// same harmonics at the same places; about 0: none (a smooth envelope, noise,
+/// or the clip's mean spectrum, since the pitch moves).
+///
+/// `input` and `output` are log-mels `[mel, frames]` of `cfg` with equal
+/// shapes. `None` when fewer than 5 bands lie below `max_hz`, no frame
+/// sounds, or a detail is constant.
+pub fn harmonic_detail(
+    input: &ndarray::Array2<f32>,
+    output: &ndarray::Array2<f32>,
+    cfg: &MelConfig,
+    max_hz: f64,
+) -> Result<Option<f64>> {
+    if input.dim() != output.dim() || input.nrows() != cfg.n_mels {
+        return Err(Error::Shape {
+            what: "harmonic detail: input and output log-mels".into(),
+            expected: format!("equal [{} mel, frames]", cfg.n_mels),
+            got: format!("{:?} and {:?}", input.shape(), output.shape()),
+        });
+    }
+    let lo = melvae_dsp::hz_to_mel(cfg.fmin as f64, cfg.scale);
+    let fmax = cfg.fmax.map_or(cfg.sample_rate as f64 / 2.0, |f| f as f64);
+    let hi = melvae_dsp::hz_to_mel(fmax, cfg.scale);
+    let step = (hi - lo) / (cfg.n_mels + 1) as f64;
+    let bands = (0..cfg.n_mels)
+        .take_while(|&i| melvae_dsp::mel_to_hz(lo + (i + 1) as f64 * step, cfg.scale) < max_hz)
+        .count();
+    if bands < 5 || input.ncols() == 0 {
+        return Ok(None);
+    }
+    let detail = |x: &ndarray::Array2<f32>, f: usize, t: usize| {
+        let (a, b) = (f.saturating_sub(2), (f + 2).min(bands - 1));
+        let env = (a..=b).map(|g| x[[g, t]] as f64).sum::<f64>() / (b - a + 1) as f64;
+        x[[f, t]] as f64 - env
+    };
+    let level: Vec<f64> = (0..input.ncols())
+        .map(|t| (0..bands).map(|f| input[[f, t]] as f64).sum::<f64>() / bands as f64)
+        .collect();
+    let loudest = level.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (mut pairs, mut n) = ([0.0f64; 5], 0usize);
+    for (t, &l) in level.iter().enumerate() {
+        if l < loudest - 4.0 {
+            continue;
+        }
+        for f in 0..bands {
+            let (x, y) = (detail(input, f, t), detail(output, f, t));
+            for (acc, v) in pairs.iter_mut().zip([x, y, x * x, y * y, x * y]) {
+                *acc += v;
+            }
+            n += 1;
+        }
+    }
+    let n = n as f64;
+    let [sx, sy, sxx, syy, sxy] = pairs;
+    let (vx, vy) = (sxx - sx * sx / n, syy - sy * sy / n);
+    if n == 0.0 || vx <= 0.0 || vy <= 0.0 {
+        return Ok(None);
+    }
+    Ok(Some((sxy - sx * sy / n) / (vx * vy).sqrt()))
+}

@@ -245,3 +245,65 @@ fn class_centroids_classify_by_spectral_balance() {
         .to_string();
     assert!(e.contains("class label"), "{e}");
 }
+
+/// The vocos-24k log-mel `[100, frames]` of a voiced glide (f0 from `f0` to
+/// 1.6 `f0` over 1.5 s, 20 harmonics) after 0.25 s of silence.
+fn glide_mel(f0: f64) -> ndarray::Array2<f32> {
+    let rate = 24000.0;
+    let mut phase = 0.0f64;
+    let x: Vec<f32> = (0..42000)
+        .map(|n| {
+            let t = n as f64 / rate;
+            if t < 0.25 {
+                return 0.0;
+            }
+            phase += 2.0 * std::f64::consts::PI * f0 * (1.0 + 0.4 * (t - 0.25)) / rate;
+            (1..=20)
+                .map(|h| (h as f64 * phase).sin() / h as f64)
+                .sum::<f64>() as f32
+                * 0.1
+        })
+        .collect();
+    melvae_dsp::MelExtractor::new(melvae_dsp::MelConfig::vocos_24k())
+        .unwrap()
+        .extract(&x)
+        .unwrap()
+}
+
+#[test]
+fn harmonic_detail_sees_harmonics_and_only_them() {
+    use melvae_models::eval::{harmonic_detail, HARMONIC_MAX_HZ};
+    let cfg = melvae_dsp::MelConfig::vocos_24k();
+    let r = |a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>| {
+        harmonic_detail(a, b, &cfg, HARMONIC_MAX_HZ).unwrap()
+    };
+    let x = glide_mel(120.0);
+    assert!((r(&x, &x).unwrap() - 1.0).abs() < 1e-9);
+    // The clip's mean spectrum at every frame: the pitch moves, so its
+    // ripple lines up with the frames' harmonics only in part (0.30 here,
+    // where the glide keeps the lowest harmonics within a few bands).
+    let mean = x.mean_axis(ndarray::Axis(1)).unwrap();
+    let flat = ndarray::Array2::from_shape_fn(x.dim(), |(m, _)| mean[m]);
+    let rb = r(&x, &flat).unwrap();
+    assert!(rb.abs() < 0.5, "clip mean: {rb}");
+    // The envelope alone (harmonics smoothed away) keeps little.
+    let smooth = ndarray::Array2::from_shape_fn(x.dim(), |(m, t)| {
+        let (a, b) = (m.saturating_sub(3), (m + 3).min(99));
+        (a..=b).map(|g| x[[g, t]]).sum::<f32>() / (b - a + 1) as f32
+    });
+    let rs = r(&x, &smooth).unwrap();
+    assert!(rs < 0.2, "envelope: {rs}");
+    // Another voice's harmonics (a fifth higher) are not this voice's.
+    let other = r(&x, &glide_mel(180.0)).unwrap();
+    assert!(other.abs() < 0.2, "other pitch: {other}");
+    // Silence has no detail; unequal shapes are named.
+    let silent = ndarray::Array2::from_elem((100, 20), (1e-7f32).ln());
+    assert_eq!(r(&silent, &silent), None);
+    let e = harmonic_detail(&x, &silent, &cfg, HARMONIC_MAX_HZ)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[100, 20]") && e.contains(&format!("{:?}", x.shape())),
+        "{e}"
+    );
+}

@@ -32,6 +32,28 @@ pub struct AudioDataConfig {
     /// path relative to `dir`, so adding files does not reshuffle the split).
     #[serde(default = "five_percent")]
     pub val_fraction: f64,
+    /// What the held-out split keeps together: each file on its own, or
+    /// every file under the same first folder below `dir` (one folder per
+    /// speaker, as in VCTK or LibriTTS: a speaker-disjoint split).
+    #[serde(default)]
+    pub split_by: SplitBy,
+    /// Groups held out by name, besides the `val_fraction` drawn by hash:
+    /// relative file paths (`split_by: file`) or folder names
+    /// (`split_by: directory`). A name that matches no file is an error.
+    #[serde(default)]
+    pub held_out: Vec<String>,
+}
+
+/// The unit of the train/held-out split ([`AudioDataConfig::split_by`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitBy {
+    /// Each file is drawn on its own (the path relative to `dir`).
+    #[default]
+    File,
+    /// All files under the same first folder below `dir` go to the same
+    /// side; files directly in `dir` are their own group.
+    Directory,
 }
 
 fn one() -> usize {
@@ -135,30 +157,79 @@ impl AudioDataConfig {
         (self.crop_seconds * self.sample_rate as f64).round() as usize
     }
 
+    /// The split group of the file at `rel` (relative to `dir`): the path
+    /// itself (`split_by: file`) or its first folder (`split_by: directory`).
+    pub fn split_group(&self, rel: &Path) -> String {
+        let mut parts = rel.components();
+        match (self.split_by, parts.next()) {
+            (SplitBy::Directory, Some(first)) if parts.next().is_some() => {
+                first.as_os_str().to_string_lossy().into_owned()
+            }
+            _ => rel.to_string_lossy().into_owned(),
+        }
+    }
+
     /// Whether the file at `rel` (relative to `dir`) is held out for
-    /// validation: a stable hash of the path against `val_fraction`, so the
-    /// split does not depend on the other files.
+    /// validation: its group is named in `held_out`, or a stable hash of the
+    /// group falls below `val_fraction`, so the split does not depend on the
+    /// other files.
     pub fn is_held_out(&self, rel: &Path) -> bool {
-        stable_fraction(rel) < self.val_fraction
+        let group = self.split_group(rel);
+        self.held_out.contains(&group) || stable_fraction(&group) < self.val_fraction
+    }
+
+    /// Checks that every name in `held_out` is the group of one of the
+    /// files at `rels` (relative to `dir`); the error names the key and the
+    /// first name that matches nothing.
+    fn check_held_out<'a>(&self, rels: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+        if self.held_out.is_empty() {
+            return Ok(());
+        }
+        let groups: std::collections::HashSet<String> =
+            rels.into_iter().map(|r| self.split_group(r)).collect();
+        match self.held_out.iter().find(|g| !groups.contains(*g)) {
+            None => Ok(()),
+            Some(g) => Err(Error::Config {
+                origin: "data config".into(),
+                key: "data.held_out".into(),
+                reason: format!(
+                    "names {g:?}, but no audio file under {} is in that group (split_by: {}); \
+                     for another folder, name its groups or set data.held_out=[] and a \
+                     data.val_fraction",
+                    self.dir.display(),
+                    match self.split_by {
+                        SplitBy::File => "file: names are paths relative to data.dir",
+                        SplitBy::Directory => "directory: names are first-level folders",
+                    }
+                ),
+            }),
+        }
     }
 
     /// The audio files under `dir` held out for validation, sorted (before
     /// decoding: a file training would skip as unreadable is listed too).
     pub fn held_out_files(&self) -> Result<Vec<PathBuf>> {
-        Ok(discover_audio(&self.dir)?
+        let files = discover_audio(&self.dir)?;
+        let rel = |p: &'_ PathBuf| p.strip_prefix(&self.dir).unwrap_or(p).to_path_buf();
+        let rels: Vec<PathBuf> = files.iter().map(rel).collect();
+        self.check_held_out(rels.iter().map(PathBuf::as_path))?;
+        Ok(files
             .into_iter()
-            .filter(|p| self.is_held_out(p.strip_prefix(&self.dir).unwrap_or(p)))
+            .zip(rels)
+            .filter(|(_, r)| self.is_held_out(r))
+            .map(|(p, _)| p)
             .collect())
     }
 }
 
 pub use melvae_dsp::discover_audio;
 
-/// FNV-1a of the path relative to the dataset root: a split that does not
-/// depend on the set of other files.
-fn stable_fraction(rel: &Path) -> f64 {
+/// FNV-1a of a split group (a path relative to the dataset root, or a
+/// folder name) as a fraction in [0, 1): a split that does not depend on
+/// the set of other files.
+fn stable_fraction(group: &str) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in rel.to_string_lossy().bytes() {
+    for b in group.bytes() {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -285,6 +356,7 @@ impl AudioFolder {
     pub fn load(cfg: &AudioDataConfig) -> Result<Self> {
         cfg.check()?;
         let files = discover_audio(&cfg.dir)?;
+        cfg.check_held_out(files.iter().map(|p| p.strip_prefix(&cfg.dir).unwrap_or(p)))?;
         let crop = cfg.crop_samples();
         let mut skipped = SkipReport::default();
         let (mut train, mut val) = (Vec::new(), Vec::new());
@@ -354,6 +426,13 @@ impl AudioFolder {
             let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::file(&p, e))?;
             shards.push(std::sync::Arc::new(m));
         }
+        cfg.check_held_out(
+            index
+                .entries
+                .iter()
+                .map(|e| Path::new(&e.rel))
+                .chain(index.skipped.iter().map(|e| Path::new(&e.rel))),
+        )?;
         let crop = cfg.crop_samples();
         let mut skipped = SkipReport::default();
         skipped.unreadable = index
@@ -710,6 +789,8 @@ mod tests {
             batch_size: 4,
             cache_dir: None,
             val_fraction: 0.3,
+            split_by: SplitBy::File,
+            held_out: Vec::new(),
         }
     }
 
@@ -766,6 +847,93 @@ mod tests {
         assert!(listed.iter().all(|p| val.contains(&p.as_path())
             || p.ends_with("broken.wav")
             || p.ends_with("tiny.wav")));
+    }
+
+    #[test]
+    fn directory_split_keeps_speakers_together_and_names_groups() {
+        let d = folder();
+        let by_dir = |held_out: &[&str], val_fraction| AudioDataConfig {
+            split_by: SplitBy::Directory,
+            held_out: held_out.iter().map(|s| s.to_string()).collect(),
+            val_fraction,
+            ..cfg(d.path())
+        };
+        let speaker = |p: &Path| {
+            p.strip_prefix(d.path())
+                .unwrap()
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_owned()
+        };
+        // Named groups only: exactly spk1's decodable files are held out.
+        let c = by_dir(&["spk1"], 0.0);
+        assert_eq!(c.split_group(Path::new("spk1/utt4.wav")), "spk1");
+        assert_eq!(c.split_group(Path::new("loose.wav")), "loose.wav");
+        let f = AudioFolder::load(&c).unwrap();
+        assert_eq!(f.val.len(), 4);
+        assert!(f.val.paths().all(|p| speaker(p) == "spk1"));
+        assert!(f.train.paths().all(|p| speaker(p) != "spk1"));
+        assert_eq!(c.held_out_files().unwrap().len(), 4);
+        // The memory-mapped cache splits the same way.
+        let cache = tempfile::tempdir().unwrap();
+        let (mapped, _) = AudioFolder::load_cached(&c, cache.path()).unwrap();
+        assert_eq!(
+            mapped.val.paths().collect::<Vec<_>>(),
+            f.val.paths().collect::<Vec<_>>()
+        );
+        let e = AudioFolder::load_cached(&by_dir(&["spk7"], 0.0), cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.held_out") && e.contains("\"spk7\""), "{e}");
+        // Drawn by hash, a speaker's files all land on the same side.
+        let mut split_somewhere = false;
+        for frac in [0.2, 0.4, 0.6, 0.8] {
+            let f = AudioFolder::load(&by_dir(&[], frac)).unwrap();
+            let val: std::collections::HashSet<_> = f.val.paths().map(speaker).collect();
+            assert!(
+                f.train.paths().all(|p| !val.contains(&speaker(p))),
+                "{frac}"
+            );
+            split_somewhere |= !val.is_empty();
+        }
+        assert!(split_somewhere);
+        // split_by: file names files; the hash split is unchanged by the
+        // new fields (the same files as before them).
+        let c = AudioDataConfig {
+            held_out: vec!["spk2/utt5.wav".into()],
+            val_fraction: 0.0,
+            ..cfg(d.path())
+        };
+        let f = AudioFolder::load(&c).unwrap();
+        assert_eq!(
+            f.val.paths().collect::<Vec<_>>(),
+            [d.path().join("spk2/utt5.wav")]
+        );
+    }
+
+    #[test]
+    fn a_held_out_name_matching_no_file_is_named() {
+        let d = folder();
+        for (split_by, good, name) in [
+            (SplitBy::Directory, "spk0", "spk9"),
+            (SplitBy::File, "spk0/utt0.wav", "spk1"),
+        ] {
+            let c = AudioDataConfig {
+                split_by,
+                held_out: vec![good.into(), name.into()],
+                ..cfg(d.path())
+            };
+            for e in [
+                AudioFolder::load(&c).unwrap_err().to_string(),
+                c.held_out_files().unwrap_err().to_string(),
+            ] {
+                assert!(e.contains("data.held_out"), "{e}");
+                assert!(e.contains(&format!("{name:?}")), "{e}");
+                assert!(!e.contains(&format!("{good:?}")), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub use checkpoint::{Checkpoint, RunDir, TrainState};
 pub use config::{check, ResolvedConfig, Validate};
 pub use data::{
     discover_audio, prepare_cache, AudioDataConfig, AudioFolder, AudioSet, EpochCursor,
-    PrepareReport, SkipReport,
+    PrepareReport, SkipReport, SplitBy,
 };
 pub use error::{Error, Result};
 pub use prefetch::Prefetcher;

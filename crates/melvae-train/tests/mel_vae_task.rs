@@ -57,6 +57,8 @@ fn task(dir: &Path) -> MelVaeTask {
         batch_size: 4,
         val_fraction: 0.0,
         cache_dir: None,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     MelVaeTask::new(tiny(), data, data_cfg, 3, &Device::Cpu, DType::F32).unwrap()
@@ -143,6 +145,8 @@ fn refuses_data_at_another_rate() {
         batch_size: 4,
         val_fraction: 0.0,
         cache_dir: None,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     let e = MelVaeTask::new(tiny(), data, data_cfg, 0, &Device::Cpu, DType::F32)

@@ -403,6 +403,7 @@ fn mel_vae_samples_take_a_vocoder() {
     let dc = AudioDataConfig {
         dir: audio,
         val_fraction: 0.0,
+        held_out: Vec::new(),
         ..r.get("data").unwrap()
     };
     let data = AudioFolder::load(&dc).unwrap();

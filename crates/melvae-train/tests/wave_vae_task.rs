@@ -70,6 +70,8 @@ fn task_with(
         batch_size: 2,
         val_fraction: 0.0,
         cache_dir: None,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     // The multi-scale mel loss (7 scales) costs most of a step on tiny
@@ -191,6 +193,8 @@ fn data_must_match_the_model() {
         batch_size: 2,
         val_fraction: 0.0,
         cache_dir: None,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     };
     let data = AudioFolder::load(&data_cfg).unwrap();
     let sections = WaveVaeSections {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_train::{
-    AudioDataConfig, GanConfig, RunDir, StepContext, TrainTask, Trainer, TrainerConfig,
+    AudioDataConfig, GanConfig, RunDir, SplitBy, StepContext, TrainTask, Trainer, TrainerConfig,
 };
 
 /// Writes `tone{i}.wav` (mono 16-bit, `samples` at `rate`) for each of
@@ -108,5 +108,7 @@ pub fn mono_data(dir: &Path, rate: u32, crop: f64) -> AudioDataConfig {
         batch_size: 2,
         val_fraction: 0.0,
         cache_dir: None,
+        split_by: SplitBy::File,
+        held_out: Vec::new(),
     }
 }
