@@ -1672,4 +1672,26 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
     );
     let out = quickstart(d, &["--eval-only", "training.steps=5"]);
     assert_one_line_error(&out, "training.steps=5");
+    // Any folder of voices: v0 and v2 were heard in training; the report
+    // says where the voices come from instead of claiming they are new.
+    let out = quickstart(d, &["--eval-only", "--eval-dir", "speech"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("6 clips of 3 voices in speech"), "{stdout}");
+    assert!(!stdout.contains("never heard"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["clips"].clone(), summary["voices"].clone()),
+        (6.into(), 3.into())
+    );
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    for (dir, culprit) in [("nowhere", "nowhere"), ("empty", "empty")] {
+        let out = quickstart(d, &["--eval-only", "--eval-dir", dir]);
+        assert_one_line_error(&out, culprit);
+    }
 }

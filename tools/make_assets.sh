@@ -16,7 +16,15 @@
 # configs name the held-out voices (data.split_by: directory,
 # data.held_out: [...]); keep that list in step with the "held-out" rows here.
 #
-# Needs espeak-ng and ffmpeg (Debian: apt-get install espeak-ng ffmpeg).
+# Each voice also has a recording floor, since real audio is never digitally
+# silent between words (and espeak-ng's is): `digital` (espeak-ng's zeros
+# kept), `dither` (sox's TPDF dither at 16 bits), or pink or white noise
+# mixed in at a level (`pink:0.001` is about -60 dBFS). A model trained on
+# one kind of silence reconstructs another badly, so training and held-out
+# voices cover all of them. sox runs with -R, so the noise is the same on
+# every run. Speech is scaled by 0.9 (espeak-ng peaks at full scale).
+#
+# Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=assets/speech
@@ -101,70 +109,79 @@ S[id,1]="Anak-anak bermain bola di lapangan dekat sekolah."
 S[hr,0]="Ljeti često plivamo u moru kod starog svjetionika."
 S[hr,1]="Moja sestra svira klavir svake večeri."
 
-# voice language variant pitch speed role sentences
+# voice language variant pitch speed floor role sentences
 voices=(
-  "en-us-m1     en-us  m1       45 160 train 0 1 2"
-  "en-us-f2     en-us  f2       55 150 train 1 2 3"
-  "en-us-andy   en-us  Andy     40 170 train 0 2 3"
-  "en-gb-m3     en-gb  m3       50 155 train 0 1 3"
-  "en-gb-f4     en-gb  f4       60 145 train 0 1 2"
-  "en-gb-david  en-gb  david    35 160 train 1 2 3"
-  "de-m2        de     m2       40 150 train 0 1 2"
-  "de-f1        de     f1       65 145 train 1 2 3"
-  "de-max       de     max      50 165 train 0 2 3"
-  "fr-fr-m4     fr-fr  m4       45 160 train 0 1 3"
-  "fr-fr-f3     fr-fr  f3       60 150 train 0 1 2"
-  "fr-fr-michel fr-fr  michel   35 155 train 1 2 3"
-  "es-m5        es     m5       50 165 train 0 2 3"
-  "es-f5        es     f5       70 155 train 0 1 3"
-  "es-pablo     es     pablo    40 150 train 0 1 2"
-  "it-m6        it     m6       55 150 train 1 2 3"
-  "it-f2        it     f2       45 160 train 0 2 3"
-  "it-mario     it     Mario    30 170 train 0 1 3"
-  "pt-m7        pt     m7       50 145 train 0 1 2"
-  "pt-f4        pt     f4       75 155 train 1 2 3"
-  "pt-pedro     pt     pedro    40 160 train 0 2 3"
-  "nl-m1        nl     m1       60 150 train 0 1 3"
-  "nl-f1        nl     f1       50 165 train 0 1 2"
-  "nl-john      nl     john     35 145 train 1 2 3"
-  "pl-m3        pl     m3       45 155 train 0 2 3"
-  "pl-f3        pl     f3       55 145 train 0 1 3"
-  "pl-boris     pl     boris    30 160 train 0 1 2"
-  "sv-m4        sv     m4       55 160 train 1 2 3"
-  "sv-f5        sv     f5       45 150 train 0 2 3"
-  "sv-linda     sv     linda    65 155 train 0 1 3"
-  "cs-m5        cs     m5       40 145 train 0 1 2"
-  "cs-f2        cs     f2       60 160 train 1 2 3"
-  "cs-steph     cs     steph    50 150 train 0 2 3"
-  "fi-m6        fi     m6       35 155 train 0 1 3"
-  "fi-f4        fi     f4       55 165 train 0 1 2"
-  "fi-quincy    fi     quincy   45 150 train 1 2 3"
-  "ro-m7        ro     m7       60 160 train 0 2 3"
-  "ro-f1        ro     f1       40 150 train 0 1 3"
-  "ro-robert    ro     robert   50 145 train 0 1 2"
-  "tr-m2        tr     m2       55 155 train 1 2 3"
-  "tr-f3        tr     f3       70 160 train 0 2 3"
-  "tr-travis    tr     travis   35 150 train 0 1 3"
-  "en-us-alicia en-us  Alicia   50 155 held-out 4 5"
-  "de-gene      de     Gene     40 160 held-out 4 5"
-  "fr-fr-annie  fr-fr  Annie    55 150 held-out 4 5"
-  "es-m8        es     m8       45 155 held-out 4 5"
-  "it-belinda   it     belinda  60 145 held-out 4 5"
-  "hu-m1        hu     m1       50 150 held-out 0 1"
-  "id-f2        id     f2       60 155 held-out 0 1"
-  "hr-zac       hr     zac      40 160 held-out 0 1"
+  "en-us-m1     en-us  m1       45 160 digital     train 0 1 2"
+  "en-us-f2     en-us  f2       55 150 dither      train 1 2 3"
+  "en-us-andy   en-us  Andy     40 170 pink:0.001  train 0 2 3"
+  "en-gb-m3     en-gb  m3       50 155 white:0.0003 train 0 1 3"
+  "en-gb-f4     en-gb  f4       60 145 dither      train 0 1 2"
+  "en-gb-david  en-gb  david    35 160 digital     train 1 2 3"
+  "de-m2        de     m2       40 150 pink:0.003  train 0 1 2"
+  "de-f1        de     f1       65 145 dither      train 1 2 3"
+  "de-max       de     max      50 165 digital     train 0 2 3"
+  "fr-fr-m4     fr-fr  m4       45 160 white:0.001 train 0 1 3"
+  "fr-fr-f3     fr-fr  f3       60 150 pink:0.0005 train 0 1 2"
+  "fr-fr-michel fr-fr  michel   35 155 dither      train 1 2 3"
+  "es-m5        es     m5       50 165 digital     train 0 2 3"
+  "es-f5        es     f5       70 155 pink:0.002  train 0 1 3"
+  "es-pablo     es     pablo    40 150 dither      train 0 1 2"
+  "it-m6        it     m6       55 150 white:0.0001 train 1 2 3"
+  "it-f2        it     f2       45 160 digital     train 0 2 3"
+  "it-mario     it     Mario    30 170 dither      train 0 1 3"
+  "pt-m7        pt     m7       50 145 pink:0.001  train 0 1 2"
+  "pt-f4        pt     f4       75 155 digital     train 1 2 3"
+  "pt-pedro     pt     pedro    40 160 white:0.0005 train 0 2 3"
+  "nl-m1        nl     m1       60 150 dither      train 0 1 3"
+  "nl-f1        nl     f1       50 165 pink:0.004  train 0 1 2"
+  "nl-john      nl     john     35 145 digital     train 1 2 3"
+  "pl-m3        pl     m3       45 155 dither      train 0 2 3"
+  "pl-f3        pl     f3       55 145 white:0.0002 train 0 1 3"
+  "pl-boris     pl     boris    30 160 pink:0.0007 train 0 1 2"
+  "sv-m4        sv     m4       55 160 digital     train 1 2 3"
+  "sv-f5        sv     f5       45 150 dither      train 0 2 3"
+  "sv-linda     sv     linda    65 155 pink:0.0015 train 0 1 3"
+  "cs-m5        cs     m5       40 145 white:0.0007 train 0 1 2"
+  "cs-f2        cs     f2       60 160 digital     train 1 2 3"
+  "cs-steph     cs     steph    50 150 dither      train 0 2 3"
+  "fi-m6        fi     m6       35 155 pink:0.0003 train 0 1 3"
+  "fi-f4        fi     f4       55 165 dither      train 0 1 2"
+  "fi-quincy    fi     quincy   45 150 digital     train 1 2 3"
+  "ro-m7        ro     m7       60 160 white:0.002 train 0 2 3"
+  "ro-f1        ro     f1       40 150 dither      train 0 1 3"
+  "ro-robert    ro     robert   50 145 pink:0.002  train 0 1 2"
+  "tr-m2        tr     m2       55 155 digital     train 1 2 3"
+  "tr-f3        tr     f3       70 160 dither      train 0 2 3"
+  "tr-travis    tr     travis   35 150 pink:0.0008 train 0 1 3"
+  "en-us-alicia en-us  Alicia   50 155 dither      held-out 4 5"
+  "de-gene      de     Gene     40 160 digital     held-out 4 5"
+  "fr-fr-annie  fr-fr  Annie    55 150 pink:0.001  held-out 4 5"
+  "es-m8        es     m8       45 155 dither      held-out 4 5"
+  "it-belinda   it     belinda  60 145 white:0.0005 held-out 4 5"
+  "hu-m1        hu     m1       50 150 digital     held-out 0 1"
+  "id-f2        id     f2       60 155 pink:0.002  held-out 0 1"
+  "hr-zac       hr     zac      40 160 dither      held-out 0 1"
 )
-printf "voice\tlanguage\tvariant\tpitch\tspeed\trole\tsentences\n" >"$out/voices.tsv"
+printf "voice\tlanguage\tvariant\tpitch\tspeed\tfloor\trole\tsentences\n" >"$out/voices.tsv"
 for row in "${voices[@]}"; do
-  read -r name lang variant pitch speed role sents <<<"$row"
+  read -r name lang variant pitch speed floor role sents <<<"$row"
   mkdir -p "$out/$name"
   for k in $sents; do
     text=${S[$lang,$k]}
     espeak-ng -v "$lang+$variant" -p "$pitch" -s "$speed" -w "$tmp/x.wav" "$text"
-    ffmpeg -y -loglevel error -i "$tmp/x.wav" -ar 24000 -ac 1 -sample_fmt s16 \
-      -map_metadata -1 -fflags +bitexact "$out/$name/${name}_s$k.flac"
+    dest="$out/$name/${name}_s$k.flac"
+    case $floor in
+      digital) sox -R -v 0.9 "$tmp/x.wav" -D -r 24000 -b 16 -c 1 "$dest" ;;
+      dither) sox -R -v 0.9 "$tmp/x.wav" -r 24000 -b 16 -c 1 "$dest" ;;
+      pink:* | white:*)
+        sox -R -n -r 22050 -b 16 -c 1 "$tmp/n.wav" synth "$(soxi -D "$tmp/x.wav")" \
+          "${floor%%:*}noise" vol "${floor#*:}"
+        sox -R -m -v 0.9 "$tmp/x.wav" -v 1 "$tmp/n.wav" -r 24000 -b 16 -c 1 "$dest"
+        ;;
+      *) echo "unknown floor $floor" >&2 && exit 1 ;;
+    esac
   done
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$lang" "$variant" "$pitch" "$speed" "$role" \
-    "$(echo "$sents" | sed 's/\([0-9]\)/s\1/g')" >>"$out/voices.tsv"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$lang" "$variant" "$pitch" "$speed" \
+    "$floor" "$role" "$(echo "$sents" | sed 's/\([0-9]\)/s\1/g')" >>"$out/voices.tsv"
 done
 echo "wrote $(find "$out" -name '*.flac' | wc -l) clips in $(find "$out" -mindepth 1 -type d | wc -l) voices, $(du -sh "$out" | cut -f1)"
