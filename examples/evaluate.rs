@@ -82,7 +82,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Mel VAE: scale of the initial noise.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = SampleOptions::reconstruction().temperature)]
     temperature: f64,
     /// Mel VAE: classifier-free guidance scale.
     #[arg(long, default_value_t = 1.0)]

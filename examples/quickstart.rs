@@ -46,16 +46,6 @@ use melvae::train::{
     AudioDataConfig, AudioFolder, ResolvedConfig, SplitBy, Trainer, TrainerConfig,
 };
 
-/// The quickstart's sampling settings (tuned on the held-out voices,
-/// docs/models/mel_vae.md).
-fn default_sampling() -> SampleOptions {
-    SampleOptions {
-        num_steps: 10,
-        temperature: 0.5,
-        ..Default::default()
-    }
-}
-
 struct Args {
     overrides: Vec<String>,
     vocoder: Option<PathBuf>,
@@ -70,7 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         vocoder: None,
         eval_only: false,
         eval_dir: None,
-        sampling: default_sampling(),
+        sampling: SampleOptions::reconstruction(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -66,7 +66,7 @@ struct Args {
     guidance: f64,
     /// Mel VAE: scale of the initial noise (1 samples freely; lower stays
     /// closer to the input).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = melvae::models::SampleOptions::reconstruction().temperature)]
     temperature: f64,
     /// Write the input's latents here (.npy).
     #[arg(long)]
