@@ -327,8 +327,11 @@ fn evaluate(
         });
     }
     let settings = format!(
-        "{} {:?} steps, temperature {}, guidance {}",
-        opts.num_steps, opts.solver, opts.temperature, opts.guidance_scale
+        "{} {} steps, temperature {}, guidance {}",
+        opts.num_steps,
+        format!("{:?}", opts.solver).to_lowercase(),
+        opts.temperature,
+        opts.guidance_scale
     );
     let report = Report {
         rows,
