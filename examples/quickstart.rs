@@ -199,12 +199,12 @@ fn train(
     root: &Path,
     model_path: &Path,
 ) -> anyhow::Result<()> {
-    if root.exists() {
-        println!("replacing {}", root.display());
-    }
     let training: TrainerConfig = resolved.get("training")?;
     let model_cfg = mel_vae_config(resolved)?;
     let data = AudioFolder::open(data_cfg)?;
+    if root.exists() {
+        println!("replacing {}", root.display());
+    }
     let run = open_run(root, resolved, Start::Overwrite)?;
     println!(
         "training the tiny mel VAE on {} ({} clips; {} clips of {} voices never heard in training held out) for {} steps",

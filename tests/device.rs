@@ -348,6 +348,7 @@ fn mel_vae_config() -> MelVaeConfig {
             cond_drop_prob: 0.2,
             mel_mean: -5.0,
             mel_std: 3.0,
+            time_sampling: Default::default(),
         },
     }
 }

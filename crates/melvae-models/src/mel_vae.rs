@@ -362,7 +362,8 @@ impl MelVae {
             .collect();
         let keep = Tensor::from_vec(keep, (b, 1, 1), dev)?.to_dtype(dt)?;
         let x0 = normal_noise(&[b, m, frames], rng, dev)?.to_dtype(dt)?;
-        let t: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
+        let sampling = self.cfg.cfm.time_sampling;
+        let t: Vec<f32> = (0..b).map(|_| sampling.draw(rng) as f32).collect();
         let t = Tensor::from_vec(t, b, dev)?.to_dtype(time_dtype(dt))?;
         Ok(LossDraws {
             dropout_seed,
@@ -613,6 +614,7 @@ mod tests {
                 cond_drop_prob: 0.2,
                 mel_mean: -5.0,
                 mel_std: 3.0,
+                time_sampling: Default::default(),
             },
         }
     }
