@@ -209,7 +209,7 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
             num_steps: args.steps,
             temperature: args.temperature,
             guidance_scale: args.guidance,
-            ..Default::default()
+            ..SampleOptions::reconstruction()
         };
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
         let gl = |model: MelVae| -> Box<dyn Codec> {

@@ -82,7 +82,10 @@ fn parse_args() -> anyhow::Result<Args> {
         };
         match flag.as_str() {
             "--vocoder" => a.vocoder = Some(PathBuf::from(value("a model file")?)),
-            "--eval-only" => a.eval_only = true,
+            "--eval-only" => {
+                anyhow::ensure!(inline.is_none(), "--eval-only takes no value");
+                a.eval_only = true
+            }
             "--eval-dir" => a.eval_dir = Some(PathBuf::from(value("a folder")?)),
             "--sample-steps" => {
                 let v = value("a step count")?;
@@ -112,7 +115,10 @@ fn parse_args() -> anyhow::Result<Args> {
 
 /// One held-out clip's results.
 struct Row {
+    /// The clip's file stem.
     name: String,
+    /// Base name of its outputs (unique, URL-safe).
+    file: String,
     group: String,
     l1: f64,
     l1_baseline: f64,
@@ -161,7 +167,12 @@ fn run() -> anyhow::Result<()> {
                     (p, group)
                 })
                 .collect::<Vec<_>>(),
-            "never heard in training".to_string(),
+            match data_cfg.split_by {
+                SplitBy::Directory => "never heard in training".to_string(),
+                SplitBy::File => {
+                    "held out by file (split_by: file, so their voices may be in training)".into()
+                }
+            },
         ),
         Some(dir) => {
             let by_folder = AudioDataConfig {
@@ -185,6 +196,11 @@ fn run() -> anyhow::Result<()> {
             (clips, format!("in {}", dir.display()))
         }
     };
+    anyhow::ensure!(
+        !clips.is_empty(),
+        "nothing to evaluate: no file under {} is held out (data.held_out, data.val_fraction)",
+        data_cfg.dir.display()
+    );
     if !args.eval_only {
         train(&resolved, &data_cfg, &root, &model_path)?;
     }
@@ -237,6 +253,38 @@ fn train(
     Ok(())
 }
 
+/// A unique, URL-safe base name for each clip's outputs: its file stem with
+/// characters other than ASCII letters, digits, `-`, `_` and `.` replaced
+/// by `_`, and `-2`, `-3`, ... added when stems repeat (the same name in two
+/// voices' folders).
+fn output_names<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<String> {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    paths
+        .map(|p| {
+            let stem: String = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let k = seen.entry(stem.clone()).or_insert(0);
+            *k += 1;
+            if *k == 1 {
+                stem
+            } else {
+                format!("{stem}-{k}")
+            }
+        })
+        .collect()
+}
+
 /// The number of split groups (voices) among `paths`.
 fn count_groups<'a>(cfg: &AudioDataConfig, paths: impl Iterator<Item = &'a Path>) -> usize {
     paths
@@ -256,10 +304,6 @@ fn evaluate(
     root: &Path,
     model_path: &Path,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !clips.is_empty(),
-        "no held-out audio to evaluate (data.held_out, data.val_fraction)"
-    );
     let model = MelVae::load(model_path, &Device::Cpu, DType::F32)?;
     let eval = root.join("eval");
     std::fs::create_dir_all(&eval)?;
@@ -271,9 +315,13 @@ fn evaluate(
     let griffin_lim = MelToAudio::new(None, mel)?;
     let t = Instant::now();
     let mut rows = Vec::new();
-    for (path, group) in clips {
-        let audio = common::load_for_mel(path, mel)?;
-        let r = model.reconstruct(&audio.channels[0], 24000, opts, &Device::Cpu)?;
+    let files = output_names(clips.iter().map(|(p, _)| p.as_path()));
+    for ((path, group), file) in clips.iter().zip(files) {
+        let in_clip = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
+        let audio = common::load_for_mel(path, mel).map_err(|e| in_clip(&e))?;
+        let r = model
+            .reconstruct(&audio.channels[0], 24000, opts, &Device::Cpu)
+            .map_err(|e| in_clip(&e))?;
         let baseline = r.input.mean_keepdim(2)?.broadcast_as(r.input.shape())?;
         let (mi, mr, mb) = (
             mel_to_array(&r.input)?,
@@ -284,12 +332,12 @@ fn evaluate(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        img.save_png_stack(eval.join(format!("{name}.png")), &[&mi, &mr])?;
+        img.save_png_stack(eval.join(format!("{file}.png")), &[&mi, &mr])?;
         let n = audio.n_samples();
         let original = Audio::new(24000, vec![audio.channels[0].clone()])?;
         let wav = |suffix: &str, a: &Audio| {
             save_wav(
-                eval.join(format!("{name}_{suffix}.wav")),
+                eval.join(format!("{file}_{suffix}.wav")),
                 a,
                 WavFormat::Pcm16,
             )
@@ -318,6 +366,7 @@ fn evaluate(
         };
         rows.push(Row {
             group: group.clone(),
+            file,
             name,
             l1: MelVae::mel_l1(&r.output, &r.input)?,
             l1_baseline: MelVae::mel_l1(&baseline, &r.input)?,
@@ -379,10 +428,23 @@ impl Report {
             mean(self.rows.iter().map(|r| r.l1_baseline)),
         )
     }
-    fn harmonics(&self) -> (f64, f64) {
-        (
-            mean(self.rows.iter().filter_map(|r| r.harmonics)),
-            mean(self.rows.iter().filter_map(|r| r.harmonics_baseline)),
+    /// Mean harmonic detail r of the model and the baseline (`None` where
+    /// no clip has one).
+    fn harmonics(&self) -> (Option<f64>, Option<f64>) {
+        let m = |f: fn(&Row) -> Option<f64>| {
+            let v: Vec<f64> = self.rows.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| mean(v.into_iter()))
+        };
+        (m(|r| r.harmonics), m(|r| r.harmonics_baseline))
+    }
+    /// "16 clips of 8 voices never heard in training".
+    fn set(&self) -> String {
+        let (n, v) = (self.rows.len(), self.voices());
+        format!(
+            "{n} clip{} of {v} voice{} {}",
+            if n == 1 { "" } else { "s" },
+            if v == 1 { "" } else { "s" },
+            self.what
         )
     }
     fn voices(&self) -> usize {
@@ -398,35 +460,31 @@ impl Report {
     /// The plain verdict, with the margin.
     fn verdict(&self) -> String {
         let (m, b) = self.l1();
-        let (n, v) = (self.rows.len(), self.voices());
+        let n = self.rows.len();
         if m < b {
             format!(
-                "The reconstruction beats the clip-mean baseline on {n} clips of {v} voices {}: \
-                 log-mel L1 {m:.3} against {b:.3}, {:.3} lower ({:.0}%); better on {} of {n} clips.",
-                self.what,
+                "The reconstruction beats the clip-mean baseline on {}: log-mel L1 {m:.3} \
+                 against {b:.3}, {:.3} lower ({:.0}%); better on {} of {n} clips.",
+                self.set(),
                 b - m,
                 100.0 * (b - m) / b,
                 self.wins()
             )
         } else {
             format!(
-                "The reconstruction does NOT beat the clip-mean baseline on {n} clips of {v} voices \
-                 {}: log-mel L1 {m:.3} against {b:.3}; better on {} of {n} clips.",
-                self.what,
+                "The reconstruction does NOT beat the clip-mean baseline on {}: log-mel L1 \
+                 {m:.3} against {b:.3}; better on {} of {n} clips.",
+                self.set(),
                 self.wins()
             )
         }
     }
     fn markdown(&self) -> String {
         let mut s = String::new();
+        let _ = writeln!(s, "\n{}, sampling: {}\n", self.set(), self.settings);
         let _ = writeln!(
             s,
-            "\nheld-out clips (voices {}), sampling: {}\n",
-            self.what, self.settings
-        );
-        let _ = writeln!(
-            s,
-            "| held-out clip | log-mel L1 | baseline L1 | harmonic detail r | baseline r |"
+            "| clip | log-mel L1 | baseline L1 | harmonic detail r | baseline r |"
         );
         let _ = writeln!(s, "|---|---:|---:|---:|---:|");
         for r in &self.rows {
@@ -443,7 +501,9 @@ impl Report {
         let ((m, b), (h, hb)) = (self.l1(), self.harmonics());
         let _ = writeln!(
             s,
-            "| **mean** | **{m:.3}** | **{b:.3}** | **{h:.2}** | **{hb:.2}** |"
+            "| **mean** | **{m:.3}** | **{b:.3}** | **{}** | **{}** |",
+            opt(h),
+            opt(hb)
         );
         let _ = writeln!(
             s,
@@ -459,7 +519,7 @@ impl Report {
                     .as_deref()
                     .map_or(String::new(), |p| p.display().to_string())
             );
-            let _ = writeln!(s, "| held-out clip | Griffin-Lim | Vocos |");
+            let _ = writeln!(s, "| clip | Griffin-Lim | Vocos |");
             let _ = writeln!(s, "|---|---:|---:|");
             for r in &self.rows {
                 if let Some((g, v)) = r.audio {
@@ -496,18 +556,22 @@ impl Report {
         let _ = write!(
             s,
             "<p><b>{}</b></p>\n<p>Sampling: {}. Mean log-mel L1 {m:.3} (baseline, each clip's \
-             mean log-mel: {b:.3}); mean harmonic detail r {h:.2} (baseline {hb:.2}). Each \
+             mean log-mel: {b:.3}); mean harmonic detail r {} (baseline {}). Each \
              image: the input's log-mel above the reconstruction's. \"Input through\" plays the \
              input's own log-mel through the same vocoder: what a perfect reconstruction would \
              sound like.</p>\n<table>\n<tr><th>clip</th><th>log-mels (input above, \
              reconstruction below)</th><th>listen</th></tr>\n",
             esc(&self.verdict()),
-            esc(&self.settings)
+            esc(&self.settings),
+            opt(h),
+            opt(hb)
         );
         for r in &self.rows {
-            let n = esc(&r.name);
+            let (n, file) = (esc(&r.name), &r.file);
             let audio = |label: &str, suffix: &str| {
-                format!("{label}<audio controls preload=\"none\" src=\"{n}_{suffix}.wav\"></audio>")
+                format!(
+                    "{label}<audio controls preload=\"none\" src=\"{file}_{suffix}.wav\"></audio>"
+                )
             };
             let mut players = vec![
                 audio("original", "original"),
@@ -521,7 +585,7 @@ impl Report {
             let _ = writeln!(
                 s,
                 "<tr><td>{n}<br>voice {}<br>L1 {:.3} (baseline {:.3})<br>harmonic r {} \
-                 (baseline {})</td><td><img src=\"{n}.png\" alt=\"{n} log-mels\"></td><td>{}</td></tr>",
+                 (baseline {})</td><td><img src=\"{file}.png\" alt=\"{n} log-mels\"></td><td>{}</td></tr>",
                 esc(&r.group),
                 r.l1,
                 r.l1_baseline,
@@ -546,6 +610,7 @@ impl Report {
             "beats_baseline": m < b,
             "rows": self.rows.iter().map(|r| serde_json::json!({
                 "clip": r.name,
+                "files": r.file,
                 "voice": r.group,
                 "log_mel_l1": r.l1,
                 "baseline_log_mel_l1": r.l1_baseline,

@@ -171,7 +171,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 num_steps: args.steps,
                 guidance_scale: args.guidance,
                 temperature: args.temperature,
-                ..Default::default()
+                ..SampleOptions::reconstruction()
             },
             vocoder,
             device: Device::Cpu,

@@ -1600,6 +1600,11 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
     bad(&["--guidance"], "--guidance");
     bad(&["--bogus"], "--bogus");
     bad(&["--eval-only"], "runs/quickstart/model.safetensors");
+    bad(&["--eval-only=yes"], "--eval-only takes no value");
+    bad(
+        &["data.held_out=[]", "data.val_fraction=0"],
+        "nothing to evaluate",
+    );
     bad(
         &["--eval-only", "--vocoder", "missing.safetensors"],
         "missing.safetensors",
@@ -1619,7 +1624,7 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("voices never heard in training"),
+        stdout.contains("2 clips of 1 voice never heard in training"),
         "{stdout}"
     );
     assert!(
@@ -1689,6 +1694,31 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         (summary["clips"].clone(), summary["voices"].clone()),
         (6.into(), 3.into())
     );
+    // The same file name in two voices' folders: both are kept.
+    for v in ["a", "b"] {
+        std::fs::create_dir_all(d.join("twins").join(v)).unwrap();
+        std::fs::copy(
+            d.join("speech/v0/v0_s0.wav"),
+            d.join(format!("twins/{v}/take 1.wav")),
+        )
+        .unwrap();
+    }
+    let out = quickstart(d, &["--eval-only", "--eval-dir", "twins"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(eval.join("index.html")).unwrap();
+    for f in [
+        "take_1_original.wav",
+        "take_1-2_original.wav",
+        "take_1.png",
+        "take_1-2.png",
+    ] {
+        assert!(html.contains(&format!("src=\"{f}\"")), "{f}");
+        assert!(eval.join(f).is_file(), "{f}");
+    }
     std::fs::create_dir_all(d.join("empty")).unwrap();
     for (dir, culprit) in [("nowhere", "nowhere"), ("empty", "empty")] {
         let out = quickstart(d, &["--eval-only", "--eval-dir", dir]);

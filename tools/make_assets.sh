@@ -27,6 +27,9 @@
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in espeak-ng sox soxi; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install espeak-ng sox)" >&2; exit 1; }
+done
 out=assets/speech
 rm -rf "$out"
 mkdir -p "$out"

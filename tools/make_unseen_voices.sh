@@ -10,14 +10,18 @@
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox).
 set -euo pipefail
 out=${1:?usage: make_unseen_voices.sh OUT_DIR}
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then
+  echo "$out exists and is not empty; give a new folder" >&2
+  exit 1
+fi
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # voice espeak-voice pitch text
 while IFS='|' read -r name voice pitch text; do
   mkdir -p "$out/$name"
-  espeak-ng -v "$voice" -p "$pitch" -w "$tmp/x.wav" "$text"
-  sox -R "$tmp/x.wav" -r 24000 "$out/$name/${name}_0.wav"
+  espeak-ng -v "$voice" -p "$pitch" -w "$tmp/x.wav" "$text" </dev/null
+  sox -R "$tmp/x.wav" -r 24000 "$out/$name/${name}_0.wav" </dev/null
 done <<'LIST'
 da-klatt|da+klatt|50|Jeg cykler til arbejde hver dag, selv når det regner.
 ru-michael|ru+Michael|50|Вчера вечером мы долго гуляли по старому парку.
