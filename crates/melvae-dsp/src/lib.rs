@@ -66,7 +66,8 @@ pub use griffin_lim::{
     PhaseInit,
 };
 pub use mel::{
-    hz_to_mel, mel_filterbank, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm, MelScale,
+    hz_to_mel, mel_filterbank, mel_points, mel_to_hz, LogScale, MelConfig, MelExtractor, MelNorm,
+    MelScale,
 };
 pub use mel_stream::MelStream;
 pub use midside::{from_mid_side, from_mid_side_tensor, to_mid_side, to_mid_side_tensor};

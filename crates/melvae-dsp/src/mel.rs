@@ -103,6 +103,16 @@ pub fn mel_to_hz(m: f64, scale: MelScale) -> f64 {
     }
 }
 
+/// The `n_mels + 2` frequencies (Hz) equally spaced in mel from `fmin` to
+/// `fmax`: band `m` of the filterbank rises from point `m`, peaks at point
+/// `m + 1` (its centre) and falls to point `m + 2`.
+pub fn mel_points(n_mels: usize, fmin: f64, fmax: f64, scale: MelScale) -> Vec<f64> {
+    let (mlo, mhi) = (hz_to_mel(fmin, scale), hz_to_mel(fmax, scale));
+    (0..n_mels + 2)
+        .map(|i| mel_to_hz(mlo + (mhi - mlo) * i as f64 / (n_mels + 1) as f64, scale))
+        .collect()
+}
+
 /// Triangular mel filterbank `[n_mels, n_fft / 2 + 1]`, computed in f64 and
 /// rounded to f32 exactly as `librosa.filters.mel` (which torchaudio's
 /// `melscale_fbanks` matches to float precision).
@@ -139,10 +149,7 @@ pub fn mel_filterbank(
     let fft_freqs: Vec<f64> = (0..n_bins)
         .map(|i| i as f64 * nyquist / (n_bins - 1) as f64)
         .collect();
-    let (mlo, mhi) = (hz_to_mel(fmin as f64, scale), hz_to_mel(fmax, scale));
-    let mel_f: Vec<f64> = (0..n_mels + 2)
-        .map(|i| mel_to_hz(mlo + (mhi - mlo) * i as f64 / (n_mels + 1) as f64, scale))
-        .collect();
+    let mel_f = mel_points(n_mels, fmin as f64, fmax, scale);
     let mut fb = Array2::<f32>::zeros((n_mels, n_bins));
     for m in 0..n_mels {
         let (lo, c, hi) = (mel_f[m], mel_f[m + 1], mel_f[m + 2]);
@@ -340,6 +347,13 @@ impl MelConfig {
             }
         }
         self.filterbank().map(|_| ())
+    }
+
+    /// Centre frequency (Hz) of each of the `n_mels` bands, low to high.
+    pub fn band_centres_hz(&self) -> Vec<f64> {
+        let fmax = self.fmax.map_or(self.sample_rate as f64 / 2.0, f64::from);
+        let points = mel_points(self.n_mels, self.fmin as f64, fmax, self.scale);
+        points[1..=self.n_mels].to_vec()
     }
 
     /// The filterbank `[n_mels, n_fft / 2 + 1]`.
@@ -571,6 +585,27 @@ mod tests {
         let ex = MelExtractor::new(MelConfig::vocos_24k()).unwrap();
         let mel = ex.extract(&vec![0.0; 4000]).unwrap();
         assert!(mel.iter().all(|&v| v == (1e-7f32).ln()));
+    }
+
+    #[test]
+    fn band_centres_are_where_the_filters_peak() {
+        let cfg = MelConfig::vocos_24k();
+        let centres = cfg.band_centres_hz();
+        let fb = cfg.filterbank().unwrap();
+        assert_eq!(centres.len(), cfg.n_mels);
+        let bin_hz = cfg.sample_rate as f64 / cfg.stft.n_fft as f64;
+        for (m, &c) in centres.iter().enumerate() {
+            let row = fb.row(m);
+            let peak = (0..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            assert!(
+                (peak as f64 * bin_hz - c).abs() <= bin_hz,
+                "band {m}: {c} Hz, peak bin {peak}"
+            );
+        }
+        assert!(centres.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(centres.iter().filter(|&&c| c < 1000.0).count(), 30);
     }
 
     #[test]

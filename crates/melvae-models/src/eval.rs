@@ -1142,8 +1142,8 @@ pub const HARMONIC_MAX_HZ: f64 = 1000.0;
 /// or the clip's mean spectrum, since the pitch moves).
 ///
 /// `input` and `output` are log-mels `[mel, frames]` of `cfg` with equal
-/// shapes. `None` when fewer than 5 bands lie below `max_hz`, no frame
-/// sounds, or a detail is constant.
+/// shapes. `None` when fewer than 5 bands lie below `max_hz`, a value there
+/// is not finite, no frame sounds, or a detail is constant.
 pub fn harmonic_detail(
     input: &ndarray::Array2<f32>,
     output: &ndarray::Array2<f32>,
@@ -1157,14 +1157,19 @@ pub fn harmonic_detail(
             got: format!("{:?} and {:?}", input.shape(), output.shape()),
         });
     }
-    let lo = melvae_dsp::hz_to_mel(cfg.fmin as f64, cfg.scale);
-    let fmax = cfg.fmax.map_or(cfg.sample_rate as f64 / 2.0, |f| f as f64);
-    let hi = melvae_dsp::hz_to_mel(fmax, cfg.scale);
-    let step = (hi - lo) / (cfg.n_mels + 1) as f64;
-    let bands = (0..cfg.n_mels)
-        .take_while(|&i| melvae_dsp::mel_to_hz(lo + (i + 1) as f64 * step, cfg.scale) < max_hz)
+    let bands = cfg
+        .band_centres_hz()
+        .iter()
+        .take_while(|&&hz| hz < max_hz)
         .count();
-    if bands < 5 || input.ncols() == 0 {
+    let finite = |x: &ndarray::Array2<f32>| {
+        x.rows()
+            .into_iter()
+            .take(bands)
+            .flatten()
+            .all(|v| v.is_finite())
+    };
+    if bands < 5 || input.ncols() == 0 || !finite(input) || !finite(output) {
         return Ok(None);
     }
     let detail = |x: &ndarray::Array2<f32>, f: usize, t: usize| {
@@ -1192,7 +1197,8 @@ pub fn harmonic_detail(
     let n = n as f64;
     let [sx, sy, sxx, syy, sxy] = pairs;
     let (vx, vy) = (sxx - sx * sx / n, syy - sy * sy / n);
-    if n == 0.0 || vx <= 0.0 || vy <= 0.0 {
+    // A detail constant up to rounding has no correlation to speak of.
+    if n == 0.0 || vx <= 1e-12 * sxx || vy <= 1e-12 * syy {
         return Ok(None);
     }
     Ok(Some((sxy - sx * sy / n) / (vx * vy).sqrt()))

@@ -299,6 +299,9 @@ fn harmonic_detail_sees_harmonics_and_only_them() {
     // Silence has no detail; unequal shapes are named.
     let silent = ndarray::Array2::from_elem((100, 20), (1e-7f32).ln());
     assert_eq!(r(&silent, &silent), None);
+    let mut broken = x.clone();
+    broken[[3, 40]] = f32::NAN;
+    assert_eq!(r(&x, &broken), None);
     let e = harmonic_detail(&x, &silent, &cfg, HARMONIC_MAX_HZ)
         .unwrap_err()
         .to_string();

@@ -415,6 +415,11 @@ impl AudioFolder {
     /// [`prepare_cache`] maintains in `cache_dir` (updating it first): crops
     /// are read without decoding.
     pub fn load_cached(cfg: &AudioDataConfig, cache_dir: &Path) -> Result<(Self, PrepareReport)> {
+        // A mistyped held-out name is named before the folder is decoded.
+        if !cfg.held_out.is_empty() {
+            let files = discover_audio(&cfg.dir)?;
+            cfg.check_held_out(files.iter().map(|p| p.strip_prefix(&cfg.dir).unwrap_or(p)))?;
+        }
         let report = prepare_cache(cfg, cache_dir)?;
         let index = CacheIndex::read(cache_dir)?
             .ok_or_else(|| Error::file(cache_dir, "has no cache index"))?;
@@ -426,13 +431,6 @@ impl AudioFolder {
             let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::file(&p, e))?;
             shards.push(std::sync::Arc::new(m));
         }
-        cfg.check_held_out(
-            index
-                .entries
-                .iter()
-                .map(|e| Path::new(&e.rel))
-                .chain(index.skipped.iter().map(|e| Path::new(&e.rel))),
-        )?;
         let crop = cfg.crop_samples();
         let mut skipped = SkipReport::default();
         skipped.unreadable = index
