@@ -163,7 +163,7 @@ fn run() -> anyhow::Result<()> {
                 .held_out_files()?
                 .into_iter()
                 .map(|p| {
-                    let group = data_cfg.split_group(p.strip_prefix(&data_cfg.dir).unwrap_or(&p));
+                    let group = data_cfg.group_of(&p);
                     (p, group)
                 })
                 .collect::<Vec<_>>(),
@@ -175,11 +175,6 @@ fn run() -> anyhow::Result<()> {
             },
         ),
         Some(dir) => {
-            let by_folder = AudioDataConfig {
-                dir: dir.clone(),
-                split_by: SplitBy::Directory,
-                ..data_cfg.clone()
-            };
             let files = melvae::train::discover_audio(dir)?;
             anyhow::ensure!(
                 !files.is_empty(),
@@ -189,7 +184,7 @@ fn run() -> anyhow::Result<()> {
             let clips = files
                 .into_iter()
                 .map(|p| {
-                    let group = by_folder.split_group(p.strip_prefix(dir).unwrap_or(&p));
+                    let group = SplitBy::Directory.group(p.strip_prefix(dir).unwrap_or(&p));
                     (p, group)
                 })
                 .collect::<Vec<_>>();
@@ -288,7 +283,7 @@ fn output_names<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<String> {
 /// The number of split groups (voices) among `paths`.
 fn count_groups<'a>(cfg: &AudioDataConfig, paths: impl Iterator<Item = &'a Path>) -> usize {
     paths
-        .map(|p| cfg.split_group(p.strip_prefix(&cfg.dir).unwrap_or(p)))
+        .map(|p| cfg.group_of(p))
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }
@@ -342,21 +337,22 @@ fn evaluate(
                 WavFormat::Pcm16,
             )
         };
+        // The reconstruction and the input's own mel through `v`, written
+        // as `recon_<kind>` and `input_<kind>`; the reconstruction returned.
+        let render = |v: &MelToAudio, kind: &str| -> anyhow::Result<Audio> {
+            let recon = Audio::new(24000, vec![v.audio(&r.output, mel, n)?])?;
+            wav(&format!("recon_{kind}"), &recon)?;
+            wav(
+                &format!("input_{kind}"),
+                &Audio::new(24000, vec![v.audio(&r.input, mel, n)?])?,
+            )?;
+            Ok(recon)
+        };
         wav("original", &original)?;
-        let gl = Audio::new(24000, vec![griffin_lim.audio(&r.output, mel, n)?])?;
-        wav("recon_griffin_lim", &gl)?;
-        wav(
-            "input_griffin_lim",
-            &Audio::new(24000, vec![griffin_lim.audio(&r.input, mel, n)?])?,
-        )?;
+        let gl = render(&griffin_lim, "griffin_lim")?;
         let scores = match vocoder {
             Some(v) => {
-                let voc = Audio::new(24000, vec![v.audio(&r.output, mel, n)?])?;
-                wav("recon_vocos", &voc)?;
-                wav(
-                    "input_vocos",
-                    &Audio::new(24000, vec![v.audio(&r.input, mel, n)?])?,
-                )?;
+                let voc = render(v, "vocos")?;
                 Some((
                     metrics.score(&original, &gl)?.mel_distance,
                     metrics.score(&original, &voc)?.mel_distance,

@@ -56,6 +56,20 @@ pub enum SplitBy {
     Directory,
 }
 
+impl SplitBy {
+    /// The group of the file at `rel` (relative to the dataset folder): the
+    /// path itself (`File`) or its first folder (`Directory`).
+    pub fn group(self, rel: &Path) -> String {
+        let mut parts = rel.components();
+        match (self, parts.next()) {
+            (Self::Directory, Some(first)) if parts.next().is_some() => {
+                first.as_os_str().to_string_lossy().into_owned()
+            }
+            _ => rel.to_string_lossy().into_owned(),
+        }
+    }
+}
+
 fn one() -> usize {
     1
 }
@@ -157,16 +171,15 @@ impl AudioDataConfig {
         (self.crop_seconds * self.sample_rate as f64).round() as usize
     }
 
-    /// The split group of the file at `rel` (relative to `dir`): the path
-    /// itself (`split_by: file`) or its first folder (`split_by: directory`).
+    /// The split group of the file at `rel` (relative to `dir`), as
+    /// [`SplitBy::group`].
     pub fn split_group(&self, rel: &Path) -> String {
-        let mut parts = rel.components();
-        match (self.split_by, parts.next()) {
-            (SplitBy::Directory, Some(first)) if parts.next().is_some() => {
-                first.as_os_str().to_string_lossy().into_owned()
-            }
-            _ => rel.to_string_lossy().into_owned(),
-        }
+        self.split_by.group(rel)
+    }
+
+    /// The split group of a file found under `dir` (given with `dir`).
+    pub fn group_of(&self, path: &Path) -> String {
+        self.split_group(path.strip_prefix(&self.dir).unwrap_or(path))
     }
 
     /// Whether the file at `rel` (relative to `dir`) is held out for
@@ -178,15 +191,15 @@ impl AudioDataConfig {
         self.held_out.contains(&group) || stable_fraction(&group) < self.val_fraction
     }
 
-    /// Checks that every name in `held_out` is the group of one of the
-    /// files at `rels` (relative to `dir`); the error names the key and the
-    /// first name that matches nothing.
-    fn check_held_out<'a>(&self, rels: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    /// Checks that every name in `held_out` is the group of one of `files`
+    /// (found under `dir`); the error names the key and the first name that
+    /// matches nothing.
+    fn check_held_out(&self, files: &[PathBuf]) -> Result<()> {
         if self.held_out.is_empty() {
             return Ok(());
         }
         let groups: std::collections::HashSet<String> =
-            rels.into_iter().map(|r| self.split_group(r)).collect();
+            files.iter().map(|p| self.group_of(p)).collect();
         match self.held_out.iter().find(|g| !groups.contains(*g)) {
             None => Ok(()),
             Some(g) => Err(Error::Config {
@@ -210,14 +223,10 @@ impl AudioDataConfig {
     /// decoding: a file training would skip as unreadable is listed too).
     pub fn held_out_files(&self) -> Result<Vec<PathBuf>> {
         let files = discover_audio(&self.dir)?;
-        let rel = |p: &'_ PathBuf| p.strip_prefix(&self.dir).unwrap_or(p).to_path_buf();
-        let rels: Vec<PathBuf> = files.iter().map(rel).collect();
-        self.check_held_out(rels.iter().map(PathBuf::as_path))?;
+        self.check_held_out(&files)?;
         Ok(files
             .into_iter()
-            .zip(rels)
-            .filter(|(_, r)| self.is_held_out(r))
-            .map(|(p, _)| p)
+            .filter(|p| self.is_held_out(p.strip_prefix(&self.dir).unwrap_or(p)))
             .collect())
     }
 }
@@ -356,7 +365,7 @@ impl AudioFolder {
     pub fn load(cfg: &AudioDataConfig) -> Result<Self> {
         cfg.check()?;
         let files = discover_audio(&cfg.dir)?;
-        cfg.check_held_out(files.iter().map(|p| p.strip_prefix(&cfg.dir).unwrap_or(p)))?;
+        cfg.check_held_out(&files)?;
         let crop = cfg.crop_samples();
         let mut skipped = SkipReport::default();
         let (mut train, mut val) = (Vec::new(), Vec::new());
@@ -418,7 +427,7 @@ impl AudioFolder {
         // A mistyped held-out name is named before the folder is decoded.
         if !cfg.held_out.is_empty() {
             let files = discover_audio(&cfg.dir)?;
-            cfg.check_held_out(files.iter().map(|p| p.strip_prefix(&cfg.dir).unwrap_or(p)))?;
+            cfg.check_held_out(&files)?;
         }
         let report = prepare_cache(cfg, cache_dir)?;
         let index = CacheIndex::read(cache_dir)?
