@@ -11,6 +11,11 @@
 //! An existing run directory is never reused silently: `--resume` continues
 //! it (a config that differs in more than run length and logging is refused
 //! unless `--force`), `--overwrite` starts over.
+//!
+//! Data-parallel (built with `--features mpi`; docs/distributed.md):
+//! `mpirun -n 2 target/release/examples/train --config ...` trains one run
+//! on 2 ranks, each with its half of every `data.batch_size` batch; rank 0
+//! prints and writes.
 
 mod common;
 
@@ -18,9 +23,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use melvae::train::dist::{from_env, Communicator};
 use melvae::train::run::{check_start, open_run, read_run_config, Start};
-use melvae::train::tasks::{check_config, open_data, train};
-use melvae::train::ResolvedConfig;
+use melvae::train::tasks::{check_config, open_data, train_on};
+use melvae::train::{ResolvedConfig, RunDir};
 
 #[derive(Parser)]
 #[command(about = "Train a model (the family comes from the config)")]
@@ -47,7 +53,8 @@ struct Args {
     overrides: Vec<String>,
 }
 
-fn run(args: &Args) -> melvae::train::Result<()> {
+fn run(args: &Args, comm: &dyn Communicator) -> melvae::train::Result<()> {
+    let rank0 = comm.rank() == 0;
     let resume_dir = args.resume.as_ref().filter(|p| !p.as_os_str().is_empty());
     let (resolved, run_dir) = match (resume_dir, &args.config) {
         (Some(dir), None) => {
@@ -81,12 +88,33 @@ fn run(args: &Args) -> melvae::train::Result<()> {
         (None, false) => Start::New,
     };
     check_config(&resolved)?;
-    check_start(&run_dir, &resolved, start)?;
+    if rank0 {
+        check_start(&run_dir, &resolved, start)?;
+    }
     let (data, description) = open_data(&resolved)?;
-    println!("{description}");
-    let run = open_run(&run_dir, &resolved, start)?;
+    // Rank 0 prepares the run directory; the others wait for it.
+    let run = if rank0 {
+        println!("{description}");
+        if comm.world_size() > 1 {
+            println!(
+                "data-parallel: {} ranks ({}), each with 1/{} of every batch",
+                comm.world_size(),
+                comm.backend(),
+                comm.world_size()
+            );
+        }
+        let run = open_run(&run_dir, &resolved, start)?;
+        comm.barrier()?;
+        run
+    } else {
+        comm.barrier()?;
+        RunDir::open(&run_dir)
+    };
     let resume = matches!(start, Start::Resume { .. });
-    let s = train(&resolved, data, &run, resume)?;
+    let s = train_on(&resolved, data, &run, resume, comm)?;
+    if !rank0 {
+        return Ok(());
+    }
     println!(
         "{}: {} steps ({} skipped){}",
         run.root().display(),
@@ -113,5 +141,18 @@ fn run(args: &Args) -> melvae::train::Result<()> {
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { melvae::layers::tune_cpu() };
-    common::exit_with(run(&Args::parse()))
+    let args = Args::parse();
+    let comm = match from_env() {
+        Ok(c) => c,
+        Err(e) => return common::exit_with(Err(e)),
+    };
+    let out = run(&args, comm.as_ref());
+    if let Err(e) = &out {
+        // A rank that fails stops the others (rather than leaving them
+        // waiting in a collective).
+        if comm.world_size() > 1 {
+            comm.abort(&e.to_string());
+        }
+    }
+    common::exit_with(out)
 }

@@ -141,6 +141,20 @@ pub struct LossDraws {
     pub t: Tensor,
 }
 
+impl LossDraws {
+    /// The values of the batch rows `rows` (the dropout seed unchanged).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+        let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        Ok(Self {
+            dropout_seed: self.dropout_seed,
+            eps: narrow(&self.eps)?,
+            keep: narrow(&self.keep)?,
+            x0: narrow(&self.x0)?,
+            t: narrow(&self.t)?,
+        })
+    }
+}
+
 /// A clip and its reconstruction, from [`MelVae::reconstruct`].
 #[derive(Debug, Clone)]
 pub struct Reconstruction {
@@ -351,9 +365,21 @@ impl MelVae {
     /// The random values one [`MelVae::loss`] of `mel` draws from `rng`,
     /// in its order.
     pub fn loss_draws(&self, mel: &Tensor, rng: &mut SplitMix64, train: bool) -> Result<LossDraws> {
-        let (b, m, frames) = mel.dims3()?;
-        let dev = mel.device();
-        let dt = mel.dtype();
+        self.loss_draws_for(mel.dims3()?, mel.device(), mel.dtype(), rng, train)
+    }
+
+    /// [`MelVae::loss_draws`] for a batch of log-mels of dims
+    /// `(batch, mel, frames)` on `dev` in `dt`, without the batch itself
+    /// (a data-parallel rank draws the whole batch's values and keeps its
+    /// rows with [`LossDraws::rows`]).
+    pub fn loss_draws_for(
+        &self,
+        (b, m, frames): (usize, usize, usize),
+        dev: &Device,
+        dt: DType,
+        rng: &mut SplitMix64,
+        train: bool,
+    ) -> Result<LossDraws> {
         let dropout_seed = rng.next_u64();
         let latent = (b, frames / self.compress(), self.latent_dim());
         let eps = normal_noise(&[latent.0, latent.1, latent.2], rng, dev)?.to_dtype(dt)?;

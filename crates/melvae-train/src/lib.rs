@@ -42,6 +42,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 mod error;
 pub mod optim;
 pub mod prefetch;

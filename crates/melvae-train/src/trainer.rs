@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{checkpoint_name, Checkpoint, RunDir, TrainState};
 use crate::config::{check, Validate};
+use crate::dist::{all_reduce, broadcast, Communicator, ReduceOp, Shard, SingleProcess};
 use crate::optim::{
     clip_grad_norm, collect_grads, AdamW, AdamWConfig, Ema, GradAccumulator, Grads, LrSchedule,
 };
@@ -83,6 +84,23 @@ pub trait TrainTask {
     /// Restores [`TrainTask::state`].
     fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
+    }
+    /// Data-parallel training ([`crate::dist`]): from now on, build only
+    /// `shard`'s rows of every global batch while drawing the whole batch's
+    /// randomness (crops and order from the trainer's `rng`, per-row noise
+    /// as the whole batch would draw it), so that the ranks together compute
+    /// the single-process batch. Dropout masks come from per-rank streams
+    /// ([`Shard::seed`]). The default accepts only the whole batch.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        match shard.count {
+            1 => Ok(()),
+            n => Err(Error::invalid(
+                "data-parallel training",
+                format!(
+                    "this model family does not shard its batches yet; run it on one rank, not {n}"
+                ),
+            )),
+        }
     }
 }
 
@@ -376,10 +394,12 @@ pub struct TrainSummary {
     pub best: Option<(f64, String)>,
 }
 
-/// Runs a [`TrainTask`] in a [`RunDir`].
+/// Runs a [`TrainTask`] in a [`RunDir`], alone or as one rank of a
+/// data-parallel group ([`Trainer::with_comm`]).
 pub struct Trainer<'a> {
     cfg: TrainerConfig,
     run: &'a RunDir,
+    comm: &'a dyn Communicator,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -399,6 +419,100 @@ fn not_finite_report(losses: &Losses) -> Result<Option<String>> {
         bad.push(format!("total loss = {total}"));
     }
     Ok((!bad.is_empty()).then(|| bad.join(", ")))
+}
+
+/// The element-wise sums over the ranks of `values` (small vectors: flags,
+/// logged losses).
+fn sum_values(comm: &dyn Communicator, values: Vec<f32>, device: &Device) -> Result<Vec<f32>> {
+    if comm.world_size() == 1 {
+        return Ok(values);
+    }
+    let n = values.len();
+    let t = Tensor::from_vec(values, n, device)?;
+    Ok(comm.all_reduce_sum_flat(&t)?.to_vec1::<f32>()?)
+}
+
+/// The mean over the ranks of each rank's `grads` of `vars`: a variable
+/// with a gradient on some rank gets the mean with zeros for the others; one
+/// with none anywhere stays `None` (as in one process).
+fn average_grads(comm: &dyn Communicator, grads: Grads, vars: &[(String, Var)]) -> Result<Grads> {
+    if comm.world_size() == 1 {
+        return Ok(grads);
+    }
+    let device = vars
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let present = grads
+        .iter()
+        .map(|g| f32::from(u8::from(g.is_some())))
+        .collect();
+    let anywhere = sum_values(comm, present, &device)?;
+    let mut send = Vec::new();
+    let mut slots = Vec::new();
+    for (i, (g, (_, v))) in grads.iter().zip(vars).enumerate() {
+        if anywhere[i] > 0.0 {
+            send.push(match g {
+                Some(g) => g.clone(),
+                None => v.as_tensor().zeros_like()?,
+            });
+            slots.push(i);
+        }
+    }
+    let mean = all_reduce(
+        comm,
+        &send,
+        ReduceOp::Mean,
+        crate::dist::DEFAULT_BUCKET_BYTES,
+    )?;
+    let mut out: Grads = vec![None; grads.len()];
+    for (i, g) in slots.into_iter().zip(mean) {
+        out[i] = Some(g);
+    }
+    Ok(out)
+}
+
+/// Fails when any rank's weights differ from rank 0's: the ranks apply the
+/// same averaged gradients, so replicas stay equal unless a rank computed
+/// something else (a non-deterministic kernel, a rank-dependent branch).
+fn check_replicas(
+    comm: &dyn Communicator,
+    gen: &[(String, Var)],
+    disc: &[(String, Var)],
+    step: u64,
+    device: &Device,
+) -> Result<()> {
+    let mine: Vec<Tensor> = gen
+        .iter()
+        .chain(disc)
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let theirs = broadcast(comm, &mine, 0, crate::dist::DEFAULT_BUCKET_BYTES)?;
+    let mut differ = Vec::new();
+    for (((name, _), a), b) in gen.iter().chain(disc).zip(&mine).zip(&theirs) {
+        let d = scalar(&(a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?)?;
+        if d != 0.0 {
+            differ.push(format!("`{name}` (max difference {d:e})"));
+        }
+    }
+    let mut flags = vec![0f32; comm.world_size()];
+    flags[comm.rank()] = differ.len() as f32;
+    let flags = sum_values(comm, flags, device)?;
+    let ranks: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] > 0.0).collect();
+    if ranks.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "data-parallel training",
+        format!(
+            "at step {step} the weights of rank(s) {ranks:?} differ from rank 0's{}",
+            if differ.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", differ.join(", "))
+            }
+        ),
+    ))
 }
 
 fn frozen(name: &str, freeze: &[String]) -> bool {
@@ -451,14 +565,52 @@ impl<'a> Trainer<'a> {
             key: format!("training.{k}"),
             reason: r,
         })?;
-        Ok(Self { cfg, run })
+        Ok(Self {
+            cfg,
+            run,
+            comm: &SingleProcess,
+        })
+    }
+
+    /// Trains as rank `comm.rank()` of `comm.world_size()` (data-parallel):
+    /// every rank builds its shard of each global batch
+    /// ([`TrainTask::set_shard`]; `data.batch_size` stays the global
+    /// batch), gradients and logged losses are averaged over the ranks in
+    /// bucketed all-reduces, a step is skipped on every rank when a loss is
+    /// non-finite on any, and rank 0 alone validates, writes samples,
+    /// metrics, TensorBoard files and checkpoints (its validation result is
+    /// broadcast so every rank keeps the same best checkpoint and early
+    /// stopping). Every rank resumes from the run's latest checkpoint. A
+    /// rank that fails calls [`Communicator::abort`], stopping all.
+    pub fn with_comm(mut self, comm: &'a dyn Communicator) -> Self {
+        self.comm = comm;
+        self
     }
 
     /// Trains `task` to `cfg.steps`, resuming from the run's latest
     /// checkpoint if `resume` and one exists.
     pub fn fit<T: TrainTask>(&self, task: &mut T, resume: bool) -> Result<TrainSummary> {
+        let out = self.fit_rank(task, resume);
+        if let Err(e) = &out {
+            if self.comm.world_size() > 1 {
+                self.comm.abort(&e.to_string());
+            }
+        }
+        out
+    }
+
+    fn fit_rank<T: TrainTask>(&self, task: &mut T, resume: bool) -> Result<TrainSummary> {
         let cfg = &self.cfg;
+        let comm = self.comm;
+        let shard = Shard::of(comm);
+        task.set_shard(shard)?;
+        // Rank 0 alone validates and writes.
+        let writer = shard.index == 0;
         let all_vars = task.vars();
+        let device = all_vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu);
         let vars: Vec<(String, Var)> = all_vars
             .iter()
             .filter(|(n, _)| !frozen(n, &cfg.freeze))
@@ -478,11 +630,7 @@ impl<'a> Trainer<'a> {
 
         let latest = if resume { self.run.latest()? } else { None };
         if let Some(dir) = &latest {
-            let dev = all_vars
-                .first()
-                .map(|(_, v)| v.device().clone())
-                .unwrap_or(Device::Cpu);
-            let ck = RunDir::load_checkpoint(dir, &dev)?;
+            let ck = RunDir::load_checkpoint(dir, &device)?;
             for (name, var) in all_vars.iter().chain(&disc_vars) {
                 let t = ck.model.get(name).ok_or_else(|| {
                     Error::file(dir, format!("model.safetensors has no `{name}`"))
@@ -527,7 +675,9 @@ impl<'a> Trainer<'a> {
                     .unwrap_or(&serde_json::Value::Null),
             )?;
             state = ck.state;
-            self.run.truncate_metrics_after(state.step)?;
+            if writer {
+                self.run.truncate_metrics_after(state.step)?;
+            }
         } else if let Some(init) = &cfg.init_from {
             let dir = if init.checkpoint.join("state.json").exists() {
                 init.checkpoint.clone()
@@ -536,11 +686,7 @@ impl<'a> Trainer<'a> {
                     Error::file(&init.checkpoint, "has no checkpoint to initialise from")
                 })?
             };
-            let dev = all_vars
-                .first()
-                .map(|(_, v)| v.device().clone())
-                .unwrap_or(Device::Cpu);
-            let ck = RunDir::load_checkpoint(&dir, &dev)?;
+            let ck = RunDir::load_checkpoint(&dir, &device)?;
             init_modules(&all_vars, &ck.model, &init.modules, &dir)?;
             // Master weights and EMA start from the loaded values.
             opt.sync_master()?;
@@ -557,7 +703,7 @@ impl<'a> Trainer<'a> {
             .best_metric
             .clone()
             .unwrap_or_else(|| task.best_metric().to_string());
-        let mut tb = if cfg.tensorboard {
+        let mut tb = if cfg.tensorboard && writer {
             let mut w = crate::tensorboard::EventWriter::create(self.run.root())?;
             // The checkpoint's own step was logged by the process that
             // wrote it: purge only what came after.
@@ -566,7 +712,7 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        if cfg.best_metric.is_some() && cfg.val_every > 0 && state.step < cfg.steps {
+        if writer && cfg.best_metric.is_some() && cfg.val_every > 0 && state.step < cfg.steps {
             // A metric the task does not report fails now, not after
             // `val_every` steps of training.
             let ctx = StepContext {
@@ -576,10 +722,14 @@ impl<'a> Trainer<'a> {
             };
             best_of(&task.validate(ctx)?, &best_key)?;
         }
-        let bar = (cfg.progress && std::io::stderr().is_terminal())
+        let progress = cfg.progress && writer;
+        let bar = (progress && std::io::stderr().is_terminal())
             .then(|| progress_bar(cfg.steps, state.step));
-        let lines = cfg.progress && !std::io::stdout().is_terminal();
-        if cfg.progress {
+        // One line per logged step wherever no bar is drawn (output to a
+        // file or pipe, or ranks under mpirun, whose stdout may be a
+        // terminal while stderr is not).
+        let lines = progress && bar.is_none();
+        if progress {
             println!(
                 "{}",
                 parameter_summary(&all_vars, vars.len(), &disc_vars, state.step)
@@ -629,9 +779,28 @@ impl<'a> Trainer<'a> {
                     scalar(&l.total)? / cfg.grad_accum as f64;
                 acc.add(collect_grads(&vars, &l.total.backward()?))?;
             }
+            if shard.count > 1 {
+                // Every rank skips the step when any rank's loss is
+                // non-finite; otherwise the logged losses become the global
+                // batch's (the mean of equal shards' means).
+                let mut flags = vec![0f32; shard.count];
+                flags[shard.index] = f32::from(u8::from(bad.is_some()));
+                let flags = sum_values(comm, flags, &device)?;
+                let bad_ranks: Vec<usize> = (0..shard.count).filter(|&r| flags[r] > 0.0).collect();
+                if !bad_ranks.is_empty() {
+                    let why = bad.take().unwrap_or_else(|| "non-finite loss".into());
+                    bad = Some(format!("rank(s) {bad_ranks:?}: {why}"));
+                } else {
+                    let means =
+                        sum_values(comm, logged.values().map(|&v| v as f32).collect(), &device)?;
+                    for (v, m) in logged.values_mut().zip(means) {
+                        *v = f64::from(m) / shard.count as f64;
+                    }
+                }
+            }
             let mut grad_norm = f64::NAN;
             if bad.is_none() {
-                let mut grads: Grads = acc.finish()?;
+                let mut grads: Grads = average_grads(comm, acc.finish()?, &vars)?;
                 grad_norm = match cfg.grad_clip {
                     Some(c) => clip_grad_norm(&mut grads, c)?,
                     None => crate::optim::grad_norm(&grads)?,
@@ -641,7 +810,7 @@ impl<'a> Trainer<'a> {
                 } else {
                     if let (Some(d), Some(g)) = (&mut dopt, &cfg.gan) {
                         if dacc.count() > 0 {
-                            let mut dg = dacc.finish()?;
+                            let mut dg = average_grads(comm, dacc.finish()?, &disc_vars)?;
                             let dn = match g.disc_grad_clip {
                                 Some(c) => clip_grad_norm(&mut dg, c)?,
                                 None => crate::optim::grad_norm(&dg)?,
@@ -667,8 +836,11 @@ impl<'a> Trainer<'a> {
                 Some(report) => {
                     consecutive_bad += 1;
                     skipped += 1;
-                    self.run
-                        .log_metrics(&serde_json::json!({"step": state.step, "skipped": report}))?;
+                    if writer {
+                        self.run.log_metrics(
+                            &serde_json::json!({"step": state.step, "skipped": report}),
+                        )?;
+                    }
                     if consecutive_bad >= cfg.max_bad_steps {
                         return Err(Error::invalid(
                             "training",
@@ -682,7 +854,10 @@ impl<'a> Trainer<'a> {
                 }
             }
             state.rng_state = rng.state;
-            if bad.is_none() && (state.step % cfg.log_every == 0 || state.step == cfg.steps) {
+            if writer
+                && bad.is_none()
+                && (state.step % cfg.log_every == 0 || state.step == cfg.steps)
+            {
                 let mut rec = serde_json::json!({"step": state.step, "lr": lr, "grad_norm": grad_norm,
                     "elapsed_s": started.elapsed().as_secs_f64()});
                 for (k, v) in &logged {
@@ -730,7 +905,7 @@ impl<'a> Trainer<'a> {
             };
             // Samples and validation see the EMA weights (swapped in and
             // back; exact resume is unaffected).
-            let (written, metrics) = if sample_now || val_now {
+            let (written, metrics) = if writer && (sample_now || val_now) {
                 let raw = swap_in(ema.as_ref(), &vars)?;
                 let out = (|| -> Result<_> {
                     let written = match sample_now {
@@ -780,7 +955,20 @@ impl<'a> Trainer<'a> {
                     early_stopped = true;
                 }
             }
-            if save_now || state.step == cfg.steps || early_stopped {
+            if val_now && shard.count > 1 {
+                // Rank 0 decides; every rank stops together.
+                let flag = f32::from(u8::from(early_stopped));
+                let t = Tensor::new(&[flag], &device)?;
+                early_stopped = comm.broadcast_flat(&t, 0)?.to_vec1::<f32>()?[0] > 0.0;
+            }
+            if shard.count > 1
+                && ((cfg.ckpt_every > 0 && state.step % cfg.ckpt_every == 0)
+                    || state.step == cfg.steps
+                    || early_stopped)
+            {
+                check_replicas(comm, &all_vars, &disc_vars, state.step, &device)?;
+            }
+            if writer && (save_now || state.step == cfg.steps || early_stopped) {
                 let dir = self.save(
                     task,
                     &all_vars,
@@ -816,8 +1004,10 @@ impl<'a> Trainer<'a> {
         if let Some(b) = bar {
             b.finish();
         }
-        self.run
-            .plot_losses(&["total", &format!("val/{best_key}")])?;
+        if writer {
+            self.run
+                .plot_losses(&["total", &format!("val/{best_key}")])?;
+        }
         if let Some(w) = &mut tb {
             w.flush()?;
         }

@@ -197,3 +197,25 @@ fn bundled_experiments_parse_and_errors_name_the_file() {
         "{e}"
     );
 }
+
+/// Two in-process ranks with 2 rows each follow one rank with the whole
+/// 4-row batch: the same data, noise and losses every step, the same
+/// weights up to the summation order of the gradients.
+#[test]
+fn two_ranks_follow_one_rank_with_the_same_global_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let c = cfg(12);
+    let one = RunDir::create(d.path().join("one")).unwrap();
+    let mut single = task(&audio);
+    Trainer::new(c.clone(), &one)
+        .unwrap()
+        .fit(&mut single, false)
+        .unwrap();
+    let two = d.path().join("two");
+    let ranks = common::data_parallel(2, &c, false, &two, |_| task(&audio));
+    let single = common::weights(single.vars());
+    common::assert_two_ranks_follow(one.root(), &two, &single, &ranks, 12);
+}

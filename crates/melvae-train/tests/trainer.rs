@@ -12,6 +12,8 @@ use melvae_layers::testing::{named_vars, noise};
 use melvae_layers::Linear;
 use melvae_train::*;
 
+mod common;
+
 struct Toy {
     vm: VarMap,
     lin: Linear,
@@ -24,6 +26,10 @@ struct Toy {
     disc_calls: Vec<u64>,
     /// The weights each validation saw, by step.
     val_seen: Vec<(u64, Vec<Vec<f32>>)>,
+    /// This rank's rows of every batch (data-parallel).
+    shard: dist::Shard,
+    /// The step at which `losses` fails.
+    fail_at: Option<u64>,
 }
 
 impl Toy {
@@ -46,6 +52,8 @@ impl Toy {
             disc: None,
             disc_calls: vec![],
             val_seen: vec![],
+            shard: dist::Shard::WHOLE,
+            fail_at: None,
         }
     }
 
@@ -73,12 +81,19 @@ impl TrainTask for Toy {
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Self::Batch> {
         let idx: Vec<u32> = (0..8).map(|_| rng.below(64) as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        let rows = self.shard.rows(8, "batch")?;
+        let idx = Tensor::new(&idx[rows], &Device::Cpu)?;
         Ok((self.x.index_select(&idx, 0)?, self.y.index_select(&idx, 0)?))
     }
 
     fn losses(&mut self, (x, y): &Self::Batch, ctx: StepContext) -> Result<Losses> {
         self.seen_ctx.push(ctx);
+        if self.fail_at == Some(ctx.step) {
+            return Err(Error::Invalid {
+                what: "toy".into(),
+                reason: format!("made to fail at step {}", ctx.step),
+            });
+        }
         let mut mse = (self.lin.forward(x)? - y)?.sqr()?.mean_all()?;
         if self.nan_at.contains(&ctx.step) {
             mse = (mse * f64::NAN)?;
@@ -101,6 +116,12 @@ impl TrainTask for Toy {
             total: l.clone(),
             terms: BTreeMap::from([("d".to_string(), l)]),
         }))
+    }
+
+    fn set_shard(&mut self, shard: dist::Shard) -> Result<()> {
+        shard.rows(8, "batch")?;
+        self.shard = shard;
+        Ok(())
     }
 
     fn validate(&mut self, ctx: StepContext) -> Result<BTreeMap<String, f64>> {
@@ -549,4 +570,151 @@ fn bundled_default_config_parses() {
         e.contains("training.dtype") && e.contains("needs a CUDA device"),
         "{e}"
     );
+}
+
+/// Data-parallel training with in-process ranks: 2 ranks with 4 rows each
+/// follow the 1-rank run with the whole 8-row batch (GAN mode, gradient
+/// accumulation, EMA, clipping and validation included), rank 1 writes
+/// nothing, and resuming a 2-rank run is exact.
+#[test]
+fn two_ranks_follow_one_rank_with_the_same_global_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let make = || {
+        let mut t = Toy::new(3);
+        t.disc = Some(Var::new(&[0.5f32, -0.5], &Device::Cpu).unwrap());
+        t
+    };
+    let c = TrainerConfig {
+        gan: Some(GanConfig {
+            disc_learning_rate: 0.01,
+            disc_adamw: optim::AdamWConfig::default(),
+            disc_every: 2,
+            adversarial_start_step: 4,
+            disc_grad_clip: None,
+        }),
+        ..cfg(20)
+    };
+    let one = run_dir(&d.path().join("one"));
+    let mut single = make();
+    let summary = Trainer::new(c.clone(), &one)
+        .unwrap()
+        .fit(&mut single, false)
+        .unwrap();
+    let two_dir = d.path().join("two");
+    let two = common::data_parallel(2, &c, false, &two_dir, |_| make());
+    let mut w_single = single.weights();
+    w_single.extend(common::weights(single.disc_vars()));
+    common::assert_two_ranks_follow(one.root(), &two_dir, &w_single, &two, 20);
+    let (s0, w0) = two[0].clone().unwrap();
+    assert_eq!(
+        s0.best.map(|b| b.1),
+        summary.best.map(|b| b.1),
+        "the same best checkpoint"
+    );
+    let rank1 = d.path().join("two/rank1");
+    assert!(
+        !rank1.join("metrics.jsonl").exists(),
+        "rank 1 writes no metrics"
+    );
+    assert_eq!(
+        std::fs::read_dir(rank1.join("checkpoints"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // Resume: 2 ranks to 10 steps, then to 20, equal the straight 2-rank run.
+    let dir = d.path().join("resumed");
+    common::data_parallel(2, &cfg_steps(&c, 10), false, &dir, |_| make())
+        .into_iter()
+        .for_each(|r| drop(r.unwrap()));
+    // Both ranks resume from rank 0's run directory's checkpoint.
+    let shared = dir.join("rank0");
+    std::fs::remove_dir_all(dir.join("rank1")).unwrap();
+    let again = resume_shared(&c, &shared, make);
+    assert_eq!(again[0], w0, "a resumed 2-rank run equals the straight one");
+    assert_eq!(again[1], w0);
+}
+
+fn cfg_steps(c: &TrainerConfig, steps: u64) -> TrainerConfig {
+    TrainerConfig { steps, ..c.clone() }
+}
+
+/// Both ranks of a new group resume the run at `run` (one shared run
+/// directory, as on a shared file system) to `c.steps`.
+fn resume_shared(
+    c: &TrainerConfig,
+    run: &Path,
+    make: impl Fn() -> Toy + Sync,
+) -> Vec<Vec<Vec<f32>>> {
+    let comms = dist::LocalComm::group(2);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let make = &make;
+                let c = c.clone();
+                s.spawn(move || {
+                    let r = RunDir::open(run);
+                    let mut t = make();
+                    Trainer::new(c, &r)
+                        .unwrap()
+                        .with_comm(&comm)
+                        .fit(&mut t, true)
+                        .unwrap();
+                    let mut w = t.weights();
+                    w.extend(common::weights(t.disc_vars()));
+                    w
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// A non-finite loss on one rank skips the step on every rank (the record
+/// names the rank); an error on one rank stops every rank with that rank's
+/// message; a batch that does not split evenly is refused, naming it.
+#[test]
+fn data_parallel_failures_stop_every_rank() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(8);
+    let nan_on_rank1 = |rank| {
+        let mut t = Toy::new(3);
+        if rank == 1 {
+            t.nan_at.insert(3);
+        }
+        t
+    };
+    let out = common::data_parallel(2, &c, false, &d.path().join("nan"), nan_on_rank1);
+    let (s0, w0) = out[0].clone().unwrap();
+    let (s1, w1) = out[1].clone().unwrap();
+    assert_eq!((s0.skipped, s1.skipped), (1, 1));
+    assert_eq!(w0, w1);
+    let metrics = std::fs::read_to_string(d.path().join("nan/rank0/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("rank(s) [1]"), "{metrics}");
+
+    // An error: rank 1 fails at step 4; both stop, and rank 0's error names
+    // rank 1 and its cause.
+    let fail_on_rank1 = |rank| {
+        let mut t = Toy::new(3);
+        if rank == 1 {
+            t.fail_at = Some(4);
+        }
+        t
+    };
+    let out = common::data_parallel(2, &c, false, &d.path().join("fail"), fail_on_rank1);
+    let errors: Vec<String> = out.into_iter().map(|r| r.unwrap_err()).collect();
+    assert!(
+        errors[0].contains("rank 1 failed") && errors[0].contains("made to fail at step 4"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("made to fail at step 4"), "{errors:?}");
+
+    // 8 rows over 3 ranks.
+    let out = common::data_parallel(3, &c, false, &d.path().join("uneven"), |_| Toy::new(3));
+    for r in out {
+        let e = r.unwrap_err();
+        assert!(e.contains("batch") && e.contains("3 ranks"), "{e}");
+    }
 }

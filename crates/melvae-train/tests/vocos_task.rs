@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_losses::WaveformLoss;
-use melvae_models::{DiscriminatorsConfig, MpdConfig, VocosConfig, VocosFeatures, VocosPadding};
+use melvae_models::{DiscriminatorsConfig, VocosConfig, VocosFeatures, VocosPadding};
 use melvae_train::tasks::vocos::{VocosLossConfig, VocosSections, VocosTask};
 use melvae_train::*;
 
@@ -126,15 +126,7 @@ fn adversarial_phase_trains_and_resumes_exactly() {
     let audio = d.path().join("audio");
     std::fs::create_dir(&audio).unwrap();
     folder(&audio);
-    let disc = DiscriminatorsConfig {
-        mpd: Some(MpdConfig {
-            periods: vec![2, 3],
-            channels: 2,
-            max_channels: 4,
-            layers: 1,
-        }),
-        ..Default::default()
-    };
+    let disc = common::tiny_mpd();
     let run = RunDir::create(d.path().join("a")).unwrap();
     let mut a = task(&audio, Some(disc.clone()));
     let before = weights(a.disc_vars());
@@ -430,4 +422,28 @@ fn mel_vae_samples_take_a_vocoder() {
     let y = melvae_dsp::load_audio(wav).unwrap();
     assert_eq!(y.sample_rate, 24000);
     assert!(y.n_samples() > 0);
+}
+
+/// GAN mode data-parallel: two in-process ranks follow one rank with the
+/// same global batch, generator and discriminator alike.
+#[test]
+fn two_ranks_follow_one_rank_in_the_adversarial_phase() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let disc = common::tiny_mpd();
+    let one = RunDir::create(d.path().join("one")).unwrap();
+    let mut single = task(&audio, Some(disc.clone()));
+    Trainer::new(cfg(6, true), &one)
+        .unwrap()
+        .fit(&mut single, false)
+        .unwrap();
+    let mut w1 = weights(single.vars());
+    w1.extend(weights(single.disc_vars()));
+    let two = d.path().join("two");
+    let ranks = common::data_parallel(2, &cfg(6, true), false, &two, |_| {
+        task(&audio, Some(disc.clone()))
+    });
+    common::assert_two_ranks_follow(one.root(), &two, &w1, &ranks, 6);
 }

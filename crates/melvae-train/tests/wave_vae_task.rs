@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use melvae_dsp::{save_wav, Audio, WavFormat};
 use melvae_models::{
-    BalancerSection, DiscriminatorsConfig, MpdConfig, MsdConfig, WaveBottleneck, WaveVaeConfig,
+    BalancerSection, DiscriminatorsConfig, MsdConfig, WaveBottleneck, WaveVaeConfig,
     WaveVaeLossConfig,
 };
 use melvae_train::tasks::wave_vae::{WaveVaeSections, WaveVaeTask};
@@ -262,13 +262,7 @@ fn adversarial_run(balancer: bool) {
             max_channels: 8,
             downsamples: 1,
         }),
-        mpd: Some(MpdConfig {
-            periods: vec![2, 3],
-            channels: 2,
-            max_channels: 4,
-            layers: 1,
-        }),
-        ..Default::default()
+        ..common::tiny_mpd()
     };
     let gan = |steps| TrainerConfig {
         gan: Some(common::test_gan()),

@@ -12,6 +12,7 @@ use melvae_dsp::{
 use melvae_models::{mel_to_array, MelVae, MelVaeConfig, SampleOptions};
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::dist::Shard;
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -41,6 +42,7 @@ pub struct MelVaeTask {
     cursor: EpochCursor,
     seed: u64,
     device: Device,
+    shard: Shard,
 }
 
 impl MelVaeTask {
@@ -79,6 +81,7 @@ impl MelVaeTask {
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
             device: device.clone(),
+            shard: Shard::WHOLE,
         };
         Ok(task)
     }
@@ -192,12 +195,17 @@ impl TrainTask for MelVaeTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<MelBatch> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
+        // Every row's crop is drawn (the same order on every rank); this
+        // rank keeps its own.
         let crops: Vec<Vec<f32>> = idx
             .iter()
             .map(|&i| self.data.train.crop(i, rng).remove(0))
+            .enumerate()
+            .filter(|(r, _)| rows.contains(r))
+            .map(|(_, c)| c)
             .collect();
         Ok(MelBatch {
             mel: self.mels(&crops)?,
@@ -205,13 +213,32 @@ impl TrainTask for MelVaeTask {
         })
     }
 
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        shard.rows(self.data_cfg.batch_size, "data.batch_size")?;
+        self.shard = shard;
+        Ok(())
+    }
+
     fn losses(&mut self, batch: &MelBatch, ctx: StepContext) -> Result<Losses> {
-        let l = self.model.loss(
-            &batch.mel,
-            ctx.step,
-            &mut SplitMix64::new(batch.seed),
-            ctx.train,
-        )?;
+        let rng = &mut SplitMix64::new(batch.seed);
+        let l = if self.shard == Shard::WHOLE {
+            self.model.loss(&batch.mel, ctx.step, rng, ctx.train)?
+        } else {
+            // The whole batch's noise, this rank's rows of it.
+            let (_, m, frames) = batch.mel.dims3()?;
+            let global = (self.data_cfg.batch_size, m, frames);
+            let all = self.model.loss_draws_for(
+                global,
+                batch.mel.device(),
+                batch.mel.dtype(),
+                rng,
+                ctx.train,
+            )?;
+            let mut draws = all.rows(self.shard.rows(global.0, "data.batch_size")?)?;
+            draws.dropout_seed = self.shard.seed(draws.dropout_seed);
+            self.model
+                .loss_with(&batch.mel, ctx.step, &draws, ctx.train)?
+        };
         Ok(Losses {
             total: l.total,
             terms: BTreeMap::from([("cfm".to_string(), l.cfm), ("kl".to_string(), l.kl)]),

@@ -735,10 +735,23 @@ pub fn train(
     run: &crate::RunDir,
     resume: bool,
 ) -> Result<crate::TrainSummary> {
+    train_on(cfg, data, run, resume, &crate::dist::SingleProcess)
+}
+
+/// [`train`] as rank `comm.rank()` of a data-parallel group (see
+/// [`crate::Trainer::with_comm`]); every rank calls it with the same
+/// config, data and run directory.
+pub fn train_on(
+    cfg: &ResolvedConfig,
+    data: TrainData,
+    run: &crate::RunDir,
+    resume: bool,
+    comm: &dyn crate::dist::Communicator,
+) -> Result<crate::TrainSummary> {
     let training: crate::TrainerConfig = cfg.get("training")?;
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
     let (family, decoding) = check(cfg)?;
-    let trainer = crate::Trainer::new(training, run)?;
+    let trainer = crate::Trainer::new(training, run)?.with_comm(comm);
     let data = match data {
         TrainData::Tokens(split) => {
             let data_cfg: crate::tokens::TokenDataConfig = cfg.get("data")?;

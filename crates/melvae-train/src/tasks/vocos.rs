@@ -12,6 +12,7 @@ use melvae_models::{AdversarialWeights, DiscOutput, Discriminators, Vocos, Vocos
 use serde::{Deserialize, Serialize};
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::dist::Shard;
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -143,6 +144,7 @@ pub struct VocosTask {
     pending: Option<(u64, candle_core::TensorId, (Tensor, Tensor), DiscOutput)>,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     dtype: DType,
 }
@@ -197,6 +199,7 @@ impl VocosTask {
             pending: None,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             dtype,
         })
@@ -241,10 +244,22 @@ impl TrainTask for VocosTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
-        self.crops(&self.data.train, &idx, rng)
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
+        // Every row is cropped (the same draws on every rank); this rank
+        // keeps its own. Nothing else in a step is random.
+        let crops = self.crops(&self.data.train, &idx, rng)?;
+        if rows.len() == batch {
+            return Ok(crops);
+        }
+        Ok(crops.narrow(0, rows.start, rows.len())?)
+    }
+
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        shard.rows(self.data_cfg.batch_size, "data.batch_size")?;
+        self.shard = shard;
+        Ok(())
     }
 
     fn disc_losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Option<Losses>> {

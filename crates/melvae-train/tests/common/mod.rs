@@ -112,3 +112,112 @@ pub fn mono_data(dir: &Path, rate: u32, crop: f64) -> AudioDataConfig {
         held_out: Vec::new(),
     }
 }
+
+/// What one rank of [`data_parallel`] ended with: its summary and final
+/// weights (the generator's, then the discriminator's), or its error
+/// message.
+pub type RankOutcome = Result<(melvae_train::TrainSummary, Vec<Vec<f32>>), String>;
+
+/// Trains one `make(rank)` per rank of a [`melvae_train::dist::LocalComm`] of
+/// `ranks` threads to `cfg.steps` (resuming if `resume`), rank `r` in the
+/// run directory `dir/rank{r}`; returns each rank's outcome, in rank order.
+pub fn data_parallel<T: TrainTask>(
+    ranks: usize,
+    cfg: &TrainerConfig,
+    resume: bool,
+    dir: &Path,
+    make: impl Fn(usize) -> T + Sync,
+) -> Vec<RankOutcome> {
+    let comms = melvae_train::dist::LocalComm::group(ranks);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let make = &make;
+                let cfg = cfg.clone();
+                let run = RunDir::create(dir.join(format!("rank{r}"))).unwrap();
+                s.spawn(move || {
+                    let mut task = make(r);
+                    let summary = Trainer::new(cfg, &run)
+                        .map_err(|e| e.to_string())?
+                        .with_comm(&comm)
+                        .fit(&mut task, resume)
+                        .map_err(|e| e.to_string())?;
+                    let mut w = weights(task.vars());
+                    w.extend(weights(task.disc_vars()));
+                    Ok((summary, w))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The `(step, key)` values of a run's `metrics.jsonl`, in order.
+pub fn logged(run: &Path, key: &str) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v[key].as_f64()?))
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two weight sets of one model.
+pub fn max_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Asserts that the 2-rank run of [`data_parallel`] in `two` (its rank 0
+/// writes `two/rank0`) followed the 1-rank run in `one` for `steps` steps:
+/// identical replicas, the same logged total loss every step within 1e-5
+/// relative, and final weights within 1e-5 of `single` (the 1-rank
+/// weights, generator then discriminator). Float summation order (halves
+/// summed, then added) makes them differ by rounding: about 1e-7 relative
+/// per step, measured 1.4e-6 in the weights after 12 steps.
+pub fn assert_two_ranks_follow(
+    one: &Path,
+    two: &Path,
+    single: &[Vec<f32>],
+    ranks: &[RankOutcome],
+    steps: usize,
+) {
+    let w0 = &ranks[0].as_ref().unwrap().1;
+    assert_eq!(
+        w0,
+        &ranks[1].as_ref().unwrap().1,
+        "the replicas stay identical"
+    );
+    let diff = max_difference(single, w0);
+    assert!(
+        diff < 1e-5,
+        "1 rank vs 2 ranks: max weight difference {diff}"
+    );
+    let (l1, l2) = (logged(one, "total"), logged(&two.join("rank0"), "total"));
+    assert_eq!((l1.len(), l2.len()), (steps, steps));
+    for ((s, a), (_, b)) in l1.iter().zip(&l2) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+            "step {s}: loss {a} vs {b}"
+        );
+    }
+}
+
+/// Task tests' discriminators: a two-period MPD of two to four channels.
+pub fn tiny_mpd() -> melvae_models::DiscriminatorsConfig {
+    melvae_models::DiscriminatorsConfig {
+        mpd: Some(melvae_models::MpdConfig {
+            periods: vec![2, 3],
+            channels: 2,
+            max_channels: 4,
+            layers: 1,
+        }),
+        ..Default::default()
+    }
+}
