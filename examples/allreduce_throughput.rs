@@ -6,6 +6,8 @@
 //! ```text
 //! cargo build --release --features mpi --example allreduce_throughput
 //! mpirun -n 2 target/release/examples/allreduce_throughput
+//! # GPUs, one rank each (NCCL): build with --features mpi,nccl, then
+//! mpirun -n 2 target/release/examples/allreduce_throughput --device cuda
 //! ```
 //!
 //! Prints, per payload, the mean time of one all-reduce, the algorithm
@@ -18,7 +20,7 @@ mod common;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use melvae::train::dist::{all_reduce, from_env, Communicator, ReduceOp, DEFAULT_BUCKET_BYTES};
 
 /// Times `reps` all-reduces of `tensors` after two warm-up calls; seconds
@@ -37,7 +39,17 @@ fn time(comm: &dyn Communicator, tensors: &[Tensor], reps: usize) -> anyhow::Res
 }
 
 fn run() -> anyhow::Result<()> {
-    let comm = from_env()?;
+    let device = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => "cpu".to_string(),
+        [flag, d] if flag == "--device" => d.clone(),
+        other => anyhow::bail!("unexpected arguments {other:?} (usage: [--device cpu|cuda])"),
+    };
+    let training = melvae::train::TrainerConfig {
+        device,
+        ..melvae::train::TrainerConfig::new(1, 1e-3)
+    };
+    let device = training.device()?;
+    let comm = from_env(&device)?;
     let n = comm.world_size();
     let rank0 = comm.rank() == 0;
     if n == 1 {
@@ -68,7 +80,7 @@ fn run() -> anyhow::Result<()> {
     };
     for kib in [4usize, 64, 1024, 4096, 16384, 65536] {
         let elems = kib * 1024 / 4;
-        let t = Tensor::ones(elems, DType::F32, &Device::Cpu)?;
+        let t = Tensor::ones(elems, DType::F32, &device)?;
         let reps = (256 * 1024 / kib).clamp(5, 200);
         let label = if kib >= 1024 {
             format!("{} MiB", kib / 1024)
@@ -85,7 +97,7 @@ fn run() -> anyhow::Result<()> {
     )?;
     let model_cfg = melvae::train::tasks::mel_vae::mel_vae_config(&cfg)?;
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &device);
     melvae::models::MelVae::new(model_cfg, vb)?;
     let grads: Vec<Tensor> = varmap
         .all_vars()

@@ -53,8 +53,9 @@ struct Args {
     overrides: Vec<String>,
 }
 
-fn run(args: &Args, comm: &dyn Communicator) -> melvae::train::Result<()> {
-    let rank0 = comm.rank() == 0;
+/// Trains; `slot` receives the communicator once the config names the
+/// device, so that `main` can stop every rank if this one fails.
+fn run(args: &Args, slot: &mut Option<Box<dyn Communicator>>) -> melvae::train::Result<()> {
     let resume_dir = args.resume.as_ref().filter(|p| !p.as_os_str().is_empty());
     let (resolved, run_dir) = match (resume_dir, &args.config) {
         (Some(dir), None) => {
@@ -88,6 +89,9 @@ fn run(args: &Args, comm: &dyn Communicator) -> melvae::train::Result<()> {
         (None, false) => Start::New,
     };
     check_config(&resolved)?;
+    let training: melvae::train::TrainerConfig = resolved.get("training")?;
+    let comm: &dyn Communicator = &**slot.insert(from_env(&training.device()?)?);
+    let rank0 = comm.rank() == 0;
     if rank0 {
         check_start(&run_dir, &resolved, start)?;
     }
@@ -142,12 +146,9 @@ fn main() -> ExitCode {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { melvae::layers::tune_cpu() };
     let args = Args::parse();
-    let comm = match from_env() {
-        Ok(c) => c,
-        Err(e) => return common::exit_with(Err(e)),
-    };
-    let out = run(&args, comm.as_ref());
-    if let Err(e) = &out {
+    let mut comm = None;
+    let out = run(&args, &mut comm);
+    if let (Err(e), Some(comm)) = (&out, &comm) {
         // A rank that fails stops the others (rather than leaving them
         // waiting in a collective).
         if comm.world_size() > 1 {

@@ -14,7 +14,7 @@
 #                 + toolkit/lib/stubs: link-only stand-ins for the driver and
 #                 the CUDA libraries that pip did not install (libcuda.so.1,
 #                 libnvrtc.so.13, libcurand.so.10, libcublas.so.13,
-#                 libcublasLt.so.13); a binary built here loads the real ones
+#                 libcublasLt.so.13, libnccl.so.2); a binary built here loads the real ones
 #                 on the GPU machine.
 #   flash-check/  nvcc wrapper, fake CUTLASS checkout and kernel cache, so that
 #                 candle-flash-attn's build compiles no kernels and links an
@@ -90,6 +90,7 @@ stub nvrtc libnvrtc.so.13 libnvrtc.so
 stub curand libcurand.so.10 libcurand.so
 stub cublas libcublas.so.13 libcublas.so
 stub cublaslt libcublasLt.so.13 libcublasLt.so
+stub nccl libnccl.so.2 libnccl.so
 
 # Flash-attention compile check: wrapper first on PATH, a "checkout" that
 # cudaforge accepts without cloning (CUTLASS's headers and HEAD at the commit;

@@ -394,6 +394,12 @@ mod mpi_backend {
     }
 
     impl Mpi {
+        /// Rank `root`'s bytes in `buf` on every rank (the same length
+        /// everywhere).
+        pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) {
+            self.world.process_at_rank(root as i32).broadcast_into(buf);
+        }
+
         /// Initialises MPI (only the calling thread makes MPI calls).
         pub fn init() -> Result<Self> {
             let (universe, _) = ::mpi::initialize_with_threading(Threading::Funneled)
@@ -446,6 +452,224 @@ mod mpi_backend {
     }
 }
 
+#[cfg(feature = "nccl")]
+pub use self::nccl_backend::Nccl;
+
+#[cfg(feature = "nccl")]
+mod nccl_backend {
+    use std::path::Path;
+
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::{
+        backend::BackendStorage, CpuStorage, CustomOp1, Device, Layout, Shape, Tensor,
+    };
+
+    use super::Communicator;
+    use crate::{Error, Result};
+
+    /// NCCL over CUDA tensors (feature `nccl`): one rank per GPU, tensors
+    /// reduced on the device. Bootstrapped over MPI ([`Nccl::over_mpi`],
+    /// features `mpi` and `nccl`) or through a unique-id file on a shared
+    /// file system ([`Nccl::from_id_file`]).
+    pub struct Nccl {
+        comm: Comm,
+        device: CudaDevice,
+        // Keeps MPI initialised (barriers, abort) when it bootstrapped NCCL.
+        #[cfg(feature = "mpi")]
+        mpi: Option<super::Mpi>,
+    }
+
+    fn cuda(device: &Device, what: &str) -> Result<CudaDevice> {
+        match device {
+            Device::Cuda(d) => Ok(d.clone()),
+            d => Err(Error::invalid(
+                what,
+                format!("the nccl backend needs a CUDA device, not {d:?}"),
+            )),
+        }
+    }
+
+    fn nccl_err(e: impl std::fmt::Debug) -> Error {
+        Error::invalid("NCCL", format!("{e:?}"))
+    }
+
+    impl Nccl {
+        /// Rank `rank` of `world` on `device`: rank 0 writes a new unique id
+        /// to `id_file` (atomically), the others wait up to `timeout` for it.
+        /// Every rank must pass the same file; delete it before a new run.
+        pub fn from_id_file(
+            id_file: &Path,
+            rank: usize,
+            world: usize,
+            device: &Device,
+            timeout: std::time::Duration,
+        ) -> Result<Self> {
+            let dev = cuda(device, "NCCL")?;
+            let id = if rank == 0 {
+                let id = Id::new().map_err(nccl_err)?;
+                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+                let tmp = id_file.with_extension("tmp");
+                std::fs::write(&tmp, &bytes).map_err(|e| Error::file(&tmp, e))?;
+                std::fs::rename(&tmp, id_file).map_err(|e| Error::file(id_file, e))?;
+                id
+            } else {
+                let start = std::time::Instant::now();
+                loop {
+                    match std::fs::read(id_file) {
+                        Ok(b) if b.len() == 128 => break id_from_bytes(&b),
+                        _ if start.elapsed() > timeout => {
+                            return Err(Error::file(
+                                id_file,
+                                format!("rank {rank}: no NCCL id from rank 0 after {timeout:?}"),
+                            ))
+                        }
+                        _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+                    }
+                }
+            };
+            let comm = Comm::from_rank(dev.cuda_stream(), rank, world, id).map_err(nccl_err)?;
+            Ok(Self {
+                comm,
+                device: dev,
+                #[cfg(feature = "mpi")]
+                mpi: None,
+            })
+        }
+
+        /// The ranks of `mpi` on their CUDA `device`s, rank 0's unique id
+        /// broadcast over MPI.
+        #[cfg(feature = "mpi")]
+        pub fn over_mpi(mpi: super::Mpi, device: &Device) -> Result<Self> {
+            let dev = cuda(device, "NCCL")?;
+            let mut bytes = vec![0u8; 128];
+            if mpi.rank() == 0 {
+                let id = Id::new().map_err(nccl_err)?;
+                bytes = id.internal().iter().map(|&c| c as u8).collect();
+            }
+            mpi.broadcast_bytes(&mut bytes, 0);
+            let comm = Comm::from_rank(
+                dev.cuda_stream(),
+                mpi.rank(),
+                mpi.world_size(),
+                id_from_bytes(&bytes),
+            )
+            .map_err(nccl_err)?;
+            Ok(Self {
+                comm,
+                device: dev,
+                mpi: Some(mpi),
+            })
+        }
+
+        fn collective(&self, flat: &Tensor, op: Collective) -> Result<Tensor> {
+            let flat = flat
+                .to_device(&Device::Cuda(self.device.clone()))?
+                .contiguous()?;
+            Ok(flat.apply_op1_no_bwd(&NcclOp {
+                comm: &self.comm,
+                op,
+            })?)
+        }
+    }
+
+    fn id_from_bytes(b: &[u8]) -> Id {
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, &s) in internal.iter_mut().zip(b) {
+            *d = s as std::ffi::c_char;
+        }
+        Id::uninit(internal)
+    }
+
+    #[derive(Clone, Copy)]
+    enum Collective {
+        Sum,
+        Broadcast(usize),
+    }
+
+    struct NcclOp<'a> {
+        comm: &'a Comm,
+        op: Collective,
+    }
+
+    // SAFETY: candle requires custom ops to be Send + Sync; the op lives for
+    // one call on the thread that owns the communicator.
+    unsafe impl Send for NcclOp<'_> {}
+    unsafe impl Sync for NcclOp<'_> {}
+
+    impl CustomOp1 for NcclOp<'_> {
+        fn name(&self) -> &'static str {
+            "nccl"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the nccl backend moves CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let n = l.shape().elem_count();
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("nccl: the tensor is not contiguous")
+            };
+            let dev = s.device().clone();
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let mut dst = dev.alloc_zeros::<f32>(n)?;
+            match self.op {
+                Collective::Sum => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+                Collective::Broadcast(root) => {
+                    self.comm.broadcast(Some(&src), &mut dst, root as i32)
+                }
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("nccl: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+
+    impl Communicator for Nccl {
+        fn rank(&self) -> usize {
+            self.comm.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.comm.world_size()
+        }
+        fn backend(&self) -> &'static str {
+            "nccl"
+        }
+        fn all_reduce_sum_flat(&self, flat: &Tensor) -> Result<Tensor> {
+            self.collective(flat, Collective::Sum)
+        }
+        fn broadcast_flat(&self, flat: &Tensor, root: usize) -> Result<Tensor> {
+            self.collective(flat, Collective::Broadcast(root))
+        }
+        fn barrier(&self) -> Result<()> {
+            // An all-reduce of one value, then wait for the stream.
+            let t = Tensor::zeros(
+                1,
+                candle_core::DType::F32,
+                &Device::Cuda(self.device.clone()),
+            )?;
+            self.all_reduce_sum_flat(&t)?.to_vec1::<f32>()?;
+            Ok(())
+        }
+        fn abort(&self, reason: &str) {
+            #[cfg(feature = "mpi")]
+            if let Some(m) = &self.mpi {
+                return m.abort(reason);
+            }
+            eprintln!(
+                "rank {} of {}: {reason}; stopping",
+                self.rank(),
+                self.world_size()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Whether this process was started by an MPI launcher (`mpirun`,
 /// `mpiexec`, `srun` with PMI): the environment variables Open MPI, MPICH
 /// and Slurm set for every rank.
@@ -460,13 +684,36 @@ pub fn launched_by_mpi() -> Option<usize> {
     .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
 }
 
-/// The communicator this process should train with: MPI when an MPI
-/// launcher started it (an error naming the cure when this build lacks the
-/// `mpi` feature, rather than N unconnected copies of one run), else
-/// [`SingleProcess`].
-pub fn from_env() -> Result<Box<dyn Communicator>> {
+/// This process's rank among the ranks on its machine, from the variables
+/// Open MPI, MPICH, Slurm and torchrun-style launchers set
+/// (`OMPI_COMM_WORLD_LOCAL_RANK`, `MPI_LOCALRANKID`, `SLURM_LOCALID`,
+/// `LOCAL_RANK`); `None` outside a launcher.
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+}
+
+/// The communicator this process should train with on `device`:
+/// - one process alone: [`SingleProcess`];
+/// - under an MPI launcher: MPI, or with the `nccl` feature and a CUDA
+///   `device`, NCCL bootstrapped over MPI;
+/// - under a launcher in a build without the `mpi` feature: an error naming
+///   the cure, rather than N unconnected copies of one run.
+pub fn from_env(device: &candle_core::Device) -> Result<Box<dyn Communicator>> {
+    let _ = device;
     match launched_by_mpi() {
         None => Ok(Box::new(SingleProcess)),
+        #[cfg(all(feature = "mpi", feature = "nccl"))]
+        Some(_) if device.is_cuda() => {
+            let mpi = Mpi::init()?;
+            Ok(Box::new(Nccl::over_mpi(mpi, device)?))
+        }
         #[cfg(feature = "mpi")]
         Some(_) => Ok(Box::new(Mpi::init()?)),
         #[cfg(not(feature = "mpi"))]

@@ -5,6 +5,8 @@
 //! - [`checkpoint`]: run directories, atomic checkpoints, `metrics.jsonl`.
 //! - [`data`]: audio-folder datasets with random crops, deterministic epochs,
 //!   a stable validation split and a report of skipped files.
+//! - [`dist`]: data-parallel training: a communicator (single process,
+//!   in-process threads, MPI, NCCL) and bucketed all-reduce.
 //! - [`tokens`]: code sequences with labels, text and conditioning in
 //!   safetensors shards, batched with padding masks.
 //! - [`tasks`]: the `TrainTask`s of melvae's model families (the mel VAE).

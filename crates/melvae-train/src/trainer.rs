@@ -285,9 +285,14 @@ impl TrainerConfig {
         }
     }
 
-    /// The configured device.
+    /// The configured device. `cuda` (no index) is GPU 0 in one process and
+    /// the local rank's GPU under an MPI launcher (one rank per GPU:
+    /// [`crate::dist::local_rank`]); `cuda:N` is GPU N on every rank.
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
+        match (self.device.as_str(), crate::dist::local_rank()) {
+            ("cuda", Some(r)) => parse_device(&format!("cuda:{r}")),
+            (d, _) => parse_device(d),
+        }
     }
 
     /// The configured dtype.
