@@ -41,10 +41,8 @@ use melvae::dsp::{save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, Wa
 use melvae::models::eval::{harmonic_detail, MelToAudio, Metrics, HARMONIC_MAX_HZ};
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
 use melvae::train::run::{export, open_run, read_run_config, Start, Weights, Which};
-use melvae::train::tasks::mel_vae::{mel_vae_config, MelVaeTask};
-use melvae::train::{
-    AudioDataConfig, AudioFolder, ResolvedConfig, SplitBy, Trainer, TrainerConfig,
-};
+use melvae::train::tasks::{train as train_run, TrainData};
+use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, SplitBy, TrainerConfig};
 
 struct Args {
     overrides: Vec<String>,
@@ -211,7 +209,6 @@ fn train(
     model_path: &Path,
 ) -> anyhow::Result<()> {
     let training: TrainerConfig = resolved.get("training")?;
-    let model_cfg = mel_vae_config(resolved)?;
     let data = AudioFolder::open(data_cfg)?;
     if root.exists() {
         println!("replacing {}", root.display());
@@ -225,17 +222,8 @@ fn train(
         count_groups(data_cfg, data.val.paths()),
         training.steps
     );
-    let dev = training.device()?;
-    let mut task = MelVaeTask::new(
-        model_cfg,
-        data,
-        data_cfg.clone(),
-        training.seed,
-        &dev,
-        training.dtype()?,
-    )?;
     let t = Instant::now();
-    let s = Trainer::new(training, &run)?.fit(&mut task, false)?;
+    let s = train_run(resolved, TrainData::Audio(data), &run, false)?;
     println!(
         "trained {} steps in {:.0} s",
         s.steps,

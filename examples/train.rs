@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use melvae::train::dist::{from_env, Communicator};
 use melvae::train::run::{check_start, open_run, read_run_config, Start};
-use melvae::train::tasks::{check_config, open_data, train_on};
+use melvae::train::tasks::{check_config, open_data, train, train_on};
 use melvae::train::{ResolvedConfig, RunDir};
 
 #[derive(Parser)]
@@ -115,7 +115,12 @@ fn run(args: &Args, slot: &mut Option<Box<dyn Communicator>>) -> melvae::train::
         RunDir::open(&run_dir)
     };
     let resume = matches!(start, Start::Resume { .. });
-    let s = train_on(&resolved, data, &run, resume, comm)?;
+    let s = match comm.world_size() {
+        // One process: `training.local_ranks` may still split it into
+        // in-process ranks.
+        1 => train(&resolved, data, &run, resume)?,
+        _ => train_on(&resolved, data, &run, resume, comm)?,
+    };
     if !rank0 {
         return Ok(());
     }

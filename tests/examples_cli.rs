@@ -1725,3 +1725,51 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         assert_one_line_error(&out, culprit);
     }
 }
+
+/// `training.local_ranks=2`: two in-process ranks with half the batch each
+/// follow one process (dropout off, as ranks draw their own masks); a
+/// batch that does not split, and 0 ranks, are named.
+#[test]
+fn local_ranks_follow_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path());
+    let exp = exp.to_str().unwrap();
+    let arg = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let no_dropout = ["convformer.drop_p=0", "cfm.unet_dropout_rate=0"];
+    let with = |name: &str, extra: &[&str]| {
+        let run_dir = arg(name);
+        let mut a = vec!["--config", exp, "--run-dir", &run_dir];
+        a.extend(no_dropout);
+        a.extend(extra);
+        train(&a);
+        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["total"].as_f64()
+            })
+            .collect::<Vec<f64>>()
+    };
+    let one = with("one", &[]);
+    let two = with("two", &["training.local_ranks=2"]);
+    assert_eq!((one.len(), two.len()), (12, 12));
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{one:?} vs {two:?}");
+    }
+    let bad = |v: &str| {
+        let r = arg(&format!("bad{v}"));
+        run(
+            "train",
+            &[
+                "--config",
+                exp,
+                "--run-dir",
+                &r,
+                &format!("training.local_ranks={v}"),
+            ],
+        )
+    };
+    assert_one_line_error(&bad("3"), "data.batch_size");
+    assert_one_line_error(&bad("0"), "training.local_ranks");
+}

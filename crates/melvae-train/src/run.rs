@@ -48,6 +48,9 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "training.sample_vocoder",
     "training.sample_vqvae",
     "training.tensorboard",
+    // The global batch is the config's: the split over ranks changes only
+    // float summation order.
+    "training.local_ranks",
 ];
 
 /// What a run writes into its directory (removed by [`Start::Overwrite`]).

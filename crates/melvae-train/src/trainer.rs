@@ -226,6 +226,15 @@ pub struct TrainerConfig {
     /// per log interval on stdout; and a parameter count at the start.
     #[serde(default = "yes")]
     pub progress: bool,
+    /// Data-parallel ranks as threads of this process (CPU): each trains a
+    /// replica on its share of every batch with `cores / local_ranks`
+    /// compute threads, and the ranks average their gradients
+    /// ([`crate::dist::LocalComm`]; the same global batch and, up to float
+    /// summation order, the same training as 1). Small models train faster
+    /// this way than with every op split across the cores
+    /// (docs/distributed.md). 1: one replica using every core.
+    #[serde(default = "one_usize")]
+    pub local_ranks: usize,
 }
 
 fn constant() -> LrSchedule {
@@ -282,6 +291,7 @@ impl TrainerConfig {
             device: "cpu".into(),
             dtype: "f32".into(),
             progress: false,
+            local_ranks: 1,
         }
     }
 
@@ -349,6 +359,7 @@ impl Validate for TrainerConfig {
             || format!("must be > 0, got {}", self.learning_rate),
         )?;
         check(self.grad_accum > 0, "grad_accum", || "must be > 0".into())?;
+        check(self.local_ranks > 0, "local_ranks", || "must be > 0".into())?;
         check(self.grad_clip.is_none_or(|c| c > 0.0), "grad_clip", || {
             "must be > 0".into()
         })?;

@@ -53,6 +53,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
 pub const TOKEN_FAMILIES: &[&str] = &["gpt", "gpt_vae", "echolancer"];
 
 /// A run's training data, as its family reads it.
+#[derive(Clone)]
 pub enum TrainData {
     /// An audio folder (mel and waveform models).
     Audio(crate::AudioFolder),
@@ -735,7 +736,65 @@ pub fn train(
     run: &crate::RunDir,
     resume: bool,
 ) -> Result<crate::TrainSummary> {
-    train_on(cfg, data, run, resume, &crate::dist::SingleProcess)
+    let training: crate::TrainerConfig = cfg.get("training")?;
+    match training.local_ranks {
+        1 => train_on(cfg, data, run, resume, &crate::dist::SingleProcess),
+        n => train_local_ranks(cfg, data, run, resume, n),
+    }
+}
+
+/// [`train`] with `training.local_ranks = n > 1`: rank `r` of an in-process
+/// group ([`crate::dist::LocalComm`]) per thread, each building its own
+/// replica from `data` and computing with `cores / n` threads (its own
+/// rayon pool). Returns rank 0's summary, or the first rank's error (a
+/// failing or panicking rank stops the others).
+fn train_local_ranks(
+    cfg: &ResolvedConfig,
+    data: TrainData,
+    run: &crate::RunDir,
+    resume: bool,
+    n: usize,
+) -> Result<crate::TrainSummary> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = (cores / n).max(1);
+    let comms = crate::dist::LocalComm::group(n);
+    let results: Vec<Result<crate::TrainSummary>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let data = data.clone();
+                s.spawn(move || {
+                    use crate::dist::Communicator;
+                    let rank = comm.rank();
+                    let work = std::panic::AssertUnwindSafe(|| -> Result<_> {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .thread_name(move |i| format!("melvae-rank{rank}-{i}"))
+                            .build()
+                            .map_err(|e| Error::invalid("training.local_ranks", e.to_string()))?;
+                        pool.install(|| train_on(cfg, data, run, resume, &comm))
+                    });
+                    std::panic::catch_unwind(work).unwrap_or_else(|_| {
+                        comm.abort("panicked");
+                        Err(Error::invalid("training", format!("rank {rank} panicked")))
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("training", "a rank panicked")))
+            })
+            .collect()
+    });
+    results
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid("training.local_ranks", "no rank ran"))
 }
 
 /// [`train`] as rank `comm.rank()` of a data-parallel group (see
@@ -749,6 +808,17 @@ pub fn train_on(
     comm: &dyn crate::dist::Communicator,
 ) -> Result<crate::TrainSummary> {
     let training: crate::TrainerConfig = cfg.get("training")?;
+    if training.local_ranks > 1 && comm.backend() != "local" {
+        return Err(Error::invalid(
+            "training.local_ranks",
+            format!(
+                "{} runs ranks as threads of one process; with {} {} ranks set it to 1 and launch more ranks",
+                training.local_ranks,
+                comm.world_size(),
+                comm.backend()
+            ),
+        ));
+    }
     let (seed, device, dtype) = (training.seed, training.device()?, training.dtype()?);
     let (family, decoding) = check(cfg)?;
     let trainer = crate::Trainer::new(training, run)?.with_comm(comm);
