@@ -15,7 +15,8 @@
 //! Data-parallel (built with `--features mpi`; docs/distributed.md):
 //! `mpirun -n 2 target/release/examples/train --config ...` trains one run
 //! on 2 ranks, each with its half of every `data.batch_size` batch; rank 0
-//! prints and writes.
+//! prints and writes. Without MPI, `training.local_ranks=N` runs N ranks as
+//! threads of this process.
 
 mod common;
 

@@ -50,6 +50,8 @@ fn args(run: &Path, steps: u64) -> Vec<String> {
         "training.ckpt_every=3".into(),
         "training.sample_every=0".into(),
         "training.tensorboard=false".into(),
+        // tiny.yaml's in-process ranks give way to MPI's.
+        "training.local_ranks=1".into(),
     ]);
     a
 }
@@ -183,13 +185,20 @@ fn killing_a_rank_stops_the_run_and_keeps_the_last_checkpoint() {
     let run = d.path().join("kill");
     let mut a = args(&run, 100_000);
     a.push("training.ckpt_every=2".into());
-    let child = mpirun(2, &a)
+    let mut child = mpirun(2, &a)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let start = Instant::now();
     while !run.join("checkpoints/latest").exists() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the job ended before its first checkpoint: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         assert!(
             start.elapsed() < Duration::from_secs(300),
             "no checkpoint after 5 minutes"
