@@ -6,6 +6,8 @@
 //!   checking a data-parallel set-up without a launcher.
 //! - `Mpi` (feature `mpi`): Open MPI or MPICH through the `mpi` crate,
 //!   across machines; `mpirun -n N` launches the ranks.
+//! - `Nccl` (feature `nccl`): CUDA tensors reduced on the GPUs,
+//!   bootstrapped over MPI or a shared id file.
 //!
 //! Collectives move 1-D `f32` tensors; [`all_reduce`] and [`broadcast`]
 //! pack a list of tensors of any shapes and float dtypes into flat buckets
@@ -57,7 +59,8 @@ pub trait Communicator {
     fn rank(&self) -> usize;
     /// The number of ranks.
     fn world_size(&self) -> usize;
-    /// The backend's name (`single`, `local`, `mpi`), for messages.
+    /// The backend's name (`single`, `local`, `mpi`, `nccl`), for
+    /// messages.
     fn backend(&self) -> &'static str;
     /// The element-wise sum over all ranks of `flat` (1-D `f32`, the same
     /// length on every rank); every rank receives the same sum.
@@ -543,18 +546,30 @@ mod nccl_backend {
         pub fn over_mpi(mpi: super::Mpi, device: &Device) -> Result<Self> {
             let dev = cuda(device, "NCCL")?;
             let mut bytes = vec![0u8; 128];
+            // A failure here stops every rank (MPI_Abort): the others
+            // would wait in the broadcast or in NCCL's initialisation.
             if mpi.rank() == 0 {
-                let id = Id::new().map_err(nccl_err)?;
-                bytes = id.internal().iter().map(|&c| c as u8).collect();
+                match Id::new() {
+                    Ok(id) => bytes = id.internal().iter().map(|&c| c as u8).collect(),
+                    Err(e) => {
+                        mpi.abort(&format!("NCCL unique id: {e:?}"));
+                        return Err(nccl_err(e));
+                    }
+                }
             }
             mpi.broadcast_bytes(&mut bytes, 0);
-            let comm = Comm::from_rank(
+            let comm = match Comm::from_rank(
                 dev.cuda_stream(),
                 mpi.rank(),
                 mpi.world_size(),
                 id_from_bytes(&bytes),
-            )
-            .map_err(nccl_err)?;
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    mpi.abort(&format!("NCCL initialisation: {e:?}"));
+                    return Err(nccl_err(e));
+                }
+            };
             Ok(Self {
                 comm,
                 device: dev,
@@ -563,9 +578,14 @@ mod nccl_backend {
         }
 
         fn collective(&self, flat: &Tensor, op: Collective) -> Result<Tensor> {
-            let flat = flat
-                .to_device(&Device::Cuda(self.device.clone()))?
-                .contiguous()?;
+            // A CUDA tensor stays where it is (its GPU is this rank's; a
+            // second candle device for the same GPU would force a copy).
+            let flat = match flat.device() {
+                Device::Cuda(_) => flat.contiguous()?,
+                _ => flat
+                    .to_device(&Device::Cuda(self.device.clone()))?
+                    .contiguous()?,
+            };
             Ok(flat.apply_op1_no_bwd(&NcclOp {
                 comm: &self.comm,
                 op,
@@ -670,9 +690,9 @@ mod nccl_backend {
     }
 }
 
-/// Whether this process was started by an MPI launcher (`mpirun`,
-/// `mpiexec`, `srun` with PMI): the environment variables Open MPI, MPICH
-/// and Slurm set for every rank.
+/// The world size an MPI launcher (`mpirun`, `mpiexec`, `srun` with PMI)
+/// gave this process, from the environment variables Open MPI, MPICH and
+/// Slurm set for every rank; `None` when none started it.
 pub fn launched_by_mpi() -> Option<usize> {
     [
         "OMPI_COMM_WORLD_SIZE",
@@ -708,7 +728,18 @@ pub fn local_rank() -> Option<usize> {
 pub fn from_env(device: &candle_core::Device) -> Result<Box<dyn Communicator>> {
     let _ = device;
     match launched_by_mpi() {
-        None => Ok(Box::new(SingleProcess)),
+        None => match std::env::var("WORLD_SIZE").ok().and_then(|w| w.parse::<usize>().ok()) {
+            // torchrun and similar launchers start N unconnected copies.
+            Some(n) if n > 1 => Err(Error::invalid(
+                "launch",
+                format!(
+                    "WORLD_SIZE={n} but no MPI launcher started this process: melvae's ranks \
+                     connect through MPI (mpirun -n {n} with --features mpi), or run \
+                     training.local_ranks={n} in one process"
+                ),
+            )),
+            _ => Ok(Box::new(SingleProcess)),
+        },
         #[cfg(all(feature = "mpi", feature = "nccl"))]
         Some(_) if device.is_cuda() => {
             let mpi = Mpi::init()?;

@@ -498,11 +498,13 @@ fn check_replicas(
     step: u64,
     device: &Device,
 ) -> Result<()> {
+    // Compared in f32, the precision collectives move (rank 0's f64 weights
+    // would otherwise differ from their own round trip).
     let mine: Vec<Tensor> = gen
         .iter()
         .chain(disc)
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect();
+        .map(|(_, v)| v.as_tensor().to_dtype(DType::F32))
+        .collect::<candle_core::Result<_>>()?;
     let theirs = broadcast(comm, &mine, 0, crate::dist::DEFAULT_BUCKET_BYTES)?;
     let mut differ = Vec::new();
     for (((name, _), a), b) in gen.iter().chain(disc).zip(&mine).zip(&theirs) {
@@ -594,10 +596,13 @@ impl<'a> Trainer<'a> {
     /// batch), gradients and logged losses are averaged over the ranks in
     /// bucketed all-reduces, a step is skipped on every rank when a loss is
     /// non-finite on any, and rank 0 alone validates, writes samples,
-    /// metrics, TensorBoard files and checkpoints (its validation result is
-    /// broadcast so every rank keeps the same best checkpoint and early
-    /// stopping). Every rank resumes from the run's latest checkpoint. A
-    /// rank that fails calls [`Communicator::abort`], stopping all.
+    /// metrics, TensorBoard files and checkpoints and tracks the best
+    /// checkpoint (its early-stopping decision is broadcast so every rank
+    /// stops at the same step; only rank 0's [`TrainSummary`] names the
+    /// best checkpoint). Every rank resumes from the run's latest
+    /// checkpoint. A rank that fails calls [`Communicator::abort`], stopping
+    /// all. Collectives move `f32`: gradients of `f64` models are averaged
+    /// in `f32` precision.
     pub fn with_comm(mut self, comm: &'a dyn Communicator) -> Self {
         self.comm = comm;
         self
@@ -770,6 +775,12 @@ impl<'a> Trainer<'a> {
                 .is_some_and(|g| adversarial && step % g.disc_every == 0);
             for _ in 0..cfg.grad_accum {
                 let batch = task.train_batch(&mut rng)?;
+                if bad.is_some() {
+                    // A skipped step still draws all its micro-batches, so
+                    // the data order does not depend on where a loss went
+                    // bad (ranks that skip together stay aligned).
+                    continue;
+                }
                 if disc_turn {
                     if let Some(dl) = task.disc_losses(&batch, ctx)? {
                         if let Some(r) = not_finite_report(&dl)? {
@@ -786,7 +797,7 @@ impl<'a> Trainer<'a> {
                 let l = task.losses(&batch, ctx)?;
                 if let Some(r) = not_finite_report(&l)? {
                     bad = Some(r);
-                    break;
+                    continue;
                 }
                 for (k, v) in &l.terms {
                     *logged.entry(k.clone()).or_default() += scalar(v)? / cfg.grad_accum as f64;

@@ -693,6 +693,22 @@ fn data_parallel_failures_stop_every_rank() {
     assert_eq!(w0, w1);
     let metrics = std::fs::read_to_string(d.path().join("nan/rank0/metrics.jsonl")).unwrap();
     assert!(metrics.contains("rank(s) [1]"), "{metrics}");
+    // The skipped step drew all its micro-batches on every rank
+    // (grad_accum 2): the run still follows one process skipping step 3.
+    let one = run_dir(&d.path().join("nan_one"));
+    let mut single = Toy::new(3);
+    single.nan_at.insert(3);
+    Trainer::new(c.clone(), &one)
+        .unwrap()
+        .fit(&mut single, false)
+        .unwrap();
+    common::assert_two_ranks_follow(
+        one.root(),
+        &d.path().join("nan"),
+        &single.weights(),
+        &out,
+        7,
+    );
 
     // An error: rank 1 fails at step 4; both stop, and rank 0's error names
     // rank 1 and its cause.

@@ -774,10 +774,23 @@ fn train_local_ranks(
                             .map_err(|e| Error::invalid("training.local_ranks", e.to_string()))?;
                         pool.install(|| train_on(cfg, data, run, resume, &comm))
                     });
-                    std::panic::catch_unwind(work).unwrap_or_else(|_| {
-                        comm.abort("panicked");
-                        Err(Error::invalid("training", format!("rank {rank} panicked")))
-                    })
+                    let out = std::panic::catch_unwind(work).unwrap_or_else(|payload| {
+                        let why = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(Error::invalid(
+                            "training",
+                            format!("rank {rank} panicked: {why}"),
+                        ))
+                    });
+                    // Any failure, also before the trainer started (a task
+                    // that cannot be built), releases the other ranks.
+                    if let Err(e) = &out {
+                        comm.abort(&e.to_string());
+                    }
+                    out
                 })
             })
             .collect();
