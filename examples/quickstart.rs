@@ -52,6 +52,30 @@ struct Args {
     sampling: SampleOptions,
 }
 
+/// `--help`, with the sampling defaults of [`SampleOptions::reconstruction`].
+fn usage() -> String {
+    let d = SampleOptions::reconstruction();
+    format!(
+        "\
+Trains the tiny mel VAE on the bundled speech (configs/settings/tiny.yaml),
+then reconstructs held-out voices and compares them with a baseline.
+
+usage: cargo run --release --example quickstart -- [key=value ...] [options]
+
+options:
+  --vocoder FILE      also vocode with this Vocos model file (vocos-24k features)
+  --eval-only         evaluate runs/quickstart again without training
+  --eval-dir DIR      evaluate the voices under DIR instead of the held-out split
+  --sample-steps N    flow-matching steps (default {})
+  --temperature T     sampling temperature (default {})
+  --guidance G        classifier-free guidance scale (default {})
+  key=value           config overrides, e.g. training.steps=800
+Outputs: runs/quickstart/eval/index.html, summary.json, WAVs and PNGs.
+",
+        d.num_steps, d.temperature, d.guidance_scale
+    )
+}
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
         overrides: Vec::new(),
@@ -101,9 +125,13 @@ fn parse_args() -> anyhow::Result<Args> {
                 );
             }
             "--guidance" => a.sampling.guidance_scale = number("--guidance", value("a number")?)?,
+            "--help" | "-h" => {
+                print!("{}", usage());
+                std::process::exit(0);
+            }
             f if f.starts_with("--") => anyhow::bail!(
                 "unknown option {f} (options: --vocoder, --eval-only, --eval-dir, \
-                 --sample-steps, --temperature, --guidance; config overrides are key=value)"
+                 --sample-steps, --temperature, --guidance, --help; config overrides are key=value)"
             ),
             _ => a.overrides.push(arg),
         }

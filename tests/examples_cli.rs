@@ -1773,3 +1773,15 @@ fn local_ranks_follow_one_process() {
     assert_one_line_error(&bad("3"), "data.batch_size");
     assert_one_line_error(&bad("0"), "training.local_ranks");
 }
+
+/// `quickstart --help` prints the usage and exits 0, before any work.
+#[test]
+fn quickstart_help_prints_usage() {
+    let out = run("quickstart", &["--help"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("usage:") && text.contains("--eval-dir") && text.contains("default 0.8"),
+        "{text}"
+    );
+}
