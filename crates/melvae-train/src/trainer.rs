@@ -448,6 +448,15 @@ fn sum_values(comm: &dyn Communicator, values: Vec<f32>, device: &Device) -> Res
     Ok(comm.all_reduce_sum_flat(&t)?.to_vec1::<f32>()?)
 }
 
+/// The ranks (in order) on which `mine` is true; every rank learns the same
+/// list.
+fn ranks_where(comm: &dyn Communicator, mine: bool, device: &Device) -> Result<Vec<usize>> {
+    let mut flags = vec![0f32; comm.world_size()];
+    flags[comm.rank()] = f32::from(u8::from(mine));
+    let flags = sum_values(comm, flags, device)?;
+    Ok((0..flags.len()).filter(|&r| flags[r] > 0.0).collect())
+}
+
 /// The mean over the ranks of each rank's `grads` of `vars`: a variable
 /// with a gradient on some rank gets the mean with zeros for the others; one
 /// with none anywhere stays `None` (as in one process).
@@ -513,10 +522,7 @@ fn check_replicas(
             differ.push(format!("`{name}` (max difference {d:e})"));
         }
     }
-    let mut flags = vec![0f32; comm.world_size()];
-    flags[comm.rank()] = differ.len() as f32;
-    let flags = sum_values(comm, flags, device)?;
-    let ranks: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] > 0.0).collect();
+    let ranks = ranks_where(comm, !differ.is_empty(), device)?;
     if ranks.is_empty() {
         return Ok(());
     }
@@ -810,10 +816,7 @@ impl<'a> Trainer<'a> {
                 // Every rank skips the step when any rank's loss is
                 // non-finite; otherwise the logged losses become the global
                 // batch's (the mean of equal shards' means).
-                let mut flags = vec![0f32; shard.count];
-                flags[shard.index] = f32::from(u8::from(bad.is_some()));
-                let flags = sum_values(comm, flags, &device)?;
-                let bad_ranks: Vec<usize> = (0..shard.count).filter(|&r| flags[r] > 0.0).collect();
+                let bad_ranks = ranks_where(comm, bad.is_some(), &device)?;
                 if !bad_ranks.is_empty() {
                     let why = bad.take().unwrap_or_else(|| "non-finite loss".into());
                     bad = Some(format!("rank(s) {bad_ranks:?}: {why}"));
