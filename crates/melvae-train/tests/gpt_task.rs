@@ -440,3 +440,62 @@ fn token_samples_decode_through_the_vqvae() {
         "{e}"
     );
 }
+
+/// Two in-process ranks with 2 of 4 token sequences each follow one rank
+/// (dropout off): sequences of different lengths pad to the batch's
+/// longest, and each rank's per-token loss is weighted by its share of the
+/// batch's real tokens.
+#[test]
+fn two_ranks_follow_one_rank_with_unequal_lengths() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    classes(&audio);
+    // Shorter clips than the 0.3 s ones: fewer token rows.
+    for (i, n) in [3300usize, 4400, 5500].into_iter().enumerate() {
+        let x: Vec<f32> = (0..n)
+            .map(|k| (std::f32::consts::TAU * 900.0 * k as f32 / 22050.0).sin() * 0.4)
+            .collect();
+        save_wav(
+            audio.join("high").join(format!("short{i}.wav")),
+            &Audio::new(22050, vec![x]).unwrap(),
+            WavFormat::Pcm16,
+        )
+        .unwrap();
+    }
+    let tokens = d.path().join("tokens");
+    tokenize_folder(&vqvae(), &audio, &tokens).unwrap();
+    let dc = TokenDataConfig {
+        batch_size: 4,
+        ..data_cfg(&tokens)
+    };
+    let lengths: Vec<usize> = TokenSplit::open(&dc)
+        .unwrap()
+        .train
+        .examples
+        .iter()
+        .map(|e| e.codes.len())
+        .collect();
+    assert!(lengths.iter().min() < lengths.iter().max(), "{lengths:?}");
+    let make = || {
+        let (mut g, l) = gpt();
+        g.dropout = 0.0;
+        GptTask::new(
+            (g, l),
+            TokenSplit::open(&dc).unwrap(),
+            &dc,
+            3,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap()
+    };
+    let one = RunDir::create(d.path().join("one")).unwrap();
+    let mut single = make();
+    Trainer::new(cfg(8), &one)
+        .unwrap()
+        .fit(&mut single, false)
+        .unwrap();
+    let two = d.path().join("two");
+    let ranks = common::data_parallel(2, &cfg(8), false, &two, |_| make());
+    common::assert_two_ranks_follow(one.root(), &two, &weights(single.vars()), &ranks, 8);
+}

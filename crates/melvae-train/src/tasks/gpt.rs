@@ -13,6 +13,7 @@ use melvae_models::{Gpt, GptConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCursor;
+use crate::dist::Shard;
 use crate::tokens::{TokenDataConfig, TokenDataset, TokenSplit};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
@@ -65,6 +66,38 @@ pub struct GptBatch {
     pub mask: Tensor,
     /// Classes.
     pub classes: Tensor,
+    /// This batch's share of its global batch's loss: 1 for a whole batch;
+    /// for a data-parallel rank's rows, their real tokens over the global
+    /// batch's, times the number of ranks, so that the mean over the ranks
+    /// of the weighted per-token means is the global batch's per-token mean.
+    pub weight: f64,
+}
+
+impl GptBatch {
+    /// Rows `shard.rows(..)` of this (global) batch of `batch` rows, with
+    /// their [`GptBatch::weight`].
+    pub(crate) fn shard(self, shard: Shard, batch: usize) -> Result<Self> {
+        if shard == Shard::WHOLE {
+            return Ok(self);
+        }
+        let rows = shard.rows(batch, "data.batch_size")?;
+        let real = |m: &Tensor| -> Result<f64> {
+            Ok(m.ne(0u32)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?)
+        };
+        let total = real(&self.mask)?;
+        let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        let mask = narrow(&self.mask)?;
+        let mine = real(&mask)?;
+        Ok(Self {
+            tokens: narrow(&self.tokens)?,
+            classes: narrow(&self.classes)?,
+            weight: mine / total.max(1.0) * shard.count as f64,
+            mask,
+        })
+    }
 }
 
 pub(crate) fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBatch> {
@@ -84,6 +117,7 @@ pub(crate) fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> R
         tokens,
         mask,
         classes,
+        weight: 1.0,
     })
 }
 
@@ -171,6 +205,7 @@ pub struct GptTask {
     seed: u64,
     device: Device,
     decoder: Option<super::TokenDecoder>,
+    shard: Shard,
 }
 
 /// Token rows of the first example of `set` (or of `other` when `set` is
@@ -287,6 +322,7 @@ impl GptTask {
             data,
             batch_size: data_cfg.batch_size,
             cursor: EpochCursor { epoch: 0, pos: 0 },
+            shard: Shard::WHOLE,
             seed,
             device: device.clone(),
             decoder: None,
@@ -328,13 +364,25 @@ impl TrainTask for GptTask {
         let idx = self
             .cursor
             .next_of(self.data.train.len(), self.seed, self.batch_size);
-        gpt_batch(&self.data.train, &idx, &self.device)
+        // The whole batch (padded as one process pads it), then this rank's
+        // rows: a causal model's loss at a real token does not depend on
+        // the padding after it.
+        gpt_batch(&self.data.train, &idx, &self.device)?.shard(self.shard, self.batch_size)
+    }
+
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        shard.rows(self.batch_size, "data.batch_size")?;
+        self.shard = shard;
+        Ok(())
     }
 
     fn losses(&mut self, batch: &GptBatch, ctx: StepContext) -> Result<Losses> {
         // Dropout masks seeded by the step and the data position (distinct
-        // per micro-batch, restored on resume).
-        let rng = DropoutRng::new(super::step_seed(self.seed, ctx.step, &self.cursor));
+        // per micro-batch, restored on resume), and by the rank.
+        let seed = self
+            .shard
+            .seed(super::step_seed(self.seed, ctx.step, &self.cursor));
+        let rng = DropoutRng::new(seed);
         let mode = mode_of(ctx, &rng);
         let ce = self.model.loss(
             &batch.tokens,
@@ -343,6 +391,12 @@ impl TrainTask for GptTask {
             self.loss.label_smoothing,
             mode,
         )?;
+        // (1 for a whole batch: the loss is left as it was.)
+        let ce = if batch.weight == 1.0 {
+            ce
+        } else {
+            (ce * batch.weight)?
+        };
         Ok(Losses {
             total: ce.clone(),
             terms: BTreeMap::from([("ce".to_string(), ce)]),
