@@ -212,7 +212,6 @@ struct Round {
     arrived: usize,
     result: Option<Arc<Vec<Vec<f32>>>>,
     taken: usize,
-    generation: u64,
     aborted: Option<String>,
 }
 
@@ -228,7 +227,6 @@ impl LocalComm {
                 arrived: 0,
                 result: None,
                 taken: 0,
-                generation: 0,
                 aborted: None,
             }),
             cv: Condvar::new(),
@@ -288,8 +286,9 @@ impl LocalComm {
             g.arrived = 0;
             self.shared.cv.notify_all();
         } else {
-            let generation = g.generation;
-            while !(g.result.is_some() && g.generation == generation) {
+            // A later round's result cannot appear before this rank has
+            // taken this one's.
+            while g.result.is_none() {
                 g = self.wait(g)?;
             }
         }
@@ -298,7 +297,6 @@ impl LocalComm {
         if g.taken == self.shared.n {
             g.taken = 0;
             g.result = None;
-            g.generation += 1;
             self.shared.cv.notify_all();
         }
         Ok(result)
@@ -799,6 +797,14 @@ impl Shard {
         }
         let len = batch / self.count;
         Ok(self.index * len..(self.index + 1) * len)
+    }
+
+    /// `self`, checked against a global batch of `batch` rows (the error of
+    /// [`Shard::rows`], naming `data.batch_size`): what a task's
+    /// `set_shard` keeps.
+    pub fn for_batch(self, batch: usize) -> Result<Self> {
+        self.rows(batch, "data.batch_size")?;
+        Ok(self)
     }
 
     /// This rank's stream of a seed every rank draws alike (dropout masks):

@@ -460,19 +460,20 @@ fn ranks_where(comm: &dyn Communicator, mine: bool, device: &Device) -> Result<V
 /// The mean over the ranks of each rank's `grads` of `vars`: a variable
 /// with a gradient on some rank gets the mean with zeros for the others; one
 /// with none anywhere stays `None` (as in one process).
-fn average_grads(comm: &dyn Communicator, grads: Grads, vars: &[(String, Var)]) -> Result<Grads> {
+fn average_grads(
+    comm: &dyn Communicator,
+    grads: Grads,
+    vars: &[(String, Var)],
+    device: &Device,
+) -> Result<Grads> {
     if comm.world_size() == 1 {
         return Ok(grads);
     }
-    let device = vars
-        .first()
-        .map(|(_, v)| v.device().clone())
-        .unwrap_or(Device::Cpu);
     let present = grads
         .iter()
         .map(|g| f32::from(u8::from(g.is_some())))
         .collect();
-    let anywhere = sum_values(comm, present, &device)?;
+    let anywhere = sum_values(comm, present, device)?;
     let mut send = Vec::new();
     let mut slots = Vec::new();
     for (i, (g, (_, v))) in grads.iter().zip(vars).enumerate() {
@@ -830,7 +831,7 @@ impl<'a> Trainer<'a> {
             }
             let mut grad_norm = f64::NAN;
             if bad.is_none() {
-                let mut grads: Grads = average_grads(comm, acc.finish()?, &vars)?;
+                let mut grads: Grads = average_grads(comm, acc.finish()?, &vars, &device)?;
                 grad_norm = match cfg.grad_clip {
                     Some(c) => clip_grad_norm(&mut grads, c)?,
                     None => crate::optim::grad_norm(&grads)?,
@@ -840,7 +841,7 @@ impl<'a> Trainer<'a> {
                 } else {
                     if let (Some(d), Some(g)) = (&mut dopt, &cfg.gan) {
                         if dacc.count() > 0 {
-                            let mut dg = average_grads(comm, dacc.finish()?, &disc_vars)?;
+                            let mut dg = average_grads(comm, dacc.finish()?, &disc_vars, &device)?;
                             let dn = match g.disc_grad_clip {
                                 Some(c) => clip_grad_norm(&mut dg, c)?,
                                 None => crate::optim::grad_norm(&dg)?,

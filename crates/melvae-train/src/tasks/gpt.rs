@@ -371,8 +371,7 @@ impl TrainTask for GptTask {
     }
 
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
-        shard.rows(self.batch_size, "data.batch_size")?;
-        self.shard = shard;
+        self.shard = shard.for_batch(self.batch_size)?;
         Ok(())
     }
 

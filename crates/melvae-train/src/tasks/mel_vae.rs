@@ -214,31 +214,28 @@ impl TrainTask for MelVaeTask {
     }
 
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
-        shard.rows(self.data_cfg.batch_size, "data.batch_size")?;
-        self.shard = shard;
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
         Ok(())
     }
 
     fn losses(&mut self, batch: &MelBatch, ctx: StepContext) -> Result<Losses> {
         let rng = &mut SplitMix64::new(batch.seed);
-        let l = if self.shard == Shard::WHOLE {
-            self.model.loss(&batch.mel, ctx.step, rng, ctx.train)?
-        } else {
-            // The whole batch's noise, this rank's rows of it.
-            let (_, m, frames) = batch.mel.dims3()?;
-            let global = (self.data_cfg.batch_size, m, frames);
-            let all = self.model.loss_draws_for(
-                global,
-                batch.mel.device(),
-                batch.mel.dtype(),
-                rng,
-                ctx.train,
-            )?;
-            let mut draws = all.rows(self.shard.rows(global.0, "data.batch_size")?)?;
-            draws.dropout_seed = self.shard.seed(draws.dropout_seed);
-            self.model
-                .loss_with(&batch.mel, ctx.step, &draws, ctx.train)?
-        };
+        // The whole batch's noise, this rank's rows of it (all of it in one
+        // process).
+        let (_, m, frames) = batch.mel.dims3()?;
+        let global = (self.data_cfg.batch_size, m, frames);
+        let all = self.model.loss_draws_for(
+            global,
+            batch.mel.device(),
+            batch.mel.dtype(),
+            rng,
+            ctx.train,
+        )?;
+        let mut draws = all.rows(self.shard.rows(global.0, "data.batch_size")?)?;
+        draws.dropout_seed = self.shard.seed(draws.dropout_seed);
+        let l = self
+            .model
+            .loss_with(&batch.mel, ctx.step, &draws, ctx.train)?;
         Ok(Losses {
             total: l.total,
             terms: BTreeMap::from([("cfm".to_string(), l.cfm), ("kl".to_string(), l.kl)]),

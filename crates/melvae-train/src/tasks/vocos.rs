@@ -250,15 +250,11 @@ impl TrainTask for VocosTask {
         // Every row is cropped (the same draws on every rank); this rank
         // keeps its own. Nothing else in a step is random.
         let crops = self.crops(&self.data.train, &idx, rng)?;
-        if rows.len() == batch {
-            return Ok(crops);
-        }
         Ok(crops.narrow(0, rows.start, rows.len())?)
     }
 
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
-        shard.rows(self.data_cfg.batch_size, "data.batch_size")?;
-        self.shard = shard;
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
         Ok(())
     }
 
