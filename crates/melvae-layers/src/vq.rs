@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 use melvae_dsp::SplitMix64;
 
 use crate::error::ensure;
+use crate::ranks::Ranks;
 use crate::{Error, Result};
 
 /// Configuration of a [`VectorQuantizer`].
@@ -193,6 +194,29 @@ impl VectorQuantizer {
     /// Quantises `x` (`[..., dim]`). In training (`train`), updates usage
     /// averages, the EMA codebook, and restarts dead codes from `x`'s rows.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<VqOutput> {
+        if train {
+            self.forward_across(x, &mut Ranks::single())
+        } else {
+            self.quantize(x, None)
+        }
+    }
+
+    /// The training [`VectorQuantizer::forward`] of one data-parallel rank
+    /// holding an equal shard of the batch (`x`'s leading dimension): the
+    /// code counts and EMA sums are summed over `ranks` before the updates,
+    /// and a restarted code takes a row of the whole batch, drawn as one
+    /// process draws it, so every rank updates its codebook as one process
+    /// does on the whole batch, as exactly as the transport behind
+    /// `ranks` carries the sums (the trainer's moves `f32`: counts are
+    /// exact below 2^24 per code, EMA sums and restarted rows of an `f64`
+    /// model are rounded to `f32`). `usage` and `perplexity` are the whole
+    /// batch's.
+    pub fn forward_across(&mut self, x: &Tensor, ranks: &mut Ranks) -> Result<VqOutput> {
+        self.quantize(x, Some(ranks))
+    }
+
+    /// [`VectorQuantizer::forward`]; updates when `ranks` are given.
+    fn quantize(&mut self, x: &Tensor, ranks: Option<&mut Ranks>) -> Result<VqOutput> {
         let dims = x.dims().to_vec();
         if dims.last() != Some(&self.cfg.dim) {
             return Err(Error::shape(
@@ -219,20 +243,51 @@ impl VectorQuantizer {
         let st = (&flat + (&q - &flat)?.detach())?;
 
         let code_vec: Vec<u32> = codes.to_vec1()?;
-        let mut counts = vec![0f64; self.cfg.codebook_size];
+        let k = self.cfg.codebook_size;
+        let mut counts = vec![0f64; k];
         for &c in &code_vec {
             counts[c as usize] += 1.0;
         }
+        let x = flat.detach();
+        // The batch's statistics: this shard's, summed over the ranks.
+        let mut stats = None;
+        if let Some(ranks) = ranks {
+            let batch_sum = match &self.ema_sum {
+                Some(_) => Some(
+                    Tensor::zeros((k, self.cfg.dim), self.codebook.dtype(), x.device())?
+                        .index_add(&codes, &x.to_dtype(self.codebook.dtype())?, 0)?,
+                ),
+                None => None,
+            };
+            let batch_sum = if ranks.count() > 1 {
+                let mut values = counts.clone();
+                if let Some(b) = &batch_sum {
+                    values.extend(b.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+                }
+                let total = ranks.sum(&values)?;
+                counts.copy_from_slice(&total[..k]);
+                match batch_sum {
+                    Some(b) => Some(
+                        Tensor::from_slice(&total[k..], (k, self.cfg.dim), x.device())?
+                            .to_dtype(b.dtype())?,
+                    ),
+                    None => None,
+                }
+            } else {
+                batch_sum
+            };
+            stats = Some((ranks, batch_sum));
+        }
+        let n_all: f64 = counts.iter().sum();
         let used = counts.iter().filter(|&&c| c > 0.0).count();
         let entropy: f64 = counts
             .iter()
             .filter(|&&c| c > 0.0)
-            .map(|&c| -(c / n as f64) * (c / n as f64).ln())
+            .map(|&c| -(c / n_all) * (c / n_all).ln())
             .sum();
-        let restarted = if train {
-            self.update(&flat.detach(), &codes, &counts)?
-        } else {
-            0
+        let restarted = match stats {
+            Some((ranks, batch_sum)) => self.update(&x, &counts, batch_sum, ranks)?,
+            None => 0,
         };
 
         let mut code_shape = dims.clone();
@@ -249,8 +304,16 @@ impl VectorQuantizer {
         })
     }
 
-    /// EMA and usage updates, then restarts; returns the number restarted.
-    fn update(&mut self, x: &Tensor, codes: &Tensor, counts: &[f64]) -> Result<usize> {
+    /// EMA and usage updates from the whole batch's code `counts` and
+    /// (EMA mode) `batch_sum` `[K, dim]`, then restarts from rows of the
+    /// whole batch (this rank's are `x`); returns the number restarted.
+    fn update(
+        &mut self,
+        x: &Tensor,
+        counts: &[f64],
+        batch_sum: Option<Tensor>,
+        ranks: &mut Ranks,
+    ) -> Result<usize> {
         let dev = x.device();
         let k = self.cfg.codebook_size;
         let cb_dtype = self.codebook.dtype();
@@ -258,12 +321,9 @@ impl VectorQuantizer {
         let decay = self.cfg.ema_decay.unwrap_or(self.cfg.usage_decay);
         let usage = ((self.usage.as_tensor() * decay)? + (&counts_t * (1.0 - decay))?)?;
         self.usage.set(&usage)?;
-        if let (Some(sum), Some(d)) = (&self.ema_sum, self.cfg.ema_decay) {
-            let batch_sum = Tensor::zeros((k, self.cfg.dim), cb_dtype, dev)?.index_add(
-                codes,
-                &x.to_dtype(cb_dtype)?,
-                0,
-            )?;
+        if let (Some(sum), Some(d), Some(batch_sum)) =
+            (&self.ema_sum, self.cfg.ema_decay, batch_sum)
+        {
             let new_sum = ((sum.as_tensor() * d)? + (batch_sum * (1.0 - d))?)?;
             sum.set(&new_sum)?;
             // Laplace-smoothed cluster sizes keep empty clusters finite.
@@ -284,10 +344,28 @@ impl VectorQuantizer {
         // Jukebox: re-seed each dead code with a random vector of this batch
         // and give it one unit of usage, so it survives while it is used.
         let n = x.dim(0)?;
-        let rows: Vec<u32> = dead.iter().map(|_| self.rng.below(n) as u32).collect();
-        let fresh = x
-            .to_dtype(cb_dtype)?
-            .index_select(&Tensor::from_slice(&rows, rows.len(), dev)?, 0)?;
+        let rows: Vec<u32> = dead
+            .iter()
+            .map(|_| self.rng.below(n * ranks.count()) as u32)
+            .collect();
+        let fresh = if ranks.count() == 1 {
+            x.to_dtype(cb_dtype)?
+                .index_select(&Tensor::from_slice(&rows, rows.len(), dev)?, 0)?
+        } else {
+            // Row `g` of the whole batch is row `g % n` of rank `g / n`:
+            // each rank gives its own, zeros elsewhere, and the sum gathers.
+            let d = self.cfg.dim;
+            let mut values = vec![0f64; rows.len() * d];
+            for (j, &g) in rows.iter().enumerate() {
+                let g = g as usize;
+                if g / n == ranks.index() {
+                    let row = x.get(g % n)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    values[j * d..(j + 1) * d].copy_from_slice(&row);
+                }
+            }
+            let total = ranks.sum(&values)?;
+            Tensor::from_vec(total, (rows.len(), d), dev)?.to_dtype(cb_dtype)?
+        };
         let mut cb = self
             .codebook
             .as_tensor()
@@ -453,6 +531,114 @@ mod tests {
         let q =
             VectorQuantizer::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
         (vm, q)
+    }
+
+    /// [`vq`] with seeded initial weights (every call gets the same).
+    fn seeded_vq(cfg: VqConfig) -> (VarMap, VectorQuantizer) {
+        let vm = VarMap::new();
+        let vb = crate::seeded_var_builder(&vm, 9, DType::F64, &Device::Cpu);
+        let q = VectorQuantizer::new(cfg, vb).unwrap();
+        (vm, q)
+    }
+
+    /// Two ranks as threads: each sums with the other through a shared
+    /// slot pair.
+    fn two_ranks_sums() -> Vec<impl FnMut(&[f64]) -> Result<Vec<f64>> + Send> {
+        use std::sync::{Arc, Barrier, Mutex};
+        let slots = Arc::new((Mutex::new(vec![Vec::new(), Vec::new()]), Barrier::new(2)));
+        (0..2)
+            .map(|r| {
+                let slots = slots.clone();
+                move |v: &[f64]| {
+                    let (m, barrier) = &*slots;
+                    m.lock().unwrap()[r] = v.to_vec();
+                    barrier.wait();
+                    let sum = {
+                        let both = m.lock().unwrap();
+                        both[0].iter().zip(&both[1]).map(|(a, b)| a + b).collect()
+                    };
+                    barrier.wait();
+                    Ok(sum)
+                }
+            })
+            .collect()
+    }
+
+    /// Two ranks with half a batch each update their codebooks as one
+    /// process does on the whole batch: EMA sums and counts, usage,
+    /// perplexity, and restarts that take rows held by either rank.
+    #[test]
+    fn ranks_share_the_batch_statistics() {
+        for ema in [Some(0.8), None] {
+            let cfg = VqConfig {
+                ema_decay: ema,
+                // Most codes fall below: restarts every step.
+                restart_threshold: Some(2.0),
+                seed: 4,
+                ..VqConfig::new(16, 3)
+            };
+            let state = |q: &VectorQuantizer| -> Vec<Vec<f64>> {
+                let mut v = vec![
+                    q.codebook().flatten_all().unwrap().to_vec1().unwrap(),
+                    q.usage.as_tensor().to_vec1().unwrap(),
+                ];
+                if let Some(e) = &q.ema_sum {
+                    v.push(e.as_tensor().flatten_all().unwrap().to_vec1().unwrap());
+                }
+                v
+            };
+            let batches: Vec<Tensor> = (0..3).map(|i| noise(&[4, 5, 3], 10 + i).unwrap()).collect();
+            let (_vm, mut one) = seeded_vq(cfg);
+            let mut expected = Vec::new();
+            let mut from_rank1 = false;
+            for x in &batches {
+                let out = one.forward(x, true).unwrap();
+                expected.push((out.usage, out.perplexity, out.restarted, state(&one)));
+                // A restarted code is a copy of an input row; rank 1 holds
+                // rows 10..20 of the 20.
+                let rows: Vec<Vec<f64>> = x.reshape((20, 3)).unwrap().to_vec2().unwrap();
+                let codes: Vec<Vec<f64>> = one.codebook().to_vec2().unwrap();
+                from_rank1 |= codes.iter().any(|c| rows[10..].contains(c));
+            }
+            assert!(expected.iter().all(|e| e.2 > 0), "restarts happened");
+            assert!(from_rank1, "a code restarted from rank 1's rows");
+            let sums = two_ranks_sums();
+            let results: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = sums
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, sum)| {
+                        let (cfg, batches) = (cfg, &batches);
+                        s.spawn(move || {
+                            let (_vm, mut q) = seeded_vq(cfg);
+                            let mut ranks = Ranks::new(r, 2, sum).unwrap();
+                            let mut got = Vec::new();
+                            for x in batches {
+                                let half = x.narrow(0, 2 * r, 2).unwrap();
+                                let out = q.forward_across(&half, &mut ranks).unwrap();
+                                got.push((out.usage, out.perplexity, out.restarted, state(&q)));
+                            }
+                            got
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for got in &results {
+                for (step, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    assert_eq!((g.0, g.2), (e.0, e.2), "ema {ema:?} step {step}");
+                    assert!((g.1 - e.1).abs() < 1e-12, "perplexity, step {step}");
+                    for (a, b) in g.3.iter().zip(&e.3) {
+                        let d = a
+                            .iter()
+                            .zip(b)
+                            .map(|(p, q)| (p - q).abs())
+                            .fold(0.0, f64::max);
+                        assert!(d < 1e-12, "ema {ema:?} step {step}: {d}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

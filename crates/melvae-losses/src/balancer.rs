@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
+use melvae_layers::Ranks;
 
 use crate::{Error, Result};
 
@@ -129,6 +130,28 @@ impl LossBalancer {
         leaf: &Var,
         losses: &[(&str, f64, &Tensor)],
     ) -> Result<Balanced> {
+        self.balance_across(output, leaf, losses, &mut Ranks::single())
+    }
+
+    /// [`LossBalancer::balance`] on one of data-parallel `ranks`, each
+    /// holding an equal shard of the batch and losses that are means over
+    /// its shard (one sum over the ranks per call, of one value per active
+    /// loss). The gradient norms are those of the whole batch's
+    /// mean loss (per batch item: the sum of the ranks' norms over
+    /// `ranks^2`; whole tensor: the root of the sum of their squares over
+    /// `ranks^2`), so every rank keeps the averages one process would,
+    /// and a non-finite norm on any rank skips the step on all. Each rank's
+    /// loss carries `ranks` times its rows' share of the balanced gradient,
+    /// so the mean of the ranks' parameter gradients is the one-process
+    /// gradient. The norms are as exact as the transport behind `ranks`
+    /// (the trainer's moves `f32`).
+    pub fn balance_across(
+        &mut self,
+        output: &Tensor,
+        leaf: &Var,
+        losses: &[(&str, f64, &Tensor)],
+        ranks: &mut Ranks,
+    ) -> Result<Balanced> {
         if output.dims() != leaf.dims() {
             return Err(Error::shape(
                 "balancer leaf",
@@ -156,6 +179,20 @@ impl LossBalancer {
             let norm = self.norm(&g)?;
             norms.insert(name.to_string(), norm);
             grads.push(g);
+        }
+        if ranks.count() > 1 {
+            // Per rank, the shard-mean loss's gradient is `ranks` times the
+            // batch-mean loss's on the same rows.
+            let n2 = (ranks.count() * ranks.count()) as f64;
+            let per_item = self.cfg.per_batch_item && output.rank() > 1;
+            let parts: Vec<f64> = norms
+                .values()
+                .map(|&v| if per_item { v } else { v * v } / n2)
+                .collect();
+            let total = ranks.sum(&parts)?;
+            for (v, t) in norms.values_mut().zip(total) {
+                *v = if per_item { t } else { t.sqrt() };
+            }
         }
         if norms.values().any(|n| !n.is_finite()) {
             let nan = (output.sum_all()? * f64::NAN)?;
@@ -321,6 +358,105 @@ mod tests {
         let n2 = r2.norms["big"];
         let avg = (0.5 * n1 + n2) / 1.5;
         assert!((r2.scales["big"] - 0.5 / avg).abs() < 1e-9 * r2.scales["big"]);
+    }
+
+    /// Two ranks, one row of the batch each, with row-mean losses: the
+    /// mean of their parameter gradients, their norms and their averages
+    /// are one process's on the whole batch; per batch item and over the
+    /// whole tensor, over two steps (the second uses the history).
+    #[test]
+    fn ranks_together_balance_the_whole_batch() {
+        let mean_losses = |leaf: &Tensor| {
+            let big = (leaf.sqr().unwrap().mean_all().unwrap() * 1000.0).unwrap();
+            let small = (leaf.abs().unwrap().mean_all().unwrap() * 0.001).unwrap();
+            (big, small)
+        };
+        // The balanced parameter gradient and norms of `rows` of the batch
+        // (`k` scales the output) on `ranks`.
+        let step =
+            |b: &mut LossBalancer, rows: std::ops::Range<usize>, k: f64, ranks: &mut Ranks| {
+                let (w, x) = setup();
+                let n = rows.len();
+                let output = ((w.as_tensor().narrow(0, rows.start, n).unwrap()
+                    * x.narrow(0, rows.start, n).unwrap())
+                .unwrap()
+                    * k)
+                    .unwrap();
+                let leaf = LossBalancer::leaf(&output).unwrap();
+                let (big, small) = mean_losses(leaf.as_tensor());
+                let r = b.balance_across(
+                    &output,
+                    &leaf,
+                    &[("big", 3.0, &big), ("small", 1.0, &small)],
+                    ranks,
+                )?;
+                let g = r.loss.backward().unwrap();
+                Ok::<_, Error>((g.get(w.as_tensor()).unwrap().clone(), r.norms))
+            };
+        for per_batch_item in [true, false] {
+            let cfg = BalancerConfig {
+                per_batch_item,
+                ema_decay: 0.5,
+                ..Default::default()
+            };
+            let mut one = LossBalancer::new(cfg).unwrap();
+            let mut ranks = [one.clone(), one.clone()];
+            for k in [1.0, 3.0] {
+                let (g1, n1) = step(&mut one, 0..2, k, &mut Ranks::single()).unwrap();
+                // Each rank's parts, then the real steps with their sum.
+                let mut parts = Vec::new();
+                for (r, b) in ranks.iter().enumerate() {
+                    let mut probe = b.clone();
+                    let mut record = Ranks::new(r, 2, |v| {
+                        parts.push(v.to_vec());
+                        Ok(v.to_vec())
+                    })
+                    .unwrap();
+                    step(&mut probe, r..r + 1, k, &mut record).unwrap();
+                }
+                let total: Vec<f64> = parts[0].iter().zip(&parts[1]).map(|(a, b)| a + b).collect();
+                let mut grads = Vec::new();
+                for (r, b) in ranks.iter_mut().enumerate() {
+                    let mut sum = Ranks::new(r, 2, |_| Ok(total.clone())).unwrap();
+                    let (g, n) = step(b, r..r + 1, k, &mut sum).unwrap();
+                    for (name, v) in &n1 {
+                        assert!(
+                            (n[name] - v).abs() < 1e-12 * v,
+                            "{name}: {} vs {v}",
+                            n[name]
+                        );
+                    }
+                    grads.push(g);
+                }
+                let mean = ((&grads[0] + &grads[1]).unwrap() / 2.0).unwrap();
+                let diff = (mean - &g1)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let scale = g1
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    diff < 1e-12 * scale,
+                    "per item {per_batch_item}, k {k}: {diff}"
+                );
+            }
+            for b in &ranks {
+                for (name, a) in one.state() {
+                    let got = b.state()[name];
+                    assert!((got.total - a.total).abs() < 1e-12 * a.total, "{name}");
+                    assert_eq!(got.fix, a.fix);
+                }
+            }
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use candle_nn::VarBuilder;
 use melvae_dsp::MelConfig;
 use melvae_layers::{
     Activation, ActivationKind, AttentionConfig, CausalConv2d, Conv2dConfig, LayerNorm, Mode,
-    MultiHeadAttention, ResidualUnit2d, VectorQuantizer, VqConfig, VqOutput,
+    MultiHeadAttention, Ranks, ResidualUnit2d, VectorQuantizer, VqConfig, VqOutput,
 };
 use serde::{Deserialize, Serialize};
 
@@ -600,6 +600,20 @@ impl MelVqVae {
     pub fn forward(&mut self, mel: &Tensor, train: bool) -> Result<MelVqVaeOutput> {
         let z = self.encode_continuous(mel)?;
         let vq = self.vq.forward(&z, train)?;
+        self.output(mel, vq)
+    }
+
+    /// The training [`MelVqVae::forward`] of one data-parallel rank
+    /// holding an equal shard of the batch: the codebook updates are the
+    /// whole batch's ([`VectorQuantizer::forward_across`]).
+    pub fn forward_across(&mut self, mel: &Tensor, ranks: &mut Ranks) -> Result<MelVqVaeOutput> {
+        let z = self.encode_continuous(mel)?;
+        let vq = self.vq.forward_across(&z, ranks)?;
+        self.output(mel, vq)
+    }
+
+    /// Decodes `vq` and scores it against `mel`.
+    fn output(&self, mel: &Tensor, vq: VqOutput) -> Result<MelVqVaeOutput> {
         let recon = self.decode_vectors(&vq.quantized)?;
         let recon_loss = self.cfg.recon_loss.of(&recon, mel)?;
         let loss = (&recon_loss + &vq.loss)?;

@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use melvae_layers::{Streaming, VectorQuantizer, VqConfig, VqOutput};
+use melvae_layers::{Ranks, Streaming, VectorQuantizer, VqConfig, VqOutput};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ensure;
@@ -201,6 +201,19 @@ impl VqVae {
     pub fn forward(&mut self, audio: &Tensor, train: bool) -> Result<VqVaeOutput> {
         let z = self.vectors(audio)?;
         let vq = self.vq.forward(&z, train)?;
+        self.decode_output(vq)
+    }
+
+    /// The training [`VqVae::forward`] of one data-parallel rank holding an
+    /// equal shard of the batch: the codebook updates are the whole
+    /// batch's ([`VectorQuantizer::forward_across`]).
+    pub fn forward_across(&mut self, audio: &Tensor, ranks: &mut Ranks) -> Result<VqVaeOutput> {
+        let z = self.vectors(audio)?;
+        let vq = self.vq.forward_across(&z, ranks)?;
+        self.decode_output(vq)
+    }
+
+    fn decode_output(&self, vq: VqOutput) -> Result<VqVaeOutput> {
         let recon = self
             .decoder
             .forward(&vq.quantized.transpose(1, 2)?.contiguous()?)?;

@@ -1044,8 +1044,8 @@ impl WaveVae {
     /// a multiple of the hop) at `step`: the reconstruction from a
     /// reparameterised sample of the posterior, plus the KL (over latent
     /// channels, per latent frame) at the scheduled weight. The noise comes
-    /// from `rng`; `train` selects the sample (evaluation decodes the
-    /// posterior mean, deterministic).
+    /// from `rng` ([`WaveVae::posterior_noise`]); `train` selects the sample
+    /// (evaluation decodes the posterior mean, deterministic).
     pub fn loss(
         &self,
         audio: &Tensor,
@@ -1054,7 +1054,21 @@ impl WaveVae {
         rng: &mut SplitMix64,
         train: bool,
     ) -> Result<WaveVaeLoss> {
-        let (reconstruction, mean, logvar) = self.pass(audio, rng, train)?;
+        let eps = self.train_noise(audio, rng, train)?;
+        self.loss_with(audio, step, objective, eps.as_ref())
+    }
+
+    /// [`WaveVae::loss`] with the reparameterisation noise given
+    /// (`[batch, latent_dim, samples / hop]`), or the posterior mean
+    /// decoded when `eps` is `None`.
+    pub fn loss_with(
+        &self,
+        audio: &Tensor,
+        step: u64,
+        objective: &WaveVaeObjective,
+        eps: Option<&Tensor>,
+    ) -> Result<WaveVaeLoss> {
+        let (reconstruction, mean, logvar) = self.pass_with(audio, eps)?;
         let (recon, mut terms) = objective.reconstruction(&reconstruction, audio)?;
         // [batch, latent, frames] -> [batch, frames, latent] for the KL.
         let kl = kl_loss(
@@ -1073,6 +1087,40 @@ impl WaveVae {
         })
     }
 
+    /// The reparameterisation noise for `batch` crops of `samples` samples
+    /// (a multiple of the hop), `[batch, latent_dim, samples / hop]`
+    /// standard normal from `rng`, in the model's dtype. A data-parallel
+    /// rank draws the whole batch's and keeps its rows.
+    pub fn posterior_noise(
+        &self,
+        batch: usize,
+        samples: usize,
+        rng: &mut SplitMix64,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let dims = [batch, self.cfg.latent_dim, samples / self.hop()];
+        Ok(normal_noise(&dims, rng, device)?.to_dtype(self.dtype())?)
+    }
+
+    /// [`WaveVae::posterior_noise`] for `audio` when `train`, else `None`.
+    fn train_noise(
+        &self,
+        audio: &Tensor,
+        rng: &mut SplitMix64,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if !train {
+            return Ok(None);
+        }
+        let (b, _, samples) = audio.dims3()?;
+        Ok(Some(self.posterior_noise(
+            b,
+            samples,
+            rng,
+            audio.device(),
+        )?))
+    }
+
     /// The training pass: encode `audio`, sample the posterior (noise from
     /// `rng`; the mean when not `train`) and decode. Returns the
     /// reconstruction, the mean and the log-variance. [`WaveVae::loss`]
@@ -1083,12 +1131,34 @@ impl WaveVae {
         rng: &mut SplitMix64,
         train: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let eps = self.train_noise(audio, rng, train)?;
+        self.pass_with(audio, eps.as_ref())
+    }
+
+    /// [`WaveVae::pass`] with the noise given (`None`: the posterior mean);
+    /// `eps` must have the latent's dims `[batch, latent_dim, frames]`.
+    pub fn pass_with(
+        &self,
+        audio: &Tensor,
+        eps: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (mean, logvar) = self.encode(audio)?;
-        let z = if train {
-            let eps = normal_noise(mean.dims(), rng, mean.device())?.to_dtype(mean.dtype())?;
-            (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?
-        } else {
-            mean.clone()
+        let z = match eps {
+            Some(eps) => {
+                ensure(
+                    eps.dims() == mean.dims(),
+                    "wave VAE posterior noise",
+                    || {
+                        format!(
+                            "shape {:?}, expected the latent's {:?}",
+                            eps.dims(),
+                            mean.dims()
+                        )
+                    },
+                )?;
+                (&mean + ((&logvar * 0.5)?.exp()? * eps.to_dtype(mean.dtype())?)?)?
+            }
+            None => mean.clone(),
         };
         Ok((self.decode(&z)?, mean, logvar))
     }

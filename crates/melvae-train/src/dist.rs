@@ -40,7 +40,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -758,6 +758,41 @@ pub fn from_env(device: &candle_core::Device) -> Result<Box<dyn Communicator>> {
     }
 }
 
+/// The element-wise sums over the ranks of `values`, for small vectors
+/// (flags, logged losses, statistics of a task's losses) sent as one 1-D
+/// tensor on `device` (the backend's: CUDA for NCCL); one process returns
+/// `values` untouched.
+pub fn sum_values(comm: &dyn Communicator, values: Vec<f32>, device: &Device) -> Result<Vec<f32>> {
+    if comm.world_size() == 1 {
+        return Ok(values);
+    }
+    let n = values.len();
+    let t = Tensor::from_vec(values, n, device)?;
+    Ok(comm.all_reduce_sum_flat(&t)?.to_vec1::<f32>()?)
+}
+
+/// `comm` as the layers and losses that share batch statistics see it
+/// ([`melvae_layers::Ranks`]): its rank, world size and [`sum_values`] on
+/// `device` (values travel as `f32`).
+pub fn ranks<'a>(
+    comm: &'a dyn Communicator,
+    device: &'a Device,
+) -> Result<melvae_layers::Ranks<'a>> {
+    let sum = move |values: &[f64]| -> melvae_layers::Result<Vec<f64>> {
+        let v = values.iter().map(|&x| x as f32).collect();
+        let total = sum_values(comm, v, device).map_err(|e| melvae_layers::Error::Invalid {
+            what: format!("sum over {} ranks", comm.world_size()),
+            reason: e.to_string(),
+        })?;
+        Ok(total.into_iter().map(f64::from).collect())
+    };
+    Ok(melvae_layers::Ranks::new(
+        comm.rank(),
+        comm.world_size(),
+        sum,
+    )?)
+}
+
 /// A rank's part of every global batch: rows `index * rows .. (index + 1) *
 /// rows` of a batch of `count * rows`, the rows every rank draws in the same
 /// seeded order.
@@ -825,7 +860,6 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     /// Runs `f(comm)` on every rank of a group of `n` threads.
     fn on_ranks<R: Send>(n: usize, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {

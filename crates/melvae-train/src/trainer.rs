@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{checkpoint_name, Checkpoint, RunDir, TrainState};
 use crate::config::{check, Validate};
-use crate::dist::{all_reduce, broadcast, Communicator, ReduceOp, Shard, SingleProcess};
+use crate::dist::{
+    all_reduce, broadcast, sum_values, Communicator, ReduceOp, Shard, SingleProcess,
+};
 use crate::optim::{
     clip_grad_norm, collect_grads, AdamW, AdamWConfig, Ema, GradAccumulator, Grads, LrSchedule,
 };
@@ -52,6 +54,19 @@ pub trait TrainTask {
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Self::Batch>;
     /// Generator losses on `batch`.
     fn losses(&mut self, batch: &Self::Batch, ctx: StepContext) -> Result<Losses>;
+    /// The training step's [`TrainTask::losses`] on one rank of `comm`
+    /// (data-parallel, [`TrainTask::set_shard`]), for a family whose losses
+    /// need statistics of the whole global batch (the wave VAE's loss
+    /// balancer): they are summed over the ranks with `comm`, which every
+    /// rank calls alike. The default is `losses`.
+    fn losses_across(
+        &mut self,
+        batch: &Self::Batch,
+        ctx: StepContext,
+        _comm: &dyn Communicator,
+    ) -> Result<Losses> {
+        self.losses(batch, ctx)
+    }
     /// Discriminator losses on `batch` (GAN mode).
     fn disc_losses(&mut self, _batch: &Self::Batch, _ctx: StepContext) -> Result<Option<Losses>> {
         Ok(None)
@@ -90,14 +105,15 @@ pub trait TrainTask {
     /// randomness (crops and order from the trainer's `rng`, per-row noise
     /// as the whole batch would draw it), so that the ranks together compute
     /// the single-process batch. Dropout masks come from per-rank streams
-    /// ([`Shard::seed`]). The default accepts only the whole batch.
+    /// ([`Shard::seed`]). The default accepts only the whole batch (every
+    /// bundled family shards; a task of your own opts in here).
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
         match shard.count {
             1 => Ok(()),
             n => Err(Error::invalid(
                 "data-parallel training",
                 format!(
-                    "this model family does not shard its batches yet; run it on one rank, not {n}"
+                    "this task does not shard its batches (TrainTask::set_shard); run it on one rank, not {n}"
                 ),
             )),
         }
@@ -437,17 +453,6 @@ fn not_finite_report(losses: &Losses) -> Result<Option<String>> {
     Ok((!bad.is_empty()).then(|| bad.join(", ")))
 }
 
-/// The element-wise sums over the ranks of `values` (small vectors: flags,
-/// logged losses).
-fn sum_values(comm: &dyn Communicator, values: Vec<f32>, device: &Device) -> Result<Vec<f32>> {
-    if comm.world_size() == 1 {
-        return Ok(values);
-    }
-    let n = values.len();
-    let t = Tensor::from_vec(values, n, device)?;
-    Ok(comm.all_reduce_sum_flat(&t)?.to_vec1::<f32>()?)
-}
-
 /// The ranks (in order) on which `mine` is true; every rank learns the same
 /// list.
 fn ranks_where(comm: &dyn Communicator, mine: bool, device: &Device) -> Result<Vec<usize>> {
@@ -780,9 +785,19 @@ impl<'a> Trainer<'a> {
             let disc_turn = cfg
                 .gan
                 .is_some_and(|g| adversarial && step % g.disc_every == 0);
-            for _ in 0..cfg.grad_accum {
+            // Another rank's loss went bad in an earlier micro-batch.
+            let mut elsewhere = false;
+            for micro in 0..cfg.grad_accum {
                 let batch = task.train_batch(&mut rng)?;
-                if bad.is_some() {
+                if shard.count > 1 && micro > 0 && !elsewhere {
+                    // The ranks agree before every later micro-batch, so a
+                    // step that went bad anywhere computes no more losses
+                    // anywhere, as in one process: a family whose losses
+                    // update state (codebooks, the loss balancer) or call
+                    // collectives (`losses_across`) stays in step.
+                    elsewhere = !ranks_where(comm, bad.is_some(), &device)?.is_empty();
+                }
+                if bad.is_some() || elsewhere {
                     // A skipped step still draws all its micro-batches, so
                     // the data order does not depend on where a loss went
                     // bad (ranks that skip together stay aligned).
@@ -801,7 +816,7 @@ impl<'a> Trainer<'a> {
                         }
                     }
                 }
-                let l = task.losses(&batch, ctx)?;
+                let l = task.losses_across(&batch, ctx, comm)?;
                 if let Some(r) = not_finite_report(&l)? {
                     bad = Some(r);
                     continue;

@@ -90,6 +90,42 @@ fn dummy(dir: &Path) {
     .unwrap();
 }
 
+/// Two in-process ranks follow one process on the same global batch of 4:
+/// texts and token sequences of unequal lengths, speakers and emotion
+/// vectors split by rows, both loss terms weighted by token shares.
+#[test]
+fn two_ranks_follow_one_rank() {
+    let d = tempfile::tempdir().unwrap();
+    let tokens = d.path().join("tokens");
+    write_dummy_tts(
+        &tokens,
+        &DummyTts {
+            examples: 16,
+            speakers: 3,
+            mel_vocab_size: 12,
+            cols: 2,
+            emotion_channels: 3,
+            seed: 7,
+        },
+    )
+    .unwrap();
+    // No dropout: it draws other masks on rank 1 (docs/distributed.md).
+    let m = EcholancerConfig {
+        emotion_channels: 3,
+        encoder_dropout: 0.0,
+        decoder_dropout: 0.0,
+        ..model(12, 3)
+    };
+    let make = || {
+        task(
+            &tokens,
+            sections(m.clone(), EcholancerTestConfig::default()),
+        )
+        .unwrap()
+    };
+    common::two_ranks_against_one(d.path(), &cfg(8), None, make);
+}
+
 #[test]
 fn trains_resumes_and_writes_a_model_file_with_its_tokenizer() {
     let d = tempfile::tempdir().unwrap();

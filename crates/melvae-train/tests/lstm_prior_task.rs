@@ -88,19 +88,26 @@ fn task_in(
     LstmPriorTask::new((cfg, codes), data, d, 3, &Device::Cpu, dtype)
 }
 
+/// Tones in `dir/audio`, and two VQ-VAE levels (8x, and 32x as the
+/// context) as model files in `dir`.
+fn tones_and_levels(dir: &Path) -> (PathBuf, LstmPriorCodes) {
+    let audio = dir.join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
+    let codes = LstmPriorCodes {
+        vqvae: vqvae_file(dir, "vq8.safetensors", vec![2, 4]),
+        context_vqvae: Some(vqvae_file(dir, "vq32.safetensors", vec![2, 4, 4])),
+    };
+    (audio, codes)
+}
+
 /// `training.dtype: bf16` (CUDA in `train`; the CPU runs the same graph
 /// here): the prior learns the frozen f32 levels' codes through f32 master
 /// weights, and resume is exact.
 #[test]
 fn half_precision_trains_and_resumes_exactly() {
     let d = tempfile::tempdir().unwrap();
-    let audio = d.path().join("audio");
-    std::fs::create_dir(&audio).unwrap();
-    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
-    let codes = LstmPriorCodes {
-        vqvae: vqvae_file(d.path(), "vq8.safetensors", vec![2, 4]),
-        context_vqvae: Some(vqvae_file(d.path(), "vq32.safetensors", vec![2, 4, 4])),
-    };
+    let (audio, codes) = tones_and_levels(d.path());
     let bf16 = |c: &LstmPriorCodes| task_in(&audio, prior(4), c.clone(), DType::BF16).unwrap();
     let run = RunDir::create(d.path().join("a")).unwrap();
     let mut a = bf16(&codes);
@@ -128,16 +135,20 @@ fn cfg(steps: u64) -> TrainerConfig {
     }
 }
 
+/// Two in-process ranks follow one process on the same global batch of 2
+/// (each codes its own crops with the frozen levels).
+#[test]
+fn two_ranks_follow_one_rank() {
+    let d = tempfile::tempdir().unwrap();
+    let (audio, codes) = tones_and_levels(d.path());
+    let make = || task(&audio, prior(4), codes.clone()).unwrap();
+    common::two_ranks_against_one(d.path(), &cfg(8), None, make);
+}
+
 #[test]
 fn trains_on_frozen_codes_and_resumes_exactly() {
     let d = tempfile::tempdir().unwrap();
-    let audio = d.path().join("audio");
-    std::fs::create_dir(&audio).unwrap();
-    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
-    let codes = LstmPriorCodes {
-        vqvae: vqvae_file(d.path(), "vq8.safetensors", vec![2, 4]),
-        context_vqvae: Some(vqvae_file(d.path(), "vq32.safetensors", vec![2, 4, 4])),
-    };
+    let (audio, codes) = tones_and_levels(d.path());
     let run = RunDir::create(d.path().join("a")).unwrap();
     let mut a = task(&audio, prior(4), codes.clone()).unwrap();
     let before = a.validate(eval_ctx()).unwrap();

@@ -207,15 +207,5 @@ fn two_ranks_follow_one_rank_with_the_same_global_batch() {
     let audio = d.path().join("audio");
     std::fs::create_dir(&audio).unwrap();
     folder(&audio);
-    let c = cfg(12);
-    let one = RunDir::create(d.path().join("one")).unwrap();
-    let mut single = task(&audio);
-    Trainer::new(c.clone(), &one)
-        .unwrap()
-        .fit(&mut single, false)
-        .unwrap();
-    let two = d.path().join("two");
-    let ranks = common::data_parallel(2, &c, false, &two, |_| task(&audio));
-    let single = common::weights(single.vars());
-    common::assert_two_ranks_follow(one.root(), &two, &single, &ranks, 12);
+    common::two_ranks_against_one(d.path(), &cfg(12), None, || task(&audio));
 }

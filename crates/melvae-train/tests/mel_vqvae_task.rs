@@ -122,24 +122,57 @@ fn data_must_match_the_model() {
     );
 }
 
-/// The adversarial phase: a patch discriminator trains from the start
-/// step, the generator logs `adv` and `fm`, resume is exact for both
-/// players; waveform discriminators and a missing patch are named.
+/// A tiny patch discriminator.
+fn patch_discriminator() -> melvae_models::DiscriminatorsConfig {
+    melvae_models::DiscriminatorsConfig {
+        patch: Some(melvae_models::PatchConfig {
+            channels: 2,
+            layers: 2,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Two in-process ranks start like one process on the same global batch
+/// of 2 and keep identical replicas through the adversarial phase: the
+/// codebook's counts and restarts are the global batch's (16 codes,
+/// restart threshold 1). Only the first 3 steps' losses are compared: a
+/// nearest-code choice can flip on rounding and part the runs
+/// (`assert_two_ranks_start_like_one`).
 #[test]
-fn adversarial_phase_trains_and_resumes_exactly() {
-    use melvae_models::{DiscriminatorsConfig, MsdConfig, PatchConfig};
+fn two_ranks_start_like_one_rank_with_codebook_restarts() {
     use melvae_train::tasks::mel_vqvae::MelVqVaeLossConfig;
     let d = tempfile::tempdir().unwrap();
     let audio = d.path().join("audio");
     std::fs::create_dir(&audio).unwrap();
     folder(&audio);
-    let disc = DiscriminatorsConfig {
-        patch: Some(PatchConfig {
-            channels: 2,
-            layers: 2,
-        }),
-        ..Default::default()
+    let disc = patch_discriminator();
+    let make = || {
+        task(&audio)
+            .with_adversarial(MelVqVaeLossConfig::default(), disc.clone())
+            .unwrap()
     };
+    let gan = TrainerConfig {
+        gan: Some(common::test_gan()),
+        ..cfg(6)
+    };
+    common::two_ranks_against_one(d.path(), &gan, Some(3), make);
+    let restarted = common::logged(&d.path().join("two/rank0"), "restarted");
+    assert!(restarted.iter().any(|&(_, n)| n > 0.0), "{restarted:?}");
+}
+
+/// The adversarial phase: a patch discriminator trains from the start
+/// step, the generator logs `adv` and `fm`, resume is exact for both
+/// players; waveform discriminators and a missing patch are named.
+#[test]
+fn adversarial_phase_trains_and_resumes_exactly() {
+    use melvae_models::{DiscriminatorsConfig, MsdConfig};
+    use melvae_train::tasks::mel_vqvae::MelVqVaeLossConfig;
+    let d = tempfile::tempdir().unwrap();
+    let audio = d.path().join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    folder(&audio);
+    let disc = patch_discriminator();
     let loss = MelVqVaeLossConfig {
         adversarial: melvae_models::AdversarialWeights {
             feature_matching: 1.0,

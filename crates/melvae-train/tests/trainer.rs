@@ -86,6 +86,21 @@ impl TrainTask for Toy {
         Ok((self.x.index_select(&idx, 0)?, self.y.index_select(&idx, 0)?))
     }
 
+    /// Takes part in a sum over the ranks before every loss, as a family
+    /// with whole-batch statistics does: when one rank's step goes bad in
+    /// a micro-batch, no rank may compute a later micro-batch's losses
+    /// (the others would wait in the sum for it forever).
+    fn losses_across(
+        &mut self,
+        batch: &Self::Batch,
+        ctx: StepContext,
+        comm: &dyn dist::Communicator,
+    ) -> Result<Losses> {
+        let n = dist::sum_values(comm, vec![1.0], &Device::Cpu)?;
+        assert_eq!(n, [comm.world_size() as f32]);
+        self.losses(batch, ctx)
+    }
+
     fn losses(&mut self, (x, y): &Self::Batch, ctx: StepContext) -> Result<Losses> {
         self.seen_ctx.push(ctx);
         if self.fail_at == Some(ctx.step) {

@@ -433,17 +433,7 @@ fn two_ranks_follow_one_rank_in_the_adversarial_phase() {
     std::fs::create_dir(&audio).unwrap();
     folder(&audio);
     let disc = common::tiny_mpd();
-    let one = RunDir::create(d.path().join("one")).unwrap();
-    let mut single = task(&audio, Some(disc.clone()));
-    Trainer::new(cfg(6, true), &one)
-        .unwrap()
-        .fit(&mut single, false)
-        .unwrap();
-    let mut w1 = weights(single.vars());
-    w1.extend(weights(single.disc_vars()));
-    let two = d.path().join("two");
-    let ranks = common::data_parallel(2, &cfg(6, true), false, &two, |_| {
+    common::two_ranks_against_one(d.path(), &cfg(6, true), None, || {
         task(&audio, Some(disc.clone()))
     });
-    common::assert_two_ranks_follow(one.root(), &two, &w1, &ranks, 6);
 }

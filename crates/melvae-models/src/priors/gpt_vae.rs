@@ -306,13 +306,50 @@ impl GptVae {
         rng: &mut SplitMix64,
         mode: Mode,
     ) -> Result<GptVaeLoss> {
-        let (mean, logvar) = self.encode(tokens, mask, mode)?;
-        let z = if kl_weight == 0.0 {
-            mean.clone()
+        let eps = if kl_weight == 0.0 {
+            None
         } else {
-            let eps = crate::dit_cfm::normal_noise(mean.dims(), rng, mean.device())?
-                .to_dtype(mean.dtype())?;
-            (&mean + (logvar.affine(0.5, 0.0)?.exp()? * eps)?)?
+            Some(self.latent_noise(tokens.dim(0)?, rng, tokens.device())?)
+        };
+        self.loss_with(tokens, mask, kl_weight, free_bits, eps.as_ref(), mode)
+    }
+
+    /// The noise [`GptVae::loss`] draws from `rng` for `batch` sequences:
+    /// `[batch, latent_dim]` standard normal, f32 (a data-parallel rank
+    /// draws the whole batch's and keeps its rows).
+    pub fn latent_noise(
+        &self,
+        batch: usize,
+        rng: &mut SplitMix64,
+        device: &Device,
+    ) -> Result<Tensor> {
+        crate::dit_cfm::normal_noise(&[batch, self.cfg.latent_dim], rng, device)
+    }
+
+    /// [`GptVae::loss`] with the noise given (`[batch, latent_dim]`), or
+    /// the posterior mean decoded when `eps` is `None`.
+    pub fn loss_with(
+        &self,
+        tokens: &Tensor,
+        mask: Option<&Tensor>,
+        kl_weight: f64,
+        free_bits: FreeBits,
+        eps: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<GptVaeLoss> {
+        let (mean, logvar) = self.encode(tokens, mask, mode)?;
+        let z = match eps {
+            None => mean.clone(),
+            Some(eps) => {
+                if eps.dims() != mean.dims() {
+                    return Err(Error::Shape {
+                        what: "gpt_vae latent noise".into(),
+                        expected: format!("{:?}", mean.dims()),
+                        got: format!("{:?}", eps.dims()),
+                    });
+                }
+                (&mean + (logvar.affine(0.5, 0.0)?.exp()? * eps.to_dtype(mean.dtype())?)?)?
+            }
         };
         let logits = self.decode_logits(tokens, &z, mode)?;
         let ce = masked_cross_entropy(&logits, tokens, mask, 0.0)?;

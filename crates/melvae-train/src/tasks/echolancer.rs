@@ -15,6 +15,7 @@ use melvae_models::{Echolancer, EcholancerConfig, EcholancerInputs};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCursor;
+use crate::dist::Shard;
 use crate::tokens::{TokenDataConfig, TokenDataset, TokenSplit};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
@@ -194,6 +195,36 @@ pub struct EcholancerBatch {
     pub tokens: Tensor,
     /// `[batch, len]` u8, 1 for real tokens.
     pub mask: Tensor,
+    /// This batch's share of its global batch's loss (1 for a whole
+    /// batch; see [`super::gpt::GptBatch::weight`]).
+    pub weight: f64,
+}
+
+impl EcholancerBatch {
+    /// Rows `shard.rows(..)` of this (global) batch of `batch` rows, with
+    /// their weight: both loss terms are means over real token positions.
+    fn shard(self, shard: Shard, batch: usize) -> Result<Self> {
+        if shard == Shard::WHOLE {
+            return Ok(self);
+        }
+        let rows = shard.rows(batch, "data.batch_size")?;
+        let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        let i = &self.inputs;
+        Ok(Self {
+            inputs: EcholancerInputs {
+                text: narrow(&i.text)?,
+                text_mask: i.text_mask.as_ref().map(narrow).transpose()?,
+                speakers: narrow(&i.speakers)?,
+                emotion: match &i.emotion {
+                    Some((e, present)) => Some((narrow(e)?, narrow(present)?)),
+                    None => None,
+                },
+            },
+            tokens: narrow(&self.tokens)?,
+            weight: super::gpt::token_share(&self.mask, rows.clone(), shard.count)?,
+            mask: narrow(&self.mask)?,
+        })
+    }
 }
 
 fn batch_of(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<EcholancerBatch> {
@@ -222,6 +253,7 @@ fn batch_of(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<Echola
         },
         tokens: b.codes.reshape((n, t * k))?,
         mask,
+        weight: 1.0,
     })
 }
 
@@ -306,6 +338,7 @@ pub struct EcholancerTask {
     unigram_nll: Vec<f64>,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     decoder: Option<super::TokenDecoder>,
 }
@@ -361,6 +394,7 @@ impl EcholancerTask {
             unigram_nll,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             decoder: None,
         })
@@ -417,11 +451,24 @@ impl TrainTask for EcholancerTask {
         let idx = self
             .cursor
             .next_of(self.data.train.len(), self.seed, self.batch_size);
-        batch_of(&self.data.train, &idx, &self.device)
+        // The whole batch (padded as one process pads it), then this rank's
+        // rows.
+        batch_of(&self.data.train, &idx, &self.device)?.shard(self.shard, self.batch_size)
+    }
+
+    /// Data-parallel: each rank keeps its rows of the whole padded batch;
+    /// its cross-entropy and gate loss (both means over real token
+    /// positions) are weighted by its share of the batch's real tokens, so
+    /// the ranks together compute one process's loss. Dropout masks come
+    /// from per-rank streams.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.batch_size)?;
+        Ok(())
     }
 
     fn losses(&mut self, batch: &EcholancerBatch, ctx: StepContext) -> Result<Losses> {
-        let rng = DropoutRng::new(super::step_seed(self.seed, ctx.step, &self.cursor));
+        let seed = super::step_seed(self.seed, ctx.step, &self.cursor);
+        let rng = DropoutRng::new(self.shard.seed(seed));
         let mode = super::gpt::mode_of(ctx, &rng);
         let l = self.model.loss(
             &batch.inputs,
@@ -430,9 +477,16 @@ impl TrainTask for EcholancerTask {
             Some(self.loss.gate_pos_weight),
             mode,
         )?;
+        // (1 for a whole batch: the loss is left as it was.)
+        let (total, ce, gate) = if batch.weight == 1.0 {
+            (l.total, l.ce, l.gate)
+        } else {
+            let w = batch.weight;
+            ((l.total * w)?, (l.ce * w)?, (l.gate * w)?)
+        };
         Ok(Losses {
-            total: l.total,
-            terms: BTreeMap::from([("ce".to_string(), l.ce), ("gate".to_string(), l.gate)]),
+            total,
+            terms: BTreeMap::from([("ce".to_string(), ce), ("gate".to_string(), gate)]),
         })
     }
 

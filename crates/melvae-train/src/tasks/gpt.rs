@@ -81,23 +81,35 @@ impl GptBatch {
             return Ok(self);
         }
         let rows = shard.rows(batch, "data.batch_size")?;
-        let real = |m: &Tensor| -> Result<f64> {
-            Ok(m.ne(0u32)?
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?)
-        };
-        let total = real(&self.mask)?;
         let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
-        let mask = narrow(&self.mask)?;
-        let mine = real(&mask)?;
         Ok(Self {
             tokens: narrow(&self.tokens)?,
             classes: narrow(&self.classes)?,
-            weight: mine / total.max(1.0) * shard.count as f64,
-            mask,
+            weight: token_share(&self.mask, rows.clone(), shard.count)?,
+            mask: narrow(&self.mask)?,
         })
     }
+}
+
+/// The weight of a data-parallel rank's per-token mean loss over `rows` of
+/// a batch whose real tokens `mask` marks (`[batch, len]`, non-zero =
+/// real): the rows' share of the batch's real tokens, times the number of
+/// ranks `count`, so that the mean over the ranks of the weighted
+/// per-token means is the whole batch's per-token mean.
+pub(crate) fn token_share(
+    mask: &Tensor,
+    rows: std::ops::Range<usize>,
+    count: usize,
+) -> Result<f64> {
+    let real = |m: &Tensor| -> Result<f64> {
+        Ok(m.ne(0u32)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?)
+    };
+    let total = real(mask)?;
+    let mine = real(&mask.narrow(0, rows.start, rows.len())?)?;
+    Ok(mine / total.max(1.0) * count as f64)
 }
 
 pub(crate) fn gpt_batch(set: &TokenDataset, idx: &[usize], device: &Device) -> Result<GptBatch> {

@@ -15,6 +15,7 @@ use melvae_models::{GptVae, GptVaeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCursor;
+use crate::dist::Shard;
 use crate::tokens::{TokenDataConfig, TokenSplit};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::Result;
@@ -131,6 +132,7 @@ pub struct GptVaeTask {
     batch_size: usize,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     decoder: Option<super::TokenDecoder>,
 }
@@ -177,6 +179,7 @@ impl GptVaeTask {
             batch_size: data_cfg.batch_size,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             decoder: None,
         })
@@ -194,30 +197,61 @@ impl TrainTask for GptVaeTask {
         let idx = self
             .cursor
             .next_of(self.data.train.len(), self.seed, self.batch_size);
-        super::gpt::gpt_batch(&self.data.train, &idx, &self.device)
+        // The whole batch (padded as one process pads it), then this rank's
+        // rows, their cross-entropy weighted by their share of the tokens.
+        super::gpt::gpt_batch(&self.data.train, &idx, &self.device)?
+            .shard(self.shard, self.batch_size)
+    }
+
+    /// Data-parallel: each rank keeps its rows of the whole batch and of
+    /// the whole batch's latent noise; its per-token cross-entropy is
+    /// weighted as the GPT's ([`super::gpt::GptBatch::weight`]) and the KL
+    /// is a mean over its rows, so the ranks together compute one
+    /// process's loss, except `fb: 2` free bits (a floor on a mean
+    /// over the batch), taken over each rank's rows. Dropout masks come
+    /// from per-rank streams.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.batch_size)?;
+        Ok(())
     }
 
     fn losses(&mut self, batch: &super::gpt::GptBatch, ctx: StepContext) -> Result<Losses> {
         // Noise and dropout seeded by the step and the data position
-        // (distinct per micro-batch, restored on resume).
+        // (distinct per micro-batch, restored on resume); dropout also by
+        // the rank.
         let step_seed = super::step_seed(self.seed, ctx.step, &self.cursor);
-        let dropout = DropoutRng::new(step_seed);
+        let dropout = DropoutRng::new(self.shard.seed(step_seed));
         let mode = super::gpt::mode_of(ctx, &dropout);
         let w = self.loss.schedule().weight(ctx.step);
-        let mut rng = SplitMix64::new(step_seed ^ 0x5eed);
-        let l = self.model.loss(
+        let eps = if w == 0.0 {
+            None
+        } else {
+            let global = batch.tokens.dim(0)? * self.shard.count;
+            let rows = self.shard.rows(global, "data.batch_size")?;
+            let rng = &mut SplitMix64::new(step_seed ^ 0x5eed);
+            let all = self.model.latent_noise(global, rng, &self.device)?;
+            Some(all.narrow(0, rows.start, rows.len())?)
+        };
+        let l = self.model.loss_with(
             &batch.tokens,
             Some(&batch.mask),
             w,
             self.loss.free_bits(),
-            &mut rng,
+            eps.as_ref(),
             mode,
         )?;
+        // (1 for a whole batch: the loss is left as it was.)
+        let (total, ce) = if batch.weight == 1.0 {
+            (l.total, l.ce)
+        } else {
+            let ce = (l.ce * batch.weight)?;
+            ((&ce + (&l.kl * w)?)?, ce)
+        };
         let active = active_units(&l.kl_per_dim, 0.01)? as f32;
         Ok(Losses {
-            total: l.total,
+            total,
             terms: BTreeMap::from([
-                ("ce".to_string(), l.ce),
+                ("ce".to_string(), ce),
                 ("kl".to_string(), l.kl),
                 (
                     "kl_weight".to_string(),

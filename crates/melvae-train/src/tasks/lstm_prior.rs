@@ -14,6 +14,7 @@ use melvae_models::{LstmPrior, LstmPriorConfig, VqVae};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{AudioDataConfig, AudioFolder, EpochCursor};
+use crate::dist::Shard;
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -152,6 +153,7 @@ pub struct LstmPriorTask {
     unigram_nll: Vec<f64>,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
 }
 
@@ -195,6 +197,7 @@ impl LstmPriorTask {
             unigram_nll: Vec::new(),
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
         };
         task.unigram_nll = task.unigram()?;
@@ -256,9 +259,12 @@ impl TrainTask for LstmPriorTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<CodeBatch> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
+        // Every row is cropped and coded as one process codes the batch
+        // (a nearest code can flip on the rounding of another batch
+        // size); this rank keeps its rows.
         let audio = super::waveform::crops(
             &self.data.train,
             &idx,
@@ -267,7 +273,24 @@ impl TrainTask for LstmPriorTask {
             &self.device,
             DType::F32,
         )?;
-        self.codes(&audio)
+        let all = self.codes(&audio)?;
+        if self.shard == Shard::WHOLE {
+            return Ok(all);
+        }
+        let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        Ok(CodeBatch {
+            codes: narrow(&all.codes)?,
+            context: all.context.as_ref().map(narrow).transpose()?,
+        })
+    }
+
+    /// Data-parallel: every crop has as many codes, so the mean
+    /// cross-entropy of a rank's rows, averaged over the ranks, is the
+    /// whole batch's. Each rank codes the whole batch with the frozen
+    /// levels and keeps its rows, so the codes are one process's.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
+        Ok(())
     }
 
     fn losses(&mut self, batch: &CodeBatch, _ctx: StepContext) -> Result<Losses> {

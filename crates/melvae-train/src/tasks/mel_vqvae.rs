@@ -15,6 +15,7 @@ use melvae_models::{
 use serde::{Deserialize, Serialize};
 
 use crate::data::{AudioDataConfig, AudioFolder, EpochCursor};
+use crate::dist::{Communicator, Shard, SingleProcess};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -89,7 +90,7 @@ pub fn mel_vqvae_sections(cfg: &crate::ResolvedConfig) -> Result<MelVqVaeSection
 /// The mel VQ-VAE as a [`TrainTask`]: random crops of an [`AudioFolder`]
 /// at the features' rate (mono), their log-mels cut to a multiple of the
 /// model's time factor, the model's loss (reconstruction + codebook +
-/// commitment; the codebook's usage and perplexity logged beside it);
+/// commitment; the codebook's usage, perplexity and restarted codes logged beside it);
 /// validation on fixed held-out crops (`recon`, which picks the best
 /// checkpoint, `recon_clip_mean`: the same loss of each crop's mean
 /// spectrum, a naive baseline; `perplexity`, `usage`); input and reconstructed mels (PNG)
@@ -107,6 +108,7 @@ pub struct MelVqVaeTask {
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     dtype: DType,
     to_audio: MelToAudio,
@@ -190,6 +192,7 @@ impl MelVqVaeTask {
             data_cfg,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             dtype,
             adversarial: None,
@@ -248,28 +251,44 @@ impl TrainTask for MelVqVaeTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
         let hop = self.model.mel_config().stft.hop_length;
+        // Every row is cropped (the same draws on every rank); this rank
+        // keeps its own.
         let audio =
             super::waveform::crops(&self.data.train, &idx, rng, hop, &self.device, self.dtype)?;
-        self.mels(&audio)
+        self.mels(&audio.narrow(0, rows.start, rows.len())?)
+    }
+
+    /// Data-parallel: every loss is a mean over the rank's rows, and the
+    /// codebook's statistics are the global batch's (`losses_across`), so
+    /// the ranks together train as one process on the global batch.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
+        Ok(())
     }
 
     /// Reconstruction + codebook + commitment, plus the adversarial terms
     /// (`adv`, `fm`) in the adversarial phase.
     fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
-        let out = self.model.forward(batch, true)?;
-        let scalar = |v: f64| Tensor::new(v as f32, batch.device());
+        self.losses_across(batch, ctx, &SingleProcess)
+    }
+
+    /// [`TrainTask::losses`]; the quantiser's code counts, EMA sums and
+    /// restarts are shared over `comm`'s ranks.
+    fn losses_across(
+        &mut self,
+        batch: &Tensor,
+        ctx: StepContext,
+        comm: &dyn Communicator,
+    ) -> Result<Losses> {
+        let mut ranks = crate::dist::ranks(comm, &self.device)?;
+        let out = self.model.forward_across(batch, &mut ranks)?;
         let mut total = out.loss;
-        let mut terms = BTreeMap::from([
-            ("recon".to_string(), out.recon_loss),
-            ("codebook".to_string(), out.vq.codebook_loss),
-            ("commitment".to_string(), out.vq.commitment_loss),
-            ("perplexity".to_string(), scalar(out.vq.perplexity)?),
-            ("usage".to_string(), scalar(out.vq.usage)?),
-        ]);
+        let mut terms = super::quantizer_terms(out.vq)?;
+        terms.insert("recon".to_string(), out.recon_loss);
         if let (Some((_, disc, w)), true) = (&self.adversarial, ctx.adversarial) {
             let (adv, fm) = super::waveform::generator_terms(disc, *w, batch, &out.recon, None)?;
             total = (total + (&adv * w.weight)? + (&fm * w.feature_matching)?)?;

@@ -199,6 +199,23 @@ pub(crate) fn load_quantizer_state(
     Ok(())
 }
 
+/// The logged terms of a training step's quantiser: `codebook` and
+/// `commitment` (its losses), the batch's code `perplexity` and `usage`,
+/// and the number of codes `restarted`.
+pub(crate) fn quantizer_terms(
+    vq: melvae_layers::VqOutput,
+) -> Result<BTreeMap<String, candle_core::Tensor>> {
+    let device = vq.codebook_loss.device().clone();
+    let value = |v: f64| candle_core::Tensor::new(v as f32, &device);
+    Ok(BTreeMap::from([
+        ("perplexity".to_string(), value(vq.perplexity)?),
+        ("usage".to_string(), value(vq.usage)?),
+        ("restarted".to_string(), value(vq.restarted as f64)?),
+        ("codebook".to_string(), vq.codebook_loss),
+        ("commitment".to_string(), vq.commitment_loss),
+    ]))
+}
+
 /// A task's data position as checkpoint state.
 pub(crate) fn cursor_state(cursor: &EpochCursor) -> serde_json::Value {
     serde_json::json!({"epoch": cursor.epoch, "pos": cursor.pos})

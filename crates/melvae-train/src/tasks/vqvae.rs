@@ -13,6 +13,7 @@ use melvae_losses::{MultiResolutionStftLoss, WaveformLoss};
 use melvae_models::{VqVae, VqVaeConfig};
 
 use crate::data::{AudioDataConfig, AudioFolder, EpochCursor};
+use crate::dist::{Communicator, Shard, SingleProcess};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -30,8 +31,8 @@ pub fn vqvae_config(cfg: &crate::ResolvedConfig) -> Result<VqVaeConfig> {
 
 /// One VQ-VAE level as a [`TrainTask`]: random crops of an
 /// [`AudioFolder`] cut to the hop; loss = multi-resolution STFT (auraloss'
-/// defaults) + codebook + commitment; the batch's code `usage` and
-/// `perplexity` logged beside it; validation on fixed held-out crops
+/// defaults) + codebook + commitment; the batch's code `usage`,
+/// `perplexity` and `restarted` (codes restarted) logged beside it; validation on fixed held-out crops
 /// (`stft`, which picks the best checkpoint; `stft_silence`: the same loss
 /// of silence, a floor any model must beat; `perplexity`, `usage`);
 /// input and reconstruction as WAV and mel PNG samples.
@@ -40,11 +41,13 @@ pub struct VqVaeTask {
     pub varmap: VarMap,
     /// The model.
     pub model: VqVae,
-    stft: MultiResolutionStftLoss,
+    /// The reconstruction loss (auraloss' default multi-resolution STFT).
+    pub stft: MultiResolutionStftLoss,
     data: AudioFolder,
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     dtype: DType,
 }
@@ -85,6 +88,7 @@ impl VqVaeTask {
             data_cfg,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             dtype,
         })
@@ -109,34 +113,49 @@ impl TrainTask for VqVaeTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<Tensor> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
-        super::waveform::crops(
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
+        // Every row is cropped (the same draws on every rank); this rank
+        // keeps its own.
+        let crops = super::waveform::crops(
             &self.data.train,
             &idx,
             rng,
             self.model.hop(),
             &self.device,
             self.dtype,
-        )
+        )?;
+        Ok(crops.narrow(0, rows.start, rows.len())?)
     }
 
-    fn losses(&mut self, batch: &Tensor, _ctx: StepContext) -> Result<Losses> {
-        let out = self.model.forward(batch, true)?;
+    /// Data-parallel: the codebook's statistics are the global batch's
+    /// (`losses_across`); the STFT loss's spectral convergence is
+    /// normalised over each rank's rows, as PyTorch's DDP would.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
+        Ok(())
+    }
+
+    fn losses(&mut self, batch: &Tensor, ctx: StepContext) -> Result<Losses> {
+        self.losses_across(batch, ctx, &SingleProcess)
+    }
+
+    /// The losses; the quantiser's code counts, EMA sums and restarts are
+    /// shared over `comm`'s ranks.
+    fn losses_across(
+        &mut self,
+        batch: &Tensor,
+        _ctx: StepContext,
+        comm: &dyn Communicator,
+    ) -> Result<Losses> {
+        let mut ranks = crate::dist::ranks(comm, &self.device)?;
+        let out = self.model.forward_across(batch, &mut ranks)?;
         let stft = self.stft.loss(&out.recon, batch)?;
-        let value = |v: f64| Tensor::new(v as f32, batch.device());
         let total = (&stft + &out.vq.loss.to_dtype(stft.dtype())?)?;
-        Ok(Losses {
-            total,
-            terms: BTreeMap::from([
-                ("stft".to_string(), stft),
-                ("codebook".to_string(), out.vq.codebook_loss),
-                ("commitment".to_string(), out.vq.commitment_loss),
-                ("perplexity".to_string(), value(out.vq.perplexity)?),
-                ("usage".to_string(), value(out.vq.usage)?),
-            ]),
-        })
+        let mut terms = super::quantizer_terms(out.vq)?;
+        terms.insert("stft".to_string(), stft);
+        Ok(Losses { total, terms })
     }
 
     fn validate(&mut self, _ctx: StepContext) -> Result<BTreeMap<String, f64>> {

@@ -13,6 +13,7 @@ use melvae_models::{
 };
 
 use crate::data::{AudioDataConfig, AudioFolder, AudioSet, EpochCursor};
+use crate::dist::{Communicator, Shard, SingleProcess};
 use crate::trainer::{Losses, StepContext, TrainTask};
 use crate::{Error, Result};
 
@@ -42,7 +43,8 @@ pub fn wave_vae_config(cfg: &crate::ResolvedConfig) -> Result<WaveVaeSections> {
 }
 
 /// A training batch: audio `[batch, audio_channels, crop]` (the crop cut to
-/// a multiple of the hop) and the seed of the batch's noise.
+/// a multiple of the hop; a data-parallel rank's rows of the global batch)
+/// and the seed of the global batch's noise.
 #[derive(Debug, Clone)]
 pub struct WaveBatch {
     /// The audio.
@@ -76,6 +78,7 @@ pub struct WaveVaeTask {
     data_cfg: AudioDataConfig,
     cursor: EpochCursor,
     seed: u64,
+    shard: Shard,
     device: Device,
     dtype: DType,
 }
@@ -131,6 +134,7 @@ impl WaveVaeTask {
             data_cfg,
             cursor: EpochCursor { epoch: 0, pos: 0 },
             seed,
+            shard: Shard::WHOLE,
             device: device.clone(),
             dtype,
         })
@@ -155,15 +159,24 @@ impl WaveVaeTask {
 }
 
 impl WaveVaeTask {
-    /// The VAE loss of a batch (noise from its seed).
+    /// The VAE loss of a batch: its rows of the global batch's noise,
+    /// drawn from the batch's seed.
     fn vae_loss(&self, batch: &WaveBatch, ctx: StepContext) -> Result<WaveVaeLoss> {
-        Ok(self.model.loss(
-            &batch.audio,
-            ctx.step,
-            &self.objective,
-            &mut SplitMix64::new(batch.seed),
-            ctx.train,
-        )?)
+        let eps = if ctx.train {
+            let (b, _, samples) = batch.audio.dims3()?;
+            let global = b * self.shard.count;
+            let rows = self.shard.rows(global, "data.batch_size")?;
+            let rng = &mut SplitMix64::new(batch.seed);
+            let all = self
+                .model
+                .posterior_noise(global, samples, rng, &self.device)?;
+            Some(all.narrow(0, rows.start, rows.len())?)
+        } else {
+            None
+        };
+        Ok(self
+            .model
+            .loss_with(&batch.audio, ctx.step, &self.objective, eps.as_ref())?)
     }
 }
 
@@ -172,13 +185,16 @@ impl WaveVaeTask {
     /// (`stft`, `mel`, `l1`, and `adv`, `fm` in the adversarial phase) are
     /// computed again on a detached copy of the reconstruction, their
     /// gradients balanced, and the KL added at its weight. The logged terms
-    /// are the same as without it; `total` is the effective loss.
+    /// are the same as without it; `total` is the effective loss. The
+    /// gradient norms are those of the global batch (summed over `comm`'s
+    /// ranks).
     fn balanced_losses(
         &mut self,
         batch: &WaveBatch,
         ctx: StepContext,
         l: WaveVaeLoss,
         real: Option<DiscOutput>,
+        comm: &dyn Communicator,
     ) -> Result<Losses> {
         let x = &l.reconstruction;
         let leaf = LossBalancer::leaf(x)?;
@@ -209,7 +225,8 @@ impl WaveVaeTask {
                 "the balanced step needs the balancer and the KL term",
             ));
         };
-        let balanced = balancer.balance(x, &leaf, &list)?;
+        let mut ranks = crate::dist::ranks(comm, &self.device)?;
+        let balanced = balancer.balance_across(x, &leaf, &list, &mut ranks)?;
         let total = (balanced.loss.to_dtype(kl.dtype())? + (kl * l.kl_weight)?)?;
         terms.insert("kl".into(), kl.clone());
         Ok(Losses { total, terms })
@@ -247,20 +264,45 @@ impl TrainTask for WaveVaeTask {
     }
 
     fn train_batch(&mut self, rng: &mut SplitMix64) -> Result<WaveBatch> {
-        let idx = self
-            .cursor
-            .next(&self.data.train, self.seed, self.data_cfg.batch_size);
+        let batch = self.data_cfg.batch_size;
+        let rows = self.shard.rows(batch, "data.batch_size")?;
+        let idx = self.cursor.next(&self.data.train, self.seed, batch);
+        // Every row is cropped (the same draws on every rank); this rank
+        // keeps its own.
         let audio = self.crops(&self.data.train, &idx, rng)?;
         Ok(WaveBatch {
-            audio,
+            audio: audio.narrow(0, rows.start, rows.len())?,
             seed: rng.next_u64(),
         })
+    }
+
+    /// Data-parallel: the losses are means over the rank's rows, averaged
+    /// over the ranks as in PyTorch's DDP. Equal to one process's on the
+    /// global batch except for the terms normalised by the whole batch:
+    /// the STFT loss's spectral convergence (`||Y - X|| / ||Y||` over the
+    /// batch) and the KL's `per_dim` free bits (a mean over the batch,
+    /// then a floor) are taken over each rank's rows. The loss balancer's
+    /// gradient norms are the global batch's (`losses_across`).
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        self.shard = shard.for_batch(self.data_cfg.batch_size)?;
+        Ok(())
     }
 
     /// The VAE loss; in the adversarial phase plus the generator's GAN
     /// loss (`adv`) and feature matching (`fm`), weighted as
     /// `wave_vae_loss.adversarial` says.
     fn losses(&mut self, batch: &WaveBatch, ctx: StepContext) -> Result<Losses> {
+        self.losses_across(batch, ctx, &SingleProcess)
+    }
+
+    /// [`TrainTask::losses`]; the loss balancer's gradient norms are summed
+    /// over `comm`'s ranks.
+    fn losses_across(
+        &mut self,
+        batch: &WaveBatch,
+        ctx: StepContext,
+        comm: &dyn Communicator,
+    ) -> Result<Losses> {
         let (l, real) = match self.pending.take() {
             Some((step, seed, l, real)) if step == ctx.step && seed == batch.seed => {
                 (l, Some(real))
@@ -268,7 +310,7 @@ impl TrainTask for WaveVaeTask {
             _ => (self.vae_loss(batch, ctx)?, None),
         };
         if self.balancer.is_some() && ctx.train {
-            return self.balanced_losses(batch, ctx, l, real);
+            return self.balanced_losses(batch, ctx, l, real, comm);
         }
         let (mut total, mut terms) = (l.total, l.terms);
         if let (Some((_, disc)), true) = (&self.discriminators, ctx.adversarial) {
