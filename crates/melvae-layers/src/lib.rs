@@ -71,7 +71,7 @@ pub use norm::{gate, modulate, AdaLnZero, GroupNorm, LayerNorm, RmsNorm};
 pub use precision::{is_half, upcast};
 pub use ranks::Ranks;
 pub use residual::{ResidualStack, ResidualUnit, ResidualUnit2d, ResidualUnitConfig};
-pub use runtime::tune_cpu;
+pub use runtime::{flush_subnormals, tune_cpu};
 pub use streaming::Streaming;
 pub use transformer::{BlockConfig, DecoderLayer, DitBlock, EncoderLayer};
 pub use vq::{ResidualVq, RvqOutput, VectorQuantizer, VqConfig, VqOutput};
