@@ -46,6 +46,15 @@ fn task_in(dir: &Path, dtype: DType) -> VqVaeTask {
     VqVaeTask::new(tiny(), data, d, 3, &Device::Cpu, dtype).unwrap()
 }
 
+/// `dir/audio`: 0.2 s tones at 150, 220 and 330 Hz (22.05 kHz, three
+/// harmonics each).
+fn three_tones(dir: &Path) -> std::path::PathBuf {
+    let audio = dir.join("audio");
+    std::fs::create_dir(&audio).unwrap();
+    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
+    audio
+}
+
 fn cfg(steps: u64) -> TrainerConfig {
     TrainerConfig {
         log_every: 1,
@@ -95,9 +104,7 @@ fn two_ranks_start_like_one_rank_with_an_ema_codebook() {
 #[test]
 fn trains_writes_a_model_file_and_resumes_exactly() {
     let d = tempfile::tempdir().unwrap();
-    let audio = d.path().join("audio");
-    std::fs::create_dir(&audio).unwrap();
-    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
+    let audio = three_tones(d.path());
     let run = RunDir::create(d.path().join("a")).unwrap();
     let mut a = task(&audio);
     let before = a.validate(eval_ctx()).unwrap();
@@ -107,7 +114,6 @@ fn trains_writes_a_model_file_and_resumes_exactly() {
         .unwrap();
     let after = a.validate(eval_ctx()).unwrap();
     assert!(after["stft"] < before["stft"], "{before:?} -> {after:?}");
-    assert!(after["stft"] < after["stft_silence"], "{after:?}");
     let logged = run.read_metrics().unwrap();
     assert!(logged
         .iter()
@@ -129,15 +135,38 @@ fn trains_writes_a_model_file_and_resumes_exactly() {
     );
 }
 
+/// Trained longer than the resume test's 12 steps, the level's output is
+/// closer to the tones than silence is. (At 12 steps whether the codebook
+/// has collapsed yet depends on float rounding: a CPU with AVX-512 and one
+/// without gave different answers.)
+#[test]
+fn learns_the_tones_better_than_silence() {
+    let d = tempfile::tempdir().unwrap();
+    let audio = three_tones(d.path());
+    let run = RunDir::create(d.path().join("a")).unwrap();
+    let mut a = task(&audio);
+    Trainer::new(
+        TrainerConfig {
+            sample_every: 0,
+            ckpt_every: 0,
+            ..cfg(40)
+        },
+        &run,
+    )
+    .unwrap()
+    .fit(&mut a, false)
+    .unwrap();
+    let after = a.validate(eval_ctx()).unwrap();
+    assert!(after["stft"] < after["stft_silence"], "{after:?}");
+}
+
 /// `training.dtype: bf16` (CUDA in `train`; the CPU runs the same graph
 /// here): the level learns through f32 master weights, its losses stay
 /// finite, and resume is exact (the masters are checkpointed).
 #[test]
 fn half_precision_trains_and_resumes_exactly() {
     let d = tempfile::tempdir().unwrap();
-    let audio = d.path().join("audio");
-    std::fs::create_dir(&audio).unwrap();
-    common::tones(&audio, 22050, 4410, &[150.0, 220.0, 330.0], 3, 0.3);
+    let audio = three_tones(d.path());
     let run = RunDir::create(d.path().join("a")).unwrap();
     let mut a = task_in(&audio, DType::BF16);
     let before = a.validate(eval_ctx()).unwrap();
