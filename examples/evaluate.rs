@@ -81,9 +81,10 @@ struct Args {
     /// Mel VAE: sampling steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Mel VAE: scale of the initial noise.
-    #[arg(long, default_value_t = SampleOptions::reconstruction().temperature)]
-    temperature: f64,
+    /// Mel VAE: scale of the initial noise [default: the model's
+    /// `cfm.reconstruction_temperature`].
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Mel VAE: classifier-free guidance scale.
     #[arg(long, default_value_t = 1.0)]
     guidance: f64,
@@ -205,11 +206,13 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
             out.push((name, Box::new(vae)));
         }
     } else {
+        let vae = common::load_mel_vae(path)?;
+        let d = SampleOptions::reconstruction(&vae.config().cfm);
         let sampling = SampleOptions {
             num_steps: args.steps,
-            temperature: args.temperature,
+            temperature: args.temperature.unwrap_or(d.temperature),
             guidance_scale: args.guidance,
-            ..SampleOptions::reconstruction()
+            ..d
         };
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
         let gl = |model: MelVae| -> Box<dyn Codec> {
@@ -220,7 +223,6 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
                 device: Device::Cpu,
             })
         };
-        let vae = common::load_mel_vae(path)?;
         if args.baselines {
             let vm = candle_nn::VarMap::new();
             let fresh = MelVae::new(vae.config().clone(), seeded(&vm))?;

@@ -49,12 +49,15 @@ struct Args {
     vocoder: Option<PathBuf>,
     eval_only: bool,
     eval_dir: Option<PathBuf>,
+    /// Sampling; its temperature is the model's
+    /// `cfm.reconstruction_temperature` unless `temperature` is given.
     sampling: SampleOptions,
+    temperature: Option<f64>,
 }
 
 /// `--help`, with the sampling defaults of [`SampleOptions::reconstruction`].
 fn usage() -> String {
-    let d = SampleOptions::reconstruction();
+    let d = SampleOptions::default();
     format!(
         "\
 Trains the tiny mel VAE on the bundled speech (configs/settings/tiny.yaml),
@@ -67,12 +70,13 @@ options:
   --eval-only         evaluate runs/quickstart again without training
   --eval-dir DIR      evaluate the voices under DIR instead of the held-out split
   --sample-steps N    flow-matching steps (default {})
-  --temperature T     sampling temperature (default {})
+  --temperature T     sampling temperature (default: the model's
+                      cfm.reconstruction_temperature)
   --guidance G        classifier-free guidance scale (default {})
   key=value           config overrides, e.g. training.steps=800
 Outputs: runs/quickstart/eval/index.html, summary.json, WAVs and PNGs.
 ",
-        d.num_steps, d.temperature, d.guidance_scale
+        d.num_steps, d.guidance_scale
     )
 }
 
@@ -82,7 +86,8 @@ fn parse_args() -> anyhow::Result<Args> {
         vocoder: None,
         eval_only: false,
         eval_dir: None,
-        sampling: SampleOptions::reconstruction(),
+        sampling: SampleOptions::default(),
+        temperature: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -117,12 +122,9 @@ fn parse_args() -> anyhow::Result<Args> {
                     })?;
             }
             "--temperature" => {
-                a.sampling.temperature = number("--temperature", value("a number")?)?;
-                anyhow::ensure!(
-                    a.sampling.temperature >= 0.0,
-                    "--temperature: must be >= 0, got {}",
-                    a.sampling.temperature
-                );
+                let t = number("--temperature", value("a number")?)?;
+                anyhow::ensure!(t >= 0.0, "--temperature: must be >= 0, got {t}");
+                a.temperature = Some(t);
             }
             "--guidance" => a.sampling.guidance_scale = number("--guidance", value("a number")?)?,
             "--help" | "-h" => {
@@ -321,7 +323,12 @@ fn evaluate(
     let ex = MelExtractor::new(MelConfig::vocos_24k())?;
     let mel = ex.config();
     let img = SpectrogramImage::for_mel(mel);
-    let opts = &args.sampling;
+    let opts = &SampleOptions {
+        temperature: args
+            .temperature
+            .unwrap_or(model.config().cfm.reconstruction_temperature),
+        ..args.sampling
+    };
     let metrics = Metrics::new(24000, false, &Device::Cpu)?;
     let griffin_lim = MelToAudio::new(None, mel)?;
     let t = Instant::now();

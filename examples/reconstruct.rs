@@ -65,9 +65,10 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     guidance: f64,
     /// Mel VAE: scale of the initial noise (1 samples freely; lower stays
-    /// closer to the input).
-    #[arg(long, default_value_t = melvae::models::SampleOptions::reconstruction().temperature)]
-    temperature: f64,
+    /// closer to the input) [default: the model's
+    /// `cfm.reconstruction_temperature`].
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Write the input's latents here (.npy).
     #[arg(long)]
     latents: Option<PathBuf>,
@@ -165,13 +166,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Box::new(common::load_wave_vae(&args.model)?)
     } else {
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
+        let model = common::load_mel_vae(&args.model)?;
+        let d = SampleOptions::reconstruction(&model.config().cfm);
         Box::new(MelVaeCodec {
-            model: common::load_mel_vae(&args.model)?,
+            model,
             sampling: SampleOptions {
                 num_steps: args.steps,
                 guidance_scale: args.guidance,
-                temperature: args.temperature,
-                ..SampleOptions::reconstruction()
+                temperature: args.temperature.unwrap_or(d.temperature),
+                ..d
             },
             vocoder,
             device: Device::Cpu,

@@ -1781,7 +1781,9 @@ fn quickstart_help_prints_usage() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("usage:") && text.contains("--eval-dir") && text.contains("default 0.8"),
+        text.contains("usage:")
+            && text.contains("--eval-dir")
+            && text.contains("cfm.reconstruction_temperature"),
         "{text}"
     );
 }

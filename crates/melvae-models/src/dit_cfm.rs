@@ -46,6 +46,14 @@ pub struct CfmConfig {
     /// How training draws the flow time `t` (0: noise, 1: data).
     #[serde(default)]
     pub time_sampling: TimeSampling,
+    /// The temperature (scale of the initial noise) this model's
+    /// reconstructions are sampled at unless a caller says otherwise
+    /// (`SampleOptions::reconstruction`: `reconstruct`, `evaluate`, the
+    /// quickstart, training samples). It belongs to the model because the
+    /// best value depends on `mel_std`: 0.8 for the reference's 3, 0.1 for
+    /// the quickstart's 1 (docs/models/mel_vae.md).
+    #[serde(default = "default_reconstruction_temperature")]
+    pub reconstruction_temperature: f64,
 }
 
 /// The distribution of the flow time `t` in training
@@ -91,6 +99,10 @@ fn default_mel_std() -> f64 {
     3.0
 }
 
+fn default_reconstruction_temperature() -> f64 {
+    0.8
+}
+
 fn default_cond_drop() -> f64 {
     0.1
 }
@@ -110,6 +122,7 @@ impl Default for CfmConfig {
             mel_mean: -5.0,
             mel_std: 3.0,
             time_sampling: TimeSampling::Uniform,
+            reconstruction_temperature: 0.8,
         }
     }
 }
@@ -151,6 +164,12 @@ impl CfmConfig {
         ensure(self.mel_std > 0.0, "cfm.mel_std", || {
             format!("must be > 0, got {}", self.mel_std)
         })?;
+        let t = self.reconstruction_temperature;
+        ensure(
+            t.is_finite() && t >= 0.0,
+            "cfm.reconstruction_temperature",
+            || format!("must be finite and >= 0, got {t}"),
+        )?;
         if let TimeSampling::LogitNormal { mean, std } = self.time_sampling {
             ensure(
                 mean.is_finite() && std.is_finite() && std > 0.0,
@@ -406,6 +425,7 @@ mod tests {
             mel_mean: -5.0,
             mel_std: 3.0,
             time_sampling: TimeSampling::Uniform,
+            reconstruction_temperature: 0.8,
         }
     }
 
@@ -452,6 +472,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.time_sampling, TimeSampling::Uniform);
+        // A config from before the key samples reconstructions as before.
+        assert_eq!(c.reconstruction_temperature, 0.8);
+        for bad in [-0.1, f64::NAN] {
+            let e = CfmConfig {
+                reconstruction_temperature: bad,
+                ..tiny()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("cfm.reconstruction_temperature"), "{e}");
+        }
     }
 
     fn build(dtype: DType) -> (VarMap, DitDecoder) {

@@ -84,15 +84,15 @@ pub struct SampleOptions {
 }
 
 impl SampleOptions {
-    /// The settings reconstructions are sampled with by default
-    /// (`reconstruct`, `evaluate`, the quickstart): 10 midpoint steps,
-    /// temperature 0.8, no guidance, seed 0. Tuned by held-out log-mel L1 on
-    /// the quickstart's voices (docs/models/mel_vae.md): lower temperatures
-    /// blur the output and leave whole latent frames silent, higher ones add
-    /// detail the input does not have.
-    pub fn reconstruction() -> Self {
+    /// The settings reconstructions of a model with `cfm` are sampled with
+    /// by default (`reconstruct`, `evaluate`, the quickstart, training
+    /// samples): 10 midpoint steps, the model's
+    /// [`CfmConfig::reconstruction_temperature`], no guidance, seed 0.
+    /// Tuned by held-out log-mel L1 and harmonic detail on the quickstart's
+    /// voices (docs/models/mel_vae.md).
+    pub fn reconstruction(cfm: &CfmConfig) -> Self {
         Self {
-            temperature: 0.8,
+            temperature: cfm.reconstruction_temperature,
             ..Default::default()
         }
     }
@@ -641,6 +641,7 @@ mod tests {
                 mel_mean: -5.0,
                 mel_std: 3.0,
                 time_sampling: Default::default(),
+                reconstruction_temperature: 0.8,
             },
         }
     }

@@ -276,9 +276,10 @@ impl TrainTask for MelVaeTask {
     fn samples(&mut self, ctx: StepContext, dir: &Path) -> Result<Vec<PathBuf>> {
         let mel = self.val_mels()?.narrow(0, 0, 1)?;
         let (latent, _) = self.model.encode(&mel)?;
-        let recon = self
-            .model
-            .sample(&latent, &SampleOptions::reconstruction())?;
+        let recon = self.model.sample(
+            &latent,
+            &SampleOptions::reconstruction(&self.model.config().cfm),
+        )?;
         let input = mel_to_array(&mel)?;
         let output = mel_to_array(&recon)?;
         let img = SpectrogramImage::for_mel(self.extractor.config());
