@@ -83,7 +83,7 @@ struct Args {
     steps: usize,
     /// Mel VAE: scale of the initial noise [default: the model's
     /// `cfm.reconstruction_temperature`].
-    #[arg(long)]
+    #[arg(long, value_parser = common::parse_temperature)]
     temperature: Option<f64>,
     /// Mel VAE: classifier-free guidance scale.
     #[arg(long, default_value_t = 1.0)]

@@ -49,13 +49,15 @@ struct Args {
     vocoder: Option<PathBuf>,
     eval_only: bool,
     eval_dir: Option<PathBuf>,
-    /// Sampling; its temperature is the model's
-    /// `cfm.reconstruction_temperature` unless `temperature` is given.
+    /// Sampling steps and guidance; the temperature field is unused: it is
+    /// `temperature` if given, else the model's
+    /// `cfm.reconstruction_temperature` (set where the model is loaded).
     sampling: SampleOptions,
     temperature: Option<f64>,
 }
 
-/// `--help`, with the sampling defaults of [`SampleOptions::reconstruction`].
+/// `--help`, with the sampling defaults of [`SampleOptions::default`] (the
+/// temperature is the model's).
 fn usage() -> String {
     let d = SampleOptions::default();
     format!(

@@ -67,7 +67,7 @@ struct Args {
     /// Mel VAE: scale of the initial noise (1 samples freely; lower stays
     /// closer to the input) [default: the model's
     /// `cfm.reconstruction_temperature`].
-    #[arg(long)]
+    #[arg(long, value_parser = common::parse_temperature)]
     temperature: Option<f64>,
     /// Write the input's latents here (.npy).
     #[arg(long)]

@@ -1614,7 +1614,12 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
     let args: Vec<&str> = tiny
         .iter()
         .copied()
-        .chain(["data.held_out=[v1]", "--sample-steps", "2"])
+        .chain([
+            "data.held_out=[v1]",
+            "--sample-steps",
+            "2",
+            "cfm.reconstruction_temperature=0.3",
+        ])
         .collect();
     let out = quickstart(d, &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1623,6 +1628,8 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without --temperature, the model's own temperature samples.
+    assert!(stdout.contains("temperature 0.3,"), "{stdout}");
     assert!(
         stdout.contains("2 clips of 1 voice never heard in training"),
         "{stdout}"
@@ -1772,6 +1779,24 @@ fn local_ranks_follow_one_process() {
     };
     assert_one_line_error(&bad("3"), "data.batch_size");
     assert_one_line_error(&bad("0"), "training.local_ranks");
+}
+
+/// `reconstruct` and `evaluate` refuse a negative, infinite or non-numeric
+/// `--temperature` while parsing, naming the flag.
+#[test]
+fn sampling_temperature_must_be_finite_and_not_negative() {
+    for prog in ["reconstruct", "evaluate"] {
+        for t in ["-1", "inf", "warm"] {
+            let flag = format!("--temperature={t}");
+            let out = run(prog, &["--model", "missing.safetensors", &flag]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{prog} {t}: {err}");
+            assert!(
+                err.contains("--temperature") && err.contains("a finite number >= 0"),
+                "{prog} {t}: {err}"
+            );
+        }
+    }
 }
 
 /// `quickstart --help` prints the usage and exits 0, before any work.

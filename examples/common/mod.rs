@@ -218,6 +218,14 @@ pub fn mean_seconds(
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// `--temperature`: a finite number >= 0 (clap `value_parser`).
+pub fn parse_temperature(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("{s:?} is not a temperature (a finite number >= 0)")),
+    }
+}
+
 /// The arguments every model throughput example takes.
 #[derive(clap::Args)]
 pub struct BenchArgs {

@@ -24,15 +24,19 @@
 ///   the calling thread. Setting `CANDLE_NUM_THREADS` yourself overrides
 ///   this (`RAYON_NUM_THREADS` alone does not).
 /// - **Subnormal floats** are flushed to zero ([`flush_subnormals`]) on
-///   the calling thread, and so on every thread started after it.
+///   the calling thread and, on Linux, on every thread started after it.
+///   This changes float results of the whole program, the embedder's own
+///   code included: values below 1.2e-38 in f32 become 0.
 ///
 /// # Safety
 ///
 /// It changes the process environment (`std::env::set_var`) and the
 /// allocator's parameters, which is only sound while no other thread can
-/// read the environment or allocate concurrently: call it first thing in
-/// `main`, before any thread (rayon's pools, candle's, a test harness'
-/// workers) exists.
+/// read the environment or allocate concurrently, and the floating-point
+/// mode ([`flush_subnormals`]'s contract): call it first thing in `main`,
+/// before any thread (rayon's pools, candle's, a test harness' workers)
+/// exists. Threads that exist already keep subnormals, so a parallel
+/// result could depend on which thread computed a chunk.
 pub unsafe fn tune_cpu() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; no other thread
@@ -47,25 +51,37 @@ pub unsafe fn tune_cpu() {
         // reads the environment concurrently.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    flush_subnormals();
+    // SAFETY: no other thread exists yet and no float code depends on
+    // subnormals (this function's contract).
+    unsafe { flush_subnormals() };
 }
 
 /// Makes the calling thread's float arithmetic flush subnormal results and
 /// inputs to zero (x86-64: the MXCSR's FTZ and DAZ bits; elsewhere
-/// nothing). Threads started afterwards inherit the setting (Linux copies
-/// the creating thread's floating-point state), so calling it first in
-/// `main`, as [`tune_cpu`] does, covers rayon's pool, candle's and the
-/// in-process ranks of data-parallel training.
+/// nothing). On Linux, threads started afterwards inherit the setting (the
+/// kernel copies the creating thread's floating-point state; elsewhere they
+/// may not), so calling it first in `main`, as [`tune_cpu`] does, covers
+/// rayon's pool, candle's and the in-process ranks of data-parallel
+/// training.
 ///
 /// Why: on Intel CPUs every operation on a subnormal float (|x| < 1.2e-38
 /// in f32) takes a microcode assist of about a hundred cycles. Activations
 /// and gradients pass through that range in training (the exponential of
 /// a large negative input; products of small gradients), and the tiny mel
-/// VAE's step ran 1.5x slower with its log-mels normalised by 0.5 instead
-/// of 3 on such a CPU (docs/benchmarks.md). Values that small contribute
-/// nothing a float32 sum can keep. XLA's CPU runtime and oneDNN flush the
-/// same way.
-pub fn flush_subnormals() {
+/// VAE's step ran 1.4x slower without the flush with its log-mels
+/// normalised by 0.5 on such a CPU (docs/benchmarks.md, "Two threads").
+/// Values that small contribute nothing a float32 sum can keep. XLA's CPU
+/// runtime and oneDNN flush the same way.
+///
+/// # Safety
+///
+/// Rust and LLVM assume the default floating-point environment: code
+/// compiled or constant-folded under that assumption can give a subnormal
+/// where the same expression computed at run time after this call gives 0.
+/// Call it only where no code relies on subnormals being kept (melvae's
+/// does not), and before other threads start, so every thread computes
+/// alike.
+pub unsafe fn flush_subnormals() {
     #[cfg(target_arch = "x86_64")]
     {
         /// MXCSR bit 15 (flush to zero) and bit 6 (denormals are zero).
@@ -73,8 +89,9 @@ pub fn flush_subnormals() {
         let mut csr: u32 = 0;
         // SAFETY: stmxcsr stores the 32-bit MXCSR to a valid, aligned
         // local; ldmxcsr loads it back with only the FTZ and DAZ bits set
-        // in addition, which changes rounding of subnormals only (no
-        // exception is unmasked).
+        // in addition (no exception is unmasked, the rounding mode is
+        // kept). That the changed mode is acceptable to the caller is this
+        // function's contract.
         unsafe {
             std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
             csr |= FTZ_DAZ;
@@ -97,7 +114,9 @@ mod tests {
         // A fresh thread, so the test harness' threads keep their setting.
         std::thread::spawn(|| {
             assert!(halved_min() > 0.0, "subnormals exist before the call");
-            flush_subnormals();
+            // SAFETY: this thread's and its child's float code is the
+            // test's own, which expects the flush.
+            unsafe { flush_subnormals() };
             assert_eq!(halved_min(), 0.0);
             let child = std::thread::spawn(halved_min).join().unwrap();
             assert_eq!(child, 0.0, "a thread started afterwards inherits it");

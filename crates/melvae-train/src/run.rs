@@ -51,6 +51,8 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     // The global batch is the config's: the split over ranks changes only
     // float summation order.
     "training.local_ranks",
+    // Only how samples are drawn (their own seed, not the run's stream).
+    "cfm.reconstruction_temperature",
 ];
 
 /// What a run writes into its directory (removed by [`Start::Overwrite`]).
