@@ -39,7 +39,7 @@ use melvae::models::eval::{
     audio_files, evaluate_codec, evaluate_folders, ClipMeanSpectrum, ClipReport, Codec,
     EvalOptions, EvalReport, MelCodec, MelToAudio, MelVaeCodec, MelVqVaeCodec, Resampled,
 };
-use melvae::models::{MelVae, SampleOptions, WaveVae};
+use melvae::models::{MelVae, WaveVae};
 
 #[derive(Parser)]
 #[command(about = "Codec metrics of a model or a folder against reference audio")]
@@ -207,13 +207,12 @@ fn codecs(args: &Args, path: &Path) -> anyhow::Result<Vec<(String, Box<dyn Codec
         }
     } else {
         let vae = common::load_mel_vae(path)?;
-        let d = SampleOptions::reconstruction(&vae.config().cfm);
-        let sampling = SampleOptions {
-            num_steps: args.steps,
-            temperature: args.temperature.unwrap_or(d.temperature),
-            guidance_scale: args.guidance,
-            ..d
-        };
+        let sampling = common::mel_sampling(
+            &vae.config().cfm,
+            args.steps,
+            args.guidance,
+            args.temperature,
+        );
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
         let gl = |model: MelVae| -> Box<dyn Codec> {
             Box::new(MelVaeCodec {

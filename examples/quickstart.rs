@@ -49,10 +49,10 @@ struct Args {
     vocoder: Option<PathBuf>,
     eval_only: bool,
     eval_dir: Option<PathBuf>,
-    /// Sampling steps and guidance; the temperature field is unused: it is
-    /// `temperature` if given, else the model's
-    /// `cfm.reconstruction_temperature` (set where the model is loaded).
-    sampling: SampleOptions,
+    /// Sampling steps, guidance and temperature (`None`: the model's
+    /// `cfm.reconstruction_temperature`): `common::mel_sampling`.
+    sample_steps: usize,
+    guidance: f64,
     temperature: Option<f64>,
 }
 
@@ -88,7 +88,8 @@ fn parse_args() -> anyhow::Result<Args> {
         vocoder: None,
         eval_only: false,
         eval_dir: None,
-        sampling: SampleOptions::default(),
+        sample_steps: SampleOptions::default().num_steps,
+        guidance: SampleOptions::default().guidance_scale,
         temperature: None,
     };
     let mut args = std::env::args().skip(1);
@@ -118,17 +119,16 @@ fn parse_args() -> anyhow::Result<Args> {
             "--eval-dir" => a.eval_dir = Some(PathBuf::from(value("a folder")?)),
             "--sample-steps" => {
                 let v = value("a step count")?;
-                a.sampling.num_steps =
+                a.sample_steps =
                     v.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
                         anyhow::anyhow!("--sample-steps: {v:?} is not a count > 0")
                     })?;
             }
             "--temperature" => {
-                let t = number("--temperature", value("a number")?)?;
-                anyhow::ensure!(t >= 0.0, "--temperature: must be >= 0, got {t}");
-                a.temperature = Some(t);
+                let t = common::parse_temperature(&value("a number")?);
+                a.temperature = Some(t.map_err(|e| anyhow::anyhow!("--temperature: {e}"))?);
             }
-            "--guidance" => a.sampling.guidance_scale = number("--guidance", value("a number")?)?,
+            "--guidance" => a.guidance = number("--guidance", value("a number")?)?,
             "--help" | "-h" => {
                 print!("{}", usage());
                 std::process::exit(0);
@@ -325,12 +325,12 @@ fn evaluate(
     let ex = MelExtractor::new(MelConfig::vocos_24k())?;
     let mel = ex.config();
     let img = SpectrogramImage::for_mel(mel);
-    let opts = &SampleOptions {
-        temperature: args
-            .temperature
-            .unwrap_or(model.config().cfm.reconstruction_temperature),
-        ..args.sampling
-    };
+    let opts = &common::mel_sampling(
+        &model.config().cfm,
+        args.sample_steps,
+        args.guidance,
+        args.temperature,
+    );
     let metrics = Metrics::new(24000, false, &Device::Cpu)?;
     let griffin_lim = MelToAudio::new(None, mel)?;
     let t = Instant::now();

@@ -39,7 +39,6 @@ use melvae::dsp::{
 };
 use melvae::models::eval::{Codec, MelCodec, MelVaeCodec};
 use melvae::models::latent::{interpolate, LatentEdit};
-use melvae::models::SampleOptions;
 
 #[derive(Parser)]
 #[command(about = "Reconstruct audio through a trained model and explore its latents")]
@@ -167,15 +166,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         let vocoder = common::mel_vocoder(args.vocoder.as_deref())?;
         let model = common::load_mel_vae(&args.model)?;
-        let d = SampleOptions::reconstruction(&model.config().cfm);
+        let sampling = common::mel_sampling(
+            &model.config().cfm,
+            args.steps,
+            args.guidance,
+            args.temperature,
+        );
         Box::new(MelVaeCodec {
             model,
-            sampling: SampleOptions {
-                num_steps: args.steps,
-                guidance_scale: args.guidance,
-                temperature: args.temperature.unwrap_or(d.temperature),
-                ..d
-            },
+            sampling,
             vocoder,
             device: Device::Cpu,
         })

@@ -218,6 +218,24 @@ pub fn mean_seconds(
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// How the mel VAE CLIs sample reconstructions: the model's defaults
+/// (`SampleOptions::reconstruction`, its own temperature) with the
+/// command line's steps, guidance and, when given, temperature.
+pub fn mel_sampling(
+    cfm: &melvae::models::CfmConfig,
+    num_steps: usize,
+    guidance_scale: f64,
+    temperature: Option<f64>,
+) -> melvae::models::SampleOptions {
+    let d = melvae::models::SampleOptions::reconstruction(cfm);
+    melvae::models::SampleOptions {
+        num_steps,
+        guidance_scale,
+        temperature: temperature.unwrap_or(d.temperature),
+        ..d
+    }
+}
+
 /// `--temperature`: a finite number >= 0 (clap `value_parser`).
 pub fn parse_temperature(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
