@@ -99,14 +99,24 @@ impl Dims {
     }
 }
 
-/// The gather indices, per tap as runs of consecutive positions: tap `k`
-/// fills column-matrix entries `p0..p0 + n` from input positions `i0..i0 +
-/// n` (a stride-1 conv reads whole rows at once, so fills and
-/// accumulations are slice copies and adds).
+/// One run of [`Taps`]: tap `tap` fills column-matrix entries `p0..p0 + n`
+/// from input positions `i0, i0 + step, ..`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Run {
+    tap: usize,
+    p0: usize,
+    i0: usize,
+    n: usize,
+    step: usize,
+}
+
+/// The gather indices, per tap as runs of evenly spaced positions (a
+/// stride-1 conv reads whole rows at once, so fills and accumulations are
+/// slice copies and adds; a strided one reads every `stride`-th position
+/// in one loop instead of one copy per element).
 #[derive(Debug)]
 struct Taps {
-    /// `(tap, p0, i0, n)`.
-    runs: Vec<(usize, usize, usize, usize)>,
+    runs: Vec<Run>,
     /// One tap reading every position in order (a 1x1 conv): the input is
     /// its own column matrix.
     identity: bool,
@@ -114,13 +124,26 @@ struct Taps {
 
 impl Taps {
     fn new(idx: &[u32], p: usize, k: usize, len: usize) -> Self {
-        let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         for ki in 0..k {
             for pi in 0..p {
                 let i = idx[pi * k + ki] as usize;
                 match runs.last_mut() {
-                    Some((t, p0, i0, n)) if *t == ki && *p0 + *n == pi && *i0 + *n == i => *n += 1,
-                    _ => runs.push((ki, pi, i, 1)),
+                    // A run's second position sets its step.
+                    Some(r) if r.tap == ki && r.p0 + r.n == pi && r.n == 1 && i > r.i0 => {
+                        r.step = i - r.i0;
+                        r.n = 2;
+                    }
+                    Some(r) if r.tap == ki && r.p0 + r.n == pi && i == r.i0 + r.n * r.step => {
+                        r.n += 1
+                    }
+                    _ => runs.push(Run {
+                        tap: ki,
+                        p0: pi,
+                        i0: i,
+                        n: 1,
+                        step: 1,
+                    }),
                 }
             }
         }
@@ -133,9 +156,16 @@ impl Taps {
     fn im2col<T: Elem>(&self, x: &[T], d: &Dims, cols: &mut [T]) {
         for c in 0..d.cg {
             let row = &x[c * d.len..(c + 1) * d.len];
-            for &(ki, p0, i0, n) in &self.runs {
-                let at = (c * d.k + ki) * d.p + p0;
-                cols[at..at + n].copy_from_slice(&row[i0..i0 + n]);
+            for r in &self.runs {
+                let at = (c * d.k + r.tap) * d.p + r.p0;
+                let dst = &mut cols[at..at + r.n];
+                if r.step == 1 {
+                    dst.copy_from_slice(&row[r.i0..r.i0 + r.n]);
+                } else {
+                    for (o, &v) in dst.iter_mut().zip(row[r.i0..].iter().step_by(r.step)) {
+                        *o = v;
+                    }
+                }
             }
         }
     }
@@ -145,10 +175,17 @@ impl Taps {
     fn col2im<T: Elem>(&self, cols: &[T], d: &Dims, dx: &mut [T]) {
         for c in 0..d.cg {
             let row = &mut dx[c * d.len..(c + 1) * d.len];
-            for &(ki, p0, i0, n) in &self.runs {
-                let at = (c * d.k + ki) * d.p + p0;
-                for (o, &v) in row[i0..i0 + n].iter_mut().zip(&cols[at..at + n]) {
-                    *o += v;
+            for r in &self.runs {
+                let at = (c * d.k + r.tap) * d.p + r.p0;
+                let src = &cols[at..at + r.n];
+                if r.step == 1 {
+                    for (o, &v) in row[r.i0..r.i0 + r.n].iter_mut().zip(src) {
+                        *o += v;
+                    }
+                } else {
+                    for (o, &v) in row[r.i0..].iter_mut().step_by(r.step).zip(src) {
+                        *o += v;
+                    }
                 }
             }
         }
@@ -384,9 +421,10 @@ fn par_chunks<T: Send, R: Send>(
 fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
     // Every output row starts at its bias; the GEMMs accumulate onto it.
-    let mut y: Vec<T> = (0..d.batch * d.c_out)
-        .flat_map(|r| std::iter::repeat_n(bias[r % d.c_out], d.p))
-        .collect();
+    let mut y = vec![T::default(); d.batch * d.c_out * d.p];
+    for (r, row) in y.chunks_exact_mut(d.p.max(1)).enumerate() {
+        row.fill(bias[r % d.c_out]);
+    }
     let chunk = chunk_items(d.batch);
     par_chunks(&mut y, chunk * d.c_out * d.p, |ci, yc| {
         let mut cols = vec![T::default(); if taps.identity { 0 } else { rows * d.p }];
