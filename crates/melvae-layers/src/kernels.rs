@@ -403,6 +403,31 @@ fn chunk_items(batch: usize) -> usize {
     batch.div_ceil(MAX_CHUNKS).max(1)
 }
 
+/// Runs `f` on a scratch slice of `n` elements kept per thread and element
+/// type between calls, so a conv's column matrix is neither allocated nor
+/// zeroed on every call. Its contents are whatever an earlier call left:
+/// `f` must write every element before reading it. A call made while the
+/// thread's buffer is in use (rayon may run another task on a thread that
+/// waits) gets a fresh buffer. The buffer keeps the largest size used.
+fn with_scratch<T: Elem, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    use std::any::{Any, TypeId};
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    thread_local! {
+        static SCRATCH: RefCell<HashMap<TypeId, Box<dyn Any>>> = RefCell::new(HashMap::new());
+    }
+    let taken = SCRATCH.with(|s| s.borrow_mut().remove(&TypeId::of::<T>()));
+    let mut buf: Vec<T> = taken
+        .and_then(|b| b.downcast::<Vec<T>>().ok())
+        .map_or_else(Vec::new, |b| *b);
+    if buf.len() < n {
+        buf.resize(n, T::default());
+    }
+    let r = f(&mut buf[..n]);
+    SCRATCH.with(|s| s.borrow_mut().insert(TypeId::of::<T>(), Box::new(buf)));
+    r
+}
+
 /// Runs `f(chunk index, chunk)` on consecutive chunks of `len` elements of
 /// `data` (the last may be shorter) on rayon's pool, collecting the
 /// results in chunk order.
@@ -426,23 +451,28 @@ fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<
         row.fill(bias[r % d.c_out]);
     }
     let chunk = chunk_items(d.batch);
+    // Every (tap, position) of the column matrix belongs to a run, so
+    // `im2col` writes all of it: the scratch needs no zeroing.
+    let n_cols = if taps.identity { 0 } else { rows * d.p };
     par_chunks(&mut y, chunk * d.c_out * d.p, |ci, yc| {
-        let mut cols = vec![T::default(); if taps.identity { 0 } else { rows * d.p }];
-        for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
-            for g in 0..d.groups {
-                let xs = &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
-                let cols: &[T] = if taps.identity {
-                    xs
-                } else {
-                    taps.im2col(xs, d, &mut cols);
-                    &cols
-                };
-                let ys =
-                    &mut yc[(bi * d.c_out + g * og) * d.p..(bi * d.c_out + (g + 1) * og) * d.p];
-                let wg = &w[g * og * rows..(g + 1) * og * rows];
-                matmul((og, d.p, rows), ys, true, wg, (rows, 1), cols, (d.p, 1));
+        with_scratch(n_cols, |cols: &mut [T]| {
+            for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
+                for g in 0..d.groups {
+                    let xs =
+                        &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
+                    let cols: &[T] = if taps.identity {
+                        xs
+                    } else {
+                        taps.im2col(xs, d, cols);
+                        cols
+                    };
+                    let ys =
+                        &mut yc[(bi * d.c_out + g * og) * d.p..(bi * d.c_out + (g + 1) * og) * d.p];
+                    let wg = &w[g * og * rows..(g + 1) * og * rows];
+                    matmul((og, d.p, rows), ys, true, wg, (rows, 1), cols, (d.p, 1));
+                }
             }
-        }
+        })
     });
     y
 }
@@ -465,50 +495,46 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
         db[r % d.c_out] += acc;
     }
     let chunk = chunk_items(d.batch);
+    // `im2col` and then the product write the whole column matrix.
+    let n_cols = if taps.identity { 0 } else { rows * d.p };
     let partials = par_chunks(dx, chunk * d.c_in * d.len, |ci, dxc| {
-        let mut dw = vec![T::default(); d.c_out * rows];
-        let mut cols = vec![T::default(); if taps.identity { 0 } else { rows * d.p }];
-        for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
-            for g in 0..d.groups {
-                let span = (b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len;
-                let local =
-                    (bi * d.c_in + g * d.cg) * d.len..(bi * d.c_in + (g + 1) * d.cg) * d.len;
-                let dys = &dy[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
-                let wg = &w[g * og * rows..(g + 1) * og * rows];
-                let dwg = &mut dw[g * og * rows..(g + 1) * og * rows];
-                let dxs = &mut dxc[local];
-                if taps.identity {
-                    // The input is its own column matrix, and its gradient
-                    // the column gradient.
-                    matmul(
-                        (og, rows, d.p),
-                        dwg,
-                        true,
-                        dys,
-                        (d.p, 1),
-                        &x[span],
-                        (1, d.p),
-                    );
-                    matmul((rows, d.p, og), dxs, false, wg, (1, rows), dys, (d.p, 1));
-                    continue;
+        with_scratch(n_cols, |cols: &mut [T]| {
+            let mut dw = vec![T::default(); d.c_out * rows];
+            for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
+                for g in 0..d.groups {
+                    let span =
+                        (b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len;
+                    let local =
+                        (bi * d.c_in + g * d.cg) * d.len..(bi * d.c_in + (g + 1) * d.cg) * d.len;
+                    let dys = &dy[(b * d.c_out + g * og) * d.p..(b * d.c_out + (g + 1) * og) * d.p];
+                    let wg = &w[g * og * rows..(g + 1) * og * rows];
+                    let dwg = &mut dw[g * og * rows..(g + 1) * og * rows];
+                    let dxs = &mut dxc[local];
+                    if taps.identity {
+                        // The input is its own column matrix, and its gradient
+                        // the column gradient.
+                        matmul(
+                            (og, rows, d.p),
+                            dwg,
+                            true,
+                            dys,
+                            (d.p, 1),
+                            &x[span],
+                            (1, d.p),
+                        );
+                        matmul((rows, d.p, og), dxs, false, wg, (1, rows), dys, (d.p, 1));
+                        continue;
+                    }
+                    // dW_g += dY [og, p] * cols^T [p, rows].
+                    taps.im2col(&x[span], d, cols);
+                    matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), cols, (1, d.p));
+                    // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
+                    matmul((rows, d.p, og), cols, false, wg, (1, rows), dys, (d.p, 1));
+                    taps.col2im(cols, d, dxs);
                 }
-                // dW_g += dY [og, p] * cols^T [p, rows].
-                taps.im2col(&x[span], d, &mut cols);
-                matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), &cols, (1, d.p));
-                // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
-                matmul(
-                    (rows, d.p, og),
-                    &mut cols,
-                    false,
-                    wg,
-                    (1, rows),
-                    dys,
-                    (d.p, 1),
-                );
-                taps.col2im(&cols, d, dxs);
             }
-        }
-        dw
+            dw
+        })
     });
     for part in partials {
         for (a, v) in dw.iter_mut().zip(part) {
@@ -2045,6 +2071,11 @@ mod tests {
                 };
                 value_and_grads(y, &probe, &[&xt, &w, &bias]).unwrap()
             };
+            // The column matrices live in reused scratch: NaN left there on
+            // every thread must never reach a result.
+            let poison = || with_scratch::<f64, _>(1 << 12, |s| s.fill(f64::NAN));
+            poison();
+            rayon::broadcast(|_| poison());
             assert!(max_abs_diff_all(&run(true), &run(false)).unwrap() < 1e-12);
             let vars = vec![
                 ("x".to_string(), xt.clone()),
