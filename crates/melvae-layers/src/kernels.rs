@@ -17,15 +17,24 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 /// The element types the CPU kernels run on.
 trait Elem: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
     const ONE: Self;
+    /// This thread's scratch buffer of this type ([`with_scratch`]).
+    fn scratch() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Self>>>;
 }
 
-impl Elem for f32 {
-    const ONE: Self = 1.0;
+/// Implements [`Elem`] for a float type, with its per-thread scratch.
+macro_rules! elem {
+    ($t:ty) => {
+        impl Elem for $t {
+            const ONE: Self = 1.0;
+            fn scratch() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Self>>> {
+                thread_local!(static SCRATCH: std::cell::Cell<Vec<$t>> = const { std::cell::Cell::new(Vec::new()) });
+                &SCRATCH
+            }
+        }
+    };
 }
-
-impl Elem for f64 {
-    const ONE: Self = 1.0;
-}
+elem!(f32);
+elem!(f64);
 
 /// Whether the fused kernels take tensors of this device and dtype.
 pub(crate) fn fused(t: &Tensor) -> bool {
@@ -410,21 +419,13 @@ fn chunk_items(batch: usize) -> usize {
 /// thread's buffer is in use (rayon may run another task on a thread that
 /// waits) gets a fresh buffer. The buffer keeps the largest size used.
 fn with_scratch<T: Elem, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    use std::any::{Any, TypeId};
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-    thread_local! {
-        static SCRATCH: RefCell<HashMap<TypeId, Box<dyn Any>>> = RefCell::new(HashMap::new());
-    }
-    let taken = SCRATCH.with(|s| s.borrow_mut().remove(&TypeId::of::<T>()));
-    let mut buf: Vec<T> = taken
-        .and_then(|b| b.downcast::<Vec<T>>().ok())
-        .map_or_else(Vec::new, |b| *b);
+    // Taking the buffer leaves an empty one for a nested call.
+    let mut buf = T::scratch().take();
     if buf.len() < n {
         buf.resize(n, T::default());
     }
     let r = f(&mut buf[..n]);
-    SCRATCH.with(|s| s.borrow_mut().insert(TypeId::of::<T>(), Box::new(buf)));
+    T::scratch().set(buf);
     r
 }
 
