@@ -398,10 +398,14 @@ fn evaluate(
             audio: scores,
         })
     };
+    // Every clip runs; the error reported is the first failing clip's in
+    // path order, as in a sequential loop.
     let rows = clips
         .par_iter()
         .zip(files)
         .map(one)
+        .collect::<Vec<_>>()
+        .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
     let settings = format!(
         "{} {} steps, temperature {}, guidance {}",

@@ -1726,8 +1726,18 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         assert!(html.contains(&format!("src=\"{f}\"")), "{f}");
         assert!(eval.join(f).is_file(), "{f}");
     }
+    // Unreadable clips: the error names the first in path order (the
+    // clips are evaluated in parallel).
+    std::fs::create_dir_all(d.join("broken/v")).unwrap();
+    for f in ["a_bad.wav", "b_bad.wav", "c_bad.wav"] {
+        std::fs::write(d.join("broken/v").join(f), b"RIFF not audio").unwrap();
+    }
     std::fs::create_dir_all(d.join("empty")).unwrap();
-    for (dir, culprit) in [("nowhere", "nowhere"), ("empty", "empty")] {
+    for (dir, culprit) in [
+        ("nowhere", "nowhere"),
+        ("empty", "empty"),
+        ("broken", "a_bad.wav"),
+    ] {
         let out = quickstart(d, &["--eval-only", "--eval-dir", dir]);
         assert_one_line_error(&out, culprit);
     }
