@@ -340,7 +340,8 @@ fn evaluate(
     // single-threaded, so the two cores of a laptop halve the wall time.
     let one = |((path, group), file): (&(PathBuf, String), String)| -> anyhow::Result<Row> {
         let in_clip = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
-        let audio = common::load_for_mel(path, mel).map_err(|e| in_clip(&e))?;
+        // melvae-dsp's load errors name the file already.
+        let audio = common::load_for_mel(path, mel)?;
         let r = model
             .reconstruct(&audio.channels[0], 24000, opts, &Device::Cpu)
             .map_err(|e| in_clip(&e))?;

@@ -1727,7 +1727,8 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
         assert!(eval.join(f).is_file(), "{f}");
     }
     // Unreadable clips: the error names the first in path order (the
-    // clips are evaluated in parallel).
+    // clips are evaluated in parallel, so before the ordered collect this
+    // named any of them, depending on the threads), and names it once.
     std::fs::create_dir_all(d.join("broken/v")).unwrap();
     for f in ["a_bad.wav", "b_bad.wav", "c_bad.wav"] {
         std::fs::write(d.join("broken/v").join(f), b"RIFF not audio").unwrap();
@@ -1740,6 +1741,8 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
     ] {
         let out = quickstart(d, &["--eval-only", "--eval-dir", dir]);
         assert_one_line_error(&out, culprit);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches(culprit).count(), 1, "{err}");
     }
 }
 

@@ -37,9 +37,8 @@ for ms in 0.5 1 2.5 5; do
 done
 variant allpass allpass 500 1q allpass 1500 1q
 cd "$repo"
-cargo build --release --example evaluate -q
 echo "| variant | mel distance | STFT distance | SI-SDR (dB) | PESQ wb |"
 for name in delay_0.5ms delay_1ms delay_2.5ms delay_5ms allpass; do
-  target/release/examples/evaluate --reference "$out/reference" --degraded "$out/$name" \
+  cargo run --release --example evaluate -q -- --reference "$out/reference" --degraded "$out/$name" \
     --json "$out/$name.json" 2>/dev/null | grep -F '**mean of' | sed "s/\*\*mean of [0-9]*\*\* | */$name /"
 done
