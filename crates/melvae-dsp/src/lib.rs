@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod audio;
+mod dft_op;
 mod error;
 mod fsutil;
 mod griffin_lim;
@@ -59,6 +60,7 @@ pub use audio::{
     discover_audio, load_audio, load_audio_with, save_wav, Audio, ChannelMode, LoadOptions,
     WavFormat, AUDIO_EXTENSIONS,
 };
+pub use dft_op::kernel_enabled;
 pub use error::{AudioErrorKind, Error, Result};
 pub use fsutil::atomic_write;
 pub use griffin_lim::{

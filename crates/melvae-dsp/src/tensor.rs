@@ -1,22 +1,95 @@
 //! Differentiable STFT and mel spectrogram on candle tensors.
 //!
 //! candle has no FFT op, so the transform is a gather (padding and framing in
-//! one `index_select`) followed by a matmul against a windowed DFT basis. Every
-//! op has a backward pass, so spectral losses train through it on any device
-//! and dtype. It agrees with the host [`Stft`](crate::Stft) to float precision.
+//! one `index_select`) followed by the windowed real DFT of each frame: an
+//! FFT custom op with its own backward on the CPU (f32, f64; `fft` in
+//! `MELVAE_NO_FUSED_KERNELS` turns it off), a matmul against a windowed
+//! DFT basis elsewhere. Every op has a backward pass, so spectral losses
+//! train through it on any device and dtype. It agrees with the host
+//! [`Stft`](crate::Stft) to float precision.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::dft_op::WindowedDft;
 use crate::mel::MelConfig;
 use crate::stft::{source_index, PadMode, StftConfig};
 use crate::{Error, LogScale, Result};
+
+/// The windowed real DFT of one [`StftConfig`] on one device, `A[t, k] =
+/// w[t] cos(2 pi k t / n)`, `A[t, K + k] = -w[t] sin(2 pi k t / n)` for
+/// `K` bins: `x A` and `g A^T` by FFT where [`WindowedDft`] takes the
+/// tensor, by matmul against `A` (built on first use) elsewhere.
+#[derive(Debug, Clone)]
+struct Dft {
+    cfg: StftConfig,
+    fft: Arc<WindowedDft>,
+    device: Device,
+    /// `[n_fft, 2 * n_bins]`: windowed cosines, then windowed negative sines.
+    basis: OnceLock<Tensor>,
+    /// Whether the FFT op may be used (tests turn it off to compare).
+    use_fft: bool,
+}
+
+impl Dft {
+    fn new(cfg: StftConfig, device: &Device) -> Self {
+        Self {
+            cfg,
+            fft: WindowedDft::new(cfg.padded_window()),
+            device: device.clone(),
+            basis: OnceLock::new(),
+            use_fft: true,
+        }
+    }
+
+    /// `A` as a `[n_fft, 2 * n_bins]` tensor of `dtype`.
+    fn basis(&self, dtype: DType) -> Result<Tensor> {
+        if let Some(b) = self.basis.get() {
+            return Ok(b.to_dtype(dtype)?);
+        }
+        let n = self.cfg.n_fft;
+        let bins = self.cfg.n_bins();
+        let window = self.cfg.padded_window();
+        let mut basis = vec![0.0f32; n * 2 * bins];
+        for (t, &w) in window.iter().enumerate() {
+            for k in 0..bins {
+                // Reduce k * t mod n in integers so the angle stays exact.
+                let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
+                basis[t * 2 * bins + k] = (w as f64 * phase.cos()) as f32;
+                basis[t * 2 * bins + bins + k] = (-(w as f64) * phase.sin()) as f32;
+            }
+        }
+        let b = Tensor::from_vec(basis, (n, 2 * bins), &self.device)?;
+        Ok(self.basis.get_or_init(|| b).to_dtype(dtype)?)
+    }
+
+    fn fft_takes(&self, t: &Tensor) -> bool {
+        self.use_fft && WindowedDft::takes(t)
+    }
+
+    /// `x A`: `[batch, rows, n_fft]` to `[batch, rows, 2 * n_bins]`.
+    fn analysis(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fft_takes(x) {
+            return Ok(self.fft.analysis(x)?);
+        }
+        Ok(x.broadcast_matmul(&self.basis(x.dtype())?)?)
+    }
+
+    /// `g A^T`: `[batch, rows, 2 * n_bins]` to `[batch, rows, n_fft]`.
+    fn adjoint(&self, g: &Tensor) -> Result<Tensor> {
+        if self.fft_takes(g) {
+            return Ok(self.fft.adjoint(g)?);
+        }
+        Ok(g.broadcast_matmul(&self.basis(g.dtype())?.t()?)?)
+    }
+}
 
 /// A differentiable STFT for a fixed [`StftConfig`] on one device.
 #[derive(Debug, Clone)]
 pub struct TensorStft {
     cfg: StftConfig,
-    /// `[n_fft, 2 * n_bins]`: windowed cosines, then windowed negative sines.
-    basis: Tensor,
+    dft: Dft,
 }
 
 /// Smallest squared magnitude passed to `sqrt` for a dtype: below it the
@@ -29,24 +102,13 @@ fn power_floor(dtype: DType) -> f64 {
 }
 
 impl TensorStft {
-    /// Builds the DFT basis on `device` (f32; cast to the input's dtype on use).
+    /// The STFT of `cfg` on `device` (checked here; FFT plans and any DFT
+    /// basis are made on first use).
     pub fn new(cfg: StftConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let n = cfg.n_fft;
-        let bins = cfg.n_bins();
-        let window = cfg.padded_window();
-        let mut basis = vec![0.0f32; n * 2 * bins];
-        for (t, &w) in window.iter().enumerate() {
-            for k in 0..bins {
-                // Reduce k * t mod n in integers so the angle stays exact.
-                let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
-                basis[t * 2 * bins + k] = (w as f64 * phase.cos()) as f32;
-                basis[t * 2 * bins + bins + k] = (-(w as f64) * phase.sin()) as f32;
-            }
-        }
         Ok(Self {
             cfg,
-            basis: Tensor::from_vec(basis, (n, 2 * bins), device)?,
+            dft: Dft::new(cfg, device),
         })
     }
 
@@ -93,8 +155,7 @@ impl TensorStft {
     /// `[batch, n_bins, frames]`.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let frames = self.frames(x)?;
-        let basis = self.basis.to_dtype(x.dtype())?;
-        let spec = frames.broadcast_matmul(&basis)?; // [B, F, 2K]
+        let spec = self.dft.analysis(&frames)?; // [B, F, 2K]
         let bins = self.cfg.n_bins();
         let re = spec
             .narrow(D::Minus1, 0, bins)?
@@ -201,34 +262,34 @@ impl TensorMel {
 #[derive(Debug, Clone)]
 pub struct TensorIstft {
     cfg: StftConfig,
-    /// `[2 * n_bins, n_fft]`: windowed inverse-DFT rows for the real parts,
-    /// then for the imaginary parts.
-    basis: Tensor,
+    /// The analysis DFT `A`: the windowed inverse DFT is `(spec * c) A^T`.
+    dft: Dft,
+    /// `c`, `[2 * n_bins]` (f32): the irfft weight of each real and
+    /// imaginary part (`2 / n` for bins standing for two, `1 / n` for DC
+    /// and Nyquist, 0 for their ignored imaginary parts).
+    weights: Tensor,
 }
 
 impl TensorIstft {
-    /// Builds the inverse DFT basis on `device` (f32; cast on use).
+    /// The inverse STFT of `cfg` on `device` (checked here; FFT plans and
+    /// any DFT basis are made on first use).
     pub fn new(cfg: StftConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let n = cfg.n_fft;
         let bins = cfg.n_bins();
-        let window = cfg.padded_window();
-        let mut basis = vec![0.0f32; 2 * bins * n];
+        let mut weights = vec![0.0f32; 2 * bins];
         for k in 0..bins {
             // irfft: bins other than DC and Nyquist stand for two.
             let edge = k == 0 || (n % 2 == 0 && k == n / 2);
-            let c = if edge { 1.0 } else { 2.0 } / n as f64;
-            for (t, &w) in window.iter().enumerate() {
-                let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
-                basis[k * n + t] = (c * w as f64 * phase.cos()) as f32;
-                if !edge {
-                    basis[(bins + k) * n + t] = (-c * w as f64 * phase.sin()) as f32;
-                }
+            weights[k] = (if edge { 1.0 } else { 2.0 } / n as f64) as f32;
+            if !edge {
+                weights[bins + k] = weights[k];
             }
         }
         Ok(Self {
             cfg,
-            basis: Tensor::from_vec(basis, (2 * bins, n), device)?,
+            dft: Dft::new(cfg, device),
+            weights: Tensor::from_vec(weights, 2 * bins, device)?,
         })
     }
 
@@ -269,8 +330,9 @@ impl TensorIstft {
     fn overlap_add(&self, re: &Tensor, im: &Tensor, batch: usize, frames: usize) -> Result<Tensor> {
         let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
         // [B, T, 2F] x [2F, N] -> windowed frames [B, T, N].
-        let spec = Tensor::cat(&[re, im], 1)?.transpose(1, 2)?.contiguous()?;
-        let frames_t = spec.broadcast_matmul(&self.basis.to_dtype(re.dtype())?)?;
+        let spec = Tensor::cat(&[re, im], 1)?.transpose(1, 2)?;
+        let spec = spec.broadcast_mul(&self.weights.to_dtype(re.dtype())?)?;
+        let frames_t = self.dft.adjoint(&spec)?;
         // Overlap-add as r = ceil(N / hop) shifted sums of hop-long segments.
         let r = n.div_ceil(hop);
         let padded = frames_t.pad_with_zeros(2, 0, r * hop - n)?;
@@ -802,6 +864,84 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(d, 0.0);
+    }
+
+    /// The FFT op and the matmul against the DFT basis give the same STFT,
+    /// inverse STFT and gradients of both, for even and odd lengths and a
+    /// window shorter than the FFT, in f32 and f64.
+    #[test]
+    fn fft_path_equals_matmul_path() {
+        let dev = Device::Cpu;
+        let cfgs = [
+            StftConfig {
+                hop_length: 128,
+                ..StftConfig::new(512)
+            },
+            StftConfig {
+                hop_length: 4,
+                win_length: 11,
+                padding: Padding::Center(PadMode::Constant),
+                ..StftConfig::new(15)
+            },
+        ];
+        for cfg in cfgs {
+            for dtype in [DType::F32, DType::F64] {
+                // The basis is f32 (cast on use), so f64 agrees to f32's rounding.
+                let tol = if dtype == DType::F32 { 2e-5 } else { 1e-7 };
+                let fft = TensorStft::new(cfg, &dev).unwrap();
+                let mut mm = fft.clone();
+                mm.dft.use_fft = false;
+                let ifft = TensorIstft::new(cfg, &dev).unwrap();
+                let mut imm = ifft.clone();
+                imm.dft.use_fft = false;
+                let x = Tensor::from_vec(signal(2 * 700, 4), (2, 700), &dev).unwrap();
+                let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                let frames = cfg.n_frames(700).unwrap();
+                let w = Tensor::from_vec(
+                    signal(2 * cfg.n_bins() * frames, 7),
+                    (2, cfg.n_bins(), frames),
+                    &dev,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                // STFT, then the inverse STFT of (re * w, im), summed against a ramp.
+                let run = |s: &TensorStft, i: &TensorIstft| {
+                    let (re, im) = s.forward(x.as_tensor()).unwrap();
+                    let y = i.forward(&re.mul(&w).unwrap(), &im).unwrap();
+                    let ramp = Tensor::arange(0u32, y.dim(1).unwrap() as u32, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let loss = y.broadcast_mul(&ramp).unwrap().sum_all().unwrap();
+                    let g = loss.backward().unwrap().remove(&x).unwrap();
+                    let flat = |t: &Tensor| -> Vec<f64> {
+                        t.flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    };
+                    (flat(&re), flat(&im), flat(&y), flat(&g))
+                };
+                let a = run(&fft, &ifft);
+                let b = run(&mm, &imm);
+                for (name, p, q) in [
+                    ("re", &a.0, &b.0),
+                    ("im", &a.1, &b.1),
+                    ("istft", &a.2, &b.2),
+                    ("grad", &a.3, &b.3),
+                ] {
+                    let scale = q.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let d = p.iter().zip(q).fold(0f64, |m, (u, v)| m.max((u - v).abs()));
+                    assert!(
+                        d <= tol * scale,
+                        "{cfg:?} {dtype:?} {name}: max diff {d} (scale {scale})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -46,13 +46,7 @@ pub(crate) fn fused(t: &Tensor) -> bool {
 /// turns kernels off, so each can be benchmarked against its composed
 /// path.
 fn enabled(name: &str) -> bool {
-    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let off = OFF.get_or_init(|| {
-        std::env::var("MELVAE_NO_FUSED_KERNELS")
-            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-            .unwrap_or_default()
-    });
-    !off.iter().any(|o| o == name || o == "all")
+    melvae_dsp::kernel_enabled(name)
 }
 
 /// [`fused`] for kernel `name` (and the kernel not turned off).

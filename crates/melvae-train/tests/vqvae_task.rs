@@ -68,8 +68,10 @@ fn cfg(steps: u64) -> TrainerConfig {
 /// Two in-process ranks start like one process on the same global batch
 /// of 2, with an EMA codebook and restarts,
 /// and keep identical replicas (the codebook statistics are the global
-/// batch's). The first 3 steps' losses match; later a nearest-code choice
-/// flips on rounding and the runs part (`assert_two_ranks_start_like_one`).
+/// batch's). The first 2 steps' losses match; later the runs part
+/// (`assert_two_ranks_start_like_one`): the rounding of the gradient sums
+/// grows through the EMA codebook and nearest-code choices, by 1.3e-5
+/// relative at step 3 with the STFT's FFT path (3.4e-6 with its matmul).
 /// The STFT loss keeps its log-magnitude term only: spectral convergence
 /// is normalised over each rank's rows.
 #[test]
@@ -96,7 +98,7 @@ fn two_ranks_start_like_one_rank_with_an_ema_codebook() {
         .unwrap();
         t
     };
-    common::two_ranks_against_one(d.path(), &cfg(6), Some(3), make);
+    common::two_ranks_against_one(d.path(), &cfg(6), Some(2), make);
     let restarted = common::logged(&d.path().join("two/rank0"), "restarted");
     assert!(restarted.iter().any(|&(_, n)| n > 0.0), "{restarted:?}");
 }
@@ -136,9 +138,11 @@ fn trains_writes_a_model_file_and_resumes_exactly() {
 }
 
 /// Trained longer than the resume test's 12 steps, the level's output is
-/// closer to the tones than silence is. (At 12 steps whether the codebook
-/// has collapsed yet depends on float rounding: a CPU with AVX-512 and one
-/// without gave different answers.)
+/// closer to the tones than silence is. (Early on, which side wins depends
+/// on float rounding: at 12 steps a CPU with AVX-512 and one without gave
+/// different answers, and at 40 the STFT losses' FFT and DFT-matmul paths
+/// did. At 60 steps both paths are well clear: STFT loss 2.69 and 2.90
+/// against silence's 3.59.)
 #[test]
 fn learns_the_tones_better_than_silence() {
     let d = tempfile::tempdir().unwrap();
@@ -149,7 +153,7 @@ fn learns_the_tones_better_than_silence() {
         TrainerConfig {
             sample_every: 0,
             ckpt_every: 0,
-            ..cfg(40)
+            ..cfg(60)
         },
         &run,
     )
