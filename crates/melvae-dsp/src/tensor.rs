@@ -194,7 +194,8 @@ pub struct TensorMel {
 }
 
 impl TensorMel {
-    /// Builds the STFT basis and filterbank on `device`.
+    /// The mel spectrogram of `cfg` on `device` (the filterbank is built
+    /// here, the STFT's FFT plans or basis on first use).
     pub fn new(cfg: MelConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let fb = cfg.filterbank()?;
@@ -896,6 +897,10 @@ mod tests {
                 imm.dft.use_fft = false;
                 let x = Tensor::from_vec(signal(2 * 700, 4), (2, 700), &dev).unwrap();
                 let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                assert!(
+                    fft.dft.fft_takes(&x) && !mm.dft.fft_takes(&x),
+                    "the FFT op is off: run without `fft` or `all` in MELVAE_NO_FUSED_KERNELS"
+                );
                 let frames = cfg.n_frames(700).unwrap();
                 let w = Tensor::from_vec(
                     signal(2 * cfg.n_bins() * frames, 7),

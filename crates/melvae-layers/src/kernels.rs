@@ -41,10 +41,12 @@ pub(crate) fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether kernel `name` (`conv`, `act`, `affine`, `linear`, `lstm`, `softmax`) is on: the environment variable
-/// `MELVAE_NO_FUSED_KERNELS` (a comma-separated list of names, or `all`)
-/// turns kernels off, so each can be benchmarked against its composed
-/// path.
+/// Whether kernel `name` (`conv`, `act`, `affine`, `linear`, `lstm`,
+/// `softmax`) is on: the environment variable `MELVAE_NO_FUSED_KERNELS` (a
+/// comma-separated list of names, or `all`) turns kernels off, so each can
+/// be benchmarked against its composed path. The list is melvae-dsp's
+/// [`melvae_dsp::kernel_enabled`], which also knows its `fft` (`all`
+/// turns that off too).
 fn enabled(name: &str) -> bool {
     melvae_dsp::kernel_enabled(name)
 }
