@@ -95,8 +95,19 @@ impl WindowedDft {
         })
     }
 
-    fn bins(&self) -> usize {
+    /// The transform's length `n`.
+    pub(crate) fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Bins of the one-sided spectrum, `n / 2 + 1`.
+    pub(crate) fn bins(&self) -> usize {
         self.n / 2 + 1
+    }
+
+    /// The analysis window (`n` values).
+    pub(crate) fn window(&self) -> &[f32] {
+        &self.window
     }
 }
 
@@ -226,8 +237,8 @@ impl CustomOp1 for DftOp {
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("{}: input must be contiguous", self.name());
         };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = outer;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(outer);
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])?),
             CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])?),

@@ -23,7 +23,6 @@ use crate::{Error, LogScale, Result};
 /// tensor, by matmul against `A` (built on first use) elsewhere.
 #[derive(Debug, Clone)]
 struct Dft {
-    cfg: StftConfig,
     fft: Arc<WindowedDft>,
     device: Device,
     /// `[n_fft, 2 * n_bins]`: windowed cosines, then windowed negative sines.
@@ -35,7 +34,6 @@ struct Dft {
 impl Dft {
     fn new(cfg: StftConfig, device: &Device) -> Self {
         Self {
-            cfg,
             fft: WindowedDft::new(cfg.padded_window()),
             device: device.clone(),
             basis: OnceLock::new(),
@@ -48,11 +46,9 @@ impl Dft {
         if let Some(b) = self.basis.get() {
             return Ok(b.to_dtype(dtype)?);
         }
-        let n = self.cfg.n_fft;
-        let bins = self.cfg.n_bins();
-        let window = self.cfg.padded_window();
+        let (n, bins) = (self.fft.len(), self.fft.bins());
         let mut basis = vec![0.0f32; n * 2 * bins];
-        for (t, &w) in window.iter().enumerate() {
+        for (t, &w) in self.fft.window().iter().enumerate() {
             for k in 0..bins {
                 // Reduce k * t mod n in integers so the angle stays exact.
                 let phase = 2.0 * std::f64::consts::PI * ((k * t) % n) as f64 / n as f64;
@@ -362,7 +358,7 @@ impl TensorIstft {
         like: &Tensor,
     ) -> Result<Tensor> {
         let (n, hop) = (self.cfg.n_fft, self.cfg.hop_length);
-        let window = self.cfg.padded_window();
+        let window = self.dft.fft.window();
         let first = from.saturating_sub(n - 1) / hop;
         let mut env = vec![0f32; len];
         for t in first..frames.min((from + len).div_ceil(hop)) {
