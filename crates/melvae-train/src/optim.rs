@@ -524,6 +524,20 @@ pub enum LrSchedule {
         /// Final rate.
         min_lr: f64,
     },
+    /// Linear warm-up, the base rate held, then a linear decay to `min_lr`
+    /// over the last `decay_steps` before `total_steps` (from the warm-up's
+    /// end where that is later; "warmup-stable-decay"): a short run spends
+    /// more of its steps at the full rate than under a cosine.
+    WarmupStableDecay {
+        /// Warm-up length.
+        warmup_steps: u64,
+        /// Length of the final decay.
+        decay_steps: u64,
+        /// Step at which the rate reaches `min_lr`.
+        total_steps: u64,
+        /// Final rate.
+        min_lr: f64,
+    },
     /// Linear warm-up, then `base * gamma^(s - warmup)`.
     Exponential {
         /// Warm-up length.
@@ -540,6 +554,28 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// `Err((field, reason))` for a value no run can use, the field under
+    /// `schedule.`: a negative or non-finite `min_lr`, a `decay_steps` of 0,
+    /// a `gamma` outside (0, 1].
+    pub fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |f: &str, why: String| Err((format!("schedule.{f}"), why));
+        match *self {
+            LrSchedule::WarmupCosine { min_lr, .. }
+            | LrSchedule::WarmupStableDecay { min_lr, .. }
+                if !(min_lr >= 0.0 && min_lr.is_finite()) =>
+            {
+                bad("min_lr", format!("must be >= 0, got {min_lr}"))
+            }
+            LrSchedule::WarmupStableDecay { decay_steps: 0, .. } => {
+                bad("decay_steps", "must be > 0".into())
+            }
+            LrSchedule::Exponential { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => {
+                bad("gamma", format!("must be in (0, 1], got {gamma}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The rate at `step` for a base rate `base`.
     pub fn lr(&self, base: f64, step: u64) -> f64 {
         let s = step as f64;
@@ -563,6 +599,23 @@ impl LrSchedule {
                     let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
                     let p = ((s - warmup_steps as f64) / span).min(1.0);
                     min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+                }
+            }
+            LrSchedule::WarmupStableDecay {
+                warmup_steps,
+                decay_steps,
+                total_steps,
+                min_lr,
+            } => {
+                let decay_from = total_steps.saturating_sub(decay_steps).max(warmup_steps);
+                if step < warmup_steps {
+                    base * warm(warmup_steps)
+                } else if step < decay_from {
+                    base
+                } else {
+                    let span = total_steps.saturating_sub(decay_from).max(1) as f64;
+                    let p = ((s - decay_from as f64) / span).min(1.0);
+                    base + (min_lr - base) * p
                 }
             }
             LrSchedule::Exponential {
@@ -1009,6 +1062,26 @@ mod tests {
         assert!((wc.lr(1.0, 10) - 1.0).abs() < 1e-12);
         assert!((wc.lr(1.0, 60) - 0.5).abs() < 1e-12);
         assert!(wc.lr(1.0, 110).abs() < 1e-12 && wc.lr(1.0, 500).abs() < 1e-12);
+        let wsd = LrSchedule::WarmupStableDecay {
+            warmup_steps: 10,
+            decay_steps: 40,
+            total_steps: 110,
+            min_lr: 0.1,
+        };
+        assert!((wsd.lr(1.0, 0) - 0.1).abs() < 1e-12);
+        assert_eq!(wsd.lr(1.0, 10), 1.0);
+        assert_eq!(wsd.lr(1.0, 70), 1.0);
+        assert!((wsd.lr(1.0, 90) - 0.55).abs() < 1e-12);
+        assert!((wsd.lr(1.0, 110) - 0.1).abs() < 1e-12 && (wsd.lr(1.0, 500) - 0.1).abs() < 1e-12);
+        // A decay longer than the run after its warm-up starts at the warm-up's end.
+        let long = LrSchedule::WarmupStableDecay {
+            warmup_steps: 10,
+            decay_steps: 500,
+            total_steps: 110,
+            min_lr: 0.0,
+        };
+        assert_eq!(long.lr(1.0, 10), 1.0);
+        assert!((long.lr(1.0, 60) - 0.5).abs() < 1e-12);
         let ex = LrSchedule::Exponential {
             warmup_steps: 0,
             gamma: 0.5,

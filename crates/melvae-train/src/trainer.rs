@@ -374,6 +374,7 @@ impl Validate for TrainerConfig {
             "learning_rate",
             || format!("must be > 0, got {}", self.learning_rate),
         )?;
+        self.schedule.validate()?;
         check(self.grad_accum > 0, "grad_accum", || "must be > 0".into())?;
         check(self.local_ranks > 0, "local_ranks", || "must be > 0".into())?;
         check(self.grad_clip.is_none_or(|c| c > 0.0), "grad_clip", || {

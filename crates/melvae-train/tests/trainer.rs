@@ -543,6 +543,28 @@ fn config_errors_name_the_key() {
         e.contains("training.schedule") && e.contains("unknown variant `linear`"),
         "{e}"
     );
+    for (schedule, key) in [
+        (
+            "{kind: warmup_stable_decay, warmup_steps: 5, decay_steps: 0, total_steps: 10, min_lr: 0.0}",
+            "training.schedule.decay_steps",
+        ),
+        (
+            "{kind: warmup_cosine, warmup_steps: 5, total_steps: 10, min_lr: -1.0}",
+            "training.schedule.min_lr",
+        ),
+        (
+            "{kind: exponential, warmup_steps: 5, gamma: 1.5}",
+            "training.schedule.gamma",
+        ),
+    ] {
+        let r = ResolvedConfig::from_yaml(
+            &format!("training:\n  steps: 10\n  learning_rate: 1.0\n  schedule: {schedule}\n"),
+            "exp.yaml",
+        )
+        .unwrap();
+        let e = r.get::<TrainerConfig>("training").unwrap_err().to_string();
+        assert!(e.contains("exp.yaml") && e.contains(key), "{schedule}: {e}");
+    }
     let r = ResolvedConfig::from_yaml(
         "training:\n  steps: 10\n  learning_rate: 1.0\n  dtype: f8\n",
         "exp.yaml",
