@@ -8,11 +8,11 @@ through Griffin-Lim) and `CLIP_recon_griffin_lim.wav` (the reconstruction
 through the same), so both went through the same mel and phase
 reconstruction. Pitch is the autocorrelation peak between 70 and 400 Hz of
 40 ms frames (refined by a parabola through it and its neighbours), after a
-3-sample mean and decimation to a third of the rate;
-frames under 5% of the clip's peak amplitude, or whose peak is under 0.3 of
-the frame's energy, count as unvoiced. Prints voiced frames, the 10th
-percentile, the median and the 90th percentile in Hz. Standard library only
-(it is slow: a few seconds a clip).
+3-sample mean and decimation to a third of the rate. Frames whose RMS is
+under 5% of the clip's peak amplitude, or whose autocorrelation peak is
+under 0.3 of the frame's energy, count as unvoiced. Prints voiced frames,
+the 10th percentile, the median and the 90th percentile in Hz. Standard
+library only (it is slow: a few seconds a clip).
 """
 import statistics
 import struct

@@ -586,6 +586,10 @@ impl LrSchedule {
                 ((s + 1.0) / w as f64).min(1.0)
             }
         };
+        // How far `step` is from `from` to `to`, in [0, 1].
+        let progress = |from: u64, to: u64| {
+            ((s - from as f64) / to.saturating_sub(from).max(1) as f64).min(1.0)
+        };
         match *self {
             LrSchedule::Constant => base,
             LrSchedule::WarmupCosine {
@@ -596,8 +600,7 @@ impl LrSchedule {
                 if step < warmup_steps {
                     base * warm(warmup_steps)
                 } else {
-                    let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
-                    let p = ((s - warmup_steps as f64) / span).min(1.0);
+                    let p = progress(warmup_steps, total_steps);
                     min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
                 }
             }
@@ -613,9 +616,7 @@ impl LrSchedule {
                 } else if step < decay_from {
                     base
                 } else {
-                    let span = total_steps.saturating_sub(decay_from).max(1) as f64;
-                    let p = ((s - decay_from as f64) / span).min(1.0);
-                    base + (min_lr - base) * p
+                    base + (min_lr - base) * progress(decay_from, total_steps)
                 }
             }
             LrSchedule::Exponential {
