@@ -57,6 +57,18 @@ impl Activation {
         self.kind
     }
 
+    /// The fused kernel's activation, where there is one: a conv can then
+    /// apply it as it reads its input (`forward_after` of the convs).
+    pub(crate) fn fused(&self) -> Option<crate::kernels::Act> {
+        use crate::kernels::Act;
+        match self.kind {
+            ActivationKind::Elu { alpha } => Some(Act::Elu(alpha)),
+            ActivationKind::Gelu => Some(Act::Gelu),
+            ActivationKind::Silu => Some(Act::Silu),
+            _ => None,
+        }
+    }
+
     /// Applies the activation; output has the shape of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {

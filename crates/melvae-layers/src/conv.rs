@@ -2,10 +2,14 @@
 //! weight norm, causal 2-D convs for mel feature maps, and a transposed-conv
 //! upsampler that trains.
 
-use candle_core::{Tensor, D};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
+use crate::act::Activation;
 use crate::error::ensure;
+use crate::kernels::{Act, Gather};
 use crate::streaming::Streaming;
 use crate::{Error, Result};
 
@@ -196,23 +200,30 @@ impl CausalBuffer {
 /// `x` `[batch, in, positions]` (already padded, spatial dims flattened);
 /// `idx` `[outputs * taps]` the position read by tap `k` of output `p` at
 /// `p * taps + k`; `weight` `[out, in / groups, taps]`. Returns
-/// `[batch, out, outputs]`. On the CPU in f32/f64 one fused op with its own
-/// backward computes it (`kernels::gather_conv`); elsewhere candle ops
-/// ([`gather_conv_composed`]).
+/// `[batch, out, outputs]`. With `act` the conv reads `act(x)` (a
+/// pre-activation conv). On the CPU in f32/f64 one fused op with its own
+/// backward computes it (`kernels::gather_conv`), never storing `act(x)`;
+/// elsewhere candle ops ([`gather_conv_composed`]).
 pub(crate) fn gather_conv(
     x: &Tensor,
-    idx: &[u32],
-    outputs: usize,
+    gather: &Gather,
     weight: &Tensor,
     bias: Option<&Tensor>,
     groups: usize,
+    act: Option<Act>,
 ) -> Result<Tensor> {
     if crate::kernels::use_kernel("conv", x) && x.dtype() == weight.dtype() {
         return Ok(crate::kernels::gather_conv(
-            x, idx, outputs, weight, bias, groups,
+            x, gather, weight, bias, groups, act,
         )?);
     }
-    let y = gather_conv_composed(x, idx, outputs, weight, groups)?;
+    let y = match act {
+        Some(a) => {
+            let x = crate::kernels::activation(x, a)?;
+            gather_conv_composed(&x, gather, weight, groups)?
+        }
+        None => gather_conv_composed(x, gather, weight, groups)?,
+    };
     Ok(match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1))?)?,
         None => y,
@@ -223,15 +234,31 @@ pub(crate) fn gather_conv(
 /// permutes and a batched matmul.
 pub(crate) fn gather_conv_composed(
     x: &Tensor,
-    idx: &[u32],
-    outputs: usize,
+    gather: &Gather,
     weight: &Tensor,
     groups: usize,
 ) -> Result<Tensor> {
-    let (b, _, _) = x.dims3()?;
+    let (b, _, len) = x.dims3()?;
     let (c_out, cg, k) = weight.dims3()?;
-    let g = groups;
-    let idx = Tensor::from_slice(idx, idx.len(), x.device())?;
+    if (len, k) != (gather.len, gather.k) {
+        return Err(Error::shape(
+            "gather_conv input and weight",
+            format!("{} positions and {} taps", gather.len, gather.k),
+            [len, k],
+        ));
+    }
+    let (idx, outputs, g) = (&gather.idx, gather.outputs, groups);
+    // A padding tap reads one zero appended to the input.
+    let (x, idx) = if idx.contains(&PAD) {
+        let idx: Vec<u32> = idx
+            .iter()
+            .map(|&i| if i == PAD { len as u32 } else { i })
+            .collect();
+        (x.pad_with_zeros(2, 0, 1)?, idx)
+    } else {
+        (x.clone(), idx.clone())
+    };
+    let idx = Tensor::from_vec(idx, (outputs * k,), x.device())?;
     let cols = x
         .contiguous()?
         .index_select(&idx, 2)? // [B, in, P * K]
@@ -250,22 +277,89 @@ pub(crate) fn gather_conv_composed(
         .reshape((b, c_out, outputs))?)
 }
 
-/// Gather indices of a 1-D conv over `len` (padded) samples: output `p`, tap
-/// `k` reads `p * stride + k * dilation`. Returns `(idx, outputs)`.
+/// A conv that can apply an activation as it reads its input.
+pub(crate) trait PreActivated {
+    /// The offline conv of `act(x)` (of `x` without `act`).
+    fn forward_act(&self, x: &Tensor, act: Option<Act>) -> Result<Tensor>;
+
+    /// The conv of `act.forward(x)`, in one fused op where `act` has a
+    /// kernel (ELU, GELU, SiLU on the CPU): `act(x)` is never stored.
+    fn forward_after(&self, act: &Activation, x: &Tensor) -> Result<Tensor> {
+        match act.fused() {
+            Some(a) => self.forward_act(x, Some(a)),
+            None => self.forward_act(&act.forward(x)?, None),
+        }
+    }
+}
+
+/// The [`Gather`]s a layer has used, by input size and padding: a layer
+/// sees few sizes, so its indices are built once (the oldest is dropped
+/// past [`GatherCache::KEEP`] sizes). Clones share the cache.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GatherCache(Arc<Mutex<Vec<GatherEntry>>>);
+
+/// A [`GatherCache`] entry: the key (input size and padding) and its gather.
+type GatherEntry = ([usize; 3], Arc<Gather>);
+
+impl GatherCache {
+    const KEEP: usize = 8;
+
+    /// The gather of `key`, from `build` the first time.
+    pub(crate) fn get(
+        &self,
+        key: [usize; 3],
+        build: impl FnOnce() -> (Vec<u32>, usize, usize, usize),
+    ) -> Result<Arc<Gather>> {
+        // A panic elsewhere leaves the entries valid: ignore the poison.
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, g)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(g.clone());
+        }
+        let (idx, outputs, k, len) = build();
+        let g = Arc::new(Gather::new(idx, outputs, k, len)?);
+        if cache.len() >= Self::KEEP {
+            cache.remove(0);
+        }
+        cache.push((key, g.clone()));
+        Ok(g)
+    }
+}
+
+/// The gather index of a tap that falls on zero padding: it reads 0, so
+/// no padded copy of the input (nor of its gradient) is ever made.
+pub(crate) const PAD: u32 = u32::MAX;
+
+/// Outputs of a conv with receptive field `span` over `padded` samples.
+fn conv_outputs(padded: usize, span: usize, stride: usize) -> usize {
+    if padded >= span {
+        (padded - span) / stride + 1
+    } else {
+        0
+    }
+}
+
+/// Gather indices of a 1-D conv over `len` samples with `left` and `right`
+/// zeros padded around them: output `p`, tap `k` reads padded position
+/// `p * stride + k * dilation`, i.e. sample `p * stride + k * dilation -
+/// left`, or [`PAD`] where that is padding. Returns `(idx, outputs)`.
 pub(crate) fn conv1d_indices(
     len: usize,
+    (left, right): (usize, usize),
     kernel: usize,
     stride: usize,
     dilation: usize,
 ) -> (Vec<u32>, usize) {
     let span = (kernel - 1) * dilation + 1;
-    let outputs = if len >= span {
-        (len - span) / stride + 1
-    } else {
-        0
-    };
+    let outputs = conv_outputs(left + len + right, span, stride);
     let idx = (0..outputs)
-        .flat_map(|p| (0..kernel).map(move |k| (p * stride + k * dilation) as u32))
+        .flat_map(|p| {
+            (0..kernel).map(
+                move |k| match (p * stride + k * dilation).checked_sub(left) {
+                    Some(i) if i < len => i as u32,
+                    _ => PAD,
+                },
+            )
+        })
         .collect();
     (idx, outputs)
 }
@@ -347,6 +441,7 @@ pub struct Conv1d {
     weight: Weight,
     bias: Option<Tensor>,
     stream: Option<CausalBuffer>,
+    gathers: GatherCache,
 }
 
 impl Conv1d {
@@ -379,6 +474,7 @@ impl Conv1d {
             weight,
             bias,
             stream,
+            gathers: GatherCache::default(),
         })
     }
 
@@ -397,21 +493,21 @@ impl Conv1d {
         self.weight.device()
     }
 
-    /// The convolution without padding, on an already padded input.
-    fn conv(&self, x: &Tensor) -> Result<Tensor> {
-        let (idx, n) = conv1d_indices(
-            x.dim(2)?,
-            self.cfg.kernel_size,
-            self.cfg.stride,
-            self.cfg.dilation,
-        );
+    /// The convolution of `act(x)` (`x` without `act`) with `pad` (left,
+    /// right) zeros around it.
+    fn conv(&self, x: &Tensor, pad: (usize, usize), act: Option<Act>) -> Result<Tensor> {
+        let (len, k) = (x.dim(2)?, self.cfg.kernel_size);
+        let gather = self.gathers.get([len, pad.0, pad.1], || {
+            let (idx, n) = conv1d_indices(len, pad, k, self.cfg.stride, self.cfg.dilation);
+            (idx, n, k, len)
+        })?;
         gather_conv(
             x,
-            &idx,
-            n,
+            &gather,
             &self.weight.get()?,
             self.bias.as_ref(),
             self.cfg.groups,
+            act,
         )
     }
 
@@ -428,6 +524,12 @@ impl Conv1d {
 
     /// Offline forward of `x` (`[batch, in_channels, time]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+}
+
+impl PreActivated for Conv1d {
+    fn forward_act(&self, x: &Tensor, act: Option<Act>) -> Result<Tensor> {
         self.check_input(x)?;
         let span = (self.cfg.kernel_size - 1) * self.cfg.dilation + 1;
         let (left, right) = match self.cfg.padding {
@@ -443,7 +545,7 @@ impl Conv1d {
                 x.dims(),
             ));
         }
-        self.conv(&x.pad_with_zeros(D::Minus1, left, right)?)
+        self.conv(x, (left, right), act)
     }
 }
 
@@ -456,7 +558,7 @@ impl Streaming for Conv1d {
             .as_mut()
             .ok_or_else(|| Error::invalid("conv.padding", "only causal convs stream"))?;
         match stream.push(chunk, 2)? {
-            Some(window) => Ok(Some(self.conv(&window)?)),
+            Some(window) => Ok(Some(self.conv(&window, (0, 0), None)?)),
             None => Ok(None),
         }
     }
@@ -518,6 +620,7 @@ pub struct CausalConv2d {
     weight: Weight,
     bias: Option<Tensor>,
     stream: CausalBuffer,
+    gathers: GatherCache,
 }
 
 impl CausalConv2d {
@@ -542,6 +645,7 @@ impl CausalConv2d {
             weight,
             bias,
             stream,
+            gathers: GatherCache::default(),
         })
     }
 
@@ -556,44 +660,62 @@ impl CausalConv2d {
         }
     }
 
-    /// Valid in time on a time-padded input; "same" in frequency.
-    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+    /// Of `act(x)` (`x` without `act`): valid in time after `time_pad`
+    /// leading zeros; "same" in frequency.
+    fn conv(&self, x: &Tensor, time_pad: usize, act: Option<Act>) -> Result<Tensor> {
         let (kf, kt) = self.cfg.kernel;
         let (sf, st) = self.cfg.stride;
         let (df, dt) = self.cfg.dilation;
         let span_f = (kf - 1) * df + 1;
-        let x = x.pad_with_zeros(2, (span_f - 1) / 2, span_f - 1 - (span_f - 1) / 2)?;
         let (b, c, f, t) = x.dims4()?;
-        let (fi, fo) = conv1d_indices(f, kf, sf, df);
-        let (ti, to) = conv1d_indices(t, kt, st, dt);
-        // Output (of, ot), tap (i, j) reads row fi[of * kf + i], column ti[ot * kt + j].
-        let mut idx = Vec::with_capacity(fo * to * kf * kt);
-        for of in 0..fo {
-            for ot in 0..to {
-                for i in 0..kf {
-                    for j in 0..kt {
-                        idx.push(fi[of * kf + i] * t as u32 + ti[ot * kt + j]);
+        let gather = self.gathers.get([f, t, time_pad], || {
+            let freq_pad = ((span_f - 1) / 2, span_f - 1 - (span_f - 1) / 2);
+            let (fi, fo) = conv1d_indices(f, freq_pad, kf, sf, df);
+            let (ti, to) = conv1d_indices(t, (time_pad, 0), kt, st, dt);
+            // Output (of, ot), tap (i, j) reads row fi[of * kf + i], column
+            // ti[ot * kt + j].
+            let mut idx = Vec::with_capacity(fo * to * kf * kt);
+            for of in 0..fo {
+                for ot in 0..to {
+                    for i in 0..kf {
+                        for j in 0..kt {
+                            let (r, c) = (fi[of * kf + i], ti[ot * kt + j]);
+                            idx.push(if r == PAD || c == PAD {
+                                PAD
+                            } else {
+                                r * t as u32 + c
+                            });
+                        }
                     }
                 }
             }
-        }
+            (idx, fo * to, kf * kt, f * t)
+        })?;
+        let fo = conv_outputs(f + span_f - 1, span_f, sf);
+        let to = conv_outputs(t + time_pad, (kt - 1) * dt + 1, st);
         let w = self
             .weight
             .get()?
             .reshape((self.cfg.out_channels, c, kf * kt))?;
         let y = gather_conv(
             &x.reshape((b, c, f * t))?,
-            &idx,
-            fo * to,
+            &gather,
             &w,
             self.bias.as_ref(),
             1,
+            act,
         )?;
         Ok(y.reshape((b, self.cfg.out_channels, fo, to))?)
     }
 
     /// Offline forward of `x` (`[batch, in, freq, time]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+}
+
+impl PreActivated for CausalConv2d {
+    fn forward_act(&self, x: &Tensor, act: Option<Act>) -> Result<Tensor> {
         self.check_input(x)?;
         if x.dim(3)? < self.cfg.stride.1 {
             return Err(Error::shape(
@@ -602,7 +724,7 @@ impl CausalConv2d {
                 x.dims(),
             ));
         }
-        self.conv(&x.pad_with_zeros(3, self.stream.pad, 0)?)
+        self.conv(x, self.stream.pad, act)
     }
 }
 
@@ -611,7 +733,7 @@ impl Streaming for CausalConv2d {
     fn step(&mut self, chunk: &Tensor) -> Result<Option<Tensor>> {
         self.check_input(chunk)?;
         match self.stream.push(chunk, 3)? {
-            Some(window) => Ok(Some(self.conv(&window)?)),
+            Some(window) => Ok(Some(self.conv(&window, 0, None)?)),
             None => Ok(None),
         }
     }
@@ -657,6 +779,7 @@ pub struct Upsample {
     cfg: UpsampleConfig,
     weight: Weight,
     bias: Option<Tensor>,
+    gathers: GatherCache,
     /// Streaming: the overlap tail `[batch, out, kernel - stride]` (no bias).
     tail: Option<Tensor>,
 }
@@ -692,6 +815,7 @@ impl Upsample {
             weight,
             bias,
             tail: None,
+            gathers: GatherCache::default(),
         })
     }
 
@@ -734,9 +858,11 @@ impl Upsample {
         let w = w
             .index_select(&Tensor::from_vec(rev, m, x.device())?, 3)?
             .reshape((c_out * s, c_in, m))?;
-        let xp = x.pad_with_zeros(2, m - 1, m - 1)?;
-        let (idx, n) = conv1d_indices(xp.dim(2)?, m, 1, 1);
-        let z = gather_conv(&xp, &idx, n, &w, None, 1)?; // [B, out * s, t + m - 1]
+        let gather = self.gathers.get([t, 0, 0], || {
+            let (idx, n) = conv1d_indices(t, (m - 1, m - 1), m, 1, 1);
+            (idx, n, m, t)
+        })?;
+        let z = gather_conv(x, &gather, &w, None, 1, None)?; // [B, out * s, t + m - 1]
         let (b, _, q) = z.dims3()?;
         let y = z
             .reshape((b, c_out, s, q))?

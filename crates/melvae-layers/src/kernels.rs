@@ -105,7 +105,8 @@ impl Dims {
 }
 
 /// One run of [`Taps`]: tap `tap` fills column-matrix entries `p0..p0 + n`
-/// from input positions `i0, i0 + step, ..`.
+/// from input positions `i0, i0 + step, ..`, or with zeros where `zero`
+/// (the taps that fall on padding, [`crate::conv::PAD`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Run {
     tap: usize,
@@ -113,6 +114,7 @@ struct Run {
     i0: usize,
     n: usize,
     step: usize,
+    zero: bool,
 }
 
 /// The gather indices, per tap as runs of evenly spaced positions (a
@@ -132,14 +134,29 @@ impl Taps {
         let mut runs: Vec<Run> = Vec::new();
         for ki in 0..k {
             for pi in 0..p {
-                let i = idx[pi * k + ki] as usize;
+                let zero = idx[pi * k + ki] == crate::conv::PAD;
+                let i = if zero { 0 } else { idx[pi * k + ki] as usize };
                 match runs.last_mut() {
+                    Some(r) if r.tap == ki && r.p0 + r.n == pi && zero && r.zero => r.n += 1,
                     // A run's second position sets its step.
-                    Some(r) if r.tap == ki && r.p0 + r.n == pi && r.n == 1 && i > r.i0 => {
+                    Some(r)
+                        if r.tap == ki
+                            && r.p0 + r.n == pi
+                            && !zero
+                            && !r.zero
+                            && r.n == 1
+                            && i > r.i0 =>
+                    {
                         r.step = i - r.i0;
                         r.n = 2;
                     }
-                    Some(r) if r.tap == ki && r.p0 + r.n == pi && i == r.i0 + r.n * r.step => {
+                    Some(r)
+                        if r.tap == ki
+                            && r.p0 + r.n == pi
+                            && !zero
+                            && !r.zero
+                            && i == r.i0 + r.n * r.step =>
+                    {
                         r.n += 1
                     }
                     _ => runs.push(Run {
@@ -148,6 +165,7 @@ impl Taps {
                         i0: i,
                         n: 1,
                         step: 1,
+                        zero,
                     }),
                 }
             }
@@ -164,7 +182,9 @@ impl Taps {
             for r in &self.runs {
                 let at = (c * d.k + r.tap) * d.p + r.p0;
                 let dst = &mut cols[at..at + r.n];
-                if r.step == 1 {
+                if r.zero {
+                    dst.fill(T::default());
+                } else if r.step == 1 {
                     dst.copy_from_slice(&row[r.i0..r.i0 + r.n]);
                 } else {
                     for (o, &v) in dst.iter_mut().zip(row[r.i0..].iter().step_by(r.step)) {
@@ -180,7 +200,7 @@ impl Taps {
     fn col2im<T: Elem>(&self, cols: &[T], d: &Dims, dx: &mut [T]) {
         for c in 0..d.cg {
             let row = &mut dx[c * d.len..(c + 1) * d.len];
-            for r in &self.runs {
+            for r in self.runs.iter().filter(|r| !r.zero) {
                 let at = (c * d.k + r.tap) * d.p + r.p0;
                 let src = &cols[at..at + r.n];
                 if r.step == 1 {
@@ -440,7 +460,14 @@ fn par_chunks<T: Send, R: Send>(
         .collect()
 }
 
-fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
+fn forward<T: ActElem>(
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    taps: &Taps,
+    d: &Dims,
+    act: Option<Act>,
+) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
     // Every output row starts at its bias; the GEMMs accumulate onto it.
     let mut y = vec![T::default(); d.batch * d.c_out * d.p];
@@ -451,12 +478,22 @@ fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<
     // Every (tap, position) of the column matrix belongs to a run, so
     // `im2col` writes all of it: the scratch needs no zeroing.
     let n_cols = if taps.identity { 0 } else { rows * d.p };
+    // The pre-activation of one group of one item, written before it is read.
+    let n_act = if act.is_some() { d.cg * d.len } else { 0 };
     par_chunks(&mut y, chunk * d.c_out * d.p, |ci, yc| {
-        with_scratch(n_cols, |cols: &mut [T]| {
+        with_scratch(n_cols + n_act, |scratch: &mut [T]| {
+            let (cols, acted) = scratch.split_at_mut(n_cols);
             for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
                 for g in 0..d.groups {
                     let xs =
                         &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
+                    let xs: &[T] = match act {
+                        Some(a) => {
+                            act_into(a, xs, acted);
+                            acted
+                        }
+                        None => xs,
+                    };
                     let cols: &[T] = if taps.identity {
                         xs
                     } else {
@@ -478,7 +515,18 @@ fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], taps: &Taps, d: &Dims) -> Vec<
 /// gradient (`[c_out]`), flattened one after the other. Batch chunks run in
 /// parallel, each with its own weight-gradient partial; the partials are
 /// added in chunk order.
-fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T> {
+///
+/// With a pre-activation `act` the conv reads `act(x)`, recomputed here
+/// (into scratch, never a tensor); `dx` is then the column gradient
+/// gathered back and multiplied by `act'(x)`.
+fn backward<T: ActElem>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    taps: &Taps,
+    d: &Dims,
+    act: Option<Act>,
+) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
     let n_x = d.batch * d.c_in * d.len;
     let mut out = vec![T::default(); n_x + d.c_out * rows + d.c_out];
@@ -494,8 +542,11 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
     let chunk = chunk_items(d.batch);
     // `im2col` and then the product write the whole column matrix.
     let n_cols = if taps.identity { 0 } else { rows * d.p };
+    // `act(x)` of one group of one item, then the gradient at `act(x)`.
+    let n_act = if act.is_some() { d.cg * d.len } else { 0 };
     let partials = par_chunks(dx, chunk * d.c_in * d.len, |ci, dxc| {
-        with_scratch(n_cols, |cols: &mut [T]| {
+        with_scratch(n_cols + n_act, |scratch: &mut [T]| {
+            let (cols, acted) = scratch.split_at_mut(n_cols);
             let mut dw = vec![T::default(); d.c_out * rows];
             for (bi, b) in (ci * chunk..d.batch.min((ci + 1) * chunk)).enumerate() {
                 for g in 0..d.groups {
@@ -507,27 +558,44 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], taps: &Taps, d: &Dims) -> Vec<T
                     let wg = &w[g * og * rows..(g + 1) * og * rows];
                     let dwg = &mut dw[g * og * rows..(g + 1) * og * rows];
                     let dxs = &mut dxc[local];
+                    let xs = &x[span];
+                    // What the conv read: `x`, or `act(x)` recomputed.
+                    let read: &[T] = match act {
+                        Some(a) => {
+                            act_into(a, xs, acted);
+                            acted
+                        }
+                        None => xs,
+                    };
+                    // The gradient at what the conv read lands in `dxs`
+                    // directly, or first in `acted` (done with `act(x)`).
                     if taps.identity {
                         // The input is its own column matrix, and its gradient
                         // the column gradient.
-                        matmul(
-                            (og, rows, d.p),
-                            dwg,
-                            true,
-                            dys,
-                            (d.p, 1),
-                            &x[span],
-                            (1, d.p),
-                        );
-                        matmul((rows, d.p, og), dxs, false, wg, (1, rows), dys, (d.p, 1));
-                        continue;
+                        matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), read, (1, d.p));
+                        let dread = if act.is_some() {
+                            &mut *acted
+                        } else {
+                            &mut *dxs
+                        };
+                        matmul((rows, d.p, og), dread, false, wg, (1, rows), dys, (d.p, 1));
+                    } else {
+                        // dW_g += dY [og, p] * cols^T [p, rows].
+                        taps.im2col(read, d, cols);
+                        matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), cols, (1, d.p));
+                        // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
+                        matmul((rows, d.p, og), cols, false, wg, (1, rows), dys, (d.p, 1));
+                        if act.is_some() {
+                            acted.fill(T::default());
+                            taps.col2im(cols, d, acted);
+                        } else {
+                            taps.col2im(cols, d, dxs);
+                        }
                     }
-                    // dW_g += dY [og, p] * cols^T [p, rows].
-                    taps.im2col(&x[span], d, cols);
-                    matmul((og, rows, d.p), dwg, true, dys, (d.p, 1), cols, (1, d.p));
-                    // dcols [rows, p] = W_g^T [rows, og] * dY [og, p], then col2im.
-                    matmul((rows, d.p, og), cols, false, wg, (1, rows), dys, (d.p, 1));
-                    taps.col2im(cols, d, dxs);
+                    if let Some(a) = act {
+                        let dread: &[T] = acted;
+                        act_grads_into(a, xs, dread, dxs);
+                    }
                 }
             }
             dw
@@ -548,6 +616,8 @@ struct GatherConv {
     p: usize,
     k: usize,
     groups: usize,
+    /// Applied to the input before the conv reads it.
+    act: Option<Act>,
 }
 
 impl CustomOp3 for GatherConv {
@@ -573,7 +643,7 @@ impl CustomOp3 for GatherConv {
                 (w, s2, l2, "weight"),
                 (b, s3, l3, "bias")
             ],
-            forward(x, w, b, &self.taps, &d)
+            forward(x, w, b, &self.taps, &d, self.act)
         );
         Ok((y, shape))
     }
@@ -591,6 +661,7 @@ impl CustomOp3 for GatherConv {
             p: self.p,
             k: self.k,
             groups: self.groups,
+            act: self.act,
         };
         let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
         let (n_x, n_w) = (x.elem_count(), w.elem_count());
@@ -607,6 +678,7 @@ struct GatherConvBackward {
     p: usize,
     k: usize,
     groups: usize,
+    act: Option<Act>,
 }
 
 impl CustomOp3 for GatherConvBackward {
@@ -632,42 +704,94 @@ impl CustomOp3 for GatherConvBackward {
                 (w, s2, l2, "weight"),
                 (dy, s3, l3, "output gradient")
             ],
-            backward(x, w, dy, &self.taps, &d)
+            backward(x, w, dy, &self.taps, &d, self.act)
         );
         Ok((out, Shape::from(n)))
     }
 }
 
+/// A conv's gather indices for one input length and padding, checked once
+/// and kept with their runs (built on the first CPU call), so a layer that
+/// sees the same input size again reuses them.
+#[derive(Debug)]
+pub(crate) struct Gather {
+    /// `[outputs * k]`: the position tap `k` of output `p` reads, at
+    /// `p * k + k`, below `len`, or [`crate::conv::PAD`] (reads zero).
+    pub idx: Vec<u32>,
+    pub outputs: usize,
+    pub k: usize,
+    pub len: usize,
+    taps: std::sync::OnceLock<Arc<Taps>>,
+}
+
+impl Gather {
+    /// Fails when `idx` is not `outputs * k` positions below `len` (or
+    /// padding), naming the op.
+    pub(crate) fn new(
+        idx: Vec<u32>,
+        outputs: usize,
+        k: usize,
+        len: usize,
+    ) -> candle_core::Result<Self> {
+        if idx.len() != outputs * k
+            || idx
+                .iter()
+                .any(|&i| i != crate::conv::PAD && i as usize >= len)
+        {
+            candle_core::bail!(
+                "gather_conv: {} indices for {outputs} outputs of {k} taps below {len}",
+                idx.len()
+            );
+        }
+        Ok(Self {
+            idx,
+            outputs,
+            k,
+            len,
+            taps: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn taps(&self) -> Arc<Taps> {
+        self.taps
+            .get_or_init(|| Arc::new(Taps::new(&self.idx, self.outputs, self.k, self.len)))
+            .clone()
+    }
+}
+
 /// The fused gather convolution (see the module docs): `x` `[batch, c_in,
 /// len]`, `weight` `[c_out, c_in / groups, k]`, `bias` `[c_out]` (added to
-/// every output, its gradient the sum of the output gradient's rows),
-/// `idx` `[outputs * k]` positions below `len`; `[batch, c_out, outputs]`.
+/// every output, its gradient the sum of the output gradient's rows), the
+/// taps of `gather`; `[batch, c_out, outputs]`. With `act` the conv reads
+/// `act(x)`, which is never stored: the gradient is taken through it.
 /// CPU f32/f64 only ([`fused`]).
 pub(crate) fn gather_conv(
     x: &Tensor,
-    idx: &[u32],
-    outputs: usize,
+    gather: &Gather,
     weight: &Tensor,
     bias: Option<&Tensor>,
     groups: usize,
+    act: Option<Act>,
 ) -> candle_core::Result<Tensor> {
     let (_, _, len) = x.dims3()?;
     let (c_out, _, k) = weight.dims3()?;
+    if (len, k) != (gather.len, gather.k) {
+        candle_core::bail!(
+            "gather_conv: taps for {} positions and {} taps, input {len} and weight {k}",
+            gather.len,
+            gather.k
+        );
+    }
     let bias = match bias {
         Some(b) => b.reshape(c_out)?.contiguous()?,
         None => Tensor::zeros(c_out, weight.dtype(), weight.device())?,
     };
-    if idx.len() != outputs * k || idx.iter().any(|&i| i as usize >= len) {
-        candle_core::bail!(
-            "gather_conv: {} indices for {outputs} outputs of {k} taps below {len}",
-            idx.len()
-        );
-    }
     let op = GatherConv {
-        taps: Arc::new(Taps::new(idx, outputs, k, len)),
-        p: outputs,
+        taps: gather.taps(),
+        p: gather.outputs,
         k,
         groups,
+        act,
     };
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
 }
@@ -857,6 +981,16 @@ macro_rules! with_avx2 {
 avx2_copy!(act_values_avx2 = act_values(a: Act, x: &[T], out: &mut [T]));
 avx2_copy!(act_grads_avx2 = act_grads(a: Act, x: &[T], dy: &[T], out: &mut [T]));
 
+/// `out = act(x)`, on AVX2 where the CPU has it.
+fn act_into<T: ActElem>(a: Act, x: &[T], out: &mut [T]) {
+    with_avx2!(act_values, act_values_avx2, (a, x, out))
+}
+
+/// `out = dy * act'(x)`, on AVX2 where the CPU has it.
+fn act_grads_into<T: ActElem>(a: Act, x: &[T], dy: &[T], out: &mut [T]) {
+    with_avx2!(act_grads, act_grads_avx2, (a, x, dy, out))
+}
+
 /// `out = act(x)`, one loop per activation (the match outside) so each
 /// vectorises.
 #[inline(always)]
@@ -912,10 +1046,7 @@ impl candle_core::CustomOp1 for Activation {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         fn run<T: ActElem>(a: Act, x: &[T]) -> Vec<T> {
-            par_fill(x.len(), |at, out| {
-                let x = &x[at..at + out.len()];
-                with_avx2!(act_values, act_values_avx2, (a, x, out))
-            })
+            par_fill(x.len(), |at, out| act_into(a, &x[at..at + out.len()], out))
         }
         let out = float_op!("activation", [(x, s, l, "input")], run(self.0, x));
         Ok((out, l.shape().clone()))
@@ -946,8 +1077,7 @@ impl candle_core::CustomOp2 for ActivationGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         fn run<T: ActElem>(a: Act, x: &[T], dy: &[T]) -> Vec<T> {
             par_fill(x.len(), |at, out| {
-                let (x, dy) = (&x[at..at + out.len()], &dy[at..at + out.len()]);
-                with_avx2!(act_grads, act_grads_avx2, (a, x, dy, out))
+                act_grads_into(a, &x[at..at + out.len()], &dy[at..at + out.len()], out)
             })
         }
         let out = float_op!(
@@ -1837,10 +1967,20 @@ mod tests {
     use candle_core::Var;
 
     /// Strided, dilated taps over `len` positions: output `p`, tap `k` reads
-    /// `(p * 2 + k * 3) % len` (repeats included).
+    /// `(p * 2 + k * 3) % len` (repeats included), except the padding taps:
+    /// where `p + k` is 3 mod 4 (isolated), and the last tap of the last two
+    /// outputs (a run of two).
     fn taps(outputs: usize, k: usize, len: usize) -> Vec<u32> {
         (0..outputs)
-            .flat_map(|p| (0..k).map(move |ki| ((p * 2 + ki * 3) % len) as u32))
+            .flat_map(|p| {
+                (0..k).map(move |ki| {
+                    if (p + ki) % 4 == 3 || (ki == k - 1 && p + 2 >= outputs) {
+                        crate::conv::PAD
+                    } else {
+                        ((p * 2 + ki * 3) % len) as u32
+                    }
+                })
+            })
             .collect()
     }
 
@@ -2031,15 +2171,21 @@ mod tests {
 
     /// The fused op equals the composed one (plus a broadcast bias) in
     /// value and in every gradient (f64, batch 3, 2 groups, a
-    /// non-contiguous input), and passes a finite-difference check of its
-    /// own.
+    /// non-contiguous input, padding taps, with and without a
+    /// pre-activation), and passes a finite-difference check of its own.
     #[test]
     fn fused_equals_composed_and_its_gradients_check() {
         // Batch 3 runs in chunks of 1 item, batch 9 in chunks of 2 with a
         // shorter last one (the weight gradient summed over partials).
-        for b in [3, 9] {
+        let acts = [None, Some(Act::Silu), Some(Act::Elu(0.7)), Some(Act::Gelu)];
+        for (b, act) in [3, 9].into_iter().flat_map(|b| acts.map(|a| (b, a))) {
+            // The composed reference reads the activation's own op.
+            let pre = |x: &Tensor| match act {
+                Some(a) => activation(x, a).unwrap(),
+                None => x.clone(),
+            };
             let (c_in, len, c_out, k, groups, outputs) = (4, 11, 6, 3, 2, 5);
-            let idx = taps(outputs, k, len);
+            let idx = Gather::new(taps(outputs, k, len), outputs, k, len).unwrap();
             // [batch, len, c_in] transposed: a non-contiguous [batch, c_in, len].
             let xt = Var::from_tensor(&noise(&[b, len, c_in], 1).unwrap()).unwrap();
             let w = Var::from_tensor(&noise(&[c_out, c_in / groups, k], 2).unwrap()).unwrap();
@@ -2051,17 +2197,17 @@ mod tests {
                 gather_conv(
                     &x(),
                     &idx,
-                    outputs,
                     w.as_tensor(),
                     Some(bias.as_tensor()),
                     groups,
+                    act,
                 )
             };
             let run = |fused: bool| {
                 let y = if fused {
                     fused_conv().unwrap()
                 } else {
-                    gather_conv_composed(&x(), &idx, outputs, w.as_tensor(), groups)
+                    gather_conv_composed(&pre(&x()), &idx, w.as_tensor(), groups)
                         .unwrap()
                         .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1)).unwrap())
                         .unwrap()
@@ -2083,21 +2229,23 @@ mod tests {
             // f32 runs too; bad indices are refused, naming the op.
             let f32 = |v: &Var| v.as_tensor().to_dtype(DType::F32).unwrap();
             let x32 = x().to_dtype(DType::F32).unwrap();
-            let y32 =
-                gather_conv(&x32, &idx, outputs, &f32(&w), Some(&f32(&bias)), groups).unwrap();
+            let y32 = gather_conv(&x32, &idx, &f32(&w), Some(&f32(&bias)), groups, act).unwrap();
             let y = fused_conv().unwrap();
             assert!(max_abs_diff(&y32.to_dtype(DType::F64).unwrap(), &y).unwrap() < 1e-5);
-            let e = gather_conv(&x(), &[99; 15], outputs, w.as_tensor(), None, groups).unwrap_err();
+            let e = Gather::new(vec![99; 15], outputs, k, len).unwrap_err();
+            assert!(e.to_string().contains("gather_conv"), "{e}");
+            let short = x().narrow(2, 0, len - 1).unwrap();
+            let e = gather_conv(&short, &idx, w.as_tensor(), None, groups, act).unwrap_err();
             assert!(e.to_string().contains("gather_conv"), "{e}");
             assert!(!fused(&x().to_dtype(DType::BF16).unwrap()));
             // A 1x1 conv (the input its own column matrix) agrees too.
             let one = Var::from_tensor(&noise(&[c_out, c_in / groups, 1], 5).unwrap()).unwrap();
-            let ident: Vec<u32> = (0..len as u32).collect();
+            let ident = Gather::new((0..len as u32).collect(), len, 1, len).unwrap();
             let pair = |fused: bool| {
                 let y = if fused {
-                    gather_conv(&x(), &ident, len, one.as_tensor(), None, groups).unwrap()
+                    gather_conv(&x(), &ident, one.as_tensor(), None, groups, act).unwrap()
                 } else {
-                    gather_conv_composed(&x(), &ident, len, one.as_tensor(), groups).unwrap()
+                    gather_conv_composed(&pre(&x()), &ident, one.as_tensor(), groups).unwrap()
                 };
                 let p = noise(&[b, c_out, len], 6).unwrap();
                 let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();

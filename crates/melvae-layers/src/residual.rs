@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::act::{Activation, ActivationKind};
-use crate::conv::{CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding};
+use crate::conv::{CausalConv2d, Conv1d, Conv1dConfig, Conv2dConfig, ConvPadding, PreActivated};
 use crate::error::ensure;
 use crate::{Error, Result, Streaming};
 
@@ -101,11 +101,8 @@ impl ResidualUnit {
 
     /// `[batch, channels, time]` to the same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv2.forward(
-            &self
-                .act2
-                .forward(&self.conv1.forward(&self.act1.forward(x)?)?)?,
-        )?;
+        let h = self.conv1.forward_after(&self.act1, x)?;
+        let y = self.conv2.forward_after(&self.act2, &h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
@@ -243,11 +240,8 @@ impl ResidualUnit2d {
 
     /// `[batch, channels, freq, time]` to the same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv2.forward(
-            &self
-                .act2
-                .forward(&self.conv1.forward(&self.act1.forward(x)?)?)?,
-        )?;
+        let h = self.conv1.forward_after(&self.act1, x)?;
+        let y = self.conv2.forward_after(&self.act2, &h)?;
         Ok((y + x)?)
     }
 }
