@@ -294,7 +294,9 @@ pub(crate) trait PreActivated {
 
 /// The [`Gather`]s a layer has used, by input size and padding: a layer
 /// sees few sizes, so its indices are built once (the oldest is dropped
-/// past [`GatherCache::KEEP`] sizes). Clones share the cache.
+/// past [`GatherCache::KEEP`] sizes; one of more than
+/// [`GatherCache::MAX_TAPS`] taps, a long clip's, is built and dropped
+/// each time rather than kept). Clones share the cache.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct GatherCache(Arc<Mutex<Vec<GatherEntry>>>);
 
@@ -303,6 +305,8 @@ type GatherEntry = ([usize; 3], Arc<Gather>);
 
 impl GatherCache {
     const KEEP: usize = 8;
+    /// 4 MiB of indices.
+    const MAX_TAPS: usize = 1 << 20;
 
     /// The gather of `key`, from `build` the first time.
     pub(crate) fn get(
@@ -317,6 +321,9 @@ impl GatherCache {
         }
         let (idx, outputs, k, len) = build();
         let g = Arc::new(Gather::new(idx, outputs, k, len)?);
+        if g.idx.len() > Self::MAX_TAPS {
+            return Ok(g);
+        }
         if cache.len() >= Self::KEEP {
             cache.remove(0);
         }
@@ -1132,6 +1139,27 @@ mod tests {
             let streamed = stream_in_chunks(&mut c, &x, 3, 7, i as u64).unwrap();
             assert!(max_abs_diff(&offline, &streamed).unwrap() < 1e-5, "{cfg:?}");
         }
+    }
+
+    /// A size seen before reuses its gather; past `KEEP` sizes the oldest
+    /// is rebuilt; a gather over `MAX_TAPS` is never kept.
+    #[test]
+    fn gather_cache_reuses_and_bounds() {
+        let cache = GatherCache::default();
+        let small = |n: usize| move || (vec![0; n], n, 1, 1);
+        let a = cache.get([1, 0, 0], small(3)).unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.get([1, 0, 0], small(3)).unwrap()));
+        assert!(!Arc::ptr_eq(&a, &cache.get([2, 0, 0], small(3)).unwrap()));
+        for n in 3..3 + GatherCache::KEEP {
+            cache.get([n, 0, 0], small(1)).unwrap();
+        }
+        assert!(!Arc::ptr_eq(&a, &cache.get([1, 0, 0], small(3)).unwrap()));
+        let n = GatherCache::MAX_TAPS + 1;
+        let big = cache.get([0, 0, 1], small(n)).unwrap();
+        assert!(!Arc::ptr_eq(&big, &cache.get([0, 0, 1], small(n)).unwrap()));
+        // Bad indices are refused, naming the op.
+        let e = cache.get([0, 1, 0], || (vec![5], 1, 1, 1)).unwrap_err();
+        assert!(e.to_string().contains("gather_conv"), "{e}");
     }
 
     #[test]

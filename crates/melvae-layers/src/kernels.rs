@@ -470,9 +470,9 @@ fn forward<T: ActElem>(
 ) -> Vec<T> {
     let (og, rows) = (d.og(), d.rows());
     // Every output row starts at its bias; the GEMMs accumulate onto it.
-    let mut y = vec![T::default(); d.batch * d.c_out * d.p];
-    for (r, row) in y.chunks_exact_mut(d.p.max(1)).enumerate() {
-        row.fill(bias[r % d.c_out]);
+    let mut y = Vec::with_capacity(d.batch * d.c_out * d.p);
+    for r in 0..d.batch * d.c_out {
+        y.extend(std::iter::repeat_n(bias[r % d.c_out], d.p));
     }
     let chunk = chunk_items(d.batch);
     // Every (tap, position) of the column matrix belongs to a run, so
