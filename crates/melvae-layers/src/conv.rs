@@ -197,9 +197,10 @@ impl CausalBuffer {
 /// not divide the input (see docs/layers.md). Every op here has a correct
 /// backward, and per-axis strides and dilations come for free.
 ///
-/// `x` `[batch, in, positions]` (already padded, spatial dims flattened);
-/// `idx` `[outputs * taps]` the position read by tap `k` of output `p` at
-/// `p * taps + k`; `weight` `[out, in / groups, taps]`. Returns
+/// `x` `[batch, in, positions]` (spatial dims flattened, unpadded: padding
+/// taps are [`PAD`] in `gather`, whose `idx` `[outputs * taps]` holds the
+/// position read by tap `k` of output `p` at `p * taps + k`); `weight`
+/// `[out, in / groups, taps]`. Returns
 /// `[batch, out, outputs]`. With `act` the conv reads `act(x)` (a
 /// pre-activation conv). On the CPU in f32/f64 one fused op with its own
 /// backward computes it (`kernels::gather_conv`), never storing `act(x)`;

@@ -715,8 +715,8 @@ impl CustomOp3 for GatherConvBackward {
 /// sees the same input size again reuses them.
 #[derive(Debug)]
 pub(crate) struct Gather {
-    /// `[outputs * k]`: the position tap `k` of output `p` reads, at
-    /// `p * k + k`, below `len`, or [`crate::conv::PAD`] (reads zero).
+    /// `[outputs * k]`: the position tap `j` of output `p` reads, at
+    /// `p * k + j`, below `len`, or [`crate::conv::PAD`] (reads zero).
     pub idx: Vec<u32>,
     pub outputs: usize,
     pub k: usize,
