@@ -25,12 +25,20 @@
 # every run. Speech is scaled by 0.9 (espeak-ng peaks at full scale).
 #
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox).
+#
+# For probes (docs/models/mel_vae.md, "The pitch range the corpus
+# teaches"): OUT=DIR writes the corpus there instead, and
+# PITCH="es-f5=95 pt-f4=95" gives those voices another espeak-ng pitch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in espeak-ng sox soxi; do
   command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install espeak-ng sox)" >&2; exit 1; }
 done
-out=assets/speech
+out=${OUT:-assets/speech}
+declare -A pitch_of
+for p in ${PITCH:-}; do
+  pitch_of[${p%%=*}]=${p#*=}
+done
 rm -rf "$out"
 mkdir -p "$out"
 tmp=$(mktemp -d)
@@ -168,6 +176,7 @@ voices=(
 printf "voice\tlanguage\tvariant\tpitch\tspeed\tfloor\trole\tsentences\n" >"$out/voices.tsv"
 for row in "${voices[@]}"; do
   read -r name lang variant pitch speed floor role sents <<<"$row"
+  pitch=${pitch_of[$name]:-$pitch}
   mkdir -p "$out/$name"
   for k in $sents; do
     text=${S[$lang,$k]}
