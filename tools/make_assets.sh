@@ -27,8 +27,11 @@
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox).
 #
 # For probes (docs/models/mel_vae.md, "The pitch range the corpus
-# teaches"): OUT=DIR writes the corpus there instead, and
-# PITCH="es-f5=95 pt-f4=95" gives those voices another espeak-ng pitch.
+# teaches"): OUT=DIR writes the corpus there instead,
+# PITCH="es-f5=95 pt-f4=95" gives those voices another espeak-ng pitch,
+# and EXTRA="es-f5=95" adds a copy of a voice at another pitch as a new
+# voice (es-f5-p95: the same language, variant, speed, floor, role and
+# sentences).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in espeak-ng sox soxi; do
@@ -173,6 +176,15 @@ voices=(
   "id-f2        id     f2       60 155 pink:0.002  held-out 0 1"
   "hr-zac       hr     zac      40 160 dither      held-out 0 1"
 )
+for e in ${EXTRA:-}; do
+  for row in "${voices[@]}"; do
+    read -r name rest <<<"$row"
+    if [ "$name" = "${e%%=*}" ]; then
+      read -r lang variant _ speed floor role sents <<<"$rest"
+      voices+=("$name-p${e#*=} $lang $variant ${e#*=} $speed $floor $role $sents")
+    fi
+  done
+done
 printf "voice\tlanguage\tvariant\tpitch\tspeed\tfloor\trole\tsentences\n" >"$out/voices.tsv"
 for row in "${voices[@]}"; do
   read -r name lang variant pitch speed floor role sents <<<"$row"
