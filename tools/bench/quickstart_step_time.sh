@@ -23,7 +23,8 @@ while kill -0 "$pid" 2> /dev/null; do
   if [[ -n "$t0" ]] && grep -q "^step $to/" log.txt; then
     t1=$(date +%s.%N)
     kill "$pid"
-    printf "%s: steps %s-%s in %.1f s\n" "$bin" "$from" "$to" "$(echo "$t1 - $t0" | bc)"
+    awk -v b="$bin" -v f="$from" -v t="$to" -v a="$t0" -v z="$t1" \
+      'BEGIN { printf "%s: steps %s-%s in %.1f s\n", b, f, t, z - a }'
     exit 0
   fi
   sleep 0.05

@@ -309,18 +309,28 @@ impl GatherCache {
     /// 4 MiB of indices.
     const MAX_TAPS: usize = 1 << 20;
 
-    /// The gather of `key`, from `build` the first time.
+    /// The gather of `key` over an input of `len` positions, from `build`
+    /// (`(idx, outputs, taps)`) the first time. Fails, before building,
+    /// on an input too long for `u32` positions.
     pub(crate) fn get(
         &self,
         key: [usize; 3],
-        build: impl FnOnce() -> (Vec<u32>, usize, usize, usize),
+        len: usize,
+        build: impl FnOnce() -> (Vec<u32>, usize, usize),
     ) -> Result<Arc<Gather>> {
+        if len >= PAD as usize {
+            return Err(Error::shape(
+                "conv input",
+                format!("fewer than {PAD} positions (frequency x time)"),
+                [len],
+            ));
+        }
         // A panic elsewhere leaves the entries valid: ignore the poison.
         let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, g)) = cache.iter().find(|(k, _)| *k == key) {
             return Ok(g.clone());
         }
-        let (idx, outputs, k, len) = build();
+        let (idx, outputs, k) = build();
         let g = Arc::new(Gather::new(idx, outputs, k, len)?);
         if g.idx.len() > Self::MAX_TAPS {
             return Ok(g);
@@ -505,9 +515,9 @@ impl Conv1d {
     /// right) zeros around it.
     fn conv(&self, x: &Tensor, pad: (usize, usize), act: Option<Act>) -> Result<Tensor> {
         let (len, k) = (x.dim(2)?, self.cfg.kernel_size);
-        let gather = self.gathers.get([len, pad.0, pad.1], || {
+        let gather = self.gathers.get([len, pad.0, pad.1], len, || {
             let (idx, n) = conv1d_indices(len, pad, k, self.cfg.stride, self.cfg.dilation);
-            (idx, n, k, len)
+            (idx, n, k)
         })?;
         gather_conv(
             x,
@@ -676,7 +686,7 @@ impl CausalConv2d {
         let (df, dt) = self.cfg.dilation;
         let span_f = (kf - 1) * df + 1;
         let (b, c, f, t) = x.dims4()?;
-        let gather = self.gathers.get([f, t, time_pad], || {
+        let gather = self.gathers.get([f, t, time_pad], f * t, || {
             let freq_pad = ((span_f - 1) / 2, span_f - 1 - (span_f - 1) / 2);
             let (fi, fo) = conv1d_indices(f, freq_pad, kf, sf, df);
             let (ti, to) = conv1d_indices(t, (time_pad, 0), kt, st, dt);
@@ -697,7 +707,7 @@ impl CausalConv2d {
                     }
                 }
             }
-            (idx, fo * to, kf * kt, f * t)
+            (idx, fo * to, kf * kt)
         })?;
         let fo = conv_outputs(f + span_f - 1, span_f, sf);
         let to = conv_outputs(t + time_pad, (kt - 1) * dt + 1, st);
@@ -866,9 +876,9 @@ impl Upsample {
         let w = w
             .index_select(&Tensor::from_vec(rev, m, x.device())?, 3)?
             .reshape((c_out * s, c_in, m))?;
-        let gather = self.gathers.get([t, 0, 0], || {
+        let gather = self.gathers.get([t, 0, 0], t, || {
             let (idx, n) = conv1d_indices(t, (m - 1, m - 1), m, 1, 1);
-            (idx, n, m, t)
+            (idx, n, m)
         })?;
         let z = gather_conv(x, &gather, &w, None, 1, None)?; // [B, out * s, t + m - 1]
         let (b, _, q) = z.dims3()?;
@@ -1147,20 +1157,34 @@ mod tests {
     #[test]
     fn gather_cache_reuses_and_bounds() {
         let cache = GatherCache::default();
-        let small = |n: usize| move || (vec![0; n], n, 1, 1);
-        let a = cache.get([1, 0, 0], small(3)).unwrap();
-        assert!(Arc::ptr_eq(&a, &cache.get([1, 0, 0], small(3)).unwrap()));
-        assert!(!Arc::ptr_eq(&a, &cache.get([2, 0, 0], small(3)).unwrap()));
+        let small = |n: usize| move || (vec![0; n], n, 1);
+        let a = cache.get([1, 0, 0], 1, small(3)).unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.get([1, 0, 0], 1, small(3)).unwrap()));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &cache.get([2, 0, 0], 1, small(3)).unwrap()
+        ));
         for n in 3..3 + GatherCache::KEEP {
-            cache.get([n, 0, 0], small(1)).unwrap();
+            cache.get([n, 0, 0], 1, small(1)).unwrap();
         }
-        assert!(!Arc::ptr_eq(&a, &cache.get([1, 0, 0], small(3)).unwrap()));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &cache.get([1, 0, 0], 1, small(3)).unwrap()
+        ));
         let n = GatherCache::MAX_TAPS + 1;
-        let big = cache.get([0, 0, 1], small(n)).unwrap();
-        assert!(!Arc::ptr_eq(&big, &cache.get([0, 0, 1], small(n)).unwrap()));
-        // Bad indices are refused, naming the op.
-        let e = cache.get([0, 1, 0], || (vec![5], 1, 1, 1)).unwrap_err();
+        let big = cache.get([0, 0, 1], 1, small(n)).unwrap();
+        assert!(!Arc::ptr_eq(
+            &big,
+            &cache.get([0, 0, 1], 1, small(n)).unwrap()
+        ));
+        // Bad indices are refused, naming the op; an input too long for
+        // u32 positions is refused before anything is built.
+        let e = cache.get([0, 1, 0], 1, || (vec![5], 1, 1)).unwrap_err();
         assert!(e.to_string().contains("gather_conv"), "{e}");
+        let e = cache
+            .get([0, 2, 0], u32::MAX as usize, || unreachable!("not built"))
+            .unwrap_err();
+        assert!(e.to_string().contains("conv input"), "{e}");
     }
 
     #[test]

@@ -487,13 +487,7 @@ fn forward<T: ActElem>(
                 for g in 0..d.groups {
                     let xs =
                         &x[(b * d.c_in + g * d.cg) * d.len..(b * d.c_in + (g + 1) * d.cg) * d.len];
-                    let xs: &[T] = match act {
-                        Some(a) => {
-                            act_into(a, xs, acted);
-                            acted
-                        }
-                        None => xs,
-                    };
+                    let xs = pre_activated(act, xs, acted);
                     let cols: &[T] = if taps.identity {
                         xs
                     } else {
@@ -560,13 +554,7 @@ fn backward<T: ActElem>(
                     let dxs = &mut dxc[local];
                     let xs = &x[span];
                     // What the conv read: `x`, or `act(x)` recomputed.
-                    let read: &[T] = match act {
-                        Some(a) => {
-                            act_into(a, xs, acted);
-                            acted
-                        }
-                        None => xs,
-                    };
+                    let read = pre_activated(act, xs, acted);
                     // The gradient at what the conv read lands in `dxs`
                     // directly, or first in `acted` (done with `act(x)`).
                     if taps.identity {
@@ -984,6 +972,17 @@ avx2_copy!(act_grads_avx2 = act_grads(a: Act, x: &[T], dy: &[T], out: &mut [T]))
 /// `out = act(x)`, on AVX2 where the CPU has it.
 fn act_into<T: ActElem>(a: Act, x: &[T], out: &mut [T]) {
     with_avx2!(act_values, act_values_avx2, (a, x, out))
+}
+
+/// What a pre-activation conv reads: `x`, or `act(x)` written into `buf`.
+fn pre_activated<'a, T: ActElem>(act: Option<Act>, x: &'a [T], buf: &'a mut [T]) -> &'a [T] {
+    match act {
+        Some(a) => {
+            act_into(a, x, buf);
+            buf
+        }
+        None => x,
+    }
 }
 
 /// `out = dy * act'(x)`, on AVX2 where the CPU has it.
