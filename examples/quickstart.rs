@@ -1,5 +1,5 @@
 //! The main job: trains the tiny mel VAE on the bundled speech corpus
-//! (assets/speech: 50 espeak-ng voices in 17 languages, made by
+//! (assets/speech: 54 espeak-ng voices in 17 languages, made by
 //! tools/make_assets.sh), then reconstructs the held-out clips, spoken by
 //! voices training never heard, and prints their log-mel L1 and harmonic
 //! detail next to a baseline (each clip's mean mel).
@@ -41,7 +41,7 @@ use melvae::dsp::{save_wav, Audio, MelConfig, MelExtractor, SpectrogramImage, Wa
 use melvae::models::eval::{harmonic_detail, MelToAudio, Metrics, HARMONIC_MAX_HZ};
 use melvae::models::{mel_to_array, MelVae, SampleOptions};
 use melvae::train::run::{export, open_run, read_run_config, Start, Weights, Which};
-use melvae::train::tasks::{train as train_run, TrainData};
+use melvae::train::tasks::{check_config, train as train_run, TrainData};
 use melvae::train::{AudioDataConfig, AudioFolder, ResolvedConfig, SplitBy, TrainerConfig};
 use rayon::prelude::*;
 
@@ -184,7 +184,12 @@ fn run() -> anyhow::Result<()> {
         );
         read_run_config(&root)?
     } else {
-        ResolvedConfig::load(Path::new("configs/settings/tiny.yaml"), &args.overrides)?
+        let resolved =
+            ResolvedConfig::load(Path::new("configs/settings/tiny.yaml"), &args.overrides)?;
+        // The whole config, model sections included, before the earlier
+        // run is replaced: a bad override must not cost the trained model.
+        check_config(&resolved)?;
+        resolved
     };
     let data_cfg: AudioDataConfig = resolved.get("data")?;
     // The clips to evaluate, with their voice (split group).

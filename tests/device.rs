@@ -349,6 +349,7 @@ fn mel_vae_config() -> MelVaeConfig {
             mel_mean: -5.0,
             mel_std: 3.0,
             time_sampling: Default::default(),
+            low_band_weight: None,
             reconstruction_temperature: 0.8,
         },
     }

@@ -1684,6 +1684,32 @@ fn quickstart_holds_out_voices_writes_listening_pages_and_names_bad_input() {
     );
     let out = quickstart(d, &["--eval-only", "training.steps=5"]);
     assert_one_line_error(&out, "training.steps=5");
+    // A bad model override is named before the trained run is replaced:
+    // its config, metrics, checkpoints and model file stay.
+    let run = d.join("runs/quickstart");
+    let kept = ["config.yaml", "metrics.jsonl", "model.safetensors"]
+        .map(|f| std::fs::read(run.join(f)).unwrap());
+    let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+    for (extra, culprit) in [
+        (
+            "cfm.low_band_weight={bands: 0, weight: 3.0}",
+            "cfm.low_band_weight.bands",
+        ),
+        ("convformer.tf_heads=3", "convformer.tf_heads"),
+    ] {
+        let args: Vec<&str> = tiny.iter().copied().chain([extra]).collect();
+        assert_one_line_error(&quickstart(d, &args), culprit);
+        for (f, bytes) in ["config.yaml", "metrics.jsonl", "model.safetensors"]
+            .iter()
+            .zip(&kept)
+        {
+            assert_eq!(&std::fs::read(run.join(f)).unwrap(), bytes, "{f}");
+        }
+        assert_eq!(
+            std::fs::read_dir(run.join("checkpoints")).unwrap().count(),
+            checkpoints
+        );
+    }
     // Any folder of voices: v0 and v2 were heard in training; the report
     // says where the voices come from instead of claiming they are new.
     let out = quickstart(d, &["--eval-only", "--eval-dir", "speech"]);

@@ -47,7 +47,8 @@ builds the model with melvae's parameter names:
   (zero-initialised) to the velocity;
 - loss (MelVae::loss_with): x1 = (mel - mel_mean) / mel_std; (mean,
   logvar) = encoder(x1); z = mean + exp(logvar / 2) eps; x_t = (1 - (1 -
-  sigma) t) x0 + t x1, u = x1 - (1 - sigma) x0; cfm = mean((v - u)^2);
+  sigma) t) x0 + t x1, u = x1 - (1 - sigma) x0; cfm = mean((v - u)^2)
+  (each band's squared error weighted by cfm.low_band_weight if set);
   kl = mean over latent frames of the KL summed over latent dims (no free
   bits); total = cfm + kl_weight kl,
 
@@ -387,7 +388,16 @@ class MelVae(nn.Module):
         xt = x0 * (tt * -(1.0 - sigma) + 1.0) + x1 * tt
         u = x1 - x0 * (1.0 - sigma)
         v = self.decoder(xt, t, cond)
-        cfm = (v - u).pow(2).mean()
+        sq = (v - u).pow(2)
+        lbw = self.cfm.get("low_band_weight")
+        if lbw:
+            # CfmConfig::low_band_weight: the lowest `bands` weighted
+            # `weight` times the rest, scaled to a mean weight of 1.
+            m, low, w = sq.shape[1], int(lbw["bands"]), float(lbw["weight"])
+            band = torch.ones(m, dtype=sq.dtype, device=sq.device)
+            band[:low] = w
+            sq = sq * (band / band.mean())[None, :, None]
+        cfm = sq.mean()
         kl = (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
         total = cfm + kl * kl_weight
         if probe is not None:

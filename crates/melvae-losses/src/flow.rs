@@ -41,3 +41,28 @@ pub fn flow_matching_loss(
     same_shape("flow matching prediction", v_pred, target)?;
     masked_mean(&(v_pred - target)?.sqr()?, mask)
 }
+
+/// The flow-matching loss with a weight per position: `mean(w (v_pred -
+/// u)^2)` over every element, `weights` broadcast to the prediction's shape
+/// (e.g. `[1, mel, 1]` for per-band weights of `[batch, mel, frames]`).
+/// With weights of mean 1 along their axis it is on the scale of
+/// [`flow_matching_loss`].
+pub fn weighted_flow_matching_loss(
+    v_pred: &Tensor,
+    target: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    same_shape("flow matching prediction", v_pred, target)?;
+    let sq = (v_pred - target)?.sqr()?;
+    let w = weights
+        .to_dtype(sq.dtype())?
+        .broadcast_as(sq.shape())
+        .map_err(|_| {
+            Error::shape(
+                "flow matching weights",
+                format!("broadcastable to {:?}", sq.dims()),
+                weights.dims(),
+            )
+        })?;
+    Ok((sq * w)?.mean_all()?)
+}

@@ -38,7 +38,7 @@ pub mod token;
 
 pub use balancer::{Balanced, BalancerConfig, LossBalancer, NormAverage};
 pub use error::{Error, Result};
-pub use flow::{flow_matching_loss, flow_matching_target};
+pub use flow::{flow_matching_loss, flow_matching_target, weighted_flow_matching_loss};
 pub use gan::{
     discriminator_loss, feature_matching_loss, generator_loss, FeatureMatching, GanLoss,
 };

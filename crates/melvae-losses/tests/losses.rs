@@ -245,6 +245,38 @@ fn flow_matching_matches_numpy() {
 }
 
 #[test]
+fn weighted_flow_matching_weighs_each_position() {
+    let d = dev();
+    // [batch 2, bands 3, frames 2]: squared errors 1, 4, 9 by band.
+    let u = Tensor::zeros((2, 3, 2), DType::F32, &d).unwrap();
+    let v = Tensor::new(&[1f32, 2.0, 3.0], &d)
+        .unwrap()
+        .reshape((1, 3, 1))
+        .unwrap()
+        .broadcast_as((2, 3, 2))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let w = |x: [f32; 3]| Tensor::new(&x, &d).unwrap().reshape((1, 3, 1)).unwrap();
+    let plain = scalar(&flow_matching_loss(&v, &u, None).unwrap());
+    close(
+        scalar(&weighted_flow_matching_loss(&v, &u, &w([1.0, 1.0, 1.0])).unwrap()),
+        plain as f32,
+        "unit weights",
+    );
+    close(plain, 14.0 / 3.0, "plain");
+    close(
+        scalar(&weighted_flow_matching_loss(&v, &u, &w([3.0, 0.0, 0.0])).unwrap()),
+        1.0,
+        "first band only",
+    );
+    let e = weighted_flow_matching_loss(&v, &u, &w([1.0, 1.0, 1.0]).reshape((1, 1, 3)).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("flow matching weights"), "{e}");
+}
+
+#[test]
 fn token_losses_match_torch() {
     let want = values("tok_values");
     let m = fixture("tok_mask");
@@ -440,6 +472,13 @@ fn gradients_match_finite_differences() {
         .unwrap();
     grad_check(&[("v", &v)], || {
         flow_matching_loss(v.as_tensor(), &u, Some(&mask))
+    });
+    let bands = Tensor::new(&[1.5f64, 1.0, 0.5], &d)
+        .unwrap()
+        .reshape((1, 3, 1))
+        .unwrap();
+    grad_check(&[("v", &v)], || {
+        weighted_flow_matching_loss(v.as_tensor(), &u, &bands)
     });
     let m2 = Tensor::new(&[[1f64, 1.0, 0.0], [1.0, 1.0, 1.0]], &d).unwrap();
     let (pm, tm) = (var(&[2, 3, 2], 11, 1.0), noise(&[2, 3, 2], 12).unwrap());

@@ -58,7 +58,9 @@ pub use discriminators::{
     DiscOutput, Discriminator, Discriminators, DiscriminatorsConfig, MpdConfig, MsdConfig,
     MultiPeriodDiscriminator, MultiScaleDiscriminator, PatchConfig, PatchDiscriminator,
 };
-pub use dit_cfm::{integrate, normal_noise, CfmConfig, DitDecoder, Solver, TimeSampling};
+pub use dit_cfm::{
+    integrate, normal_noise, CfmConfig, DitDecoder, LowBandWeight, Solver, TimeSampling,
+};
 pub use echolancer::{
     CharTokenizer, Echolancer, EcholancerConfig, EcholancerInputs, EcholancerLoss,
     EcholancerOutput, Generated, GenerationStep,

@@ -5,7 +5,10 @@ use candle_nn::VarBuilder;
 use melvae_dsp::{resample, MelConfig, MelExtractor, MelStream, ResampleQuality, SplitMix64};
 use melvae_layers::Streaming;
 use melvae_layers::{time_dtype, DropoutRng, Mode};
-use melvae_losses::{flow_matching_loss, flow_matching_target, kl_loss, FreeBits, KlSchedule};
+use melvae_losses::{
+    flow_matching_loss, flow_matching_target, kl_loss, weighted_flow_matching_loss, FreeBits,
+    KlSchedule,
+};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
@@ -432,7 +435,14 @@ impl MelVae {
         let cond = z.broadcast_mul(&draws.keep)?;
         let (xt, u) = flow_matching_target(&draws.x0, &x1, &draws.t, self.cfg.cfm.sigma)?;
         let v = self.decoder.forward(&xt, &draws.t, &cond, mode)?;
-        let cfm = flow_matching_loss(&v, &u, None)?;
+        let cfm = match self.cfg.cfm.low_band_weight {
+            Some(lbw) => {
+                let m = self.cfg.cfm.mel_channels;
+                let w = Tensor::from_vec(lbw.band_weights(m), (1, m, 1), v.device())?;
+                weighted_flow_matching_loss(&v, &u, &w)?
+            }
+            None => flow_matching_loss(&v, &u, None)?,
+        };
         let kl = kl_loss(&mean, &logvar, FreeBits::None)?;
         let kl_weight = self.cfg.kl_schedule().weight(step);
         let total = (&cfm + (&kl * kl_weight)?)?;
@@ -641,6 +651,7 @@ mod tests {
                 mel_mean: -5.0,
                 mel_std: 3.0,
                 time_sampling: Default::default(),
+                low_band_weight: None,
                 reconstruction_temperature: 0.8,
             },
         }
@@ -651,6 +662,52 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
+    }
+
+    #[test]
+    fn low_band_weight_weighs_the_flow_loss_by_band() {
+        let mut cfg = tiny();
+        let vm = VarMap::new();
+        let vb = || VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let plain = MelVae::new(cfg.clone(), vb()).unwrap();
+        let lbw = crate::LowBandWeight {
+            bands: 4,
+            weight: 3.0,
+        };
+        cfg.cfm.low_band_weight = Some(lbw);
+        // The same weights (the VarMap hands back its variables).
+        let weighted = MelVae::new(cfg.clone(), vb()).unwrap();
+        let mel = mels(1);
+        let draws = plain
+            .loss_draws(&mel, &mut SplitMix64::new(3), false)
+            .unwrap();
+        let (a, b) = (
+            plain.loss_with(&mel, 0, &draws, false).unwrap(),
+            weighted.loss_with(&mel, 0, &draws, false).unwrap(),
+        );
+        // Untrained, the decoder's output layer is zero: v = 0, so the loss
+        // is the target's (weighted) mean square, band by band.
+        let x1 = plain.normalize(&mel).unwrap();
+        let (_, u) = flow_matching_target(&draws.x0, &x1, &draws.t, cfg.cfm.sigma).unwrap();
+        let band_ms: Vec<f32> = u
+            .sqr()
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let w = lbw.band_weights(12);
+        let want_plain = band_ms.iter().sum::<f32>() / 12.0;
+        let want_weighted = band_ms.iter().zip(&w).map(|(m, w)| m * w).sum::<f32>() / 12.0;
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        assert!((scalar(&a.cfm) - want_plain).abs() < 1e-5 * want_plain);
+        assert!((scalar(&b.cfm) - want_weighted).abs() < 1e-5 * want_weighted);
+        assert!((want_plain - want_weighted).abs() > 1e-3 * want_plain);
+        assert_eq!(scalar(&a.kl), scalar(&b.kl));
     }
 
     #[test]

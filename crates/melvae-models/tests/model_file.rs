@@ -11,7 +11,9 @@ use candle_nn::VarMap;
 use melvae_layers::testing::max_abs_diff;
 use melvae_layers::{seeded_var_builder, Streaming};
 use melvae_models::model_file::{self, FORMAT};
-use melvae_models::{CfmConfig, ConvformerConfig, MelVae, MelVaeConfig, SampleOptions};
+use melvae_models::{
+    CfmConfig, ConvformerConfig, LowBandWeight, MelVae, MelVaeConfig, SampleOptions,
+};
 
 /// The quickstart's model (`configs/settings/tiny.yaml`; keep the two in
 /// step).
@@ -35,6 +37,10 @@ fn quickstart_config() -> MelVaeConfig {
             unet_depth: 2,
             unet_heads: 4,
             mel_std: 1.0,
+            low_band_weight: Some(LowBandWeight {
+                bands: 30,
+                weight: 3.0,
+            }),
             reconstruction_temperature: 0.1,
             ..Default::default()
         },
