@@ -19,7 +19,7 @@ use melvae_layers::{
     LayerNorm, LstmStack, Mode, MultiHeadAttention, ResidualStack, ResidualUnitConfig, RmsNorm,
     Upsample, UpsampleConfig,
 };
-use melvae_models::{CfmConfig, ConvformerConfig, MelVae, MelVaeConfig};
+use melvae_models::{CfmConfig, ConvformerConfig, LowBandWeight, MelVae, MelVaeConfig};
 
 type R = Result<(), String>;
 
@@ -349,7 +349,11 @@ fn mel_vae_config() -> MelVaeConfig {
             mel_mean: -5.0,
             mel_std: 3.0,
             time_sampling: Default::default(),
-            low_band_weight: None,
+            // The weighted flow loss, in every precision the device runs.
+            low_band_weight: Some(LowBandWeight {
+                bands: 4,
+                weight: 3.0,
+            }),
             reconstruction_temperature: 0.8,
         },
     }

@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+use melvae_layers::upcast;
+
 use crate::error::same_shape;
 use crate::token::masked_mean;
 use crate::{Error, Result};
@@ -46,14 +48,15 @@ pub fn flow_matching_loss(
 /// u)^2)` over every element, `weights` broadcast to the prediction's shape
 /// (e.g. `[1, mel, 1]` for per-band weights of `[batch, mel, frames]`).
 /// With weights of mean 1 along their axis it is on the scale of
-/// [`flow_matching_loss`].
+/// [`flow_matching_loss`]. Half-precision inputs are reduced in f32, as
+/// there, so the loss is f32 for them.
 pub fn weighted_flow_matching_loss(
     v_pred: &Tensor,
     target: &Tensor,
     weights: &Tensor,
 ) -> Result<Tensor> {
     same_shape("flow matching prediction", v_pred, target)?;
-    let sq = (v_pred - target)?.sqr()?;
+    let sq = upcast(&(v_pred - target)?.sqr()?)?;
     let w = weights
         .to_dtype(sq.dtype())?
         .broadcast_as(sq.shape())

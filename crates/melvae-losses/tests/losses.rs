@@ -270,6 +270,12 @@ fn weighted_flow_matching_weighs_each_position() {
         1.0,
         "first band only",
     );
+    // Half precision is reduced in f32 (a bf16 loss could not be added to
+    // the f32 KL), as in flow_matching_loss.
+    let half = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let l = weighted_flow_matching_loss(&half(&v), &half(&u), &w([3.0, 0.0, 0.0])).unwrap();
+    assert_eq!(l.dtype(), DType::F32);
+    close(scalar(&l), 1.0, "bf16");
     let e = weighted_flow_matching_loss(&v, &u, &w([1.0, 1.0, 1.0]).reshape((1, 1, 3)).unwrap())
         .unwrap_err()
         .to_string();

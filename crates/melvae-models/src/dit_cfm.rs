@@ -100,11 +100,14 @@ pub struct LowBandWeight {
 
 impl LowBandWeight {
     /// The weight of each of `mel_channels` bands, low to high, with mean 1.
-    pub fn band_weights(&self, mel_channels: usize) -> Vec<f32> {
+    /// Meant for a config that passed [`CfmConfig::validate`]: `bands` above
+    /// `mel_channels` counts as all of them (every weight 1), and a `weight`
+    /// that is not finite and > 0 gives weights that are not either.
+    pub fn band_weights(&self, mel_channels: usize) -> Vec<f64> {
         let low = self.bands.min(mel_channels);
         let mean = (low as f64 * self.weight + (mel_channels - low) as f64) / mel_channels as f64;
         (0..mel_channels)
-            .map(|i| (if i < low { self.weight } else { 1.0 } / mean) as f32)
+            .map(|i| if i < low { self.weight } else { 1.0 } / mean)
             .collect()
     }
 }
@@ -217,8 +220,8 @@ impl CfmConfig {
                 "cfm.low_band_weight.bands",
                 || {
                     format!(
-                        "must be in 1..{} (mel_channels {}), got {bands}",
-                        self.mel_channels, self.mel_channels
+                        "must be 1 to {} (mel_channels - 1), got {bands}",
+                        self.mel_channels - 1
                     )
                 },
             )?;
@@ -492,9 +495,9 @@ mod tests {
         let (low, high) = (3.0 / 1.6, 1.0 / 1.6);
         for (i, &x) in w.iter().enumerate() {
             let want = if i < 3 { low } else { high };
-            assert!((x as f64 - want).abs() < 1e-6, "band {i}: {x} vs {want}");
+            assert!((x - want).abs() < 1e-12, "band {i}: {x} vs {want}");
         }
-        assert!((w.iter().map(|&x| x as f64).sum::<f64>() / 10.0 - 1.0).abs() < 1e-6);
+        assert!((w.iter().sum::<f64>() / 10.0 - 1.0).abs() < 1e-12);
         let yaml = |lbw: &str| {
             serde_yaml::from_str::<CfmConfig>(&format!(
                 "{{mel_channels: 6, unet_dim: 8, unet_depth: 1, unet_heads: 2, \

@@ -438,7 +438,8 @@ impl MelVae {
         let cfm = match self.cfg.cfm.low_band_weight {
             Some(lbw) => {
                 let m = self.cfg.cfm.mel_channels;
-                let w = Tensor::from_vec(lbw.band_weights(m), (1, m, 1), v.device())?;
+                let w = Tensor::from_vec(lbw.band_weights(m), (1, m, 1), v.device())?
+                    .to_dtype(v.dtype())?;
                 weighted_flow_matching_loss(&v, &u, &w)?
             }
             None => flow_matching_loss(&v, &u, None)?,
@@ -702,7 +703,12 @@ mod tests {
             .unwrap();
         let w = lbw.band_weights(12);
         let want_plain = band_ms.iter().sum::<f32>() / 12.0;
-        let want_weighted = band_ms.iter().zip(&w).map(|(m, w)| m * w).sum::<f32>() / 12.0;
+        let want_weighted = band_ms
+            .iter()
+            .zip(&w)
+            .map(|(m, w)| m * *w as f32)
+            .sum::<f32>()
+            / 12.0;
         let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
         assert!((scalar(&a.cfm) - want_plain).abs() < 1e-5 * want_plain);
         assert!((scalar(&b.cfm) - want_weighted).abs() < 1e-5 * want_weighted);
