@@ -209,6 +209,9 @@ pub struct MelVae {
     pub encoder: ConvformerEncoder,
     /// The DiT flow-matching decoder.
     pub decoder: DitDecoder,
+    /// `cfm.low_band_weight`'s per-band weights `[1, mel, 1]` in the
+    /// model's dtype, built once.
+    band_weights: Option<Tensor>,
 }
 
 impl MelVae {
@@ -222,10 +225,19 @@ impl MelVae {
             cfg.convformer.compress_factor,
             vb.pp("decoder"),
         )?;
+        let band_weights = match cfg.cfm.low_band_weight {
+            Some(lbw) => {
+                let m = cfg.cfm.mel_channels;
+                let w = Tensor::from_vec(lbw.band_weights(m), (1, m, 1), vb.device())?;
+                Some(w.to_dtype(vb.dtype())?)
+            }
+            None => None,
+        };
         Ok(Self {
             cfg,
             encoder,
             decoder,
+            band_weights,
         })
     }
 
@@ -435,13 +447,8 @@ impl MelVae {
         let cond = z.broadcast_mul(&draws.keep)?;
         let (xt, u) = flow_matching_target(&draws.x0, &x1, &draws.t, self.cfg.cfm.sigma)?;
         let v = self.decoder.forward(&xt, &draws.t, &cond, mode)?;
-        let cfm = match self.cfg.cfm.low_band_weight {
-            Some(lbw) => {
-                let m = self.cfg.cfm.mel_channels;
-                let w = Tensor::from_vec(lbw.band_weights(m), (1, m, 1), v.device())?
-                    .to_dtype(v.dtype())?;
-                weighted_flow_matching_loss(&v, &u, &w)?
-            }
+        let cfm = match &self.band_weights {
+            Some(w) => weighted_flow_matching_loss(&v, &u, w)?,
             None => flow_matching_loss(&v, &u, None)?,
         };
         let kl = kl_loss(&mean, &logvar, FreeBits::None)?;
